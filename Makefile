@@ -1,0 +1,49 @@
+# inferlog: every target installs what it needs by itself.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install kafka-jars demo test test-unit chaos soak bench clean kafka-start kafka-stop
+
+help:
+	@echo "make demo    - start a local Kafka, run the worker on the default model over a sample stream"
+	@echo "make test    - install everything (venv, packages, Kafka jars) and run the test suite"
+	@echo "make chaos   - the long chaos suite;  make bench - benchmarks;  make clean"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade-strategy only-if-needed -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kafka-jars: install
+	$(BIN)/inferlog kafka fetch
+
+demo: kafka-jars
+	$(BIN)/inferlog demo
+
+test: kafka-jars
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest tests -m "not kafka and not slow" $(PYTEST_ARGS)
+
+chaos: kafka-jars
+	$(BIN)/python -m pytest tests/chaos -m slow $(PYTEST_ARGS)
+
+bench: kafka-jars
+	$(BIN)/python bench/run_all.py
+
+kafka-start: kafka-jars
+	$(BIN)/inferlog kafka start
+kafka-stop:
+	$(BIN)/inferlog kafka stop
+
+clean:
+	-$(BIN)/inferlog kafka stop
+	rm -rf $(VENV) .kafka .pytest_cache .hypothesis

@@ -1,0 +1,2 @@
+"""inferlog: streaming inference on Kafka."""
+__version__ = "0.1.0"

