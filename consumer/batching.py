@@ -1,0 +1,126 @@
+"""The batching policy: which queued requests form the next batch, and when.
+
+Pure: it sees queued items and a clock value, never Kafka or a model, so it is unit
+tested on its own. A batch closes when the queue holds max_batch_size rows, or the rows
+would pad to max_batch_tokens, or the oldest item has waited max_wait_ms, or the caller
+flushes (shutdown, rebalance). The batch is cut from the queue sorted by length, around
+the oldest item (so nothing starves) and extended towards the closest lengths (so little
+padding is wasted).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+
+@dataclass(slots=True)
+class Item:
+    """One request waiting for a batch: `rows` texts, the longest `length` tokens."""
+
+    ref: Any
+    rows: int
+    length: int
+    arrived: float  # seconds, monotonic clock
+    extra: int = 0  # tokens the batch grows by for this item (generation: max_new_tokens)
+    seq: int = field(default=0, compare=False)  # arrival order, set by the policy
+
+
+def padded_cost(items: Iterable[Item]) -> int:
+    """Tokens a batch occupies once padded: rows x (longest input + longest extra)."""
+    rows = longest = extra = 0
+    for it in items:
+        rows += it.rows
+        longest = max(longest, it.length)
+        extra = max(extra, it.extra)
+    return rows * (longest + extra)
+
+
+class BatchPolicy:
+    def __init__(self, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float):
+        if max_batch_size < 1 or max_batch_tokens < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_batch_tokens must be >= 1, max_wait_ms >= 0")
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self._by_len: list[tuple[int, int, Item]] = []  # sorted by (length, seq)
+        self._seq = 0
+        self._rows = 0
+        self._longest_extra = 0
+
+    def __len__(self) -> int:
+        return len(self._by_len)
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    def add(self, item: Item) -> None:
+        item.seq = self._seq
+        self._seq += 1
+        bisect.insort(self._by_len, (item.length, item.seq, item))
+        self._rows += item.rows
+
+    def oldest(self) -> Item | None:
+        return min((e[2] for e in self._by_len), key=lambda it: it.seq, default=None)
+
+    def due_at(self) -> float | None:
+        """When the oldest item's wait runs out (None when empty)."""
+        old = self.oldest()
+        return None if old is None else old.arrived + self.max_wait
+
+    def is_due(self, now: float) -> bool:
+        if not self._by_len:
+            return False
+        if self._rows >= self.max_batch_size:
+            return True
+        if padded_cost(e[2] for e in self._by_len) >= self.max_batch_tokens:
+            return True
+        return now >= self.due_at()
+
+    def next_batch(self, now: float, flush: bool = False) -> list[Item] | None:
+        """The next batch if one is due (or anything is queued and flush is set)."""
+        if not self._by_len or not (flush or self.is_due(now)):
+            return None
+        entries = self._by_len
+        start = min(range(len(entries)), key=lambda i: entries[i][1])  # the oldest item
+        lo, hi = start, start + 1
+        chosen = [entries[start][2]]
+        rows, longest, extra = chosen[0].rows, chosen[0].length, chosen[0].extra
+        while True:
+            # candidates on either side in length order; take the one closest in length
+            cands = []
+            if lo > 0:
+                cands.append((abs(entries[lo - 1][0] - entries[start][0]), -1))
+            if hi < len(entries):
+                cands.append((abs(entries[hi][0] - entries[start][0]), +1))
+            if not cands:
+                break
+            taken = False
+            for _, side in sorted(cands):
+                it = entries[lo - 1][2] if side < 0 else entries[hi][2]
+                r = rows + it.rows
+                cost = r * (max(longest, it.length) + max(extra, it.extra))
+                if r <= self.max_batch_size and cost <= self.max_batch_tokens:
+                    rows, longest, extra = r, max(longest, it.length), max(extra, it.extra)
+                    chosen.append(it)
+                    if side < 0:
+                        lo -= 1
+                    else:
+                        hi += 1
+                    taken = True
+                    break
+            if not taken:
+                break
+        del entries[lo:hi]
+        self._rows -= rows
+        chosen.sort(key=lambda it: it.seq)
+        return chosen
+
+    def remove(self, pred: Callable[[Item], bool]) -> list[Item]:
+        """Take out (and return) every queued item matching `pred` (e.g. revoked partitions)."""
+        gone = [e[2] for e in self._by_len if pred(e[2])]
+        if gone:
+            self._by_len = [e for e in self._by_len if not pred(e[2])]
+            self._rows -= sum(it.rows for it in gone)
+        return gone
