@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     group_id: str = "inferlog-workers"
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     delivery: Literal["exactly-once", "at-least-once"] = "exactly-once"
+    commit_interval_ms: float = Field(100.0, ge=0)  # results wait at most this long for their commit
+    session_timeout_ms: int = Field(10000, ge=1000)  # how fast a dead worker's partitions move
     model: str = Field(default_factory=default_model_path)
     model_name: str | None = None  # the name results carry and requests may ask for
     task: Literal["embed", "generate", "classify"] | None = None  # None: infer from the model
@@ -76,6 +78,10 @@ class Settings(BaseSettings):
     cpu_workers: int = Field(2, ge=1)
     max_in_flight: int = Field(2048, ge=1)  # records held between fetch and commit; above it partitions pause
     pipeline_depth: int = Field(2, ge=1)  # batches prepared ahead of the device
+
+    # fault injection, for tests and chaos runs only: a request whose input contains this
+    # marker makes the model raise on any batch holding it
+    fault_marker: str | None = None
 
     # observability
     metrics_port: int = Field(0, ge=0)  # 0: no HTTP server

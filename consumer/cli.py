@@ -1,0 +1,116 @@
+"""`inferlog worker`: the long-running worker for real deployments."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import click
+
+from inferlog.errors import ConfigError
+from inferlog.settings import load_settings
+
+log = logging.getLogger("inferlog.worker")
+
+
+def worker_options(f):
+    """Flags shared by `worker` and `demo`; each defaults to its INFERLOG_* variable."""
+    opts = [
+        click.option("--bootstrap-servers", help="Kafka bootstrap servers [INFERLOG_BOOTSTRAP_SERVERS, KAFKA_BOOTSTRAP_SERVERS]."),
+        click.option("--requests-topic", help="Topic to consume requests from [INFERLOG_REQUESTS_TOPIC]."),
+        click.option("--results-topic", help="Topic to write results to [INFERLOG_RESULTS_TOPIC]."),
+        click.option("--deadletter-topic", help="Topic for dead letters [INFERLOG_DEADLETTER_TOPIC]."),
+        click.option("--group-id", help="Consumer group [INFERLOG_GROUP_ID]."),
+        click.option("--worker-id", help="Stable id of this worker (default: host-pid) [INFERLOG_WORKER_ID]."),
+        click.option("--model", help="Local model directory or hub id (default: the embedded all-MiniLM-L6-v2) [INFERLOG_MODEL]."),
+        click.option("--model-name", help="Name results carry and requests may ask for [INFERLOG_MODEL_NAME]."),
+        click.option("--task", type=click.Choice(["embed", "generate", "classify"]), help="Task (default: from the model's config) [INFERLOG_TASK]."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N [INFERLOG_DEVICE]."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="[INFERLOG_DTYPE]"),
+        click.option("--max-batch-size", type=int, help="Rows per batch at most [INFERLOG_MAX_BATCH_SIZE]."),
+        click.option("--max-batch-tokens", type=int, help="Padded tokens per batch at most [INFERLOG_MAX_BATCH_TOKENS]."),
+        click.option("--max-wait-ms", type=float, help="Longest a request waits for batch-mates [INFERLOG_MAX_WAIT_MS]."),
+        click.option("--delivery", type=click.Choice(["exactly-once", "at-least-once"]), help="[INFERLOG_DELIVERY]"),
+        click.option("--cpu-workers", type=int, help="Threads for decode/tokenize/postprocess [INFERLOG_CPU_WORKERS]."),
+        click.option("--max-in-flight", type=int, help="Records between fetch and commit before partitions pause [INFERLOG_MAX_IN_FLIGHT]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def settings_from_flags(**flags):
+    return load_settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def build_runner(settings):
+    from .runners import load_runner
+
+    runner = load_runner(settings.model, task=settings.task, device=settings.device, dtype=settings.dtype,
+                         name=settings.model_name)
+    if settings.fault_marker:
+        from .faults import FaultyRunner
+
+        log.warning("fault injection is ON (marker %r): for tests and chaos runs only", settings.fault_marker)
+        runner = FaultyRunner(runner, settings.fault_marker)
+    return runner
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+@click.command("worker")
+@worker_options
+@click.option("--processes", default="auto", show_default=True,
+              help="Worker processes: 'auto' = one per visible GPU (1 without GPUs), or a number.")
+@click.option("--create-topics/--no-create-topics", default=True, show_default=True,
+              help="Create the topics (idempotently) before joining the group.")
+def worker(processes: str, create_topics: bool, **flags) -> None:
+    """Consume requests, micro-batch them through the model, emit results exactly once.
+
+    Stops cleanly on SIGTERM/SIGINT: stops fetching, finishes and commits what it holds,
+    leaves the group and exits 0.
+    """
+    settings = settings_from_flags(**flags)
+    n = _gpu_count() if processes == "auto" else int(processes)
+    if n > 1 and settings.device in ("auto", "cuda"):
+        sys.exit(_supervise(n, settings))
+    if create_topics:
+        from inferlog.topics import ensure_topics
+
+        ensure_topics(settings)
+    from .worker import Worker
+
+    try:
+        runner = build_runner(settings)
+    except ConfigError as e:
+        raise click.ClickException(str(e))
+    w = Worker(settings, runner)
+    w.install_signal_handlers()
+    sys.exit(w.run())
+
+
+def _supervise(n: int, settings) -> int:
+    """One child per GPU, each seeing only its own device; signals are passed on."""
+    children = []
+    for i in range(n):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i), INFERLOG_WORKER_ID=f"{settings.worker_id}-gpu{i}")
+        children.append(subprocess.Popen([sys.argv[0], *sys.argv[1:], "--processes", "1"], env=env))
+    log.info("started %d worker processes, one per GPU", n)
+
+    def forward(sig, _):
+        for c in children:
+            c.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [c.wait() for c in children]
+    return max(codes)

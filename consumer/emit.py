@@ -1,0 +1,146 @@
+"""The commit: outputs and consumed offsets leave the worker together, in fixed steps.
+
+Exactly-once (default), one Kafka transaction per commit:
+  1. begin the transaction
+  2. produce every result and dead letter
+  3. send the consumed offsets with the consumer group's metadata (fences zombies, KIP-447)
+  4. commit the transaction (this flushes; delivery errors surface here)
+At-least-once: 1. produce, 2. flush and confirm every delivery, 3. commit offsets
+synchronously, checking each partition's error.
+
+A failed commit raises CommitAborted (nothing of it is visible to read_committed readers:
+the worker rewinds to its last commit and redoes the work) or FatalError (fenced: this
+worker must stop; its successor owns the partitions now).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+
+from inferlog.clients import confluent_config
+from inferlog.errors import FatalError
+
+from .stages import Out
+
+log = logging.getLogger(__name__)
+
+FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+          KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED}
+
+
+class CommitAborted(Exception):
+    """The commit did not happen; redo the work since the last commit."""
+
+
+def _produce_all(producer: Producer, outputs: list[Out], on_delivery=None) -> None:
+    for o in outputs:
+        while True:
+            try:
+                producer.produce(o.topic, o.value, o.key, headers=o.headers or None, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: let librdkafka send, then retry
+                producer.poll(0.05)
+    producer.poll(0)
+
+
+def _offsets(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
+    return [TopicPartition(t, p, off) for (t, p), off in commits.items()]
+
+
+class TransactionalEmitter:
+    def __init__(self, settings, consumer, timeout_s: float = 30.0):
+        self.consumer = consumer
+        self.timeout = timeout_s
+        conf = confluent_config(settings, **{
+            "transactional.id": f"inferlog-{settings.group_id}-{settings.worker_id}",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "transaction.timeout.ms": 60000,
+        })
+        self.producer = Producer(conf)
+        self.producer.init_transactions(timeout_s)
+
+    def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int]) -> None:
+        if not outputs and not commits:
+            return
+        try:
+            self.producer.begin_transaction()
+            _produce_all(self.producer, outputs)
+            if commits:
+                self.producer.send_offsets_to_transaction(
+                    _offsets(commits), self.consumer.consumer_group_metadata(), self.timeout)
+            self._commit_with_retry()
+        except KafkaException as e:
+            self._handle(e)
+
+    def _commit_with_retry(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.producer.commit_transaction(self.timeout)
+                return
+            except KafkaException as e:
+                err = e.args[0]
+                if err.retriable() and not err.txn_requires_abort() and time.monotonic() < deadline:
+                    continue
+                raise
+
+    def _handle(self, e: KafkaException):
+        err: KafkaError = e.args[0]
+        if err.fatal() or err.code() in FENCED:
+            raise FatalError(f"transactional producer cannot go on: {err}") from e
+        if err.txn_requires_abort():
+            log.warning("transaction aborted: %s", err)
+            try:
+                self.producer.abort_transaction(self.timeout)
+            except KafkaException as e2:
+                raise FatalError(f"abort failed: {e2}") from e2
+            raise CommitAborted(str(err)) from e
+        # retriable but out of time, or anything else: abort to a clean state
+        try:
+            self.producer.abort_transaction(self.timeout)
+        except KafkaException:
+            pass
+        raise CommitAborted(str(err)) from e
+
+    def close(self) -> None:
+        self.producer.flush(self.timeout)
+
+
+class AtLeastOnceEmitter:
+    def __init__(self, settings, consumer, timeout_s: float = 30.0):
+        self.consumer = consumer
+        self.timeout = timeout_s
+        self.producer = Producer(confluent_config(settings, **{
+            "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}))
+        self._errors: list[KafkaError] = []
+
+    def _on_delivery(self, err, msg):
+        if err is not None:
+            self._errors.append(err)
+
+    def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int]) -> None:
+        _produce_all(self.producer, outputs, self._on_delivery)
+        left = self.producer.flush(self.timeout)
+        if left or self._errors:
+            errs, self._errors = self._errors, []
+            raise CommitAborted(f"{left} undelivered, errors: {errs[:3]}")
+        if commits:
+            try:
+                done = self.consumer.commit(offsets=_offsets(commits), asynchronous=False)
+            except KafkaException as e:
+                raise CommitAborted(f"offset commit failed: {e}") from e
+            bad = [tp for tp in done or () if tp.error is not None]
+            if bad:
+                raise CommitAborted(f"offset commit failed for {bad}")
+
+    def close(self) -> None:
+        self.producer.flush(self.timeout)
+
+
+def make_emitter(settings, consumer):
+    return (TransactionalEmitter if settings.delivery == "exactly-once" else AtLeastOnceEmitter)(settings, consumer)

@@ -1,0 +1,147 @@
+"""The model stages of a batch: prepare (CPU pool) -> run (device thread) -> finish (CPU pool).
+
+Stages are chained by future callbacks, so no pool thread ever blocks waiting for another
+stage (the thread-pool starvation the seed notes warn about). While the device runs batch
+k, batch k+1 is being prepared and batch k-1 finished. A batch that fails in any stage is
+split in halves and retried, down to the single request, which alone becomes a dead letter:
+one bad request never takes its batch-mates with it. A device out-of-memory error splits too.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field, replace
+from queue import SimpleQueue
+from typing import Any
+
+from inferlog.errors import ModelError, RecordError
+
+from .stages import BatchInfo, Out, Pending, ResultBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Job:
+    batch: list[Pending]
+    info: BatchInfo
+    rows: list[Any] = field(default_factory=list)
+    prepared: Any = None
+    raw: Any = None
+    infer_ms: float = 0.0
+    depth: int = 0  # how many times this work was split
+
+
+def _is_oom(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+class Pipeline:
+    def __init__(self, runner, cpu: Executor, device: Executor, builder: ResultBuilder,
+                 done: SimpleQueue, default_max_new_tokens: int, row_type):
+        self.runner = runner
+        self.cpu = cpu
+        self.device = device
+        self.builder = builder
+        self.done = done  # receives list[(Pending, [Out])] per finished job
+        self.default_max_new_tokens = default_max_new_tokens
+        self.Row = row_type
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def submit(self, batch: list[Pending], depth: int = 0) -> None:
+        rows = []
+        for p in batch:
+            params = p.request.parameters
+            if params.max_new_tokens is None:
+                params = replace(params, max_new_tokens=self.default_max_new_tokens)
+            rows.extend(self.Row(ids, params) for ids in p.ids)
+        cost = self.runner.cost([len(r.ids) for r in rows], [r.params for r in rows])
+        job = Job(batch, BatchInfo.new(len(batch), cost), rows, depth=depth)
+        with self._lock:
+            self._in_flight += 1
+        self._chain(self.cpu, self._prepare, job, self._on_prepared)
+
+    # -- stages (each runs on its own executor) -----------------------------------------
+    def _prepare(self, job: Job) -> Job:
+        job.prepared = self.runner.prepare(job.rows)
+        return job
+
+    def _run(self, job: Job) -> Job:
+        t0 = time.perf_counter()
+        job.raw = self.runner.run(job.prepared)
+        job.infer_ms = (time.perf_counter() - t0) * 1000.0
+        return job
+
+    def _finish(self, job: Job) -> list[tuple[Pending, list[Out]]]:
+        outputs = self.runner.finish(job.raw, job.prepared)
+        if len(outputs) != len(job.rows):
+            raise RuntimeError(f"runner returned {len(outputs)} outputs for {len(job.rows)} rows")
+        done, i = [], 0
+        for p in job.batch:
+            n = len(p.ids)
+            done.append((p, [self.builder.result(p, "OK", outputs[i : i + n], job.info, job.infer_ms)]))
+            i += n
+        job.prepared = job.raw = None  # free tensors before the outputs are emitted
+        return done
+
+    # -- chaining ------------------------------------------------------------------------
+    def _chain(self, executor: Executor, fn, job: Job, then) -> None:
+        try:
+            fut = executor.submit(fn, job)
+        except RuntimeError as e:  # executor shut down under us: the worker is stopping
+            self._fail(job, e)
+            return
+        fut.add_done_callback(lambda f: self._after(f, job, then))
+
+    def _after(self, fut: Future, job: Job, then) -> None:
+        e = fut.exception()
+        if e is not None:
+            self._fail(job, e)
+        else:
+            then(job, fut.result())
+
+    def _on_prepared(self, job: Job, _):
+        self._chain(self.device, self._run, job, self._on_ran)
+
+    def _on_ran(self, job: Job, _):
+        self._chain(self.cpu, self._finish, job, self._on_finished)
+
+    def _on_finished(self, job: Job, done):
+        self._deliver(done)
+
+    def _deliver(self, done) -> None:
+        self.done.put(done)
+        with self._lock:
+            self._in_flight -= 1
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        job.prepared = job.raw = None
+        if _is_oom(e):
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:  # pragma: no cover - best effort
+                pass
+        if len(job.batch) > 1:
+            log.warning("batch %s of %d failed (%s: %s); retrying as two halves",
+                        job.info.batch_id, len(job.batch), type(e).__name__, e)
+            half = len(job.batch) // 2
+            # submit the halves before releasing this job's slot, so in_flight never dips to 0
+            self.submit(job.batch[:half], job.depth + 1)
+            self.submit(job.batch[half:], job.depth + 1)
+            with self._lock:
+                self._in_flight -= 1
+            return
+        p = job.batch[0]
+        err = e if isinstance(e, RecordError) else ModelError(f"{type(e).__name__}: {e}")
+        log.warning("request %s failed alone in the model: %s", p.request.request_id, err.detail)
+        self._deliver([(p, [self.builder.dead_letter(p, err)])])

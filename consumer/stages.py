@@ -1,0 +1,165 @@
+"""What travels between the worker's stages, and the CPU-side stage functions.
+
+A consumed record becomes a `Pending`; decode fills in the request and its token ids (or
+the error that makes it a dead letter); a batch of them goes through the model; each ends
+as `Out` messages (a result or a dead letter) handed to the offset tracker.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
+from inferlog.errors import DecodeError, InputTooLarge, RecordError, UnknownModel, UnsupportedTask
+from inferlog.request import Limits, Request, now_ms, validate_request
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+class Out(NamedTuple):
+    """One message to produce inside the commit."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(slots=True)
+class Pending:
+    """One consumed record on its way to a result or a dead letter."""
+
+    topic: str
+    partition: int
+    offset: int
+    epoch: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+    consumed_at: int  # epoch ms
+    arrived: float = 0.0  # monotonic seconds, for the batching clock
+    request: Request | None = None
+    ids: list[list[int]] = field(default_factory=list)  # token ids per input
+    error: RecordError | None = None
+
+    @property
+    def tp(self) -> tuple[str, int]:
+        return (self.topic, self.partition)
+
+    def trace_headers(self) -> list[tuple[str, bytes]]:
+        return [(k, v) for k, v in (self.headers or ()) if k in TRACE_HEADERS and v is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    batch_id: str
+    size: int
+    tokens: int
+
+    @staticmethod
+    def new(size: int, tokens: int) -> "BatchInfo":
+        return BatchInfo(uuid.uuid4().hex[:16], size, tokens)
+
+
+class Decoder:
+    """CPU stage: bytes -> validated request -> token ids. Never raises for a bad record."""
+
+    def __init__(self, codec: Codec, runner, limits: Limits, max_input_tokens: int, model_names: set[str]):
+        self.codec = codec
+        self.runner = runner
+        self.limits = limits
+        self.max_tokens = min(max_input_tokens, runner.max_input_tokens)
+        self.model_names = model_names
+
+    def __call__(self, chunk: list[Pending]) -> list[Pending]:
+        ok: list[Pending] = []
+        for p in chunk:
+            try:
+                if p.value is None:
+                    raise DecodeError("the record has no value (a tombstone)")
+                req = validate_request(self.codec.decode(p.value, expect=REQUEST), self.limits)
+                if req.task != self.runner.task:
+                    raise UnsupportedTask(f"task {req.task} is not served here; this worker serves {self.runner.task}")
+                if req.model is not None and req.model not in self.model_names:
+                    raise UnknownModel(f"model {req.model!r} is not served here; this worker serves {self.runner.info.name!r}")
+                p.request = req
+                ok.append(p)
+            except RecordError as e:
+                p.error = e
+        # one tokenizer call for the whole chunk: much cheaper than one per record
+        texts = [t for p in ok for t in p.request.inputs]
+        if texts:
+            ids = self.runner.tokenize(texts)
+            i = 0
+            for p in ok:
+                n = len(p.request.inputs)
+                p.ids = ids[i : i + n]
+                i += n
+                longest = max(len(x) for x in p.ids)
+                if longest > self.max_tokens:
+                    p.error = InputTooLarge(f"an input is {longest} tokens, more than the limit of {self.max_tokens}")
+        return chunk
+
+
+class ResultBuilder:
+    """Turns finished work into encoded result and dead-letter messages."""
+
+    def __init__(self, codec: Codec, settings, model_info, replay_run_id: str | None = None):
+        self.codec = codec
+        self.results_topic = settings.results_topic
+        self.deadletter_topic = settings.deadletter_topic
+        self.worker_id = settings.worker_id
+        self.model = {"name": model_info.name, "revision": model_info.revision, "digest": model_info.digest}
+        self.replay_run_id = replay_run_id
+
+    def result(self, p: Pending, status: str, outputs: list[dict], batch: BatchInfo | None,
+               infer_ms: float = 0.0, error: str | None = None) -> Out:
+        req = p.request
+        rec = {
+            "request_id": req.request_id,
+            "tenant": req.tenant,
+            "task": req.task,
+            "status": status,
+            "outputs": outputs,
+            "error": error,
+            "model": self.model,
+            "source": {"topic": p.topic, "partition": p.partition, "offset": p.offset},
+            "timings": {"created_at": req.created_at, "consumed_at": p.consumed_at,
+                        "completed_at": now_ms(), "infer_ms": float(infer_ms)},
+            "batch": {"batch_id": batch.batch_id, "size": batch.size, "tokens": batch.tokens}
+            if batch else {"batch_id": "", "size": 0, "tokens": 0},
+            "worker_id": self.worker_id,
+            "replay_run_id": self.replay_run_id,
+        }
+        return Out(self.results_topic, req.request_id.encode(), self.codec.encode(RESULT, rec), p.trace_headers())
+
+    def dead_letter(self, p: Pending, err: RecordError) -> Out:
+        req = p.request
+        rec = {
+            "source": {"topic": p.topic, "partition": p.partition, "offset": p.offset},
+            "request_id": req.request_id if req else None,
+            "tenant": req.tenant if req else None,
+            "reason": err.reason,
+            "detail": err.detail[:2000],
+            "key": p.key,
+            "value": p.value,
+            "headers": {k: (v or b"") for k, v in (p.headers or ())},
+            "worker_id": self.worker_id,
+            "failed_at": now_ms(),
+            "replay_run_id": self.replay_run_id,
+        }
+        return Out(self.deadletter_topic, p.key, self.codec.encode(DEADLETTER, rec), p.trace_headers())
+
+    def expired(self, p: Pending) -> Out:
+        return self.result(p, "EXPIRED", [], None, error=f"deadline {p.request.deadline} passed before the model ran")
+
+
+def is_expired(p: Pending, now: int | None = None) -> bool:
+    d = p.request.deadline
+    return d is not None and (now if now is not None else now_ms()) > d
+
+
+def monotonic() -> float:
+    return time.monotonic()
