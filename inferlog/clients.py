@@ -1,0 +1,65 @@
+"""The one place Kafka client configs are built from Settings (confluent-kafka and aiokafka).
+
+Secrets (the SASL password, key passwords) go into the configs only; log `redacted(conf)`.
+"""
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from .settings import Settings
+
+_SECRET_KEYS = ("password", "secret", "token", "ssl_context")
+
+
+def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """librdkafka properties for Producer/Consumer/AdminClient. `extra` are librdkafka keys
+    (pass dotted ones as `**{"group.id": ...}`) and win over the settings."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "security.protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        conf["sasl.mechanism"] = settings.sasl_mechanism
+    if settings.sasl_username is not None:
+        conf["sasl.username"] = settings.sasl_username
+    if settings.sasl_password is not None:
+        conf["sasl.password"] = settings.sasl_password.get_secret_value()
+    if settings.ssl_cafile:
+        conf["ssl.ca.location"] = settings.ssl_cafile
+    if settings.ssl_certfile:
+        conf["ssl.certificate.location"] = settings.ssl_certfile
+    if settings.ssl_keyfile:
+        conf["ssl.key.location"] = settings.ssl_keyfile
+    conf.update(extra)
+    return conf
+
+
+def aiokafka_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for AIOKafkaProducer/AIOKafkaConsumer/AIOKafkaAdminClient."""
+    kw: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        kw["sasl_mechanism"] = settings.sasl_mechanism
+    if settings.sasl_username is not None:
+        kw["sasl_plain_username"] = settings.sasl_username
+    if settings.sasl_password is not None:
+        kw["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        kw["ssl_context"] = ssl_context(settings)
+    return kw
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Verifying TLS context: the system CAs, or ssl_cafile; a client cert when configured."""
+    ctx = ssl.create_default_context(cafile=settings.ssl_cafile)
+    if settings.ssl_certfile:
+        ctx.load_cert_chain(settings.ssl_certfile, keyfile=settings.ssl_keyfile)
+    return ctx
+
+
+def redacted(conf: dict[str, Any]) -> dict[str, Any]:
+    """A copy safe to log: secret values replaced."""
+    return {k: "***" if any(s in k.lower() for s in _SECRET_KEYS) else v for k, v in conf.items()}
