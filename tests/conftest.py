@@ -1,0 +1,110 @@
+"""Shared fixtures: one real Kafka broker per test session, and per-test topics on it.
+
+The broker is, in order: an existing cluster (KAFKA_BOOTSTRAP_SERVERS), a testcontainers
+KafkaContainer when a Docker engine answers, else inferlog's LocalKafka on free ports.
+"""
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers/tokenizers: tests never reach the hub, and forked
+# tokenizer pools deadlock.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from inferlog.localkafka import LocalKafka
+from inferlog.settings import Settings, load_settings
+from inferlog.topics import ensure_topics
+
+REPO = Path(__file__).resolve().parents[1]
+KAFKA_FIXTURES = {"kafka", "settings", "topic_factory"}
+
+
+@dataclass
+class Broker:
+    bootstrap: str
+    local: LocalKafka | None = None  # set when this session started the broker itself
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(items):
+    # Tests that touch the broker are `kafka` tests without having to say so.
+    for item in items:
+        if KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kafka)
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory):
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield Broker(external)
+        return
+    if _docker_answers():
+        from testcontainers.community.kafka import KafkaContainer
+
+        container = (KafkaContainer("confluentinc/cp-kafka:7.9.0").with_kraft()
+                     .with_env("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
+                     .with_env("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
+                     .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false"))
+        with container:
+            yield Broker(container.get_bootstrap_server())
+        return
+    version = load_settings().kafka_version
+    local = LocalKafka(libs_dir=REPO / ".kafka" / "libs" / version, data_dir=tmp_path_factory.mktemp("kafka"),
+                       port=free_port(), controller_port=free_port(), version=version)
+    local.fetch()
+    local.start()
+    try:
+        yield Broker(local.bootstrap, local)
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def topic_factory(kafka):
+    base = load_settings(bootstrap_servers=kafka.bootstrap)
+
+    def make(partitions: int = 6, prefix: str = "t") -> str:
+        name = unique(prefix)
+        ensure_topics(base, [name], partitions=partitions)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def settings(kafka) -> Settings:
+    tag = unique("inferlog")
+    s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.requests",
+                      results_topic=f"{tag}.results", deadletter_topic=f"{tag}.deadletter",
+                      partitions=6, group_id=f"{tag}.workers", worker_id=f"{tag}.w0")
+    ensure_topics(s)
+    return s
