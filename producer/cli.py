@@ -1,0 +1,191 @@
+"""`inferlog produce`: publish requests from JSONL (a file or stdin) through the sync SDK."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, BinaryIO, Callable, Iterator
+
+import click
+from tqdm import tqdm
+
+from inferlog.errors import ConfigError, InvalidRequest, RecordError
+from inferlog.settings import load_settings
+
+from .sync import SUBMIT_FIELDS, Producer, ProduceError
+
+SHOWN_INVALID = 10  # the summary lists this many invalid lines; the count covers all
+
+
+class TokenBucket:
+    """At most `rate` acquisitions per second on average, in bursts of at most `burst`."""
+
+    def __init__(self, rate: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate / 10)  # a tenth of a second
+        self._tokens = self.capacity
+        self._clock, self._sleep = clock, sleep
+        self._last = clock()
+
+    def acquire(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= 1
+        if self._tokens < 0:
+            # Sleep off the debt; the next refill counts from before the sleep, so it is repaid.
+            self._sleep(-self._tokens / self.rate)
+
+
+def parse_line(line: str, defaults: dict[str, Any], key_field: str | None = None) -> dict[str, Any]:
+    """One JSONL line -> Producer.submit keyword arguments (validated later, by build_request).
+
+    A line is a request object, a shorthand {"text": ...}, or a bare JSON string; fields it
+    leaves out come from `defaults` (task, model, tenant).
+    """
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"not JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(obj, str):
+        obj = {"text": obj}
+    if not isinstance(obj, dict):
+        raise InvalidRequest(f"expected a JSON object or string, got {type(obj).__name__}")
+    fields = dict(obj)
+    if "text" in fields:
+        if "inputs" in fields:
+            raise InvalidRequest('give "text" or "inputs", not both')
+        fields["inputs"] = [fields.pop("text")]
+    if key_field:
+        value = obj.get(key_field, (obj.get("metadata") or {}).get(key_field))
+        if key_field not in SUBMIT_FIELDS:
+            fields.pop(key_field, None)  # it keys the request; it is not part of it
+        if "key" not in obj:
+            if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise InvalidRequest(f"no string or integer {key_field!r} field to key the request by")
+            fields["key"] = str(value)
+    unknown = set(fields) - SUBMIT_FIELDS
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "inputs" not in fields:
+        raise InvalidRequest('missing "inputs" (or "text")')
+    return {**defaults, **fields}
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    if path == "-":
+        yield from click.get_binary_stream("stdin")
+        return
+    with open(path, "rb") as f:
+        yield from f
+
+
+def _count_lines(path: str) -> int | None:
+    if path == "-":
+        return None
+    with open(path, "rb") as f:
+        n, last = 0, b"\n"
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n, last = n + block.count(b"\n"), block[-1:]
+    return n + (last != b"\n")
+
+
+def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
+    try:
+        producer.submit(**fields)
+    except ProduceError as e:
+        # The error is about records sent earlier; this one was not sent yet.
+        failures.extend(e.failures)
+        producer.submit(**fields)
+
+
+@click.command("produce", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("file", required=False, default="-", type=click.Path(allow_dash=True, dir_okay=False, exists=True))
+@click.option("--bootstrap-servers", metavar="HOST:PORT[,...]",
+              help="Kafka brokers.  [env var: INFERLOG_BOOTSTRAP_SERVERS; default: 127.0.0.1:9092]")
+@click.option("--topic", help="Topic to publish to.  [env var: INFERLOG_REQUESTS_TOPIC; default: inferlog.requests]")
+@click.option("--task", type=click.Choice(["embed", "generate", "classify"], case_sensitive=False),
+              help="Task of lines that name none.  [env var: INFERLOG_TASK; default: embed]")
+@click.option("--model", help="Model of lines that name none.  [env var: INFERLOG_MODEL_NAME; default: the worker's]")
+@click.option("--tenant", envvar="INFERLOG_TENANT", show_envvar=True, default="default", show_default=True,
+              help="Tenant of lines that name none.")
+@click.option("--rate", envvar="INFERLOG_PRODUCE_RATE", show_envvar=True, type=click.FloatRange(min=0),
+              default=0, show_default=True, metavar="N",
+              help="Records per second at most (token bucket); 0: unlimited.")
+@click.option("--key-field", envvar="INFERLOG_KEY_FIELD", show_envvar=True, metavar="FIELD",
+              help="Key each request by this field of its line (or of its metadata), so that requests "
+                   "sharing it keep their order on one partition.  A line's own \"key\" wins.  "
+                   "[default: the request_id, spreading requests evenly]")
+@click.option("--framing", type=click.Choice(["single-object", "confluent"]),
+              help="Avro framing (confluent needs INFERLOG_SCHEMA_REGISTRY_URL).  "
+                   "[env var: INFERLOG_FRAMING; default: single-object]")
+def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_field, framing) -> None:
+    """Publish inference requests from JSONL in FILE (or stdin when FILE is - or absent).
+
+    \b
+    Each line is one of:
+      {"task": "embed", "inputs": ["a", "b"], "model": ..., "tenant": ..., "parameters": {...},
+       "priority": 0, "deadline_ms": ..., "metadata": {...}, "key": ..., "request_id": ...}
+      {"text": "one input"}        (task, model, tenant from the options)
+      "one input"                  (likewise)
+
+    Invalid lines are reported with their line numbers and skipped; the exit status is 1 if
+    any line was invalid or any delivery failed, else 0.
+    """
+    try:
+        settings = load_settings(bootstrap_servers=bootstrap_servers, requests_topic=topic, framing=framing,
+                                 task=task.lower() if task else None, model_name=model)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    defaults = {"task": settings.task or "embed", "model": settings.model_name, "tenant": tenant}
+    bucket = TokenBucket(rate) if rate else None
+    invalid: list[tuple[int, str]] = []
+    failures: list[tuple[str | None, str, str]] = []
+    interrupted = False
+    started = time.monotonic()
+    producer = Producer(settings)
+    try:
+        with tqdm(total=_count_lines(file), unit="rec", file=sys.stderr, mininterval=0.5,
+                  desc=settings.requests_topic, dynamic_ncols=True) as bar:
+            for n, raw in enumerate(_lines(file), 1):
+                bar.update(1)
+                if not raw.strip():
+                    continue
+                try:
+                    fields = parse_line(raw.decode("utf-8"), defaults, key_field)
+                    if bucket:
+                        bucket.acquire()
+                    _submit(producer, fields, failures)
+                except UnicodeDecodeError as e:
+                    invalid.append((n, f"INVALID_REQUEST: not UTF-8 ({e.reason} at byte {e.start})"))
+                except RecordError as e:
+                    invalid.append((n, f"{e.reason}: {e.detail}"))
+    except KeyboardInterrupt:
+        interrupted = True  # still flush what was submitted and summarise
+    finally:
+        try:
+            producer.close(timeout=None)
+        except ProduceError as e:
+            failures.extend(e.failures)
+    elapsed = time.monotonic() - started
+    _summary(settings.requests_topic, producer.ledger.delivered, elapsed, invalid, failures)
+    if interrupted:
+        sys.exit(130)
+    if invalid or failures:
+        sys.exit(1)
+
+
+def _summary(topic: str, sent: int, elapsed: float, invalid: list, failures: list) -> None:
+    say = lambda s: click.echo(s, err=True)  # noqa: E731 - stdout stays free for pipes
+    say(f"sent {sent} requests to {topic} in {elapsed:.2f} s ({sent / max(elapsed, 1e-9):,.0f} records/s)")
+    say(f"invalid: {len(invalid)} line(s)" + (" (skipped)" if invalid else ""))
+    for n, reason in invalid[:SHOWN_INVALID]:
+        say(f"  line {n}: {reason}")
+    if len(invalid) > SHOWN_INVALID:
+        say(f"  ... and {len(invalid) - SHOWN_INVALID} more")
+    say(f"delivery failures: {len(failures)}")
+    for rid, reason, detail in failures[:SHOWN_INVALID]:
+        say(f"  {rid or '(client)'}: {reason}: {detail}")

@@ -1,0 +1,275 @@
+"""The synchronous producer SDK (confluent-kafka), and the request envelope both SDKs share.
+
+One path for a request: build_request validates it (exactly what a worker would dead-letter
+is refused here, before anything is sent), the codec encodes it, and it goes out keyed by
+the caller's affinity key or else its request_id, with trace context and content-type headers.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+from confluent_kafka import KafkaError, Producer as _KafkaProducer
+from opentelemetry import propagate
+
+from inferlog.clients import confluent_config
+from inferlog.codec import REQUEST, Codec
+from inferlog.errors import InferlogError, InvalidRequest, RecordError
+from inferlog.request import Limits, build_request
+from inferlog.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+SUBMIT_FIELDS = frozenset(
+    {"task", "inputs", "model", "tenant", "parameters", "priority", "deadline_ms", "metadata", "key", "request_id"}
+)
+
+
+class ProduceError(InferlogError):
+    """Records the broker did not take. `failures` holds (request_id, reason, detail) per record."""
+
+    def __init__(self, message: str, reason: str, failures: Sequence[tuple[str | None, str, str]] = ()):
+        super().__init__(message)
+        self.reason = reason
+        self.failures = list(failures)
+
+
+class DeliveryLedger:
+    """Delivery outcomes, recorded by the client's callbacks and raised at the caller's next
+    submit or flush, so that the hot path never checks per message."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.failed = 0
+        self._failures: list[tuple[str | None, str, str]] = []
+
+    def ok(self) -> None:
+        self.delivered += 1
+
+    def fail(self, request_id: str | None, reason: str, detail: str) -> None:
+        if request_id is not None:  # None: a client-level error, not one record
+            self.failed += 1
+        self._failures.append((request_id, reason, detail))
+
+    def raise_failures(self) -> None:
+        if not self._failures:
+            return
+        failures, self._failures = self._failures, []
+        rid, reason, detail = failures[0]
+        raise ProduceError(
+            f"{len(failures)} delivery failure(s); first: {rid or '(client)'}: {reason}: {detail}",
+            reason, failures,
+        )
+
+
+class Envelope(NamedTuple):
+    request_id: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def split_settings(settings: Settings | None, overrides: Mapping[str, Any]) -> tuple[Settings, dict[str, Any]]:
+    """Overrides naming a Settings field change the settings; the rest go to the Kafka client."""
+    fields = {k: v for k, v in overrides.items() if k in Settings.model_fields}
+    client = {k: v for k, v in overrides.items() if k not in fields}
+    base = settings if settings is not None else load_settings()
+    return (base.with_overrides(**fields) if fields else base), client
+
+
+class RequestEncoder:
+    """submit() arguments -> the record on the wire. Shared by the sync and async producers."""
+
+    def __init__(self, settings: Settings):
+        self.codec = Codec.from_settings(settings)
+        self.limits = Limits.from_settings(settings)
+        self.content_type = (
+            f"application/vnd.apache.avro+binary; schema={REQUEST}; framing={settings.framing}".encode()
+        )
+
+    def envelope(
+        self,
+        task: str,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        tenant: str = "default",
+        parameters: Mapping[str, Any] | None = None,
+        priority: int = 0,
+        deadline_ms: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        key: str | bytes | None = None,
+        request_id: str | None = None,
+    ) -> Envelope:
+        try:
+            rec = build_request(
+                task, inputs, model=model, tenant=tenant, parameters=parameters, priority=priority,
+                deadline_ms=deadline_ms, metadata=metadata, request_id=request_id, limits=self.limits,
+            )
+        except (TypeError, ValueError, AttributeError) as e:
+            # build_request assumes the types it does not check (a str deadline, say).
+            raise InvalidRequest(f"not a valid request: {type(e).__name__}: {e}") from None
+        # The encoder refuses what build_request lets through but Avro cannot hold
+        # (a non-string metadata value, say), as InvalidRequest too.
+        value = self.codec.encode(REQUEST, rec)
+        return Envelope(rec["request_id"], _key(key, rec["request_id"]), value, self.headers())
+
+    def envelopes(self, requests: Iterable[Mapping[str, Any]]) -> list[Envelope]:
+        """Validate and encode every request first, so a bad one means none is sent."""
+        out = []
+        for i, r in enumerate(requests):
+            if not isinstance(r, Mapping):
+                raise InvalidRequest(f"requests[{i}] is a {type(r).__name__}, not a mapping")
+            unknown, missing = set(r) - SUBMIT_FIELDS, {"task", "inputs"} - set(r)
+            if unknown or missing:
+                raise InvalidRequest(
+                    f"requests[{i}]: " + "; ".join(
+                        s for s in (unknown and f"unknown fields {sorted(unknown)}",
+                                    missing and f"missing fields {sorted(missing)}") if s))
+            try:
+                out.append(self.envelope(**r))
+            except RecordError as e:
+                raise type(e)(f"requests[{i}]: {e.detail}") from e
+        return out
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # traceparent (and baggage) only when a span is current
+        return [("content-type", self.content_type), *((k, v.encode()) for k, v in carrier.items())]
+
+
+def _key(key: str | bytes | None, request_id: str) -> bytes:
+    if key is None:
+        return request_id.encode()  # unique keys spread evenly over the partitions
+    if isinstance(key, bytes):
+        return key
+    if isinstance(key, str) and key:
+        return key.encode()
+    raise InvalidRequest(f"key must be a non-empty str or bytes, got {type(key).__name__}")
+
+
+class Producer:
+    """Publishes inference requests. Thread-safe; one per process is enough.
+
+    Delivery is asynchronous: a failed delivery is raised as ProduceError by the next
+    submit() or flush(), never silently dropped.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any):
+        self.settings, client = split_settings(settings, overrides)
+        self.topic = self.settings.requests_topic
+        self._encoder = RequestEncoder(self.settings)
+        self.ledger = DeliveryLedger()
+        self._closed = False
+        conf = {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,  # a few ms of batching buys most of the throughput
+            "compression.type": "lz4",
+            # Java-compatible key hashing: the same key lands on the same partition from
+            # this SDK, the aiokafka one and any Java client.
+            "partitioner": "murmur2_random",
+            "client.id": "inferlog-producer",
+            "error_cb": self._on_error,
+            **client,
+        }
+        self._producer = _KafkaProducer(confluent_config(self.settings, **conf))
+
+    # -- sending -------------------------------------------------------------------------
+    def submit(
+        self,
+        task: str,
+        inputs: str | Sequence[str],
+        *,
+        model: str | None = None,
+        tenant: str = "default",
+        parameters: Mapping[str, Any] | None = None,
+        priority: int = 0,
+        deadline_ms: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        key: str | bytes | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Validate, encode and enqueue one request; returns its request_id.
+
+        `key` pins related requests to one partition (ordering, affinity); without it the
+        request_id is the key. Raises InvalidRequest/InputTooLarge (nothing sent), or
+        ProduceError for an earlier request whose delivery failed.
+        """
+        self._check()
+        env = self._encoder.envelope(
+            task, inputs, model=model, tenant=tenant, parameters=parameters, priority=priority,
+            deadline_ms=deadline_ms, metadata=metadata, key=key, request_id=request_id,
+        )
+        self._send(env)
+        return env.request_id
+
+    def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
+        """All requests are validated before any is sent: one bad request raises, nothing is sent."""
+        self._check()
+        envs = self._encoder.envelopes(requests)
+        for env in envs:
+            self._send(env)
+        return [e.request_id for e in envs]
+
+    def _send(self, env: Envelope) -> None:
+        cb = partial(self._on_delivery, env.request_id)
+        while True:
+            try:
+                self._producer.produce(self.topic, env.value, env.key, headers=env.headers, on_delivery=cb)
+                return
+            except BufferError:
+                # The local queue is full: let deliveries drain it, then try again.
+                self._producer.poll(0.05)
+
+    def flush(self, timeout: float | None = 30) -> None:
+        """Wait until every record is delivered (None: no limit); raise ProduceError for any that failed."""
+        left = self._producer.flush() if timeout is None else self._producer.flush(timeout)
+        self.ledger.raise_failures()
+        if left:
+            raise ProduceError(f"{left} records still undelivered after {timeout}s", "FLUSH_TIMEOUT")
+
+    def close(self, timeout: float | None = 30) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush(timeout)
+        finally:
+            self._producer.close()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except InferlogError:
+            if exc_type is None:
+                raise
+            log.exception("closing the producer while handling another error")
+
+    def __len__(self) -> int:
+        """Records enqueued but not yet delivered."""
+        return len(self._producer)
+
+    # -- delivery reports ----------------------------------------------------------------
+    def _on_delivery(self, request_id: str, err: KafkaError | None, _msg: Any) -> None:
+        if err is None:
+            self.ledger.ok()
+        else:
+            self.ledger.fail(request_id, err.name(), err.str())
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Idempotence makes some errors fatal (e.g. a broken sequence): nothing more will be delivered.
+        if err.fatal():
+            self.ledger.fail(None, err.name(), err.str())
+        else:
+            log.debug("kafka client error (the client retries): %s", err)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise InferlogError("producer is closed")
+        self._producer.poll(0)  # serve delivery reports (cheap, never waits) so failures surface now
+        self.ledger.raise_failures()
