@@ -100,7 +100,10 @@ class LocalKafka:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw) -> "LocalKafka":
+        """The broker that settings.bootstrap_servers points at, when that is 127.0.0.1:<port>."""
         home = Path(settings.kafka_home)
+        kw.setdefault("port", _default_port(settings))
+        kw.setdefault("controller_port", kw["port"] + 1)
         kw.setdefault("libs_dir", home / "libs" / settings.kafka_version)
         kw.setdefault("data_dir", home / "data")
         kw.setdefault("version", settings.kafka_version)
@@ -327,8 +330,7 @@ def _default_port(settings: Settings) -> int:
 
 def _local(data_dir, libs_dir, port, controller_port, version) -> LocalKafka:
     settings = load_settings(kafka_version=version)
-    port = port or _default_port(settings)
-    kw = {"port": port, "controller_port": controller_port or port + 1}
+    kw = {k: v for k, v in (("port", port), ("controller_port", controller_port)) if v}
     if data_dir:
         kw["data_dir"] = Path(data_dir)
     if libs_dir:
