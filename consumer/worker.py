@@ -57,7 +57,7 @@ class Worker:
         self.ready = threading.Event()  # model warm and partitions assigned (readiness)
         self.last_commit = time.monotonic()
         self.commit_interval = settings.commit_interval_ms / 1000.0
-        self.counts = {"consumed": 0, "results": 0, "dead_letters": 0, "commits": 0, "aborts": 0}
+        self.counts = {"consumed": 0, "results": 0, "dead_letters": 0, "commits": 0, "aborts": 0, "pauses": 0}
         self.consumer: Consumer | None = None
         self.emitter = None
 
@@ -248,6 +248,7 @@ class Worker:
             return
         pending = self.tracker.pending
         if not self.paused and pending >= self.s.max_in_flight:
+            self.counts["pauses"] += 1
             self._pause(True)
         elif self.paused and pending <= self.s.max_in_flight // 2:
             self._pause(False)

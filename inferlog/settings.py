@@ -90,7 +90,7 @@ class Settings(BaseSettings):
 
     # local Kafka
     kafka_home: Path = Field(default_factory=lambda: Path(os.environ.get("INFERLOG_KAFKA_HOME", ".kafka")))
-    kafka_version: str = "4.1.1"
+    kafka_version: str = "4.4.0"
 
     @field_validator("bootstrap_servers")
     @classmethod

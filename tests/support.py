@@ -1,0 +1,137 @@
+"""Helpers for tests that run workers against the real broker and read the real topics."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from inferlog.clients import confluent_config
+from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
+
+
+@dataclass
+class Record:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list
+
+
+def read_all(settings, topic: str, timeout: float = 30.0) -> list[Record]:
+    """Every committed record of `topic` up to its current end (read_committed)."""
+    c = Consumer(confluent_config(settings, **{"group.id": f"reader-{time.time_ns()}",
+                                               "isolation.level": "read_committed", "enable.auto.commit": False}))
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        ends, tps = {}, []
+        for p in parts:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                tps.append(TopicPartition(topic, p, low))
+        c.assign(tps)
+        out, deadline = [], time.monotonic() + timeout
+        position = {p: -1 for p in ends}
+        # with read_committed the end may be a transaction marker: stop when positions reach it
+        while any(c.position([TopicPartition(topic, p)])[0].offset < ends[p] for p in ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}: positions {position} short of {ends}")
+            for m in c.consume(1000, 0.2):
+                if m.error() is None:
+                    out.append(Record(m.partition(), m.offset(), m.key(), m.value(), m.headers() or []))
+                    position[m.partition()] = m.offset()
+        return out
+    finally:
+        c.close()
+
+
+def produce_raw(settings, values: list[tuple[bytes | None, bytes | None]], topic: str | None = None) -> None:
+    p = Producer(confluent_config(settings, **{"enable.idempotence": True, "acks": "all"}))
+    for key, value in values:
+        p.produce(topic or settings.requests_topic, value, key)
+    assert p.flush(30) == 0
+
+
+@dataclass
+class Accounting:
+    """Where every request offset ended: results and dead letters by source position."""
+
+    requests: list[Record]
+    results: list[dict]
+    dead_letters: list[dict]
+
+    @property
+    def by_source(self) -> dict[tuple[int, int], list[tuple[str, dict]]]:
+        seen = defaultdict(list)
+        for r in self.results:
+            seen[(r["source"]["partition"], r["source"]["offset"])].append(("result", r))
+        for d in self.dead_letters:
+            seen[(d["source"]["partition"], d["source"]["offset"])].append(("dead", d))
+        return seen
+
+    def assert_exactly_once(self) -> None:
+        """Every request offset has exactly one output, and no output points elsewhere."""
+        by = self.by_source
+        positions = {(r.partition, r.offset) for r in self.requests}
+        missing = positions - set(by)
+        extra = set(by) - positions
+        dupes = {k: len(v) for k, v in by.items() if len(v) > 1}
+        assert not missing, f"{len(missing)} requests lost, e.g. {sorted(missing)[:5]}"
+        assert not extra, f"outputs for offsets never produced: {sorted(extra)[:5]}"
+        assert not dupes, f"{len(dupes)} requests answered more than once, e.g. {list(dupes.items())[:5]}"
+
+    def reasons(self) -> Counter:
+        return Counter(d["reason"] for d in self.dead_letters)
+
+
+def account(settings, codec: Codec | None = None) -> Accounting:
+    codec = codec or Codec.from_settings(settings)
+    return Accounting(
+        read_all(settings, settings.requests_topic),
+        [codec.decode(r.value, expect=RESULT) for r in read_all(settings, settings.results_topic)],
+        [codec.decode(r.value, expect=DEADLETTER) for r in read_all(settings, settings.deadletter_topic)],
+    )
+
+
+def wait_until(pred, timeout: float = 60.0, every: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def output_count(settings) -> int:
+    """Committed results + dead letters, from the end offsets (cheap; counts markers too)."""
+    return len(read_all(settings, settings.results_topic)) + len(read_all(settings, settings.deadletter_topic))
+
+
+@contextlib.contextmanager
+def running_worker(settings, runner, **kw):
+    """A Worker on a thread: ready (assigned) on entry, stopped and drained on exit."""
+    from inferlog.consumer.worker import Worker
+
+    w = Worker(settings, runner, **kw)
+    code: list[int] = []
+    t = threading.Thread(target=lambda: code.append(w.run()), daemon=True)
+    t.start()
+    try:
+        if not w.ready.wait(90):
+            raise TimeoutError("worker got no partitions")
+        yield w
+    finally:
+        w.stop()
+        t.join(120)
+        assert not t.is_alive(), "worker did not stop"
+    assert code == [0], f"worker exit code {code}"
+
+
+def decode_request(codec, rec: Record) -> dict:
+    return codec.decode(rec.value, expect=REQUEST)

@@ -1,0 +1,257 @@
+"""The worker against the real broker and real models: every offset ends as exactly one
+result or dead letter, read back from the real topics with read_committed."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from confluent_kafka import Consumer, TopicPartition
+
+from inferlog.clients import confluent_config
+from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
+from inferlog.consumer.faults import FaultyRunner
+from inferlog.consumer.runners import Row, load_runner
+from inferlog.producer.sync import Producer
+from inferlog.request import Parameters, build_request, now_ms
+from inferlog.settings import default_model_path
+from support import account, output_count, produce_raw, read_all, running_worker, wait_until
+from tinymodels import tiny_gpt2_dir  # noqa: F401  (fixture)
+
+TEXTS = [
+    "The payment service reported a late refund.",
+    "Kafka",
+    "An auditor asked which model answered the request about the damaged parcel last Tuesday.",
+    "short text",
+    "Streaming inference turns every request into exactly one result record.",
+]
+
+
+@pytest.fixture(scope="module")
+def embed_runner():
+    return load_runner(default_model_path(), device="cpu")
+
+
+def direct(runner, texts, params=Parameters()):
+    rows = [Row(ids, params) for ids in runner.tokenize(texts)]
+    prepared = runner.prepare(rows)
+    return runner.finish(runner.run(prepared), prepared)
+
+
+def submit_texts(settings, texts, task="embed", **kw) -> list[str]:
+    with Producer(settings) as p:
+        ids = [p.submit(task, t, **kw) for t in texts]
+    return ids
+
+
+def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, embed_runner):
+    texts = [f"{TEXTS[i % len(TEXTS)]} (#{i})" for i in range(240)]
+    ids = submit_texts(settings, texts)
+    s = settings.with_overrides(max_batch_size=16, max_wait_ms=5)
+    with running_worker(s, embed_runner):
+        wait_until(lambda: output_count(s) >= len(ids), what="all results")
+    acc = account(s)
+    acc.assert_exactly_once()
+    assert not acc.dead_letters
+    codec = Codec.from_settings(s)
+    requests = {codec.decode(r.value, expect=REQUEST)["request_id"]: r for r in acc.requests}
+    assert set(requests) == set(ids)
+    expected = dict(zip(ids, direct(embed_runner, texts)))
+    sizes = set()
+    for res in acc.results:
+        rid = res["request_id"]
+        assert res["status"] == "OK"
+        src, req = res["source"], requests[rid]
+        assert (src["topic"], src["partition"], src["offset"]) == (s.requests_topic, req.partition, req.offset)
+        got, want = res["outputs"][0]["vector"], expected[rid]["vector"]
+        assert len(got) == 384
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+        assert res["model"]["name"] == "all-MiniLM-L6-v2" and res["model"]["digest"]
+        assert res["worker_id"] == s.worker_id
+        t = res["timings"]
+        assert t["created_at"] <= t["consumed_at"] <= t["completed_at"]
+        assert 1 <= res["batch"]["size"] <= 16
+        sizes.add(res["batch"]["size"])
+    assert max(sizes) > 1, "requests were never batched together"
+
+
+def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embed_runner):
+    codec = Codec.from_settings(settings)
+    good = build_request("embed", "a perfectly fine request")
+
+    def req(**over):
+        rec = build_request("embed", "fine")
+        rec.update(over)
+        return codec.encode(REQUEST, rec)
+
+    valid = codec.encode(REQUEST, good)
+    cases = [  # (value, expected dead-letter reason or result status)
+        (b"\x17garbage that is not avro", "UNDECODABLE"),
+        (valid[: len(valid) // 2], "UNDECODABLE"),
+        (b"\xc3\x01" + b"\x00" * 8 + valid[10:], "UNKNOWN_SCHEMA"),
+        (codec.encode(DEADLETTER, {"source": {"topic": "x", "partition": 0, "offset": 1}, "reason": "R",
+                                   "detail": "d", "worker_id": "w", "failed_at": 0}), "WRONG_SCHEMA"),
+        (None, "UNDECODABLE"),
+        (b"", "UNDECODABLE"),
+        (req(inputs=[]), "INVALID_REQUEST"),
+        (req(inputs=["   "]), "INVALID_REQUEST"),
+        (req(parameters={"max_new_tokens": None, "temperature": math.nan, "top_p": None, "seed": None}),
+         "INVALID_REQUEST"),
+        (req(inputs=["x"] * (settings.max_inputs + 1)), "INPUT_TOO_LARGE"),
+        (req(inputs=["word " * 2000]), "INPUT_TOO_LARGE"),
+        (req(task="GENERATE"), "UNSUPPORTED_TASK"),
+        (req(model="no-such-model"), "UNKNOWN_MODEL"),
+        (req(deadline=now_ms() - 1000), "EXPIRED"),
+        (req(model="all-MiniLM-L6-v2"), "OK"),
+        (valid, "OK"),
+    ]
+    # interleave good requests so bad ones share partitions and batches with them
+    values = []
+    for v, _ in cases:
+        values += [(b"k", v), (None, req())]
+    produce_raw(settings, values)
+    with running_worker(settings, embed_runner) as w:
+        wait_until(lambda: output_count(settings) >= len(values), what="every offset answered")
+        # the worker is still alive and serving
+        produce_raw(settings, [(None, req())])
+        wait_until(lambda: output_count(settings) >= len(values) + 1, what="the worker to go on")
+    acc = account(settings)
+    acc.assert_exactly_once()
+    by = acc.by_source
+    requests = sorted(acc.requests, key=lambda r: (r.partition, r.offset))
+    outcome = {}
+    for r in requests:
+        kind, rec = by[(r.partition, r.offset)][0]
+        outcome[r.value] = rec["reason"] if kind == "dead" else rec["status"]
+        if kind == "dead":
+            assert rec["value"] == r.value and rec["detail"]  # the raw bytes travel with the reason
+    for v, want in cases:
+        assert outcome[v] == want, f"{v[:20]!r}: {outcome[v]} != {want}"
+    assert w.counts["dead_letters"] == sum(1 for _, want in cases if want not in ("OK", "EXPIRED"))
+
+
+def test_a_model_fault_only_fails_the_faulty_requests(settings, embed_runner):
+    texts = [f"request number {i} about {TEXTS[i % 5]}" + (" FAULTY" if i % 13 == 5 else "") for i in range(80)]
+    ids = submit_texts(settings, texts)
+    faulty = {rid for rid, t in zip(ids, texts) if "FAULTY" in t}
+    s = settings.with_overrides(max_batch_size=16, max_wait_ms=50, fault_marker="FAULTY")
+    with running_worker(s, FaultyRunner(embed_runner, "FAULTY")):
+        wait_until(lambda: output_count(s) >= len(ids), what="all outputs")
+    acc = account(s)
+    acc.assert_exactly_once()
+    assert {d["request_id"] for d in acc.dead_letters} == faulty
+    assert set(acc.reasons()) == {"MODEL_ERROR"}
+    assert {r["request_id"] for r in acc.results} == set(ids) - faulty
+    assert all(r["status"] == "OK" for r in acc.results)
+
+
+def test_generation_through_the_worker(settings, tiny_gpt2_dir):
+    runner = load_runner(str(tiny_gpt2_dir), device="cpu")
+    prompts = ["the quick fox", "kafka topics carry records", "a", "the tiny cat sat on the mat"] * 5
+    limits = [1 + i % 7 for i in range(len(prompts))]
+    with Producer(settings) as p:
+        ids = [p.submit("generate", t, parameters={"max_new_tokens": n}) for t, n in zip(prompts, limits)]
+    with running_worker(settings.with_overrides(max_batch_size=8), runner):
+        wait_until(lambda: output_count(settings) >= len(ids), what="all generations")
+    acc = account(settings)
+    acc.assert_exactly_once()
+    assert not acc.dead_letters
+    got = {r["request_id"]: r["outputs"][0] for r in acc.results}
+    for rid, prompt, n in zip(ids, prompts, limits):
+        out = got[rid]
+        assert 1 <= out["tokens"] <= n
+        want = direct(runner, [prompt], Parameters(max_new_tokens=n))[0]
+        assert out["text"] == want["text"]  # greedy: same answer alone or batched
+
+
+def test_at_least_once_mode_and_back_pressure(settings, embed_runner):
+    ids = submit_texts(settings, [f"text {i}" for i in range(150)])
+    s = settings.with_overrides(delivery="at-least-once", max_in_flight=16, max_batch_size=8)
+    with running_worker(s, embed_runner) as w:
+        wait_until(lambda: output_count(s) >= len(ids), what="all results")
+    assert w.counts["pauses"] > 0, "a worker holding more than max_in_flight must pause its partitions"
+    acc = account(s)
+    acc.assert_exactly_once()  # no failures happened, so at-least-once delivered once
+    assert {r["request_id"] for r in acc.results} == set(ids)
+
+
+# -- worker processes: signals, crashes, a second member --------------------------------
+def worker_env(s, **extra) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "INFERLOG_BOOTSTRAP_SERVERS": s.bootstrap_servers, "INFERLOG_REQUESTS_TOPIC": s.requests_topic,
+        "INFERLOG_RESULTS_TOPIC": s.results_topic, "INFERLOG_DEADLETTER_TOPIC": s.deadletter_topic,
+        "INFERLOG_GROUP_ID": s.group_id, "INFERLOG_MAX_WAIT_MS": "10", "INFERLOG_SESSION_TIMEOUT_MS": "6000",
+        "INFERLOG_CPU_WORKERS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start_worker(s, worker_id: str, log_path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "inferlog.cli", "worker", "--no-create-topics"],
+                            env=worker_env(s, INFERLOG_WORKER_ID=worker_id),
+                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def committed(s) -> dict[int, int]:
+    c = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False}))
+    try:
+        tps = c.committed([TopicPartition(s.requests_topic, p) for p in range(s.partitions)], timeout=30)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        c.close()
+
+
+def test_sigterm_drains_commits_what_it_consumed_and_exits_0(settings, tmp_path):
+    ids = submit_texts(settings, [f"{TEXTS[i % 5]} {i}" for i in range(1500)])
+    w = start_worker(settings, "w-term", tmp_path / "w.log")
+    try:
+        wait_until(lambda: output_count(settings) >= 100, timeout=120, what="the first results")
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(90) == 0, (tmp_path / "w.log").read_text()[-3000:]
+    finally:
+        w.kill()
+    log = (tmp_path / "w.log").read_text()
+    assert "drained" in log
+    acc = account(settings)
+    done = committed(settings)
+    by = acc.by_source
+    answered = set(by)
+    for r in acc.requests:  # below the committed offset: exactly one result; at or above: none
+        below = r.offset < done.get(r.partition, -1)
+        assert ((r.partition, r.offset) in answered) == below, (r.partition, r.offset, done)
+    assert all(len(v) == 1 for v in by.values())
+    assert 0 < len(acc.results) <= len(ids)
+
+
+def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(settings, tmp_path):
+    n = 2000
+    submit_texts(settings, [f"{TEXTS[i % 5]} {i}" for i in range(n)])
+    a = start_worker(settings, "w-a", tmp_path / "a.log")
+    procs = [a]
+    try:
+        wait_until(lambda: output_count(settings) >= 150, timeout=120, what="the first results")
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        # a restarted worker and a new member join while the killed one's session expires
+        procs.append(start_worker(settings, "w-a", tmp_path / "a2.log"))
+        procs.append(start_worker(settings, "w-b", tmp_path / "b.log"))
+        wait_until(lambda: output_count(settings) >= n, timeout=400, every=1.0, what="all outputs")
+        for p in procs[1:]:
+            p.send_signal(signal.SIGTERM)
+        for p in procs[1:]:
+            assert p.wait(90) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    acc = account(settings)
+    acc.assert_exactly_once()
+    assert len(acc.results) == n and not acc.dead_letters
+    workers = {r["worker_id"] for r in acc.results}
+    assert {"w-a", "w-b"} <= workers or len(workers) >= 2
