@@ -124,7 +124,7 @@ def demo(count: int, rate: float, show: int, keep_kafka: bool, **flags) -> None:
         w.stop()
         t.join(60)
         tail.close()
-        _summary(list(got.values()), count, elapsed, w.counts)
+        _summary(list(got.values()), count, elapsed, w.counts, rate)
     finally:
         if started_kafka is not None and not keep_kafka:
             started_kafka.stop()
@@ -150,7 +150,7 @@ def _format_result(r: dict, n: int) -> str:
                f"batch={r['batch']['size']:<3} {lat:5d} ms  [{head}, ...] dim={len(out.get('vector', []))}")
 
 
-def _summary(results: list[dict], offered: int, elapsed: float, counts: dict) -> None:
+def _summary(results: list[dict], offered: int, elapsed: float, counts: dict, rate: float) -> None:
     lats = [r["timings"]["completed_at"] - r["timings"]["created_at"] for r in results]
     sizes = [r["batch"]["size"] for r in results if r["batch"]["size"]]
     click.echo("\nsummary")
@@ -160,6 +160,9 @@ def _summary(results: list[dict], offered: int, elapsed: float, counts: dict) ->
     if lats:
         click.echo(f"  latency      p50 {_percentile(lats, 50):.0f} ms, p95 {_percentile(lats, 95):.0f} ms, "
                    f"p99 {_percentile(lats, 99):.0f} ms (created -> committed result)")
+        if not rate:
+            click.echo("               (all requests were offered at once, so this is mostly queueing; "
+                       "--rate N offers a steady load)")
     if sizes:
         click.echo(f"  batch size   mean {statistics.mean(sizes):.1f}, max {max(sizes)} "
                    f"(by request; {len(set(r['batch']['batch_id'] for r in results))} batches)")
