@@ -55,7 +55,7 @@ def now_ms() -> int:
 
 
 def _ms(v: Any) -> int | None:
-    """fastavro returns timestamp-millis as aware datetimes; producers may pass ints."""
+    """Epoch ms from an int (what the codec reads and writes) or a datetime (SDK callers)."""
     if v is None:
         return None
     if isinstance(v, (int, float)):
