@@ -6,6 +6,7 @@ appends to aiokafka's batch accumulator and waits (never blocks) when that is fu
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Iterable, Mapping, Sequence
@@ -18,6 +19,8 @@ from inferlog.errors import InferlogError
 from inferlog.settings import Settings
 
 from .sync import DeliveryLedger, Envelope, RequestEncoder, split_settings
+
+log = logging.getLogger(__name__)
 
 
 class AsyncProducer:
@@ -80,6 +83,7 @@ class AsyncProducer:
         except InferlogError:
             if exc_type is None:
                 raise
+            log.exception("stopping the producer while handling another error")
 
     async def submit(
         self,

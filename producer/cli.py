@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 from tqdm import tqdm

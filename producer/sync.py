@@ -121,12 +121,13 @@ class RequestEncoder:
         for i, r in enumerate(requests):
             if not isinstance(r, Mapping):
                 raise InvalidRequest(f"requests[{i}] is a {type(r).__name__}, not a mapping")
-            unknown, missing = set(r) - SUBMIT_FIELDS, {"task", "inputs"} - set(r)
-            if unknown or missing:
-                raise InvalidRequest(
-                    f"requests[{i}]: " + "; ".join(
-                        s for s in (unknown and f"unknown fields {sorted(unknown)}",
-                                    missing and f"missing fields {sorted(missing)}") if s))
+            problems = []
+            if unknown := set(r) - SUBMIT_FIELDS:
+                problems.append(f"unknown fields {sorted(unknown)}")
+            if missing := {"task", "inputs"} - set(r):
+                problems.append(f"missing fields {sorted(missing)}")
+            if problems:
+                raise InvalidRequest(f"requests[{i}]: {'; '.join(problems)}")
             try:
                 out.append(self.envelope(**r))
             except RecordError as e:
@@ -150,7 +151,7 @@ def _key(key: str | bytes | None, request_id: str) -> bytes:
 
 
 class Producer:
-    """Publishes inference requests. Thread-safe; one per process is enough.
+    """Publishes inference requests; one per process is enough.
 
     Delivery is asynchronous: a failed delivery is raised as ProduceError by the next
     submit() or flush(), never silently dropped.
@@ -172,6 +173,7 @@ class Producer:
             "partitioner": "murmur2_random",
             "client.id": "inferlog-producer",
             "error_cb": self._on_error,
+            "logger": log,  # librdkafka's own log lines go through Python logging, not raw stderr
             **client,
         }
         self._producer = _KafkaProducer(confluent_config(self.settings, **conf))

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from opentelemetry.sdk.trace import TracerProvider
 
 from inferlog.clients import confluent_config
@@ -31,9 +31,26 @@ def end_offsets(settings, topic=None) -> dict[int, int]:
     c = Consumer(confluent_config(settings, **{"group.id": f"probe-{uuid.uuid4().hex[:8]}"}))
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        return {p: _high_watermark(c, TopicPartition(topic, p)) for p in parts}
     finally:
         c.close()
+
+
+_NOT_READY = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TIMED_OUT}
+
+
+def _high_watermark(c: Consumer, tp: TopicPartition) -> int:
+    # A topic created a moment ago may still answer NOT_LEADER for a short while.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return c.get_watermark_offsets(tp, timeout=10)[1]
+        except KafkaException as e:
+            err = e.args[0]
+            if not (err.retriable() or err.code() in _NOT_READY) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def read_all(settings, topic=None) -> list:
@@ -125,25 +142,29 @@ def test_parse_line_forms_defaults_and_key_field():
             parse_line(bad, defaults, key_field="user" if why == "'user'" else None)
 
 
-def test_invalid_requests_are_refused_before_anything_is_queued():
-    # No broker at this address: refusing must not need one.
+@pytest.fixture
+def offline_producer():
+    # No broker at this address: refusing a request must not need one.
     p = Producer(load_settings(bootstrap_servers="127.0.0.1:1"))
-    try:
-        for call, err in [
-            (lambda: p.submit("embed", []), InvalidRequest),
-            (lambda: p.submit("translate", ["x"]), InvalidRequest),
-            (lambda: p.submit("embed", ["x"] * 65), InputTooLarge),
-            (lambda: p.submit("embed", ["x"], parameters={"temprature": 1}), InvalidRequest),
-            (lambda: p.submit("embed", ["x"], metadata={"a": 1}), InvalidRequest),
-            (lambda: p.submit("embed", ["x"], deadline_ms="soon"), InvalidRequest),
-            (lambda: p.submit("embed", ["x"], key=42), InvalidRequest),
-            (lambda: p.submit_many([{"task": "embed", "inputs": ["ok"]}, {"task": "embed"}]), InvalidRequest),
-        ]:
-            with pytest.raises(err):
-                call()
-            assert len(p) == 0
-    finally:
-        p.close(timeout=1)
+    yield p
+    p.close(timeout=1)
+
+
+@pytest.mark.parametrize("call, err", [
+    pytest.param(lambda p: p.submit("embed", []), InvalidRequest, id="no-inputs"),
+    pytest.param(lambda p: p.submit("translate", ["x"]), InvalidRequest, id="unknown-task"),
+    pytest.param(lambda p: p.submit("embed", ["x"] * 65), InputTooLarge, id="too-many-inputs"),
+    pytest.param(lambda p: p.submit("embed", ["x"], parameters={"temprature": 1}), InvalidRequest, id="param-typo"),
+    pytest.param(lambda p: p.submit("embed", ["x"], metadata={"a": 1}), InvalidRequest, id="metadata-not-str"),
+    pytest.param(lambda p: p.submit("embed", ["x"], deadline_ms="soon"), InvalidRequest, id="deadline-not-int"),
+    pytest.param(lambda p: p.submit("embed", ["x"], key=42), InvalidRequest, id="key-not-str"),
+    pytest.param(lambda p: p.submit_many([{"task": "embed", "inputs": ["ok"]}, {"task": "embed"}]), InvalidRequest,
+                 id="many-missing-inputs"),
+])
+def test_invalid_requests_are_refused_before_anything_is_queued(offline_producer, call, err):
+    with pytest.raises(err):
+        call(offline_producer)
+    assert len(offline_producer) == 0
 
 
 # -- SDKs against the broker -----------------------------------------------------------------
