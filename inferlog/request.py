@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -94,17 +95,27 @@ def validate_request(rec: Mapping[str, Any], limits: Limits = Limits()) -> Reque
     model = rec.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise InvalidRequest("model must be null or a non-empty string")
+    tenant = rec.get("tenant") or "default"
+    if not isinstance(tenant, str) or len(tenant) > 128:
+        raise InvalidRequest("tenant must be a string of at most 128 characters")
+    deadline = rec.get("deadline")
+    if deadline is not None and not isinstance(deadline, (int, datetime)) or isinstance(deadline, bool):
+        raise InvalidRequest(f"deadline must be null or epoch milliseconds, got {deadline!r}")
+    metadata = rec.get("metadata") or {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in metadata.items()):
+        raise InvalidRequest("metadata must map strings to strings")
     return Request(
         request_id=rid,
-        tenant=rec.get("tenant") or "default",
+        tenant=tenant,
         task=task,
         model=model,
         inputs=list(inputs),
         parameters=params,
         created_at=created,
         priority=priority,
-        deadline=_ms(rec.get("deadline")),
-        metadata=dict(rec.get("metadata") or {}),
+        deadline=_ms(deadline),
+        metadata=dict(metadata),
     )
 
 

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings as hypothesis_settings
+
+# A 2-core machine shared with a broker and a model: judge properties, not generation speed.
+hypothesis_settings.register_profile("inferlog", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("inferlog")
 
 from inferlog.localkafka import LocalKafka
 from inferlog.settings import Settings, load_settings
