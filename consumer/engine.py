@@ -1,0 +1,162 @@
+"""The engine: consumed records in, outputs ready to commit out.
+
+decode (CPU pool) -> batch (policy) -> prepare/infer/finish (pipeline) -> offset bookkeeping.
+It owns no Kafka client: the live worker feeds it from its consumer group and commits with
+transactions; replay feeds it from a manually assigned window and writes to a topic or a
+file. Both therefore answer a record the same way. Driven from one thread (the caller's
+loop); the executors hand their work back through a queue.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from queue import Empty, SimpleQueue
+
+from inferlog.codec import Codec
+from inferlog.request import Limits, now_ms
+
+from .batching import BatchPolicy, Item
+from .offsets import OffsetTracker
+from .pipeline import Pipeline
+from .stages import Decoder, Pending, ResultBuilder, is_expired
+
+
+class Engine:
+    def __init__(self, settings, runner, codec: Codec | None = None, replay_run_id: str | None = None):
+        self.s = settings
+        self.runner = runner
+        self.codec = codec or Codec.from_settings(settings)
+        self.tracker = OffsetTracker()
+        self.policy = BatchPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms)
+        self.builder = ResultBuilder(self.codec, settings, runner.info, replay_run_id)
+        names = {runner.info.name, settings.model} | ({settings.model_name} if settings.model_name else set())
+        self.decoder = Decoder(self.codec, runner, Limits.from_settings(settings), settings.max_input_tokens, names)
+        self.cpu = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="inferlog-cpu")
+        self.device = ThreadPoolExecutor(1, thread_name_prefix="inferlog-device")
+        self.done: SimpleQueue = SimpleQueue()
+        from .runners import Row  # the runner module owns the row type
+
+        self.pipeline = Pipeline(runner, self.cpu, self.device, self.builder, self.done,
+                                 settings.default_max_new_tokens, Row)
+        self.decoding: deque[Future] = deque()
+        self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
+
+    # -- in ------------------------------------------------------------------------------
+    def accept(self, msgs) -> int:
+        """Track and queue for decoding the records (confluent Messages) that are ours."""
+        chunk: list[Pending] = []
+        now, mono = now_ms(), time.monotonic()
+        for m in msgs:
+            tp = (m.topic(), m.partition())
+            epoch = self.tracker.track(tp, m.offset())
+            if epoch is None:  # not (or no longer) ours
+                continue
+            chunk.append(Pending(m.topic(), m.partition(), m.offset(), epoch, m.key(), m.value(),
+                                 m.headers(), now, mono))
+        if chunk:
+            self.counts["consumed"] += len(chunk)
+            self.decoding.append(self.cpu.submit(self.decoder, chunk))
+        return len(chunk)
+
+    # -- one turn --------------------------------------------------------------------------
+    def step(self, flush: bool = False) -> None:
+        """Move work along without blocking: decoded -> batches -> pipeline; finished -> tracker."""
+        self._collect_decoded()
+        self._collect_finished()
+        self._dispatch(flush)
+
+    def _collect_decoded(self) -> None:
+        while self.decoding and self.decoding[0].done():
+            for p in self.decoding.popleft().result():
+                if not self.tracker.owns(p.tp, p.epoch):
+                    continue
+                if p.error is not None:
+                    self._complete(p, [self.builder.dead_letter(p, p.error)])
+                elif is_expired(p):
+                    self._complete(p, [self.builder.expired(p)])
+                else:
+                    extra = 0
+                    if self.runner.task == "GENERATE":
+                        extra = p.request.parameters.max_new_tokens or self.s.default_max_new_tokens
+                    self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra))
+
+    def _dispatch(self, flush: bool) -> None:
+        while self.pipeline.in_flight < self.s.pipeline_depth:
+            items = self.policy.next_batch(time.monotonic(), flush=flush)
+            if not items:
+                return
+            batch, now = [], now_ms()
+            for it in items:
+                p = it.ref
+                if is_expired(p, now):  # expired while queued: answer without the model
+                    self._complete(p, [self.builder.expired(p)])
+                else:
+                    batch.append(p)
+            if batch:
+                self.pipeline.submit(batch)
+
+    def _collect_finished(self) -> None:
+        while True:
+            try:
+                done = self.done.get_nowait()
+            except Empty:
+                return
+            for p, outs in done:
+                self._complete(p, outs)
+
+    def _complete(self, p: Pending, outs) -> None:
+        if self.tracker.complete(p.tp, p.offset, p.epoch, outs):
+            for o in outs:
+                self.counts["dead_letters" if o.topic == self.builder.deadletter_topic else "results"] += 1
+
+    # -- out -------------------------------------------------------------------------------
+    def release(self, only: set | None = None):
+        """Outputs whose offsets may now be committed, and those offsets."""
+        return self.tracker.release(only)
+
+    # -- partitions ------------------------------------------------------------------------
+    def assign(self, tp) -> None:
+        self.tracker.assign(tp)
+
+    def revoke(self, tps: set) -> int:
+        """Drop every trace of these partitions; returns the unreleased records dropped."""
+        dropped = sum(self.tracker.revoke(tp) for tp in tps)
+        self.policy.remove(lambda it: it.ref.tp in tps)
+        return dropped
+
+    def reset(self) -> list:
+        """Forget all unreleased work (after an aborted commit); returns the partitions."""
+        tps = self.tracker.partitions
+        for tp in tps:
+            self.tracker.revoke(tp)
+            self.tracker.assign(tp)  # new epoch: work still in the pipeline is ignored
+        self.policy.remove(lambda it: True)
+        return tps
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return self.tracker.pending
+
+    @property
+    def partitions(self) -> list:
+        return self.tracker.partitions
+
+    def busy(self) -> bool:
+        return bool(self.decoding or self.pipeline.in_flight or not self.done.empty() or self.tracker.pending
+                    or len(self.policy))
+
+    def drained(self) -> bool:
+        return not self.busy()
+
+    def poll_timeout(self, idle: float = 0.1) -> float:
+        """How long the caller may block fetching without holding back due work."""
+        if not self.busy():
+            return idle
+        due = self.policy.due_at()
+        return 0.005 if due is None else max(0.0, min(0.005, due - time.monotonic()))
+
+    def close(self) -> None:
+        self.cpu.shutdown(wait=False, cancel_futures=True)
+        self.device.shutdown(wait=False, cancel_futures=True)
