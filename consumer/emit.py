@@ -60,6 +60,7 @@ class TransactionalEmitter:
             "linger.ms": 5,
             "compression.type": "lz4",
             "transaction.timeout.ms": 60000,
+            "partitioner": "murmur2_random",  # Java-compatible: audit finds a result's partition from its key
         })
         self.producer = Producer(conf)
         self.producer.init_transactions(timeout_s)
@@ -116,7 +117,8 @@ class AtLeastOnceEmitter:
         self.consumer = consumer
         self.timeout = timeout_s
         self.producer = Producer(confluent_config(settings, **{
-            "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}))
+            "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
+            "partitioner": "murmur2_random"}))
         self._errors: list[KafkaError] = []
 
     def _on_delivery(self, err, msg):
