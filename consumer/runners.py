@@ -1,0 +1,305 @@
+"""Model runners: rows of token ids in, one output dict per row out.
+
+A runner knows nothing about Kafka or requests. The worker calls tokenize/prepare/finish
+on CPU threads and run on its single device thread, so everything but `run` must be
+safe to call concurrently and must not touch the device.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from inferlog.errors import ConfigError, InputTooLarge
+from inferlog.request import Parameters
+
+from .models import (
+    ModelInfo,
+    from_pretrained_kwargs,
+    identity,
+    local_dir,
+    max_positions,
+    resolve_device,
+    resolve_dtype,
+    resolve_task,
+)
+
+__all__ = ["Row", "ModelInfo", "Runner", "EmbedRunner", "GenerateRunner", "ClassifyRunner", "load_runner"]
+
+DEFAULT_MAX_NEW_TOKENS = 32  # settings.default_max_new_tokens; the worker may set runner.default_max_new_tokens
+_seed_source = random.SystemRandom()
+
+
+@dataclass(slots=True)
+class Row:
+    ids: list[int]  # token ids from Runner.tokenize (special tokens included)
+    params: Parameters
+
+
+class Runner(ABC):
+    task: str
+    info: ModelInfo
+    device: torch.device
+    max_input_tokens: int
+
+    def __init__(self, model, tokenizer, info: ModelInfo, device: torch.device, max_input_tokens: int):
+        self.model, self.info, self.device, self.max_input_tokens = model, info, device, max_input_tokens
+        self.hf_tokenizer = tokenizer
+        self._pin = device.type == "cuda"
+        self.pad_id = self._pad_id(tokenizer, model.config)
+        self._backend = None
+        self._lock = threading.Lock()
+        if getattr(tokenizer, "is_fast", False):
+            # A private copy of the Rust tokenizer with truncation and padding switched off once,
+            # here: encode_batch then never mutates it, so threads can share it ("Already
+            # borrowed" comes from the per-call truncation/padding updates of tokenizer(...)).
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+
+    @staticmethod
+    def _pad_id(tokenizer, config) -> int:
+        for v in (tokenizer.pad_token_id, getattr(config, "pad_token_id", None), tokenizer.eos_token_id):
+            if isinstance(v, int):
+                return v
+        return 0  # always masked out, so any id will do
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=True)]
+        with self._lock:  # slow (Python) tokenizers: no promise of thread safety
+            return [self.hf_tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+
+    def cost(self, lengths: list[int], params: list[Parameters]) -> int:
+        return len(lengths) * max(lengths, default=0)
+
+    def _check_lengths(self, rows: list[Row]) -> None:
+        for r in rows:
+            if not r.ids or len(r.ids) > self.max_input_tokens:
+                raise InputTooLarge(f"{len(r.ids)} tokens; the model takes 1 to {self.max_input_tokens}")
+
+    def _pad(self, rows: list[Row], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r.ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.ids)
+            sl = slice(width - n, width) if left else slice(0, n)
+            ids[i, sl] = torch.tensor(r.ids, dtype=torch.long)
+            mask[i, sl] = 1
+        if self._pin:  # pinned host memory lets run() copy with non_blocking=True
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        return ids, mask
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+    @abstractmethod
+    def prepare(self, rows: list[Row]) -> Any: ...
+
+    @abstractmethod
+    def run(self, prepared) -> Any: ...
+
+    @abstractmethod
+    def finish(self, raw, prepared) -> list[dict]: ...
+
+    def warmup(self) -> None:
+        rows = [Row(ids, Parameters(max_new_tokens=2)) for ids in self.tokenize(["warm up", "a warm up"])]
+        prepared = self.prepare(rows)
+        self.finish(self.run(prepared), prepared)
+
+
+class _EncoderRunner(Runner):
+    """Right padding; run returns CPU tensors so finish never waits on the device stream."""
+
+    def prepare(self, rows: list[Row]) -> dict:
+        self._check_lengths(rows)
+        ids, mask = self._pad(rows, left=False)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _forward(self, prepared: dict):
+        return self.model(**{k: self._to_device(v) for k, v in prepared.items()})
+
+
+class EmbedRunner(_EncoderRunner):
+    task = "EMBED"
+
+    def run(self, prepared: dict) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = self._forward(prepared).last_hidden_state.float()
+            mask = self._to_device(prepared["attention_mask"]).unsqueeze(-1).to(hidden.dtype)
+            # mean pooling over real tokens, then L2 norm: what sentence-transformers does
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu()
+
+    def finish(self, raw: torch.Tensor, prepared) -> list[dict]:
+        return [{"vector": v} for v in raw.tolist()]
+
+
+class ClassifyRunner(_EncoderRunner):
+    task = "CLASSIFY"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        id2label = self.model.config.id2label or {}
+        n = self.model.config.num_labels
+        self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            # causal classifiers pick the last non-pad token and refuse batches without a pad id
+            self.model.config.pad_token_id = self.pad_id
+
+    def run(self, prepared: dict) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._forward(prepared).logits.float().softmax(-1).cpu()
+
+    def finish(self, raw: torch.Tensor, prepared) -> list[dict]:
+        out = []
+        for probs in raw.tolist():
+            best = max(range(len(probs)), key=probs.__getitem__)
+            out.append({"label": self.labels[best], "score": probs[best], "scores": dict(zip(self.labels, probs))})
+        return out
+
+
+class GenerateRunner(Runner):
+    task = "GENERATE"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.hf_tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def _limit(self, p: Parameters) -> int:
+        return p.max_new_tokens or self.default_max_new_tokens
+
+    def cost(self, lengths: list[int], params: list[Parameters]) -> int:
+        if not lengths:
+            return 0
+        return len(lengths) * (max(lengths) + max(self._limit(p) for p in params))
+
+    def prepare(self, rows: list[Row]) -> dict:
+        self._check_lengths(rows)
+        limits, temps, top_ps, seeds = [], [], [], []
+        for r in rows:
+            room = self.max_input_tokens - len(r.ids)  # positions left after the prompt
+            if room < 1:
+                raise InputTooLarge(f"{len(r.ids)} prompt tokens leave no room in {self.max_input_tokens} positions")
+            limits.append(min(self._limit(r.params), room))
+            t = r.params.temperature or 0.0
+            t = t if t >= 1e-5 else 0.0  # a vanishing temperature is greedy (and would overflow the division)
+            temps.append(t)
+            top_ps.append(r.params.top_p or 1.0)
+            # a row that samples without a seed still gets its own generator, freshly seeded
+            seeds.append(None if t <= 0 else r.params.seed if r.params.seed is not None else _seed_source.getrandbits(63))
+        ids, mask = self._pad(rows, left=True)  # left: every row's next token sits in the last column
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "limits": limits,
+            "temperature": torch.tensor(temps, dtype=torch.float32),
+            "top_p": torch.tensor(top_ps, dtype=torch.float32),
+            "seeds": seeds,
+        }
+
+    def _pick(self, logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor, gens: list) -> torch.Tensor:
+        """Greedy for temperature 0; otherwise Gumbel-max over temperature/top-p filtered logits.
+
+        Each sampling row draws its noise from its own generator, so its tokens depend only on
+        its prompt and seed, never on which other rows share the batch.
+        """
+        logits = logits.float()
+        sampling = [i for i, g in enumerate(gens) if g is not None]
+        if not sampling:
+            return logits.argmax(-1)
+        idx = torch.tensor(sampling, device=logits.device)
+        sub = logits[idx] / temp[idx].unsqueeze(-1)
+        if bool((top_p[idx] < 1).any()):
+            sorted_l, order = sub.sort(-1, descending=True)
+            probs = sorted_l.softmax(-1)
+            # drop a token when the mass before it already reaches top_p (the first always stays)
+            drop = (probs.cumsum(-1) - probs) >= top_p[idx].unsqueeze(-1)
+            sub = sub.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
+        # -log(Exp(1)) is Gumbel(0, 1); argmax(logits + Gumbel) samples from softmax(logits)
+        noise = torch.stack([torch.empty(sub.shape[-1], device=sub.device).exponential_(generator=gens[i]) for i in sampling])
+        out = logits.argmax(-1)
+        out[idx] = (sub - noise.log()).argmax(-1)
+        return out
+
+    def run(self, prepared: dict) -> torch.Tensor:
+        dev = self.device
+        ids = self._to_device(prepared["input_ids"])
+        mask = self._to_device(prepared["attention_mask"])
+        temp = prepared["temperature"].to(dev)
+        top_p = prepared["top_p"].to(dev)
+        limits = torch.tensor(prepared["limits"], device=dev)
+        gens = [None if s is None else torch.Generator(device=dev).manual_seed(s) for s in prepared["seeds"]]
+        eos = torch.tensor(sorted(self.eos_token_ids) or [-1], device=dev)
+        steps = max(prepared["limits"])
+        out = torch.full((ids.shape[0], steps), self.pad_id, dtype=torch.long, device=dev)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
+        # positions count real tokens only, so a left-padded row sees the positions it would alone
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            for step in range(steps):
+                nxt = self._pick(res.logits[:, -1, :], temp, top_p, gens)
+                nxt = nxt.masked_fill(done, self.pad_id)
+                out[:, step] = nxt
+                done |= torch.isin(nxt, eos) | (limits <= step + 1)
+                if step + 1 == steps or bool(done.all()):
+                    break
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                pos = pos[:, -1:] + 1
+                res = self.model(
+                    input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
+                    past_key_values=res.past_key_values, use_cache=True,
+                )
+        return out.cpu()
+
+    def finish(self, raw: torch.Tensor, prepared) -> list[dict]:
+        results = []
+        for row, limit in zip(raw.tolist(), prepared["limits"]):
+            toks, reason = row[:limit], "length"
+            for i, t in enumerate(toks):
+                if t in self.eos_token_ids:
+                    toks, reason = toks[: i + 1], "stop"  # the eos counts as generated, never as text
+                    break
+            text_ids = toks[:-1] if reason == "stop" else toks
+            text = self.hf_tokenizer.decode(text_ids, skip_special_tokens=True)
+            results.append({"text": text, "tokens": len(toks), "finish_reason": reason})
+        return results
+
+
+_RUNNERS = {"EMBED": EmbedRunner, "GENERATE": GenerateRunner, "CLASSIFY": ClassifyRunner}
+
+
+def load_runner(
+    model: str, *, task: str | None = None, device: str = "auto", dtype: str = "auto", name: str | None = None
+) -> Runner:
+    """Load `model` (a local directory or a hub id, cached files only when HF_HUB_OFFLINE=1)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as e:
+        raise ConfigError(f"cannot load model {model!r}: {e}") from e
+    task = resolve_task(config, task, model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    auto = {"EMBED": AutoModel, "GENERATE": AutoModelForCausalLM, "CLASSIFY": AutoModelForSequenceClassification}[task]
+    try:
+        net = auto.from_pretrained(model, config=config, **from_pretrained_kwargs(torch_dtype))
+    except OSError as e:
+        raise ConfigError(f"cannot load weights of {model!r}: {e}") from e
+    net.to(dev).eval()
+    info = identity(model, config, local_dir(model), name)
+    return _RUNNERS[task](net, tokenizer, info, dev, max_positions(config, tokenizer))
