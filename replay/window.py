@@ -1,0 +1,276 @@
+"""A bounded window of a topic: which offsets of which partitions, resolved once.
+
+A window is resolved against the broker at one moment (offsets_for_times for the time
+edges, the high watermarks as a snapshot of the end), so a replay or an audit over it
+reads a fixed set of records however long it runs and whatever arrives meanwhile.
+Reading uses manual assignment and never commits: no consumer group's offsets move.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from inferlog.clients import confluent_config
+from inferlog.errors import ConfigError
+
+_RELATIVE = re.compile(r"^-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+_TIMEOUT = 10.0
+
+
+class WindowError(ConfigError):
+    """A window that cannot be resolved: unknown topic, bad time, bad offsets spec."""
+
+
+@dataclass(frozen=True)
+class PartitionRange:
+    partition: int
+    start: int  # first offset in the window
+    end: int  # first offset past it: [start, end)
+
+    @property
+    def size(self) -> int:
+        return max(0, self.end - self.start)
+
+
+@dataclass(frozen=True)
+class Window:
+    topic: str
+    ranges: tuple[PartitionRange, ...]
+    since_ms: int | None
+    until_ms: int | None
+
+    @property
+    def total(self) -> int:
+        return sum(r.size for r in self.ranges)
+
+    def to_dict(self) -> dict:
+        return {"topic": self.topic, "since_ms": self.since_ms, "until_ms": self.until_ms,
+                "ranges": [[r.partition, r.start, r.end] for r in self.ranges]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Window":
+        return cls(d["topic"], tuple(PartitionRange(*r) for r in d["ranges"]), d.get("since_ms"), d.get("until_ms"))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def parse_time(text: str, tz: str | None = None) -> int:
+    """Epoch milliseconds from ISO 8601 (with an offset, or naive in `tz`, default UTC),
+    a relative "-2h"/"-30m"/"-1d", "now", or bare epoch milliseconds."""
+    s = text.strip()
+    if s.lower() == "now":
+        return now_ms()
+    if m := _RELATIVE.match(s.lower()):
+        return now_ms() - int(float(m[1]) * _UNIT_MS[m[2]])
+    if s.isdigit() and len(s) >= 11:  # epoch ms; shorter digit runs are more likely typos
+        return int(s)
+    try:
+        dt = datetime.fromisoformat(s)
+    except ValueError:
+        raise WindowError(f"cannot read time {text!r}: use ISO 8601 (2026-11-23T10:00:00+01:00), "
+                          f"a relative time (-2h, -30m, -1d), 'now' or epoch milliseconds") from None
+    if dt.tzinfo is None:
+        try:
+            dt = dt.replace(tzinfo=ZoneInfo(tz) if tz else timezone.utc)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise WindowError(f"unknown time zone {tz!r} (use an IANA name like Europe/Berlin)") from None
+    return int(dt.timestamp() * 1000)
+
+
+def parse_offsets(spec: str) -> dict[int, tuple[int | None, int | None]]:
+    """"0:100-200,3:0-50,4:7-,5" -> {0: (100, 200), 3: (0, 50), 4: (7, None), 5: (None, None)}.
+    Ranges are half-open like Python's: 100-200 is offsets 100..199; a missing end is the
+    snapshotted end of the partition, a bare partition is all of it."""
+    out: dict[int, tuple[int | None, int | None]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"(\d+)(?::(\d*)-(\d*))?", part)
+        if not m:
+            raise WindowError(f"bad offsets {part!r}: expected PARTITION:START-END, e.g. 0:100-200")
+        p = int(m[1])
+        start, end = (int(m[2]) if m[2] else None), (int(m[3]) if m[3] else None)
+        if start is not None and end is not None and end < start:
+            raise WindowError(f"bad offsets {part!r}: end before start")
+        if p in out:
+            raise WindowError(f"partition {p} appears twice in --offsets")
+        out[p] = (start, end)
+    if not out:
+        raise WindowError("--offsets names no partition")
+    return out
+
+
+def _partitions(spec: str | list[int]) -> list[int]:
+    if isinstance(spec, str):
+        try:
+            return sorted({int(p) for p in spec.split(",") if p.strip()})
+        except ValueError:
+            raise WindowError(f"bad --partitions {spec!r}: expected numbers like 0,2") from None
+    return sorted(set(spec))
+
+
+def window_consumer(settings, **extra) -> Consumer:
+    """A consumer that reads by manual assignment and never commits. The group id is a
+    throwaway unless the caller passes one (a replay's own checkpoint group)."""
+    conf = confluent_config(settings, **{
+        "group.id": f"inferlog-window-{uuid.uuid4().hex[:12]}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": True,
+        **extra,
+    })
+    return Consumer(conf)
+
+
+def resolve_window(settings, topic: str, *, since: str | int | None = None, until: str | int | None = None,
+                   tz: str | None = None, offsets: str | None = None, partitions: str | list[int] | None = None,
+                   consumer: Consumer | None = None) -> Window:
+    """Resolve the window's edges against the broker now. Time edges are exact in offset
+    terms: start = first offset with timestamp >= since, end = first offset with timestamp
+    >= until, else the high watermark snapshotted here. An empty window is returned as
+    such (total 0); callers decide what that means."""
+    since_ms = since if isinstance(since, int) or since is None else parse_time(since, tz)
+    until_ms = until if isinstance(until, int) or until is None else parse_time(until, tz)
+    now = now_ms()
+    if since_ms is not None and since_ms > now:
+        raise WindowError(f"--since {_iso(since_ms)} is in the future (now is {_iso(now)})")
+    if since_ms is not None and until_ms is not None and since_ms > until_ms:
+        raise WindowError(f"--since {_iso(since_ms)} is after --until {_iso(until_ms)}")
+    own = consumer is None
+    consumer = consumer or window_consumer(settings)
+    try:
+        try:
+            md = consumer.list_topics(topic, timeout=_TIMEOUT).topics.get(topic)
+        except KafkaException as e:
+            raise WindowError(f"cannot describe topic {topic!r} on {settings.bootstrap_servers}: {e}") from e
+        if md is None or md.error is not None or not md.partitions:
+            raise WindowError(f"unknown topic {topic!r} on {settings.bootstrap_servers}")
+        known = sorted(md.partitions)
+        wanted = parse_offsets(offsets) if offsets else {}
+        chosen = sorted(wanted) if wanted else (_partitions(partitions) if partitions is not None else known)
+        if missing := [p for p in chosen if p not in md.partitions]:
+            raise WindowError(f"topic {topic!r} has partitions {known[0]}..{known[-1]}, not {missing}")
+        if partitions is not None and wanted and set(_partitions(partitions)) != set(chosen):
+            raise WindowError("--offsets and --partitions name different partitions; give one of them")
+        lo_hi = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_TIMEOUT, cached=False)
+                 for p in chosen}
+        start_t = _offsets_for_time(consumer, topic, chosen, since_ms) if since_ms is not None else {}
+        end_t = _offsets_for_time(consumer, topic, chosen, until_ms) if until_ms is not None else {}
+        ranges = []
+        for p in chosen:
+            lo, hi = lo_hi[p]
+            start, end = wanted.get(p, (None, None))
+            start = max(lo, start if start is not None else lo, start_t.get(p, lo))
+            end = min(hi, end if end is not None else hi, end_t.get(p, hi))
+            ranges.append(PartitionRange(p, start, max(start, end)))
+        return Window(topic, tuple(ranges), since_ms, until_ms)
+    finally:
+        if own:
+            consumer.close()
+
+
+def _offsets_for_time(consumer: Consumer, topic: str, parts: list[int], ts: int) -> dict[int, int]:
+    """{partition: first offset with timestamp >= ts}; partitions with none are left out
+    (the caller uses the high watermark)."""
+    found = consumer.offsets_for_times([TopicPartition(topic, p, ts) for p in parts], timeout=_TIMEOUT)
+    out = {}
+    for tp in found:
+        if tp.error is not None:
+            raise WindowError(f"offsets_for_times failed for {topic}[{tp.partition}]: {tp.error}")
+        if tp.offset >= 0:
+            out[tp.partition] = tp.offset
+    return out
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+
+
+class WindowReader:
+    """Iterates the records of a window in per-partition offset order, then stops.
+
+    A partition is done when a record at or past its end arrives (that record is not
+    yielded) or when the partition's end-of-file event reports a position at or past it;
+    the EOF check matters for read_committed, where the last offsets before the end may
+    be transaction markers that are never delivered."""
+
+    def __init__(self, settings, window: Window, consumer_conf: dict | None = None, progress: bool = False):
+        self.window = window
+        self.consumer = window_consumer(settings, **(consumer_conf or {}))
+        self._end = {r.partition: r.end for r in window.ranges if r.size > 0}
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=window.total, unit="rec", desc=f"read {window.topic}", dynamic_ncols=True)
+        if self._end:
+            self.consumer.incremental_assign([TopicPartition(window.topic, r.partition, r.start)
+                                  for r in window.ranges if r.size > 0])
+
+    def done(self) -> bool:
+        return not self._end
+
+    def poll(self, timeout: float = 0.5) -> list:
+        """One consume() of up to 500 records inside the window ([] when none arrived)."""
+        if not self._end:
+            return []
+        out = []
+        for msg in self.consumer.consume(500, timeout):
+            p = msg.partition()
+            end = self._end.get(p)
+            if end is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    if msg.offset() >= end:
+                        self._finish(p)
+                    continue
+                if err.fatal() or not err.retriable():
+                    raise KafkaException(err)
+                continue
+            if msg.offset() >= end:
+                self._finish(p)
+                continue
+            out.append(msg)
+            if msg.offset() == end - 1:
+                self._finish(p)
+        if self._bar is not None:
+            self._bar.update(len(out))
+        return out
+
+    def _finish(self, p: int) -> None:
+        del self._end[p]
+        # stop fetching it: records past the end would only be dropped here
+        self.consumer.incremental_unassign([TopicPartition(self.window.topic, p)])
+
+    def __iter__(self) -> Iterator:
+        while not self.done():
+            yield from self.poll()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.consumer.close()
+
+
+def read_window(settings, window: Window, *, consumer_conf: dict | None = None,
+                progress: bool = False) -> Iterator:
+    """Every record of the window (confluent_kafka.Message), read_committed, by manual
+    assignment. Records are exactly the window's offsets; callers that want the time edges
+    exact per record too (out-of-order producer timestamps) filter by since_ms/until_ms."""
+    reader = WindowReader(settings, window, consumer_conf, progress)
+    try:
+        yield from reader
+    finally:
+        reader.close()
