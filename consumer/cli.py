@@ -35,6 +35,7 @@ def worker_options(f):
         click.option("--delivery", type=click.Choice(["exactly-once", "at-least-once"]), help="[INFERLOG_DELIVERY]"),
         click.option("--cpu-workers", type=int, help="Threads for decode/tokenize/postprocess [INFERLOG_CPU_WORKERS]."),
         click.option("--max-in-flight", type=int, help="Records between fetch and commit before partitions pause [INFERLOG_MAX_IN_FLIGHT]."),
+        click.option("--metrics-port", type=int, help="Serve /metrics, /healthz, /readyz on this port; 0 = off [INFERLOG_METRICS_PORT]."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -93,6 +94,10 @@ def worker(processes: str, create_topics: bool, **flags) -> None:
         runner = build_runner(settings)
     except ConfigError as e:
         raise click.ClickException(str(e))
+    from inferlog.telemetry import setup_tracing
+
+    if setup_tracing(settings):
+        log.info("exporting traces to %s", settings.otlp_endpoint)
     w = Worker(settings, runner)
     w.install_signal_handlers()
     sys.exit(w.run())

@@ -17,14 +17,17 @@ from inferlog.codec import Codec
 from inferlog.request import Limits, now_ms
 
 from .batching import BatchPolicy, Item
+from .metrics import Metrics
 from .offsets import OffsetTracker
 from .pipeline import Pipeline
 from .stages import Decoder, Pending, ResultBuilder, is_expired
 
 
 class Engine:
-    def __init__(self, settings, runner, codec: Codec | None = None, replay_run_id: str | None = None):
+    def __init__(self, settings, runner, codec: Codec | None = None, replay_run_id: str | None = None,
+                 metrics: Metrics | None = None):
         self.s = settings
+        self.metrics = metrics or Metrics()
         self.runner = runner
         self.codec = codec or Codec.from_settings(settings)
         self.tracker = OffsetTracker()
@@ -38,7 +41,7 @@ class Engine:
         from .runners import Row  # the runner module owns the row type
 
         self.pipeline = Pipeline(runner, self.cpu, self.device, self.builder, self.done,
-                                 settings.default_max_new_tokens, Row)
+                                 settings.default_max_new_tokens, Row, self.metrics)
         self.decoding: deque[Future] = deque()
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
 
@@ -56,8 +59,17 @@ class Engine:
                                  m.headers(), now, mono))
         if chunk:
             self.counts["consumed"] += len(chunk)
-            self.decoding.append(self.cpu.submit(self.decoder, chunk))
+            self.metrics.consumed.inc(len(chunk))
+            self.decoding.append(self.cpu.submit(self._decode, chunk, time.perf_counter()))
         return len(chunk)
+
+    def _decode(self, chunk: list[Pending], submitted: float) -> list[Pending]:
+        t0 = time.perf_counter()
+        self.metrics.queue_wait.labels("cpu").observe(t0 - submitted)
+        try:
+            return self.decoder(chunk)
+        finally:
+            self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
 
     # -- one turn --------------------------------------------------------------------------
     def step(self, flush: bool = False) -> None:
@@ -86,14 +98,17 @@ class Engine:
             items = self.policy.next_batch(time.monotonic(), flush=flush)
             if not items:
                 return
-            batch, now = [], now_ms()
+            batch, now, mono = [], now_ms(), time.monotonic()
+            queue = self.metrics.stage.labels("queue")
             for it in items:
+                queue.observe(mono - it.arrived)
                 p = it.ref
                 if is_expired(p, now):  # expired while queued: answer without the model
                     self._complete(p, [self.builder.expired(p)])
                 else:
                     batch.append(p)
             if batch:
+                self.metrics.tokens.inc(sum(len(ids) for p in batch for ids in p.ids))
                 self.pipeline.submit(batch)
 
     def _collect_finished(self) -> None:
@@ -108,7 +123,7 @@ class Engine:
     def _complete(self, p: Pending, outs) -> None:
         if self.tracker.complete(p.tp, p.offset, p.epoch, outs):
             for o in outs:
-                self.counts["dead_letters" if o.topic == self.builder.deadletter_topic else "results"] += 1
+                self.counts["dead_letters" if o.dead else "results"] += 1
 
     # -- out -------------------------------------------------------------------------------
     def release(self, only: set | None = None):

@@ -11,16 +11,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from queue import SimpleQueue
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Link
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 from inferlog.errors import ModelError, RecordError
 
+from .metrics import Metrics
 from .stages import BatchInfo, Out, Pending, ResultBuilder
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("inferlog.worker")
+_propagator = TraceContextTextMapPropagator()
 
 
 @dataclass(slots=True)
@@ -32,6 +40,7 @@ class Job:
     raw: Any = None
     infer_ms: float = 0.0
     depth: int = 0  # how many times this work was split
+    t: dict = field(default_factory=dict)  # stage -> (start_ns, end_ns), for metrics and spans
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -40,7 +49,7 @@ def _is_oom(e: BaseException) -> bool:
 
 class Pipeline:
     def __init__(self, runner, cpu: Executor, device: Executor, builder: ResultBuilder,
-                 done: SimpleQueue, default_max_new_tokens: int, row_type):
+                 done: SimpleQueue, default_max_new_tokens: int, row_type, metrics: Metrics | None = None):
         self.runner = runner
         self.cpu = cpu
         self.device = device
@@ -48,6 +57,7 @@ class Pipeline:
         self.done = done  # receives list[(Pending, [Out])] per finished job
         self.default_max_new_tokens = default_max_new_tokens
         self.Row = row_type
+        self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._in_flight = 0
 
@@ -64,22 +74,62 @@ class Pipeline:
             rows.extend(self.Row(ids, params) for ids in p.ids)
         cost = self.runner.cost([len(r.ids) for r in rows], [r.params for r in rows])
         job = Job(batch, BatchInfo.new(len(batch), cost), rows, depth=depth)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(cost)
         with self._lock:
             self._in_flight += 1
         self._chain(self.cpu, self._prepare, job, self._on_prepared)
 
     # -- stages (each runs on its own executor) -----------------------------------------
     def _prepare(self, job: Job) -> Job:
-        job.prepared = self.runner.prepare(job.rows)
+        with self._stage(job, "prepare"):
+            job.prepared = self.runner.prepare(job.rows)
         return job
 
     def _run(self, job: Job) -> Job:
-        t0 = time.perf_counter()
-        job.raw = self.runner.run(job.prepared)
-        job.infer_ms = (time.perf_counter() - t0) * 1000.0
+        with self._stage(job, "infer"):
+            job.raw = self.runner.run(job.prepared)
+        start, end = job.t["infer"]
+        job.infer_ms = (end - start) / 1e6
         return job
 
     def _finish(self, job: Job) -> list[tuple[Pending, list[Out]]]:
+        with self._stage(job, "finish"):
+            done = self._outputs(job)
+        self._trace(job)
+        return done
+
+    @contextmanager
+    def _stage(self, job: Job, name: str):
+        start = time.time_ns()
+        try:
+            yield
+        finally:
+            end = time.time_ns()
+            job.t[name] = (start, end)
+            self.metrics.stage.labels(name).observe((end - start) / 1e9)
+
+    def _trace(self, job: Job) -> None:
+        """One span per batch, linked to each request's trace, with a child span per stage."""
+        links = []
+        for p in job.batch:
+            carrier = {k: v.decode("latin-1") for k, v in p.trace_headers()}
+            if carrier:
+                ctx = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
+                if ctx.is_valid:
+                    links.append(Link(ctx))
+        start = job.t["prepare"][0]
+        span = tracer.start_span("inferlog.batch", start_time=start, links=links, attributes={
+            "inferlog.batch.id": job.info.batch_id, "inferlog.batch.size": job.info.size,
+            "inferlog.batch.tokens": job.info.tokens, "inferlog.model": self.builder.model["name"],
+            "inferlog.batch.split_depth": job.depth})
+        parent = trace.set_span_in_context(span)
+        for name in ("prepare", "infer", "finish"):
+            s, e = job.t[name]
+            tracer.start_span(f"inferlog.{name}", context=parent, start_time=s).end(end_time=e)
+        span.end(end_time=job.t["finish"][1])
+
+    def _outputs(self, job: Job) -> list[tuple[Pending, list[Out]]]:
         outputs = self.runner.finish(job.raw, job.prepared)
         if len(outputs) != len(job.rows):
             raise RuntimeError(f"runner returned {len(outputs)} outputs for {len(job.rows)} rows")
@@ -93,8 +143,15 @@ class Pipeline:
 
     # -- chaining ------------------------------------------------------------------------
     def _chain(self, executor: Executor, fn, job: Job, then) -> None:
+        wait = self.metrics.queue_wait.labels("device" if executor is self.device else "cpu")
+        submitted = time.perf_counter()
+
+        def call(job):
+            wait.observe(time.perf_counter() - submitted)
+            return fn(job)
+
         try:
-            fut = executor.submit(fn, job)
+            fut = executor.submit(call, job)
         except RuntimeError as e:  # executor shut down under us: the worker is stopping
             self._fail(job, e)
             return
@@ -133,7 +190,8 @@ class Pipeline:
                 pass
         if len(job.batch) > 1:
             log.warning("batch %s of %d failed (%s: %s); retrying as two halves",
-                        job.info.batch_id, len(job.batch), type(e).__name__, e)
+                        job.info.batch_id, len(job.batch), type(e).__name__, e,
+                        extra={"batch_id": job.info.batch_id, "batch_size": len(job.batch)})
             half = len(job.batch) // 2
             # submit the halves before releasing this job's slot, so in_flight never dips to 0
             self.submit(job.batch[:half], job.depth + 1)
@@ -143,5 +201,7 @@ class Pipeline:
             return
         p = job.batch[0]
         err = e if isinstance(e, RecordError) else ModelError(f"{type(e).__name__}: {e}")
-        log.warning("request %s failed alone in the model: %s", p.request.request_id, err.detail)
+        log.warning("request %s failed alone in the model: %s", p.request.request_id, err.detail,
+                    extra={"request_id": p.request.request_id, "batch_id": job.info.batch_id,
+                           "reason": err.reason})
         self._deliver([(p, [self.builder.dead_letter(p, err)])])

@@ -25,6 +25,9 @@ class Out(NamedTuple):
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    label: str = ""  # a result's status, or a dead letter's reason (for metrics)
+    created_at: int | None = None  # the request's creation time, epoch ms (end-to-end latency)
+    dead: bool = False
 
 
 @dataclass(slots=True)
@@ -133,7 +136,8 @@ class ResultBuilder:
             "worker_id": self.worker_id,
             "replay_run_id": self.replay_run_id,
         }
-        return Out(self.results_topic, req.request_id.encode(), self.codec.encode(RESULT, rec), p.trace_headers())
+        return Out(self.results_topic, req.request_id.encode(), self.codec.encode(RESULT, rec), p.trace_headers(),
+                   status, req.created_at)
 
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
         req = p.request
@@ -150,7 +154,8 @@ class ResultBuilder:
             "failed_at": now_ms(),
             "replay_run_id": self.replay_run_id,
         }
-        return Out(self.deadletter_topic, p.key, self.codec.encode(DEADLETTER, rec), p.trace_headers())
+        return Out(self.deadletter_topic, p.key, self.codec.encode(DEADLETTER, rec), p.trace_headers(),
+                   err.reason, req.created_at if req else None, dead=True)
 
     def expired(self, p: Pending) -> Out:
         return self.result(p, "EXPIRED", [], None, error=f"deadline {p.request.deadline} passed before the model ran")

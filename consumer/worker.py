@@ -17,9 +17,11 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, KafkaErr
 from inferlog.clients import confluent_config
 from inferlog.codec import Codec
 from inferlog.errors import FatalError
+from inferlog.request import now_ms
 
 from .emit import CommitAborted, make_emitter
 from .engine import Engine
+from .metrics import HealthServer, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ class Worker:
     def __init__(self, settings, runner, *, codec: Codec | None = None, on_commit=None):
         self.s = settings
         self.runner = runner
-        self.engine = Engine(settings, runner, codec)
+        self.metrics = Metrics()
+        self.engine = Engine(settings, runner, codec, metrics=self.metrics)
         self.on_commit = on_commit  # callback(outputs) after each successful commit (demo, tests)
         self.paused = False
         self.stopping = threading.Event()
@@ -40,6 +43,21 @@ class Worker:
         self.stats = {"commits": 0, "aborts": 0, "pauses": 0}
         self.consumer: Consumer | None = None
         self.emitter = None
+        self.last_turn = time.monotonic()
+        self.last_sample = 0.0
+        self.http: HealthServer | None = None
+        if settings.metrics_port:
+            self.http = HealthServer(settings.metrics_port, self.metrics, self._alive, self._ready).start()
+
+    # -- health ----------------------------------------------------------------------------
+    def _alive(self) -> tuple[bool, str]:
+        age = time.monotonic() - self.last_turn
+        return age < 30.0, f"last loop turn {age:.1f}s ago"
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.ready.is_set():
+            return True, f"{len(self.engine.partitions)} partitions assigned"
+        return False, "warming up or waiting for partitions"
 
     @property
     def counts(self) -> dict:
@@ -75,6 +93,7 @@ class Worker:
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
         log.info("warming up model %s on %s", self.runner.info.name, self.runner.device)
+        self.last_turn = time.monotonic()
         self.runner.warmup()
         try:
             self._connect()
@@ -94,6 +113,9 @@ class Worker:
             self._close()
 
     def _close(self) -> None:
+        self._set_ready(False)
+        if self.http is not None:
+            self.http.stop()
         self.engine.close()
         if self.consumer is not None:
             try:
@@ -114,6 +136,29 @@ class Worker:
         self.engine.step(flush=stopping)
         self._commit()
         self._flow_control()
+        self.last_turn = time.monotonic()
+        if self.last_turn - self.last_sample > 2.0:
+            self._sample()
+
+    def _sample(self) -> None:
+        """Gauges that are read, not counted: lag, in-flight, device memory."""
+        self.last_sample = time.monotonic()
+        m = self.metrics
+        m.in_flight.set(self.engine.pending)
+        m.paused.set(len(self.engine.partitions) if self.paused else 0)
+        tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
+        try:
+            for tp in self.consumer.position(tps) if tps else ():
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    m.lag.labels(str(tp.partition)).set(max(0, high - tp.offset))
+        except KafkaException as e:
+            log.debug("lag sample: %s", e)
+        m.sample_device(self.runner.device)
+
+    def _set_ready(self, ready: bool) -> None:
+        (self.ready.set if ready else self.ready.clear)()
+        self.metrics.ready.set(1 if ready else 0)
 
     def _records(self, msgs):
         for m in msgs:
@@ -133,14 +178,17 @@ class Worker:
         self.last_commit = time.monotonic()
         if not commits:
             return
+        t0 = time.perf_counter()
         try:
             self.emitter.commit(outputs, commits)
         except CommitAborted as e:
             self.stats["aborts"] += 1
+            self.metrics.commits.labels("aborted").inc()
             log.warning("commit aborted (%s): rewinding to the last committed offsets", e)
             self._rewind()
             return
         self.stats["commits"] += 1
+        self.metrics.committed(outputs, now_ms(), time.perf_counter() - t0)
         if self.on_commit is not None:
             self.on_commit(outputs)
 
@@ -183,7 +231,7 @@ class Worker:
         if self.paused:
             consumer.pause(partitions)
         if self.engine.partitions:
-            self.ready.set()
+            self._set_ready(True)
 
     def _on_revoke(self, consumer, partitions) -> None:
         self._give_up(consumer, partitions, commit_first=True)
@@ -200,7 +248,12 @@ class Worker:
             self._commit(force=True, only=gone)
         dropped = self.engine.revoke(gone)
         if not self.engine.partitions:
-            self.ready.clear()
+            self._set_ready(False)
+        for _, p in gone:  # a partition no longer ours has no lag of ours
+            try:
+                self.metrics.lag.remove(str(p))
+            except KeyError:
+                pass
         log.info("revoked %s (%d in-flight records dropped, to be redone by the next owner)",
                  sorted(p for _, p in gone), dropped)
         consumer.incremental_unassign(partitions)

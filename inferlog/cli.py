@@ -6,7 +6,6 @@ Every option also reads its INFERLOG_* environment variable (see inferlog.settin
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 import click
@@ -46,13 +45,17 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="inferlog")
 @click.option("--log-level", envvar="INFERLOG_LOG_LEVEL", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def cli(log_level: str) -> None:
+@click.option("--log-json/--no-log-json", envvar="INFERLOG_LOG_JSON", default=False, show_default=True,
+              help="One JSON object per log line (request and batch ids as fields).")
+def cli(log_level: str, log_json: bool) -> None:
     """inferlog: streaming inference on Kafka.
 
     Requests are Avro records on a partitioned topic; workers micro-batch them through a
     PyTorch/transformers model and write results exactly once.
     """
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .telemetry import setup_logging
+
+    setup_logging(log_level, log_json)
 
 
 def main() -> None:

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0)  # 0: no HTTP server
     log_level: str = "INFO"
     log_json: bool = False
+    otlp_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("INFERLOG_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"))
 
     # local Kafka
     kafka_home: Path = Field(default_factory=lambda: Path(os.environ.get("INFERLOG_KAFKA_HOME", ".kafka")))
