@@ -126,6 +126,17 @@ def identity(model: str, config, directory: Path | None, name: str | None) -> Mo
     return ModelInfo(name or guessed, revision, weights_digest(directory))
 
 
+def sentence_limit(directory: Path | None) -> int | None:
+    """A sentence-transformers model's trained length (sentence_bert_config.json), if it has one:
+    beyond it the embeddings are not the model's, even where positions remain."""
+    f = directory / "sentence_bert_config.json" if directory else None
+    if f is None or not f.is_file():
+        return None
+    import json
+
+    return json.loads(f.read_text()).get("max_seq_length")
+
+
 def max_positions(config, tokenizer) -> int:
     n = next(
         (getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx") if getattr(config, k, None)),

@@ -18,6 +18,7 @@ from inferlog.errors import ConfigError, InputTooLarge
 from inferlog.request import Parameters
 
 from .models import (
+    sentence_limit,
     ModelInfo,
     from_pretrained_kwargs,
     identity,
@@ -286,6 +287,9 @@ def load_runner(
 ) -> Runner:
     """Load `model` (a local directory or a hub id, cached files only when HF_HUB_OFFLINE=1)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per load is noise in a worker's log
 
     try:
         config = AutoConfig.from_pretrained(model)
@@ -301,5 +305,9 @@ def load_runner(
     except OSError as e:
         raise ConfigError(f"cannot load weights of {model!r}: {e}") from e
     net.to(dev).eval()
-    info = identity(model, config, local_dir(model), name)
-    return _RUNNERS[task](net, tokenizer, info, dev, max_positions(config, tokenizer))
+    directory = local_dir(model)
+    info = identity(model, config, directory, name)
+    limit = max_positions(config, tokenizer)
+    if task == "EMBED" and (trained := sentence_limit(directory)):
+        limit = min(limit, trained)
+    return _RUNNERS[task](net, tokenizer, info, dev, limit)
