@@ -170,7 +170,8 @@ def resolve_window(settings, topic: str, *, since: str | int | None = None, unti
         for p in chosen:
             lo, hi = lo_hi[p]
             start, end = wanted.get(p, (None, None))
-            start = max(lo, start if start is not None else lo, start_t.get(p, lo))
+            # no record at or after a time edge: that edge is the snapshotted end
+            start = max(lo, start if start is not None else lo, start_t.get(p, hi) if since_ms is not None else lo)
             end = min(hi, end if end is not None else hi, end_t.get(p, hi))
             ranges.append(PartitionRange(p, start, max(start, end)))
         return Window(topic, tuple(ranges), since_ms, until_ms)
@@ -180,8 +181,7 @@ def resolve_window(settings, topic: str, *, since: str | int | None = None, unti
 
 
 def _offsets_for_time(consumer: Consumer, topic: str, parts: list[int], ts: int) -> dict[int, int]:
-    """{partition: first offset with timestamp >= ts}; partitions with none are left out
-    (the caller uses the high watermark)."""
+    """{partition: first offset with timestamp >= ts}; partitions with none are left out."""
     found = consumer.offsets_for_times([TopicPartition(topic, p, ts) for p in parts], timeout=_TIMEOUT)
     out = {}
     for tp in found:
@@ -204,9 +204,11 @@ class WindowReader:
     the EOF check matters for read_committed, where the last offsets before the end may
     be transaction markers that are never delivered."""
 
-    def __init__(self, settings, window: Window, consumer_conf: dict | None = None, progress: bool = False):
+    def __init__(self, settings, window: Window, consumer_conf: dict | None = None, progress: bool = False,
+                 consumer: Consumer | None = None):
         self.window = window
-        self.consumer = window_consumer(settings, **(consumer_conf or {}))
+        self._own = consumer is None  # a consumer passed in is the caller's to close
+        self.consumer = consumer or window_consumer(settings, **(consumer_conf or {}))
         self._end = {r.partition: r.end for r in window.ranges if r.size > 0}
         self._bar = None
         if progress:
@@ -261,7 +263,8 @@ class WindowReader:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        self.consumer.close()
+        if self._own:
+            self.consumer.close()
 
 
 def read_window(settings, window: Window, *, consumer_conf: dict | None = None,
