@@ -1,0 +1,223 @@
+"""`inferlog replay` (run a window again, resume it, compare it) and `inferlog audit`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from inferlog.errors import ConfigError, InferlogError
+from inferlog.settings import load_settings
+
+SETTINGS_FLAGS = ("bootstrap_servers", "requests_topic", "results_topic", "model", "model_name", "task", "device",
+                  "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms", "max_input_tokens", "cpu_workers",
+                  "max_in_flight")
+
+
+def _settings(flags: dict):
+    return load_settings(**{k: flags.pop(k) for k in SETTINGS_FLAGS if k in flags})
+
+
+@contextlib.contextmanager
+def _reported():
+    """Typed errors become one clear line and exit status 1 (click's own handling)."""
+    try:
+        yield
+    except (ConfigError, InferlogError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """First SIGINT/SIGTERM: stop fetching, commit what is finished, exit. Second: at once."""
+    stop = threading.Event()
+
+    def handler(sig, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        click.echo("\nstopping: finishing and checkpointing what was fetched (again to abort)", err=True)
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _emit_report(report: dict, fmt: str, json_path: Path | None) -> None:
+    from .drift import format_report
+
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1))
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(format_report(report))
+
+
+def report_options(f):
+    for o in reversed([
+        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+                     help="Drift report on stdout: a table for people or JSON for machines."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Also write the drift report as JSON to this file."),
+        click.option("--top", default=10, show_default=True, help="How many of the most divergent requests to list."),
+        click.option("--margin", default="15m", show_default=True,
+                     help="Extra time read from the results topic around the window (results lag their requests)."),
+    ]):
+        f = o(f)
+    return f
+
+
+def state_dir_option(f):
+    return click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="INFERLOG_REPLAY_DIR",
+                        help="Where run checkpoints live [INFERLOG_REPLAY_DIR, default .inferlog/replays].")(f)
+
+
+def _margin_ms(text: str) -> int:
+    from .window import now_ms, parse_time
+
+    return now_ms() - parse_time(f"-{text.lstrip('-')}")
+
+
+@click.group("replay", invoke_without_command=True)
+@click.option("--topic", help="Source topic (default: the requests topic).")
+@click.option("--since", help="Window start: ISO 8601 (2026-11-23T10:00:00+01:00), naive in --tz, -2h, now.")
+@click.option("--until", help="Window end (exclusive), same forms as --since (default: the end, snapshotted now).")
+@click.option("--tz", help="IANA time zone for naive --since/--until (default UTC), e.g. Europe/Berlin.")
+@click.option("--offsets", help='Offsets per partition, half-open: "0:100-200,3:0-50" (also "4:7-", "5").')
+@click.option("--partitions", help="Only these partitions, e.g. 0,2.")
+@click.option("--out", help="Write results to FILE.parquet or FILE.jsonl.")
+@click.option("--to-topic", help="Write results to this topic, exactly once (created if missing).")
+@click.option("--deadletter-topic", help="Dead letters of a --to-topic run (default: NAME.deadletter).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@click.option("--run-id", help="Name of this run (default: generated); --resume takes it.")
+@click.option("--resume", "resume_id", metavar="RUN_ID", help="Continue an interrupted run from its checkpoint.")
+@state_dir_option
+@click.option("--compare", is_flag=True, help="When done, compare with the original results (drift report).")
+@report_options
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@click.option("--bootstrap-servers", help="[INFERLOG_BOOTSTRAP_SERVERS]")
+@click.option("--requests-topic", hidden=True)
+@click.option("--results-topic", help="Where the original results are, for --compare [INFERLOG_RESULTS_TOPIC].")
+@click.option("--model", help="Model to replay with (default: the worker's, INFERLOG_MODEL).")
+@click.option("--model-name", help="Name the replayed results carry.")
+@click.option("--task", type=click.Choice(["embed", "generate", "classify"]))
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--max-batch-size", type=int)
+@click.option("--max-batch-tokens", type=int)
+@click.option("--max-wait-ms", type=float)
+@click.option("--max-input-tokens", type=int)
+@click.option("--cpu-workers", type=int)
+@click.option("--max-in-flight", type=int)
+@click.option("--checkpoint-interval", type=float, help="Seconds between checkpoints (default: 0.1 topic, 2 file).")
+@click.option("--stop-after", type=int, hidden=True, help="Tests: stop uncleanly after this many committed records.")
+@click.pass_context
+def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, deadletter_topic, force, run_id, resume_id,
+           state_dir, compare, fmt, json_path, top, margin, progress, checkpoint_interval, stop_after, **flags):
+    """Run a window of the request log through the worker's engine again.
+
+    The window is bounded when the run starts and read by manual assignment (the live
+    group's offsets never move). A run interrupted by SIGINT/SIGTERM or a crash continues
+    with `--resume RUN_ID` without reprocessing or skipping a record.
+
+    \b
+      inferlog replay --since 2026-11-23T10:00+01:00 --until 2026-11-23T11:00+01:00 --out r.parquet
+      inferlog replay --offsets 0:100-200,3:0-50 --to-topic audit.replay --compare
+      inferlog replay --resume r20261123-101500-ab12cd
+      inferlog replay compare --run-id r20261123-101500-ab12cd --format json
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import runner as rr
+    from .window import resolve_window
+
+    with _reported():
+        settings = _settings(flags)
+        kw = dict(progress=sys.stderr.isatty() if progress is None else progress,
+                  stop_after=stop_after, checkpoint_s=checkpoint_interval, state_dir=state_dir)
+        if resume_id:
+            if any(x is not None for x in (topic, since, until, offsets, partitions, out, to_topic, run_id)):
+                raise click.UsageError("--resume takes the window, model and output from the checkpoint; "
+                                       "give no other window or output options")
+            with _stop_on_signals() as stop:
+                summary = rr.resume(settings, resume_id, stop=stop, **kw)
+        else:
+            output = rr.output_spec(out, to_topic, deadletter_topic)
+            window = resolve_window(settings, topic or settings.requests_topic, since=since, until=until, tz=tz,
+                                    offsets=offsets, partitions=partitions)
+            if window.total == 0:
+                raise rr.ReplayError(f"the window of {window.topic} is empty: nothing to replay, nothing written")
+            from inferlog.consumer.cli import build_runner
+
+            runner = build_runner(settings)
+            _warn_other_model(settings, window, runner.info.name)
+            with _stop_on_signals() as stop:
+                summary = rr.start(settings, window, output, run_id=run_id, runner=runner, force=force, stop=stop,
+                                   **kw)
+        where = summary.output.get("path") or summary.output.get("topic")
+        click.echo(f"replay {summary.run_id} {summary.status}: {summary.records} records in {summary.seconds:.1f} s "
+                   f"({summary.rate:.1f} rec/s), {summary.results} results, {summary.dead_letters} dead letters "
+                   f"-> {where}", err=True)
+        if summary.status != "done":
+            click.echo(f"continue with: inferlog replay --resume {summary.run_id}", err=True)
+            sys.exit(130)
+        if compare:
+            from .drift import compare_run
+
+            ck = rr.Checkpoint.load(Path(state_dir or rr.default_state_dir()), summary.run_id)
+            _emit_report(compare_run(settings, ck, top=top, margin_ms=_margin_ms(margin)), fmt, json_path)
+
+
+def _warn_other_model(settings, window, name: str) -> None:
+    from .drift import original_models
+
+    seen = original_models(settings, window)
+    if seen and name not in seen:
+        click.echo(f"warning: the original results of this window name {', '.join(seen)}; replaying with {name}",
+                   err=True)
+
+
+@replay.command("compare")
+@click.option("--run-id", required=True, help="The replay run to compare with the original results.")
+@state_dir_option
+@report_options
+@click.option("--bootstrap-servers", help="[INFERLOG_BOOTSTRAP_SERVERS]")
+def compare_cmd(run_id, state_dir, fmt, json_path, top, margin, **flags):
+    """Drift report of a finished (or partly finished) run against the original results."""
+    from .drift import compare_run
+    from .runner import Checkpoint, default_state_dir
+
+    with _reported():
+        settings = _settings(flags)
+        ck = Checkpoint.load(Path(state_dir or default_state_dir()), run_id)
+        _emit_report(compare_run(settings, ck, top=top, margin_ms=_margin_ms(margin)), fmt, json_path)
+
+
+AUDIT_COMMANDS = {"get": "audit_get", "sql": "audit_sql", "export": "audit_export"}
+
+
+class _AuditGroup(click.Group):
+    """Subcommands from replay/audit.py, imported only when used (duckdb, pyarrow)."""
+
+    def list_commands(self, ctx):
+        return sorted(AUDIT_COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in AUDIT_COMMANDS:
+            return None
+        from . import audit as queries
+
+        return getattr(queries, AUDIT_COMMANDS[name], None)
+
+
+@click.group("audit", cls=_AuditGroup)
+def audit():
+    """What was asked, what was answered, by which model, when."""

@@ -1,0 +1,264 @@
+"""Drift: how a replay's results differ from the results originally emitted.
+
+The originals are the live results (replay_run_id null) whose source position lies in the
+replayed window, read from the results topic over the window's time span plus a margin
+(a result is written after its request, later when the workers lagged). The two sides
+are joined by request_id and compared per task: embeddings by cosine similarity,
+classifications by label, generations by text.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from inferlog.codec import DEADLETTER, RESULT, Codec
+
+from .window import Window, read_window, resolve_window
+
+CLOSE = 1e-4  # largest absolute difference of an embedding component still called "close"
+ONE = 1e-6  # cosine within this of 1 counts as "== 1" (float32 vectors never sum exactly)
+
+
+# -- collecting both sides ---------------------------------------------------------------------
+def _in_window(window: Window, src: dict) -> bool:
+    if src["topic"] != window.topic:
+        return False
+    return any(r.partition == src["partition"] and r.start <= src["offset"] < r.end for r in window.ranges)
+
+
+def read_results(settings, topic: str, *, since_ms: int | None = None, until_ms: int | None = None) -> list[dict]:
+    """Decoded results of a results topic (read_committed), optionally narrowed by time."""
+    w = resolve_window(settings, topic, since=since_ms, until=until_ms)
+    codec = Codec.from_settings(settings)
+    out = []
+    for m in read_window(settings, w):
+        name, rec = codec.decode_named(m.value())
+        if name == RESULT:
+            out.append(rec)
+    return out
+
+
+def read_dead_letters(settings, topic: str) -> list[dict]:
+    codec = Codec.from_settings(settings)
+    return [codec.decode(m.value(), expect=DEADLETTER) for m in read_window(settings, resolve_window(settings, topic))]
+
+
+def time_span(window: Window, replayed: list[dict], margin_ms: int) -> tuple[int | None, int | None]:
+    """The span of the results topic that holds the originals: the window's time edges, or
+    the requests' creation times when the window was given by offsets."""
+    created = [r["timings"]["created_at"] for r in replayed if r.get("timings")]
+    since = window.since_ms if window.since_ms is not None else (min(created) if created else None)
+    until = window.until_ms if window.until_ms is not None else (max(created) if created else None)
+    return (None if since is None else since - margin_ms, None if until is None else until + margin_ms)
+
+
+def originals(settings, window: Window, replayed: list[dict], margin_ms: int = 15 * 60_000) -> list[dict]:
+    since, until = time_span(window, replayed, margin_ms)
+    if until is not None and until > _now():
+        until = None  # up to the end snapshot
+    return [r for r in read_results(settings, settings.results_topic, since_ms=since, until_ms=until)
+            if r["replay_run_id"] is None and _in_window(window, r["source"])]
+
+
+def _now() -> int:
+    from .window import now_ms
+
+    return now_ms()
+
+
+def original_models(settings, window: Window, sample: int = 200) -> Counter:
+    """Model names of up to `sample` live results for this window (the warning check)."""
+    from .window import WindowReader
+
+    names: Counter = Counter()
+    try:
+        w = resolve_window(settings, settings.results_topic, since=window.since_ms)
+    except Exception:  # no results topic: nothing to warn about
+        return names
+    codec = Codec.from_settings(settings)
+    reader = WindowReader(settings, w)
+    try:
+        seen = 0
+        while not reader.done() and seen < sample * 5 and sum(names.values()) < sample:
+            msgs = reader.poll(0.5)
+            if not msgs:
+                break
+            for m in msgs:
+                seen += 1
+                name, rec = codec.decode_named(m.value())
+                if name == RESULT and rec["replay_run_id"] is None and _in_window(window, rec["source"]):
+                    names[rec["model"]["name"]] += 1
+    finally:
+        reader.close()
+    return names
+
+
+# -- comparing -----------------------------------------------------------------------------------
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    if len(a) != len(b) or na == 0 or nb == 0:
+        return 0.0
+    return dot / (na * nb)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    i = q * (len(s) - 1)
+    lo, hi = math.floor(i), math.ceil(i)
+    return s[lo] + (s[hi] - s[lo]) * (i - lo)
+
+
+@dataclass
+class _Diff:
+    divergence: float  # 0 = identical; higher = further apart
+    detail: str
+    exact: bool
+    cosine: float | None = None
+    max_abs: float | None = None
+    labels: tuple[int, int] | None = None  # (agreeing, compared) inputs
+    texts: tuple[int, int] | None = None
+
+
+def diff(task: str, a: dict, b: dict) -> _Diff:
+    """One original (a) against its replay (b)."""
+    oa, ob = a["outputs"], b["outputs"]
+    exact = a["status"] == b["status"] and oa == ob
+    if a["status"] != b["status"] or len(oa) != len(ob):
+        return _Diff(1.0, f"status {a['status']} -> {b['status']}, {len(oa)} -> {len(ob)} outputs", exact)
+    if task == "EMBED":
+        cos = min((_cosine(x["vector"], y["vector"]) for x, y in zip(oa, ob)), default=1.0)
+        mad = max((abs(p - q) for x, y in zip(oa, ob) for p, q in zip(x["vector"], y["vector"])), default=0.0)
+        return _Diff(1.0 - cos, f"cosine {cos:.6f}, max |diff| {mad:.2e}", exact, cosine=cos, max_abs=mad)
+    if task == "CLASSIFY":
+        agree = sum(x["label"] == y["label"] for x, y in zip(oa, ob))
+        dscore = max((abs(x["score"] - y["score"]) for x, y in zip(oa, ob)), default=0.0)
+        labels = ", ".join(f"{x['label']}->{y['label']}" for x, y in zip(oa, ob) if x["label"] != y["label"])
+        return _Diff((len(oa) - agree) / max(1, len(oa)) + dscore / 10, labels or f"score diff {dscore:.4f}", exact,
+                     labels=(agree, len(oa)))
+    same = sum(x["text"] == y["text"] for x, y in zip(oa, ob))
+    ratio = min((difflib.SequenceMatcher(None, x["text"], y["text"]).ratio() for x, y in zip(oa, ob)), default=1.0)
+    first = next(((x["text"], y["text"]) for x, y in zip(oa, ob) if x["text"] != y["text"]), None)
+    detail = f"{first[0][:40]!r} -> {first[1][:40]!r}" if first else "same text"
+    return _Diff(1.0 - ratio, detail, exact, texts=(same, len(oa)))
+
+
+def compare(original: list[dict], replayed: list[dict], *, top: int = 10, replay_dead: list[dict] = ()) -> dict:
+    """The drift report (plain JSON-able dict). Both sides are decoded results."""
+    orig = {r["request_id"]: r for r in original}
+    rep = {r["request_id"]: r for r in replayed}
+    dead = {d["request_id"] for d in replay_dead if d.get("request_id")}
+    tasks: dict[str, dict] = {}
+    divergent = []
+    for rid in sorted(orig.keys() | rep.keys()):
+        a, b = orig.get(rid), rep.get(rid)
+        task = (a or b)["task"]
+        t = tasks.setdefault(task, {"compared": 0, "missing_original": 0, "missing_replay": 0, "replay_dead_letters": 0,
+                                    "status_mismatch": 0, "exact": 0, "_cos": [], "_mad": [], "_lab": [0, 0],
+                                    "_txt": [0, 0]})
+        if a is None:
+            t["missing_original"] += 1
+            continue
+        if b is None:
+            t["missing_replay"] += 1
+            t["replay_dead_letters"] += rid in dead
+            continue
+        d = diff(task, a, b)
+        t["compared"] += 1
+        t["exact"] += d.exact
+        t["status_mismatch"] += a["status"] != b["status"]
+        if d.cosine is not None:
+            t["_cos"].append(d.cosine)
+            t["_mad"].append(d.max_abs)
+        for key, pair in (("_lab", d.labels), ("_txt", d.texts)):
+            if pair:
+                t[key][0] += pair[0]
+                t[key][1] += pair[1]
+        if d.divergence > 0 or not d.exact:
+            src = a["source"]
+            divergent.append({"request_id": rid, "task": task, "divergence": d.divergence, "detail": d.detail,
+                              "partition": src["partition"], "offset": src["offset"]})
+    for task, t in tasks.items():
+        cos, mad, lab, txt = t.pop("_cos"), t.pop("_mad"), t.pop("_lab"), t.pop("_txt")
+        if cos:
+            t["cosine"] = {"min": min(cos), "p1": _quantile(cos, 0.01), "p5": _quantile(cos, 0.05),
+                           "p50": _quantile(cos, 0.5), "mean": sum(cos) / len(cos),
+                           "eq_1": sum(c >= 1 - ONE for c in cos), "lt_1": sum(c < 1 - ONE for c in cos)}
+            t["close"] = sum(m <= CLOSE for m in mad)
+            t["max_abs_diff"] = max(mad)
+        if lab[1]:
+            t["label_agreement"] = lab[0] / lab[1]
+        if txt[1]:
+            t["text_equal"] = txt[0] / txt[1]
+    divergent.sort(key=lambda d: -d["divergence"])
+    return {"tasks": tasks, "original_models": dict(Counter(r["model"]["name"] for r in original)),
+            "replay_models": dict(Counter(r["model"]["name"] for r in replayed)), "most_divergent": divergent[:top]}
+
+
+def format_report(report: dict) -> str:
+    """The report as a table for people."""
+    lines = [f"originals by {_names(report['original_models'])}; replay by {_names(report['replay_models'])}", ""]
+    head = ("task", "compared", "exact", "missing orig", "missing replay", "status diff")
+    rows = [(task, t["compared"], t["exact"], t["missing_original"], t["missing_replay"], t["status_mismatch"])
+            for task, t in sorted(report["tasks"].items())]
+    lines += _table(head, rows)
+    for task, t in sorted(report["tasks"].items()):
+        if "cosine" in t:
+            c = t["cosine"]
+            lines.append(f"{task} cosine  min {c['min']:.6f}  p1 {c['p1']:.6f}  p5 {c['p5']:.6f}  p50 {c['p50']:.6f}  "
+                         f"mean {c['mean']:.6f}  (==1: {c['eq_1']}, <1: {c['lt_1']}; max |diff| "
+                         f"{t['max_abs_diff']:.2e}, within {CLOSE:g}: {t['close']})")
+        if "label_agreement" in t:
+            lines.append(f"{task} label agreement {t['label_agreement']:.2%}")
+        if "text_equal" in t:
+            lines.append(f"{task} text equal {t['text_equal']:.2%}")
+    if report["most_divergent"]:
+        lines += ["", "most divergent:"]
+        lines += _table(("request_id", "task", "p@offset", "divergence", "detail"),
+                        [(d["request_id"], d["task"], f"{d['partition']}@{d['offset']}", f"{d['divergence']:.6f}",
+                          d["detail"]) for d in report["most_divergent"]])
+    return "\n".join(lines)
+
+
+def _names(c: dict) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in c.items()) or "nobody"
+
+
+def _table(head, rows) -> list[str]:
+    cells = [tuple(map(str, head))] + [tuple(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 or i == len(r) - 1 else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return [fmt(cells[0]), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in cells[1:]]
+
+
+# -- a run against its originals -----------------------------------------------------------------
+def replayed(settings, ck) -> tuple[list[dict], list[dict]]:
+    """(results, dead letters) a replay run wrote, from its file (or its committed parts) or topic."""
+    from pathlib import Path
+
+    from .runner import read_rows, row_result
+
+    o = ck.output
+    if o["kind"] == "file":
+        done = ck.data["status"] == "done"
+        paths = [Path(o["path"])] if done else [ck.dir / "parts" / n for n in ck.data["parts"]]
+        rows = [r for p in paths for r in read_rows(p)]
+        dead = [{"request_id": r["request_id"], "reason": r["reason"]} for r in rows if r["kind"] == "deadletter"]
+        return [row_result(r) for r in rows if r["kind"] == "result"], dead
+    res = [r for r in read_results(settings, o["topic"]) if r["replay_run_id"] == ck.run_id]
+    dead = [d for d in read_dead_letters(settings, o["deadletter_topic"]) if d["replay_run_id"] == ck.run_id]
+    return res, dead
+
+
+def compare_run(settings, ck, *, top: int = 10, margin_ms: int = 15 * 60_000) -> dict:
+    """The drift report of a replay run: its results against the live ones of its window."""
+    s = settings.with_overrides(**ck.data["settings"])  # the results topic the run was started with
+    rep, dead = replayed(s, ck)
+    orig = originals(s, ck.window, rep, margin_ms)
+    report = compare(orig, rep, top=top, replay_dead=dead)
+    report["run_id"] = ck.run_id
+    report["window"] = ck.data["window"]
+    return report

@@ -1,0 +1,451 @@
+"""Replay: run a window of the request log through the worker's engine again.
+
+A run is bounded (the window's end offsets are snapshotted when it starts), reads by
+manual assignment (no consumer group of the live workers moves) and is resumable from a
+checkpoint, without reprocessing or skipping a record:
+
+  topic output  results, dead letters and the consumed offsets of the run's own group
+                `inferlog-replay-<run_id>` go in one Kafka transaction (the worker's own
+                TransactionalEmitter), so the committed offsets are the checkpoint.
+  file output   each commit writes one part file (fsync, rename), then replaces the
+                checkpoint JSON atomically with the offsets and the part list; a part the
+                checkpoint does not list is ignored and overwritten. When the window is
+                done the parts are merged into the output file (written aside, renamed).
+
+Every run keeps <state_dir>/<run_id>/checkpoint.json with everything --resume needs: the
+window, the settings that shape results (model, batching, limits) and the output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import TopicPartition
+
+from inferlog.codec import DEADLETTER, RESULT, Codec
+from inferlog.errors import InferlogError
+
+from .window import PartitionRange, Window, WindowReader, now_ms, window_consumer
+
+log = logging.getLogger(__name__)
+
+# settings that change what a replayed result says: stored in the checkpoint, restored on resume
+SHAPING = ("model", "model_name", "task", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms",
+           "max_inputs", "max_input_bytes", "max_input_tokens", "max_new_tokens_limit", "default_max_new_tokens",
+           "framing", "requests_topic", "results_topic", "cpu_workers", "max_in_flight", "pipeline_depth")
+FILE_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+class ReplayError(InferlogError):
+    """A replay that cannot start or go on; the message says what to do."""
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("INFERLOG_REPLAY_DIR", ".inferlog/replays"))
+
+
+def new_run_id() -> str:
+    return time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def replay_group(run_id: str) -> str:
+    return f"inferlog-replay-{run_id}"
+
+
+# -- checkpoint ------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write aside, fsync, rename over, fsync the directory: the old or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    data: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def window(self) -> Window:
+        return Window.from_dict(self.data["window"])
+
+    @property
+    def output(self) -> dict:
+        return self.data["output"]
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps(self.data, indent=1).encode())
+
+    @classmethod
+    def create(cls, state_dir: Path, run_id: str, **data) -> "Checkpoint":
+        if not _RUN_ID.match(run_id):
+            raise ReplayError(f"run id {run_id!r}: use letters, digits, '.', '_' or '-'")
+        d = Path(state_dir) / run_id
+        if (d / "checkpoint.json").exists():
+            raise ReplayError(f"replay run {run_id!r} exists in {state_dir}; continue it with --resume {run_id}")
+        d.mkdir(parents=True, exist_ok=True)
+        ck = cls(d / "checkpoint.json", {"version": 1, "run_id": run_id, "created_at": now_ms(), "status": "running",
+                                         "offsets": {}, "parts": [], "counts": {"results": 0, "dead_letters": 0},
+                                         **data})
+        ck.save()
+        return ck
+
+    @classmethod
+    def load(cls, state_dir: Path, run_id: str) -> "Checkpoint":
+        path = Path(state_dir) / run_id / "checkpoint.json"
+        try:
+            return cls(path, json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ReplayError(f"no replay run {run_id!r} in {state_dir} (set --state-dir or INFERLOG_REPLAY_DIR)") from None
+
+
+# -- file rows -------------------------------------------------------------------------------
+ROW_FIELDS = ("kind", "request_id", "tenant", "task", "status", "reason", "error", "model", "model_revision",
+              "model_digest", "source_topic", "source_partition", "source_offset", "created_at", "completed_at",
+              "infer_ms", "batch_id", "batch_size", "worker_id", "replay_run_id", "outputs")
+
+
+def result_row(r: dict) -> dict:
+    """A flat row of a result; `outputs` is the Avro outputs as JSON text (lossless: float32 -> double)."""
+    m, s, t, b = r["model"], r["source"], r["timings"], r["batch"]
+    return {"kind": "result", "request_id": r["request_id"], "tenant": r["tenant"], "task": r["task"],
+            "status": r["status"], "reason": None, "error": r["error"], "model": m["name"],
+            "model_revision": m["revision"], "model_digest": m["digest"], "source_topic": s["topic"],
+            "source_partition": s["partition"], "source_offset": s["offset"], "created_at": t["created_at"],
+            "completed_at": t["completed_at"], "infer_ms": t["infer_ms"], "batch_id": b["batch_id"],
+            "batch_size": b["size"], "worker_id": r["worker_id"], "replay_run_id": r["replay_run_id"],
+            "outputs": json.dumps(r["outputs"], separators=(",", ":"))}
+
+
+def dead_letter_row(d: dict) -> dict:
+    """A dead letter as a row; its raw key/value stay on the request topic at source_*."""
+    s = d["source"]
+    return {**dict.fromkeys(ROW_FIELDS), "kind": "deadletter", "request_id": d["request_id"], "tenant": d["tenant"],
+            "reason": d["reason"], "error": d["detail"], "source_topic": s["topic"], "source_partition": s["partition"],
+            "source_offset": s["offset"], "completed_at": d["failed_at"], "worker_id": d["worker_id"],
+            "replay_run_id": d["replay_run_id"]}
+
+
+def row_result(row: dict) -> dict:
+    """Back from a result row to the shape of a decoded result (what drift compares)."""
+    return {"request_id": row["request_id"], "task": row["task"], "status": row["status"],
+            "outputs": json.loads(row["outputs"]) if row["outputs"] else [],
+            "model": {"name": row["model"], "revision": row["model_revision"], "digest": row["model_digest"]},
+            "source": {"topic": row["source_topic"], "partition": row["source_partition"], "offset": row["source_offset"]},
+            "timings": {"created_at": row["created_at"]}, "replay_run_id": row["replay_run_id"]}
+
+
+def _arrow_schema():
+    import pyarrow as pa
+
+    types = {"source_partition": pa.int32(), "source_offset": pa.int64(), "created_at": pa.int64(),
+             "completed_at": pa.int64(), "infer_ms": pa.float32(), "batch_size": pa.int32()}
+    return pa.schema([(f, types.get(f, pa.string())) for f in ROW_FIELDS])
+
+
+def write_rows(path: Path, fmt: str, rows: list[dict]) -> None:
+    if fmt == "jsonl":
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=_arrow_schema()), path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a replay output file (.jsonl or .parquet)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+# -- sinks: where a commit goes ---------------------------------------------------------------
+class FileSink:
+    def __init__(self, ck: Checkpoint, codec: Codec):
+        self.ck, self.codec = ck, codec
+        self.fmt = ck.output["format"]
+        self.parts = ck.dir / "parts"
+        self.parts.mkdir(exist_ok=True)
+        listed = set(ck.data["parts"])
+        for stray in self.parts.iterdir():  # written after the last checkpoint: not part of the run
+            if stray.name not in listed:
+                stray.unlink()
+
+    def start_offsets(self, window: Window) -> dict[int, int]:
+        return {int(p): off for p, off in self.ck.data["offsets"].items()}
+
+    def commit(self, outputs, commits: dict) -> None:
+        rows = [dead_letter_row(self.codec.decode(o.value, expect=DEADLETTER)) if o.dead
+                else result_row(self.codec.decode(o.value, expect=RESULT)) for o in outputs]
+        data = self.ck.data
+        if rows:  # 1. the part is durable under its final name ...
+            name = f"part-{len(data['parts']) + 1:05d}.{self.fmt}"
+            tmp = self.parts / f".{name}.tmp"
+            write_rows(tmp, self.fmt, rows)
+            os.replace(tmp, self.parts / name)
+            _fsync_dir(self.parts)
+            data["parts"].append(name)
+        # 2. ... before the checkpoint that lists it and moves the offsets past its records
+        data["offsets"].update({str(p): off for (_, p), off in commits.items()})
+        dead = sum(r["kind"] == "deadletter" for r in rows)
+        data["counts"]["results"] += len(rows) - dead
+        data["counts"]["dead_letters"] += dead
+        self.ck.save()
+
+    def finish(self) -> None:
+        """Merge the listed parts into the output file, then forget the parts."""
+        out = Path(self.ck.output["path"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{self.ck.run_id}.tmp")
+        parts = [self.parts / n for n in self.ck.data["parts"]]
+        if self.fmt == "jsonl":
+            with open(tmp, "wb") as f:
+                for p in parts:
+                    with open(p, "rb") as src:
+                        shutil.copyfileobj(src, f)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            import pyarrow.parquet as pq
+
+            with pq.ParquetWriter(tmp, _arrow_schema()) as w:
+                for p in parts:
+                    w.write_table(pq.read_table(p, schema=_arrow_schema()))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        self.ck.data["status"] = "done"
+        self.ck.save()
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+
+class TopicSink:
+    def __init__(self, settings, consumer, ck: Checkpoint):
+        from inferlog.consumer.emit import TransactionalEmitter
+
+        self.consumer, self.ck = consumer, ck
+        # init_transactions fences a crashed run's producer and aborts its open transaction,
+        # so the committed offsets read next are final
+        self.emitter = TransactionalEmitter(settings, consumer)
+
+    def start_offsets(self, window: Window) -> dict[int, int]:
+        tps = [TopicPartition(window.topic, r.partition) for r in window.ranges]
+        return {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=30) if tp.offset >= 0}
+
+    def commit(self, outputs, commits: dict) -> None:
+        self.emitter.commit(outputs, commits)
+
+    def finish(self) -> None:
+        self.ck.data["status"] = "done"
+        self.ck.save()
+
+    def close(self) -> None:
+        self.emitter.close()
+
+
+# -- the run -----------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    run_id: str
+    status: str  # done | interrupted
+    records: int  # offsets covered by commits in this invocation
+    results: int
+    dead_letters: int
+    seconds: float
+    output: dict
+    checkpoint: str
+    model: str = ""
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+def output_spec(out: str | None, to_topic: str | None, deadletter_topic: str | None) -> dict:
+    if bool(out) == bool(to_topic):
+        raise ReplayError("give exactly one of --out FILE(.parquet|.jsonl) and --to-topic NAME")
+    if to_topic:
+        return {"kind": "topic", "topic": to_topic, "deadletter_topic": deadletter_topic or f"{to_topic}.deadletter"}
+    fmt = FILE_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise ReplayError(f"--out {out}: the name must end in .parquet or .jsonl")
+    return {"kind": "file", "path": str(Path(out).resolve()), "format": fmt}
+
+
+def run_settings(settings, ck: Checkpoint):
+    """The settings a run's engine uses: the stored shaping settings, and its outputs."""
+    s = settings.with_overrides(**ck.data["settings"], worker_id=f"replay-{ck.run_id}")
+    o = ck.output
+    if o["kind"] == "topic":
+        s = s.with_overrides(results_topic=o["topic"], deadletter_topic=o["deadletter_topic"],
+                             group_id=replay_group(ck.run_id))
+    return s
+
+
+def start(settings, window: Window, output: dict, *, run_id: str | None = None, runner=None,
+          state_dir: Path | None = None, force: bool = False, **kw) -> Summary:
+    """Start a new run over `window`. Checks everything that can be checked before a
+    single byte is written: an empty window, an existing run or output file, the model."""
+    run_id = run_id or new_run_id()
+    state_dir = Path(state_dir or default_state_dir())
+    if window.total == 0:
+        raise ReplayError(f"the window is empty: no records of {window.topic} in it "
+                          f"({', '.join(f'{r.partition}:{r.start}-{r.end}' for r in window.ranges)})")
+    if (state_dir / run_id / "checkpoint.json").exists():
+        raise ReplayError(f"replay run {run_id!r} exists in {state_dir}; continue it with --resume {run_id}")
+    if output["kind"] == "file" and Path(output["path"]).exists() and not force:
+        raise ReplayError(f"{output['path']} exists; remove it or pass --force")
+    if runner is None:
+        from inferlog.consumer.cli import build_runner
+
+        runner = build_runner(settings)  # ConfigError for an unknown model: nothing written yet
+    shaping = {k: getattr(settings, k) for k in SHAPING}
+    if output["kind"] == "topic":
+        from inferlog.topics import ensure_topics
+
+        ensure_topics(settings, [output["topic"], output["deadletter_topic"]])
+    ck = Checkpoint.create(state_dir, run_id, window=window.to_dict(), settings=shaping, output=output,
+                           model_name=runner.info.name)
+    return execute(settings, ck, runner, **kw)
+
+
+def resume(settings, run_id: str, *, runner=None, state_dir: Path | None = None, **kw) -> Summary:
+    ck = Checkpoint.load(Path(state_dir or default_state_dir()), run_id)
+    if runner is None:
+        from inferlog.consumer.cli import build_runner
+
+        runner = build_runner(run_settings(settings, ck))
+    return execute(settings, ck, runner, **kw)
+
+
+def execute(settings, ck: Checkpoint, runner, *, progress: bool = False, stop: threading.Event | None = None,
+            stop_after: int | None = None, checkpoint_s: float | None = None) -> Summary:
+    """Run (or go on with) a checkpointed replay until its window is done or it is stopped.
+
+    `stop` set: stop fetching, finish and commit what was fetched, return "interrupted".
+    `stop_after`: return right after the first commit that brings this invocation past
+    that many records, leaving the rest unfinished, as a crash would (for tests)."""
+    from inferlog.consumer.engine import Engine
+
+    s = run_settings(settings, ck)
+    window, o = ck.window, ck.output
+    if ck.data["status"] == "done":
+        return Summary(ck.run_id, "done", 0, 0, 0, 0.0, o, str(ck.path), runner.info.name, ck.data["counts"])
+    if runner.info.name != ck.data.get("model_name", runner.info.name):
+        raise ReplayError(f"run {ck.run_id} used model {ck.data['model_name']!r}, not {runner.info.name!r}")
+    stop = stop or threading.Event()
+    # topic output: the reader's consumer carries the run's group, whose offsets the
+    # emitter commits inside each transaction; file output: a throwaway group, never used
+    conf = {"group.id": replay_group(ck.run_id)} if o["kind"] == "topic" else {}
+    consumer = window_consumer(s, **conf)
+    engine = Engine(s, runner, replay_run_id=ck.run_id)
+    sink = None
+    try:
+        sink = TopicSink(s, consumer, ck) if o["kind"] == "topic" else FileSink(ck, engine.codec)
+        done_to = sink.start_offsets(window)
+        todo = Window(window.topic, tuple(PartitionRange(r.partition, max(r.start, done_to.get(r.partition, r.start)),
+                                                         r.end) for r in window.ranges), window.since_ms, window.until_ms)
+        runner.warmup()
+        reader = WindowReader(s, todo, consumer=consumer)
+        for r in todo.ranges:
+            engine.assign((todo.topic, r.partition))
+        every = checkpoint_s if checkpoint_s is not None else (
+            s.commit_interval_ms / 1000.0 if o["kind"] == "topic" else 2.0)
+        status, records, seconds = _loop(s, engine, reader, sink, window, todo, stop, stop_after, every,
+                                         progress, ck.run_id)
+        if status == "done":
+            sink.finish()
+    finally:
+        engine.close()
+        if sink is not None:
+            sink.close()
+        consumer.close()
+    c = engine.counts
+    return Summary(ck.run_id, status, records, c["results"], c["dead_letters"], seconds, o, str(ck.path),
+                   runner.info.name, ck.data["counts"])
+
+
+def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_after, every, progress, run_id):
+    position = {r.partition: r.start for r in todo.ranges}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=window.total, initial=window.total - todo.total, unit="rec", desc=f"replay {run_id}",
+                   dynamic_ncols=True, smoothing=0.1)
+    t0 = last = time.monotonic()
+    records = 0
+    try:
+        while True:
+            stopping = stop.is_set()
+            ending = stopping or reader.done()
+            if not ending and engine.pending < s.max_in_flight:
+                msgs = reader.poll(engine.poll_timeout())
+                if msgs:
+                    engine.accept(msgs)
+            elif engine.busy():
+                time.sleep(engine.poll_timeout())  # at the end or full: only the pools are working
+            engine.step(flush=ending)
+            # at the end, commit as soon as all that was fetched is answered
+            finished = ending and engine.tracker.ready_count() == engine.pending
+            if finished or time.monotonic() - last >= every:
+                outputs, commits = engine.release()
+                last = time.monotonic()
+                if commits:
+                    sink.commit(outputs, commits)
+                    n = sum(off - position[p] for (_, p), off in commits.items())
+                    position.update({p: off for (_, p), off in commits.items()})
+                    records += n
+                    if bar is not None:
+                        bar.update(n)
+                    if stop_after is not None and records >= stop_after:
+                        return "interrupted", records, time.monotonic() - t0
+            if ending and engine.drained():
+                return ("interrupted" if stopping else "done"), records, time.monotonic() - t0
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,236 @@
+"""Replay against the real broker and the real default model: a time window reproduces the
+live results and nothing outside it, a changed model shows up as drift, an interrupted run
+resumes without losing or repeating a record, and bad input writes nothing."""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+import torch
+from click.testing import CliRunner
+from confluent_kafka import Consumer, TopicPartition
+
+from conftest import unique
+from inferlog.cli import cli
+from inferlog.clients import confluent_config
+from inferlog.codec import RESULT, Codec
+from inferlog.consumer.runners import load_runner
+from inferlog.producer.sync import Producer
+from inferlog.replay import drift, runner as rr
+from inferlog.replay.window import WindowError, parse_time, resolve_window
+from inferlog.settings import default_model_path, load_settings
+from inferlog.topics import ensure_topics, partition_counts
+from support import output_count, read_all, running_worker, wait_until
+
+PARTITIONS = 3
+
+
+@dataclass
+class Log:
+    settings: object
+    groups: list[list[str]]  # request ids of the three groups, in produce order
+    t1: int  # epoch ms between group 0 and 1
+    t2: int  # between group 1 and 2
+    end: int  # after group 2
+    originals: dict[str, dict]  # request_id -> live result
+    live_offsets: dict[int, int]
+
+
+@pytest.fixture(scope="module")
+def embed_runner():
+    return load_runner(default_model_path(), device="cpu")
+
+
+def committed(s) -> dict[int, int]:
+    c = Consumer(confluent_config(s, **{"group.id": s.group_id}))
+    try:
+        tps = c.committed([TopicPartition(s.requests_topic, p) for p in range(PARTITIONS)], timeout=30)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        c.close()
+
+
+def results_of(s, topic: str) -> list[dict]:
+    codec = Codec.from_settings(s)
+    return [codec.decode(r.value, expect=RESULT) for r in read_all(s, topic)]
+
+
+@pytest.fixture(scope="module")
+def log(kafka, embed_runner) -> Log:
+    """Three groups of requests ~1.5 s apart, all answered by a live worker."""
+    tag = unique("replay")
+    s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.requests",
+                      results_topic=f"{tag}.results", deadletter_topic=f"{tag}.deadletter", partitions=PARTITIONS,
+                      group_id=f"{tag}.workers", worker_id=f"{tag}.w0", max_batch_size=8, max_wait_ms=5)
+    ensure_topics(s)
+    groups, marks = [], []
+    with Producer(s) as p:
+        for g, n in enumerate((8, 12, 8)):
+            if g:
+                time.sleep(0.75)
+                marks.append(int(time.time() * 1000))
+                time.sleep(0.75)
+            groups.append([p.submit("embed", f"group {g} text {i}: the parcel arrived late") for i in range(n)])
+            p.flush()
+    time.sleep(0.5)
+    end = int(time.time() * 1000)
+    total = sum(map(len, groups))
+    with running_worker(s, embed_runner):
+        wait_until(lambda: output_count(s) >= total, what="live results")
+    originals = {r["request_id"]: r for r in results_of(s, s.results_topic)}
+    assert len(originals) == total
+    return Log(s, groups, marks[0], marks[1], end, originals, committed(s))
+
+
+def vectors(results) -> dict[str, list[float]]:
+    return {r["request_id"]: r["outputs"][0]["vector"] for r in results}
+
+
+def assert_reproduces(log: Log, got: dict[str, list[float]]) -> None:
+    assert set(got) == set(log.groups[1]), "exactly the middle group, nothing outside the window"
+    for rid, vec in got.items():
+        want = log.originals[rid]["outputs"][0]["vector"]
+        assert max(abs(a - b) for a, b in zip(vec, want)) < 1e-4
+
+
+def berlin(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, ZoneInfo("Europe/Berlin")).isoformat()
+
+
+def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed_runner, tmp_path):
+    s = log.settings
+    window = resolve_window(s, s.requests_topic, since=berlin(log.t1), until=berlin(log.t2))
+    assert window.total == len(log.groups[1])
+    naive = datetime.fromtimestamp(log.t1 / 1000, ZoneInfo("Europe/Berlin")).replace(tzinfo=None).isoformat()
+    assert parse_time(naive, "Europe/Berlin") == parse_time(berlin(log.t1)) == log.t1
+
+    for name in ("middle.jsonl", "middle.parquet"):
+        summary = rr.start(s, window, rr.output_spec(str(tmp_path / name), None, None), runner=embed_runner,
+                           state_dir=tmp_path / "state")
+        assert summary.status == "done" and summary.records == window.total
+        rows = rr.read_rows(tmp_path / name)
+        assert {r["replay_run_id"] for r in rows} == {summary.run_id}
+        assert_reproduces(log, vectors(rr.row_result(r) for r in rows))
+
+    target = unique("replayed")
+    summary = rr.start(s, window, rr.output_spec(None, target, None), runner=embed_runner,
+                       state_dir=tmp_path / "state", run_id="to-topic")
+    assert summary.status == "done"
+    got = results_of(s, target)
+    assert len(got) == window.total and {r["replay_run_id"] for r in got} == {"to-topic"}
+    assert_reproduces(log, vectors(got))
+    assert committed(s) == log.live_offsets, "the live group's offsets moved"
+
+    ck = rr.Checkpoint.load(tmp_path / "state", "to-topic")
+    report = drift.compare_run(s, ck)
+    t = report["tasks"]["EMBED"]
+    assert (t["compared"], t["missing_original"], t["missing_replay"]) == (12, 0, 0)
+    assert t["close"] == 12 and t["cosine"]["min"] > 1 - 1e-6 and t["cosine"]["lt_1"] == 0
+
+
+@pytest.fixture(scope="module")
+def perturbed_model(tmp_path_factory):
+    """The default MiniLM with every weight nudged: a different model of the same shape."""
+    from transformers import AutoModel, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("perturbed") / "minilm-perturbed"
+    model = AutoModel.from_pretrained(default_model_path())
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02 * (p.std() if p.numel() > 1 else 1))
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(d)
+    return d
+
+
+def cli_env(log: Log, tmp_path) -> dict:
+    s = log.settings
+    return {"INFERLOG_BOOTSTRAP_SERVERS": s.bootstrap_servers, "INFERLOG_REQUESTS_TOPIC": s.requests_topic,
+            "INFERLOG_RESULTS_TOPIC": s.results_topic, "INFERLOG_REPLAY_DIR": str(tmp_path / "state"),
+            "INFERLOG_DEVICE": "cpu"}
+
+
+def test_another_model_is_reported_as_drift(log, perturbed_model, tmp_path):
+    out = tmp_path / "drift.parquet"
+    res = CliRunner().invoke(cli, ["replay", "--since", str(log.t1), "--until", str(log.t2), "--out", str(out),
+                                   "--model", str(perturbed_model), "--compare", "--format", "json",
+                                   "--json", str(tmp_path / "drift.json")], env=cli_env(log, tmp_path))
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "warning: the original results of this window name all-MiniLM-L6-v2" in res.stderr
+    report = json.loads(res.stdout)
+    assert report == json.loads((tmp_path / "drift.json").read_text())
+    t = report["tasks"]["EMBED"]
+    assert (t["compared"], t["missing_original"], t["missing_replay"], t["exact"]) == (12, 0, 0, 0)
+    assert t["cosine"]["eq_1"] == 0 and t["cosine"]["lt_1"] == 12 and t["cosine"]["min"] < 1 - 1e-4
+    assert report["replay_models"] == {"minilm-perturbed": 12}
+    assert report["original_models"] == {"all-MiniLM-L6-v2": 12}
+    assert len(report["most_divergent"]) == 10 and {d["request_id"] for d in report["most_divergent"]} <= set(log.groups[1])
+    table = drift.format_report(report)
+    assert "EMBED cosine" in table and "most divergent" in table
+
+
+@pytest.mark.parametrize("kind", ["file", "topic"])
+def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, tmp_path, kind):
+    s = log.settings.with_overrides(max_batch_size=4)
+    window = resolve_window(s, s.requests_topic)
+    everything = {rid for g in log.groups for rid in g}
+    assert window.total == len(everything)
+    target = unique("resumed")
+    output = rr.output_spec(str(tmp_path / "all.jsonl"), None, None) if kind == "file" else \
+        rr.output_spec(None, target, None)
+    state = tmp_path / "state"
+    first = rr.start(s, window, output, runner=embed_runner, state_dir=state, run_id="cut", checkpoint_s=0,
+                     stop_after=5)
+    assert first.status == "interrupted" and 5 <= first.records < window.total
+    ck = rr.Checkpoint.load(state, "cut")
+    if kind == "file":  # a part written after the last checkpoint, as a crash leaves it: must be ignored
+        (ck.dir / "parts" / f"part-{len(ck.data['parts']) + 1:05d}.jsonl").write_text('{"junk": 1}\n')
+    second = rr.resume(s, "cut", runner=embed_runner, state_dir=state, checkpoint_s=0)
+    assert second.status == "done" and first.records + second.records == window.total
+    if kind == "file":
+        ids = [r["request_id"] for r in rr.read_rows(tmp_path / "all.jsonl")]
+    else:
+        ids = [r["request_id"] for r in results_of(s, target) if r["replay_run_id"] == "cut"]
+    assert Counter(ids) == Counter(everything), "each request exactly once"
+    assert rr.resume(s, "cut", runner=embed_runner, state_dir=state).status == "done"  # nothing left to do
+    assert committed(s) == log.live_offsets
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topic", "no-such-topic"], "unknown topic"),
+    (["--since", "END"], "window of"),  # after the last record: empty
+    (["--since", "2099-01-01T00:00:00+01:00"], "in the future"),
+    (["--since", "SINCE", "--model", "/nonexistent/model"], "cannot load model"),
+    (["--offsets", "0:5-3"], "end before start"),
+])
+@pytest.mark.parametrize("output", ["file", "topic"])
+def test_bad_input_fails_clearly_and_writes_nothing(log, tmp_path, args, message, output):
+    args = [str(log.end) if a == "END" else str(log.t1) if a == "SINCE" else a for a in args]
+    target = unique("never")
+    out = tmp_path / "never.parquet"
+    dest = ["--out", str(out)] if output == "file" else ["--to-topic", target]
+    res = CliRunner().invoke(cli, ["replay", *args, *dest], env=cli_env(log, tmp_path))
+    assert res.exit_code != 0
+    assert message in res.stderr, res.stderr
+    assert not out.exists() and not (tmp_path / "state").exists()
+    assert not partition_counts(log.settings, [target, f"{target}.deadletter"])
+
+
+def test_window_errors(log):
+    s = log.settings
+    with pytest.raises(WindowError, match="after --until"):
+        resolve_window(s, s.requests_topic, since=log.t2, until=log.t1)
+    with pytest.raises(WindowError, match="time zone"):
+        parse_time("2026-11-23T10:00:00", "Mars/Olympus")
+    with pytest.raises(WindowError, match="ISO 8601"):
+        parse_time("yesterday-ish")
+    w = resolve_window(s, s.requests_topic, partitions="0,2")
+    assert [r.partition for r in w.ranges] == [0, 2]
+    w = resolve_window(s, s.requests_topic, offsets="1:1-3")
+    assert [(r.partition, r.start, r.end) for r in w.ranges] == [(1, 1, 3)] and w.total == 2
