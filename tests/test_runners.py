@@ -106,7 +106,7 @@ def test_model_identity(embed, gen, tiny_gpt2_dir):
     weights = Path(default_model_path()) / "model.safetensors"
     assert embed.task == "EMBED" and embed.info.name == "all-MiniLM-L6-v2"
     assert embed.info.digest == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    assert embed.max_input_tokens == 512
+    assert embed.max_input_tokens == 256  # sentence_bert_config.json: the length it was trained for
     assert gen.info.name == tiny_gpt2_dir.name and gen.max_input_tokens == 64
     assert load_runner(str(tiny_gpt2_dir), name="tiny").info.name == "tiny"
 
