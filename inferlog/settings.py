@@ -40,6 +40,11 @@ class Settings(BaseSettings):
 
     # -- topics --------------------------------------------------------------------------
     requests_topic: str = "inferlog.requests"
+    # requests with priority >= high_priority go to their own topic, which workers serve
+    # first (weighted, so the normal tier is never starved)
+    high_priority_topic: str = "inferlog.requests.high"
+    high_priority: int = Field(1, ge=1)
+    high_priority_weight: int = Field(4, ge=1)  # high-tier batches per normal-tier batch when both wait
     results_topic: str = "inferlog.results"
     deadletter_topic: str = "inferlog.deadletter"
     partitions: int = Field(6, ge=1)

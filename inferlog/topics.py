@@ -22,10 +22,11 @@ def _admin(settings: Settings) -> AdminClient:
 def ensure_topics(settings: Settings, names: list[str] | None = None, partitions: int | None = None,
                   replication_factor: int | None = None, retention_ms: int | None = None,
                   timeout: float = 30) -> dict[str, bool]:
-    """Create `names` (default: the requests, results and deadletter topics) unless they
+    """Create `names` (default: the requests (both tiers), results and deadletter topics) unless they
     exist. Returns {name: created?}; an existing topic is left as it is, even when its
     partition count differs (changing it would move keys to other partitions)."""
-    names = names or [settings.requests_topic, settings.results_topic, settings.deadletter_topic]
+    names = names or [settings.requests_topic, settings.high_priority_topic, settings.results_topic,
+                      settings.deadletter_topic]
     partitions = partitions or settings.partitions
     rf = replication_factor or settings.replication_factor
     retention = settings.retention_ms if retention_ms is None else retention_ms

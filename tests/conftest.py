@@ -109,6 +109,7 @@ def topic_factory(kafka):
 def settings(kafka) -> Settings:
     tag = unique("inferlog")
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.requests",
+                      high_priority_topic=f"{tag}.requests.high",
                       results_topic=f"{tag}.results", deadletter_topic=f"{tag}.deadletter",
                       partitions=6, group_id=f"{tag}.workers", worker_id=f"{tag}.w0")
     ensure_topics(s)
