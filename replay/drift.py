@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -38,6 +39,29 @@ def read_results(settings, topic: str, *, since_ms: int | None = None, until_ms:
         if name == RESULT:
             out.append(rec)
     return out
+
+
+def settle(settings, topic: str, timeout: float = 15.0) -> None:
+    """Wait until read_committed readers see the whole topic as it is now. A commit returns
+    before the transaction markers are written, and until they are, the last stable offset
+    (the end a read_committed window snapshots) stops short of the just-committed records."""
+    from confluent_kafka import TopicPartition
+
+    from .window import window_consumer
+
+    raw, stable = window_consumer(settings, **{"isolation.level": "read_uncommitted"}), window_consumer(settings)
+    try:
+        parts = raw.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: raw.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1] for p in parts}
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            ends = {p: e for p, e in ends.items()
+                    if stable.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1] < e}
+            if ends:
+                time.sleep(0.05)
+    finally:
+        raw.close()
+        stable.close()
 
 
 def read_dead_letters(settings, topic: str) -> list[dict]:
@@ -248,6 +272,8 @@ def replayed(settings, ck) -> tuple[list[dict], list[dict]]:
         rows = [r for p in paths for r in read_rows(p)]
         dead = [{"request_id": r["request_id"], "reason": r["reason"]} for r in rows if r["kind"] == "deadletter"]
         return [row_result(r) for r in rows if r["kind"] == "result"], dead
+    for topic in (o["topic"], o["deadletter_topic"]):
+        settle(settings, topic)
     res = [r for r in read_results(settings, o["topic"]) if r["replay_run_id"] == ck.run_id]
     dead = [d for d in read_dead_letters(settings, o["deadletter_topic"]) if d["replay_run_id"] == ck.run_id]
     return res, dead

@@ -60,6 +60,19 @@ def results_of(s, topic: str) -> list[dict]:
     return [codec.decode(r.value, expect=RESULT) for r in read_all(s, topic)]
 
 
+def committed_results(s, topic: str, n: int) -> list[dict]:
+    """At least n results of a transactional topic: a commit returns before its markers are
+    written, and a read_committed reader sees the records only after them."""
+    got: list[dict] = []
+
+    def enough():
+        got[:] = results_of(s, topic)
+        return len(got) >= n
+
+    wait_until(enough, 30, what=f"{n} results on {topic}")
+    return got
+
+
 @pytest.fixture(scope="module")
 def log(kafka, embed_runner) -> Log:
     """Three groups of requests ~1.5 s apart, all answered by a live worker."""
@@ -120,8 +133,9 @@ def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed
     target = unique("replayed")
     summary = rr.start(s, window, rr.output_spec(None, target, None), runner=embed_runner,
                        state_dir=tmp_path / "state", run_id="to-topic")
-    assert summary.status == "done"
-    got = results_of(s, target)
+    assert summary.status == "done" and summary.records == summary.results == window.total, summary
+    # the commit returns before its markers are written: a read_committed reader catches up
+    got = committed_results(s, target, window.total)
     assert len(got) == window.total and {r["replay_run_id"] for r in got} == {"to-topic"}
     assert_reproduces(log, vectors(got))
     assert committed(s) == log.live_offsets, "the live group's offsets moved"
@@ -196,7 +210,8 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
     if kind == "file":
         ids = [r["request_id"] for r in rr.read_rows(tmp_path / "all.jsonl")]
     else:
-        ids = [r["request_id"] for r in results_of(s, target) if r["replay_run_id"] == "cut"]
+        got = committed_results(s, target, window.total)
+        ids = [r["request_id"] for r in got if r["replay_run_id"] == "cut"]
     assert Counter(ids) == Counter(everything), "each request exactly once"
     assert rr.resume(s, "cut", runner=embed_runner, state_dir=state).status == "done"  # nothing left to do
     assert committed(s) == log.live_offsets
