@@ -1,0 +1,399 @@
+"""The deployment files, checked by the tools that consume them, offline.
+
+- helm/inferlog: `helm lint` and `helm template` for the default values and each
+  helm/inferlog/ci/*.yaml; every rendered object against the Kubernetes OpenAPI schemas
+  (kubernetes-validate, bundled) and the custom resources against their CRDs' schemas;
+  values.schema.json and the chart's guards reject bad values.
+- docker-compose.yml against the Compose Specification schema (from compose-go, the
+  loader of `docker compose`), plus the references the schema cannot see.
+- The Grafana dashboard and the Prometheus config against the worker's metrics.
+
+Helm, the compose schema and the CRDs come from .ci/tools/install-deploy-tools.sh (into
+$INFERLOG_TOOLS_DIR, default .tools/). Without them these tests skip, unless
+INFERLOG_REQUIRE_DEPLOY_TOOLS=1 (CI), where they fail.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "inferlog"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+TOOLS = Path(os.environ.get("INFERLOG_TOOLS_DIR", ROOT / ".tools"))
+METRICS_PORT = 9464
+
+# The worker's metrics, as exposed (counters with their _total suffix), by type.
+METRICS = {
+    "inferlog_records_consumed_total": "counter",
+    "inferlog_results_total": "counter",
+    "inferlog_dead_letters_total": "counter",
+    "inferlog_tokens_total": "counter",
+    "inferlog_commits_total": "counter",
+    "inferlog_batch_size": "histogram",
+    "inferlog_batch_tokens": "histogram",
+    "inferlog_stage_seconds": "histogram",
+    "inferlog_end_to_end_seconds": "histogram",
+    "inferlog_executor_queue_wait_seconds": "histogram",
+    "inferlog_consumer_lag": "gauge",
+    "inferlog_in_flight_records": "gauge",
+    "inferlog_paused_partitions": "gauge",
+    "inferlog_device_memory_bytes": "gauge",
+    "inferlog_device_utilization": "gauge",
+    "inferlog_ready": "gauge",
+}
+
+
+def _missing(what: str):
+    msg = f"{what} is not installed; run .ci/tools/install-deploy-tools.sh [{TOOLS}]"
+    if os.environ.get("INFERLOG_REQUIRE_DEPLOY_TOOLS") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    exe = TOOLS / "bin" / "helm"
+    found = str(exe) if exe.is_file() else shutil.which("helm")
+    if not found:
+        _missing("helm")
+    return found
+
+
+@pytest.fixture(scope="session")
+def k8s_validate():
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("kubernetes-validate (PyPI)")
+    return kubernetes_validate
+
+
+@pytest.fixture(scope="session")
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """{(apiVersion, kind): openAPIV3Schema} from the CRD files the tools script copied."""
+    files = sorted((TOOLS / "crds").glob("*.yaml"))
+    if not files:
+        _missing("the CRDs (ServiceMonitor, ScaledObject, TriggerAuthentication)")
+    out = {}
+    for f in files:
+        crd = yaml.safe_load(f.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            if v.get("served"):
+                out[(f"{group}/{v['name']}", kind)] = strict(v["schema"]["openAPIV3Schema"])
+    return out
+
+
+def strict(schema):
+    """A CRD's schema as the API server applies it: fields it does not know are errors
+    here (the server would silently prune them), unless the CRD preserves them."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def run_helm(helm: str, *args: str, values: list[Path] = (), sets: list[str] = ()) -> subprocess.CompletedProcess:
+    cmd = [helm, *args, str(CHART)]
+    for v in values:
+        cmd += ["-f", str(v)]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def render(helm: str, values: list[Path] = (), sets: list[str] = ()) -> list[dict]:
+    res = run_helm(helm, "template", "rel", values=values, sets=sets)
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def worker_of(docs: list[dict]) -> dict:
+    (w,) = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    return w
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+VALUE_SETS = [pytest.param([], id="defaults")] + [pytest.param([f], id=f.stem) for f in CI_VALUES] + [
+    pytest.param(CI_VALUES, id="all-ci-values")]
+
+
+# -- helm: lint, render, schemas --------------------------------------------------------------
+
+@pytest.mark.parametrize("values", VALUE_SETS)
+def test_chart_lints_and_renders_valid_kubernetes_objects(helm, k8s_validate, crd_schemas, values):
+    import jsonschema
+
+    lint = run_helm(helm, "lint", "--strict", values=values)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render(helm, values)
+    assert docs
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in crd_schemas:  # custom resources: their CRD's structural schema
+            # metadata is the API server's (ObjectMeta), which the CRD leaves open
+            jsonschema.validate({**doc, "metadata": {}}, crd_schemas[key])
+            continue
+        # the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
+        for version in ("1.25.0", k8s_validate.latest_version()):
+            try:
+                k8s_validate.validate(doc, version, strict=True)
+            except k8s_validate.SchemaNotFoundError as e:
+                pytest.fail(f"{key} has no schema in Kubernetes {version} nor in the CRDs: {e}")
+            except k8s_validate.ValidationError as e:
+                pytest.fail(f"{key} {doc['metadata']['name']} is invalid for Kubernetes {version}: {e.message}")
+
+
+def test_default_worker_deployment(helm):
+    docs = render(helm)
+    w = worker_of(docs)
+    assert w["kind"] == "Deployment" and w["spec"]["replicas"] == 2
+    pod = w["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 60
+    (c,) = pod["containers"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"} in c["ports"]
+    env = env_of(c)
+    assert env["INFERLOG_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["INFERLOG_METRICS_PORT"]["value"] == str(METRICS_PORT)
+    assert env["INFERLOG_PARTITIONS"]["value"] == "6"
+    assert all(n.startswith(("INFERLOG_", "OTEL_")) for n in env)
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    (svc,) = by_kind(docs, "Service")
+    assert svc["spec"]["ports"][0]["port"] == METRICS_PORT
+    assert by_kind(docs, "PodDisruptionBudget") and by_kind(docs, "ServiceAccount")
+    assert not by_kind(docs, "ScaledObject") and not by_kind(docs, "ServiceMonitor")
+    (job,) = by_kind(docs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["kafka", "topics"]
+
+
+def test_gpu_values(helm):
+    docs = render(helm, [CHART / "ci" / "gpu-values.yaml"])
+    pod = worker_of(docs)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["containers"][0]["image"].endswith("-cuda")
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "podAntiAffinity" in pod["affinity"]
+
+
+def test_keda_owns_the_replica_count(helm):
+    docs = render(helm, [CHART / "ci" / "keda-values.yaml"])
+    assert "replicas" not in worker_of(docs)["spec"]
+    (so,) = by_kind(docs, "ScaledObject")
+    assert so["spec"]["maxReplicaCount"] <= 12  # kafka.partitions in keda-values.yaml
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == "inferlog-workers"
+    assert trigger["metadata"]["topic"] == "inferlog.requests"
+
+
+def test_sasl_and_tls_come_from_secrets(helm):
+    docs = render(helm, [CHART / "ci" / "sasl-tls-values.yaml"])
+    for pod in (worker_of(docs)["spec"]["template"]["spec"], by_kind(docs, "Job")[0]["spec"]["template"]["spec"]):
+        env = env_of(pod["containers"][0])
+        assert env["INFERLOG_SECURITY_PROTOCOL"]["value"] == "SASL_SSL"
+        assert env["INFERLOG_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "inferlog-kafka-user",
+                                                                              "key": "password"}
+        assert "value" not in env["INFERLOG_SASL_PASSWORD"]
+        ca = env["INFERLOG_SSL_CAFILE"]["value"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert ca.startswith(mounts["kafka-ca"] + "/")
+        assert vols["kafka-ca"]["secret"]["secretName"] == "kafka-cluster-ca"
+    (auth,) = by_kind(docs, "TriggerAuthentication")
+    assert {"parameter": "password", "name": "inferlog-kafka-user", "key": "password"} in auth["spec"]["secretTargetRef"]
+
+
+def test_servicemonitor_and_statefulset(helm):
+    docs = render(helm, [CHART / "ci" / "servicemonitor-values.yaml", CHART / "ci" / "statefulset-values.yaml"])
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    w = worker_of(docs)
+    assert w["kind"] == "StatefulSet"
+    assert w["spec"]["serviceName"] in {s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    env = env_of(w["spec"]["template"]["spec"]["containers"][0])
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://")
+
+
+# -- helm: what must be refused ----------------------------------------------------------------
+
+SCHEMA = "don't meet the specifications of the schema"  # helm's values.schema.json error
+
+
+@pytest.mark.parametrize("sets, why", [
+    (["replicas=two"], [SCHEMA, "/replicas"]),
+    (["replicas=0"], [SCHEMA, "/replicas"]),
+    (["replicas=1.5"], [SCHEMA, "/replicas"]),
+    (["replicaCount=2"], [SCHEMA, "replicaCount"]),  # unknown key (a typo of replicas)
+    (["kafka.partition=6"], [SCHEMA, "partition"]),
+    (["kafka.securityProtocol=TLS"], [SCHEMA, "/kafka/securityProtocol"]),
+    (["gpu.count=0"], [SCHEMA, "/gpu/count"]),
+    (["workload.kind=DaemonSet"], [SCHEMA, "/workload/kind"]),
+    (["replicas=7"], ["replicas (7)", "exceeds kafka.partitions (6)"]),
+    (["gpu.enabled=true", "gpu.count=2", "replicas=4"], ["consumers per pod (2)", "exceeds kafka.partitions"]),
+    (["keda.enabled=true", "keda.maxReplicaCount=7"], ["keda.maxReplicaCount (7)", "exceeds kafka.partitions"]),
+    (["kafka.sasl.enabled=true", "kafka.sasl.existingSecret=s"], ["securityProtocol SASL_PLAINTEXT or SASL_SSL"]),
+    (["kafka.securityProtocol=SASL_SSL"], ["needs kafka.sasl.enabled"]),
+    (["kafka.securityProtocol=SSL", "kafka.tls.enabled=true"], ["kafka.tls.caSecret"]),
+])
+def test_bad_values_are_refused(helm, sets, why):
+    res = run_helm(helm, "template", "rel", sets=sets)
+    assert res.returncode != 0, f"{sets} rendered"
+    for text in why:
+        assert text in res.stderr, res.stderr
+
+
+# -- docker compose ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_file_follows_the_compose_specification(compose):
+    import jsonschema
+
+    spec = TOOLS / "compose-spec.json"
+    if not spec.is_file():
+        _missing("the Compose Specification schema")
+    schema = json.loads(spec.read_text())
+    jsonschema.validators.validator_for(schema)(schema).validate(compose)
+
+
+@pytest.mark.parametrize("profiles, gpu_worker", [([], False), (["gpu"], True)])
+def test_compose_loads_like_docker_compose_config(profiles, gpu_worker):
+    """compose-go's loader (what `docker compose config` runs): schema, interpolation,
+    normalization and the consistency checks, e.g. depends_on an unknown service."""
+    exe = TOOLS / "bin" / "compose-check"
+    if not exe.is_file():
+        _missing("compose-check")
+    args = [a for p in profiles for a in ("-profile", p)]
+    res = subprocess.run([str(exe), *args, "docker-compose.yml"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")})
+    assert res.returncode == 0, res.stderr
+    services = yaml.safe_load(res.stdout)["services"]
+    assert {"kafka", "topic-init", "worker", "prometheus", "grafana", "jaeger"} <= set(services)
+    assert ("worker-gpu" in services) == gpu_worker
+
+
+def test_compose_references(compose):
+    services = compose["services"]
+    for name, svc in services.items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no healthcheck"
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (ROOT / src).exists(), f"{name} mounts missing {src}"
+            else:
+                assert src in compose["volumes"], f"{name} uses undeclared volume {src}"
+    kafka = services["kafka"]["environment"]
+    assert kafka["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == 1
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["topic-init"]["command"] == ["kafka", "topics"]
+    assert services["worker"]["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
+    assert "profiles" not in services["worker"]  # the CPU worker runs by default
+    gpu = services["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    (dev,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["capabilities"] == ["gpu"] and dev["driver"] == "nvidia"
+    for w in (services["worker"], gpu):
+        assert w["environment"]["INFERLOG_METRICS_PORT"] == str(METRICS_PORT)
+        assert w["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://jaeger:")
+
+
+# -- observability config ----------------------------------------------------------------------
+
+def test_prometheus_scrapes_the_workers_metrics_port(compose):
+    conf = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in conf["scrape_configs"] if j["job_name"] == "inferlog-worker"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for s in job.get("static_configs", []) for t in s["targets"]]
+    ports = {int(t.rsplit(":", 1)[1]) for t in targets} | {d["port"] for d in job.get("dns_sd_configs", [])}
+    assert ports == {METRICS_PORT}
+    names = {n for d in job.get("dns_sd_configs", []) for n in d["names"]} | {t.rsplit(":", 1)[0] for t in targets}
+    assert {"worker", "worker-gpu"} <= names and names <= set(compose["services"])
+
+
+def test_metric_list_matches_the_worker():
+    """The list above (and so the dashboard) against the worker's own registry."""
+    metrics = pytest.importorskip("inferlog.consumer.metrics", reason="the worker's metrics module is not importable")
+    exposed = {}
+    for family in metrics.Metrics().registry.collect():
+        exposed[family.name + ("_total" if family.type == "counter" else "")] = family.type
+    assert exposed == METRICS
+
+
+def _dashboard_exprs(dash: dict) -> list[str]:
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def test_grafana_dashboard_queries_only_the_workers_metrics():
+    dash = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "inferlog.json").read_text())
+    used = set()
+    for expr in _dashboard_exprs(dash):
+        for name in re.findall(r"\binferlog_[a-z_]+", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if base != name and METRICS.get(base) == "histogram":
+                used.add(base)
+            else:
+                assert METRICS.get(name) in ("counter", "gauge"), f"{name} in {expr!r} is not a worker metric"
+                used.add(name)
+            if METRICS[base if base in METRICS else name] == "counter":
+                assert f"rate({name}" in expr, f"counter {name} used without rate(): {expr!r}"
+    assert used == set(METRICS), f"metrics without a panel: {sorted(set(METRICS) - used)}"
+    assert any(e.startswith("histogram_quantile(0.99") and "inferlog_end_to_end_seconds_bucket" in e
+               for e in _dashboard_exprs(dash))
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_grafana_dashboard_is_generated_from_its_script():
+    spec = importlib.util.spec_from_file_location("build_dashboard", ROOT / "deploy" / "grafana" / "build_dashboard.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    committed = json.loads(mod.OUT.read_text())
+    assert committed == mod.dashboard(), "run python deploy/grafana/build_dashboard.py"
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboard(compose):
+    root = ROOT / "deploy" / "grafana" / "provisioning"
+    (ds,) = [d for d in yaml.safe_load((root / "datasources" / "prometheus.yml").read_text())["datasources"]
+             if d["type"] == "prometheus"]
+    assert ds["uid"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    (prov,) = yaml.safe_load((root / "dashboards" / "inferlog.yml").read_text())["providers"]
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
+    assert mounts["./deploy/grafana/dashboards"] == prov["options"]["path"]
+
+
+def test_dockerfile_basics():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001", text, re.M)
+    assert 'ENTRYPOINT ["inferlog"]' in text and 'CMD ["worker"]' in text
+    assert "HF_HUB_OFFLINE=1" in text and "/healthz" in text
+    assert f"EXPOSE {METRICS_PORT}" in text
