@@ -142,8 +142,10 @@ def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed
     assert_reproduces(log, vectors(got))
     assert committed(s) == log.live_offsets, "the live group's offsets moved"
 
-    ck = rr.Checkpoint.load(tmp_path / "state", "to-topic")
-    report = drift.compare_run(s, ck)
+    res = CliRunner().invoke(cli, ["replay", "compare", "--run-id", "to-topic", "--format", "json"],
+                             env=cli_env(log, tmp_path))
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
     t = report["tasks"]["EMBED"]
     assert (t["compared"], t["missing_original"], t["missing_replay"]) == (12, 0, 0)
     assert t["close"] == 12 and t["cosine"]["min"] > 1 - 1e-6 and t["cosine"]["lt_1"] == 0
@@ -207,8 +209,14 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
     ck = rr.Checkpoint.load(state, "cut")
     if kind == "file":  # a part written after the last checkpoint, as a crash leaves it: must be ignored
         (ck.dir / "parts" / f"part-{len(ck.data['parts']) + 1:05d}.jsonl").write_text('{"junk": 1}\n')
-    second = rr.resume(s, "cut", runner=embed_runner, state_dir=state, checkpoint_s=0)
-    assert second.status == "done" and first.records + second.records == window.total
+        assert not (tmp_path / "all.jsonl").exists()
+        # the command line: everything comes from the checkpoint
+        res = CliRunner().invoke(cli, ["replay", "--resume", "cut"], env=cli_env(log, tmp_path))
+        assert res.exit_code == 0, res.output
+        assert f"replay cut done: {window.total - first.records} records" in res.stderr
+    else:
+        second = rr.resume(s, "cut", runner=embed_runner, state_dir=state, checkpoint_s=0)
+        assert second.status == "done" and first.records + second.records == window.total
     if kind == "file":
         ids = [r["request_id"] for r in rr.read_rows(tmp_path / "all.jsonl")]
     else:
