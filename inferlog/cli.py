@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "produce": ("inferlog.producer.cli:produce", "Publish requests from JSONL (file or stdin)."),
     "worker": ("inferlog.consumer.cli:worker", "Run an inference worker (long-running)."),
     "demo": ("inferlog.consumer.demo:demo", "Local Kafka + worker + a sample stream, with a summary."),
+    "gateway": ("inferlog.producer.gateway:gateway_cli", "HTTP gateway: submit requests and fetch results over HTTP."),
     "replay": ("inferlog.replay.cli:replay", "Run a window of the request log through a model again."),
     "audit": ("inferlog.replay.cli:audit", "What was asked, what was answered, by which model, when."),
 }

@@ -95,6 +95,29 @@ class Settings(BaseSettings):
     otlp_endpoint: str | None = Field(
         None, validation_alias=AliasChoices("INFERLOG_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"))
 
+    # -- gateway -------------------------------------------------------------------------
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, ge=0, le=65535)
+    # callers -> tenants. None of api_keys/api_keys_file/jwt_* set: the gateway runs open
+    api_keys: SecretStr | None = None  # "key1:tenantA,key2:tenantB"
+    api_keys_file: Path | None = None  # JSON {"key": "tenant", ...}
+    jwt_secret: SecretStr | None = None  # HS256
+    jwt_public_key: str | None = None  # RS256: a PEM, or a path to one
+    jwt_tenant_claim: str = "tenant"
+    jwt_audience: str | None = None  # checked when set
+    # signs request ids with their tenant, so any replica can tell an id's owner without
+    # shared state; replicas behind one load balancer need the same secret
+    gateway_id_secret: SecretStr | None = None
+    # per tenant and per replica: rate (requests/s, 0 = no limit), burst, in-flight quota
+    tenant_rate: float = Field(100.0, ge=0)
+    tenant_burst: int = Field(200, ge=1)
+    tenant_max_in_flight: int = Field(2000, ge=1)
+    gateway_max_wait_s: float = Field(30.0, gt=0)  # cap of ?wait=
+    gateway_cache_size: int = Field(20000, ge=1)  # recent outcomes held in memory
+    gateway_cache_ttl_s: float = Field(600.0, gt=0)
+    gateway_lookup_max_records: int = Field(200_000, ge=1)  # scan bound of a GET older than the cache
+    # -- end gateway ---------------------------------------------------------------------
+
     # local Kafka
     kafka_home: Path = Field(default_factory=lambda: Path(os.environ.get("INFERLOG_KAFKA_HOME", ".kafka")))
     kafka_version: str = "4.4.0"

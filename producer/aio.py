@@ -2,6 +2,7 @@
 
 Encoding a request is pure CPU work of microseconds, so it runs on the loop; sending only
 appends to aiokafka's batch accumulator and waits (never blocks) when that is full.
+infer() waits for the answer through producer/replies.py, started by the first call.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from inferlog.clients import aiokafka_kwargs
 from inferlog.errors import InferlogError
 from inferlog.settings import Settings
 
-from .sync import DeliveryLedger, Envelope, RequestEncoder, split_settings
+from .replies import Replies
+from .sync import DeliveryLedger, Envelope, ProduceError, RequestEncoder, split_settings
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,9 @@ class AsyncProducer:
 
     def __init__(self, settings: Settings | None = None, **overrides: Any):
         self.settings, client = split_settings(settings, overrides)
-        self.topic = self.settings.requests_topic
         self._encoder = RequestEncoder(self.settings)
+        self._replies: Replies | None = None
+        self._replies_lock = asyncio.Lock()
         self.ledger = DeliveryLedger()
         self._pending: set[asyncio.Future] = set()
         self._kwargs = {
@@ -47,6 +50,14 @@ class AsyncProducer:
             **client,
         }
         self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def codec(self):
+        return self._encoder.codec
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
 
     async def start(self) -> None:
         if self.settings.framing == "confluent":
@@ -71,6 +82,9 @@ class AsyncProducer:
             await self._settle()
         finally:
             await producer.stop()
+            if self._replies is not None:
+                await self._replies.stop()
+                self._replies = None
         self.ledger.raise_failures()
 
     async def __aenter__(self) -> "AsyncProducer":
@@ -98,15 +112,55 @@ class AsyncProducer:
         metadata: Mapping[str, str] | None = None,
         key: str | bytes | None = None,
         request_id: str | None = None,
+        acked: bool = False,
     ) -> str:
-        """Validate, encode and enqueue one request; returns its request_id (see Producer.submit)."""
+        """Validate, encode and enqueue one request; returns its request_id (see Producer.submit).
+
+        acked=True waits for the broker's ack of this record and raises ProduceError for it
+        alone, here (the gateway: one caller's failure is not another's)."""
         self._check()
         env = self._encoder.envelope(
             task, inputs, model=model, tenant=tenant, parameters=parameters, priority=priority,
             deadline_ms=deadline_ms, metadata=metadata, key=key, request_id=request_id,
         )
-        await self._send(env)
+        if acked:
+            await self._send_acked(env)
+        else:
+            await self._send(env)
         return env.request_id
+
+    async def infer(self, task: str, inputs: str | Sequence[str], *, timeout: float = 30, **fields: Any) -> dict:
+        """Submit one request and wait for its result record (see Producer.infer): RequestFailed
+        for a dead letter, TimeoutError when nothing comes within `timeout` seconds."""
+        self._check()
+        replies = await self.replies()
+        env = self._encoder.envelope(task, inputs, **fields)
+        fut = replies.expect(env.request_id)  # before sending: the outcome cannot be missed
+        try:
+            await self._send_acked(env)
+            outcome = await replies.wait(env.request_id, max(0.0, timeout), fut)
+        finally:
+            replies.forget(env.request_id, fut)
+        if outcome is None:
+            raise TimeoutError(f"no result for request {env.request_id} within {timeout}s")
+        return outcome.result(self._encoder.codec)
+
+    async def replies(self) -> Replies:
+        """The results reader infer() uses, started on first use."""
+        async with self._replies_lock:
+            if self._replies is None:
+                r = Replies(self.settings, self._encoder.codec, cache_size=256)
+                await r.start()
+                self._replies = r
+            return self._replies
+
+    async def _send_acked(self, env: Envelope) -> None:
+        fut = await self._producer.send(env.topic, env.value, env.key, headers=env.headers)
+        try:
+            await fut
+        except Exception as e:
+            raise ProduceError(f"{env.request_id}: {type(e).__name__}: {e}", type(e).__name__,
+                               [(env.request_id, type(e).__name__, str(e))]) from e
 
     async def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
         """All requests are validated before any is sent: one bad request raises, nothing is sent."""
@@ -124,7 +178,7 @@ class AsyncProducer:
         self.ledger.raise_failures()
 
     async def _send(self, env: Envelope) -> None:
-        fut = await self._producer.send(self.topic, env.value, env.key, headers=env.headers)
+        fut = await self._producer.send(env.topic, env.value, env.key, headers=env.headers)
         self._pending.add(fut)
         fut.add_done_callback(partial(self._on_delivery, env.request_id))
 

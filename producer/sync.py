@@ -2,15 +2,21 @@
 
 One path for a request: build_request validates it (exactly what a worker would dead-letter
 is refused here, before anything is sent), the codec encodes it, and it goes out keyed by
-the caller's affinity key or else its request_id, with trace context and content-type headers.
+the caller's affinity key or else its request_id, with trace context and content-type headers,
+to the topic of its priority tier. infer() waits for the answer: one shared reader thread per
+Producer, started by the first call, completes each caller's future.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from confluent_kafka import KafkaError, Producer as _KafkaProducer
+from confluent_kafka import Consumer, KafkaError, Producer as _KafkaProducer, TopicPartition
 from opentelemetry import propagate
 
 from inferlog.clients import confluent_config
@@ -65,6 +71,7 @@ class DeliveryLedger:
 
 class Envelope(NamedTuple):
     request_id: str
+    topic: str  # the tier's topic
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
@@ -84,6 +91,7 @@ class RequestEncoder:
     def __init__(self, settings: Settings):
         self.codec = Codec.from_settings(settings)
         self.limits = Limits.from_settings(settings)
+        self.settings = settings
         self.content_type = (
             f"application/vnd.apache.avro+binary; schema={REQUEST}; framing={settings.framing}".encode()
         )
@@ -113,7 +121,12 @@ class RequestEncoder:
         # The encoder refuses what build_request lets through but Avro cannot hold
         # (a non-string metadata value, say), as InvalidRequest too.
         value = self.codec.encode(REQUEST, rec)
-        return Envelope(rec["request_id"], _key(key, rec["request_id"]), value, self.headers())
+        return Envelope(rec["request_id"], self.topic(priority), _key(key, rec["request_id"]), value, self.headers())
+
+    def topic(self, priority: int) -> str:
+        """Priority tiers are topics: workers serve the high tier first (weighted)."""
+        s = self.settings
+        return s.high_priority_topic if priority >= s.high_priority else s.requests_topic
 
     def envelopes(self, requests: Iterable[Mapping[str, Any]]) -> list[Envelope]:
         """Validate and encode every request first, so a bad one means none is sent."""
@@ -159,10 +172,11 @@ class Producer:
 
     def __init__(self, settings: Settings | None = None, **overrides: Any):
         self.settings, client = split_settings(settings, overrides)
-        self.topic = self.settings.requests_topic
         self._encoder = RequestEncoder(self.settings)
         self.ledger = DeliveryLedger()
         self._closed = False
+        self._reader: ResultsReader | None = None  # started by the first infer()
+        self._reader_lock = threading.Lock()
         conf = {
             "enable.idempotence": True,
             "acks": "all",
@@ -219,11 +233,47 @@ class Producer:
         cb = partial(self._on_delivery, env.request_id)
         while True:
             try:
-                self._producer.produce(self.topic, env.value, env.key, headers=env.headers, on_delivery=cb)
+                self._producer.produce(env.topic, env.value, env.key, headers=env.headers, on_delivery=cb)
                 return
             except BufferError:
                 # The local queue is full: let deliveries drain it, then try again.
                 self._producer.poll(0.05)
+
+    def infer(self, task: str, inputs: str | Sequence[str], *, timeout: float = 30, **fields: Any) -> dict:
+        """Submit one request and wait for its result record (request-reply over Kafka).
+
+        `fields` are submit()'s. Raises RequestFailed (reason, detail) when the request ends
+        as a dead letter, TimeoutError when no outcome comes within `timeout` seconds. A result
+        with status EXPIRED (its deadline passed) is returned like any result.
+        """
+        reader = self._results_reader()
+        env = self._encoder.envelope(task, inputs, **fields)
+        fut = reader.expect(env.request_id)  # before sending: the outcome cannot be missed
+        try:
+            self._check()
+            self._send(env)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    # short slices: serve delivery reports so a failed send surfaces here
+                    outcome = fut.result(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+                    break
+                except FutureTimeout:
+                    self._producer.poll(0)
+                    self.ledger.raise_failures()
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"no result for request {env.request_id} within {timeout}s") from None
+        finally:
+            reader.forget(env.request_id)
+        return outcome.result(self._encoder.codec)
+
+    def _results_reader(self) -> "ResultsReader":
+        with self._reader_lock:
+            if self._closed:
+                raise InferlogError("producer is closed")
+            if self._reader is None:
+                self._reader = ResultsReader(self.settings, self._encoder.codec)
+            return self._reader
 
     def flush(self, timeout: float | None = 30) -> None:
         """Wait until every record is delivered (None: no limit); raise ProduceError for any that failed."""
@@ -239,6 +289,8 @@ class Producer:
         try:
             self.flush(timeout)
         finally:
+            if self._reader is not None:
+                self._reader.close()
             self._producer.close()
 
     def __enter__(self) -> "Producer":
@@ -275,3 +327,69 @@ class Producer:
             raise InferlogError("producer is closed")
         self._producer.poll(0)  # serve delivery reports (cheap, never waits) so failures surface now
         self.ledger.raise_failures()
+
+
+class ResultsReader:
+    """One thread per Producer reading every partition of the results and dead-letter topics
+    (from their ends at start, no group) and completing the futures of waiting infer() calls.
+    Outcomes nobody waits for are skipped undecoded."""
+
+    def __init__(self, settings: Settings, codec: Codec):
+        self.s, self.codec = settings, codec
+        self._waiters: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._consumer = Consumer(confluent_config(settings, **{
+            "group.id": f"inferlog-replies-{uuid.uuid4().hex}",  # required by the client; never joined
+            "enable.auto.commit": False, "isolation.level": "read_committed", "logger": log}))
+        try:
+            tps = []
+            for topic in (settings.results_topic, settings.deadletter_topic):
+                md = self._consumer.list_topics(topic, timeout=10).topics[topic]
+                if md.error is not None:
+                    raise InferlogError(f"topic {topic!r}: {md.error}")
+                for p in md.partitions:
+                    # explicit end offsets: an outcome of a request sent after this lies past them
+                    _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    tps.append(TopicPartition(topic, p, high))
+            self._consumer.assign(tps)
+        except BaseException:
+            self._consumer.close()
+            raise
+        self._thread = threading.Thread(target=self._run, name="inferlog-results-reader", daemon=True)
+        self._thread.start()
+
+    def expect(self, request_id: str) -> Future:
+        f: Future = Future()
+        with self._lock:
+            self._waiters[request_id] = f
+        return f
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._waiters.pop(request_id, None)
+
+    def _run(self) -> None:
+        from .replies import outcome_of
+
+        while not self._stop.is_set():
+            msgs = self._consumer.consume(500, 0.2)
+            if not self._waiters:
+                continue
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                failed = m.topic() == self.s.deadletter_topic
+                if not failed and (m.key() or b"").decode() not in self._waiters:
+                    continue  # not ours: no decode
+                o = outcome_of(failed, m.key(), m.value(), self.codec)
+                if o is not None:
+                    with self._lock:
+                        f = self._waiters.pop(o.request_id, None)
+                    if f is not None:
+                        f.set_result(o)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()

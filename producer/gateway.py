@@ -1,0 +1,320 @@
+"""The HTTP gateway: submit requests and fetch their results over HTTP (FastAPI, fully async).
+
+POST /v1/requests validates with the SDK's encoder, stamps the caller's tenant, publishes to
+the priority tier's topic through the asyncio SDK and answers 202 once the broker has the
+record (or, with ?wait=N, the result itself). GET /v1/requests/{id} answers from the
+replica's results reader (producer/replies.py), which sees every partition, so any replica
+answers any id. Nothing here blocks the loop: Kafka I/O is aiokafka, auth/encode/decode are
+microseconds, and a lag probe measures that this stays true.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import click
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferlog.errors import RecordError
+from inferlog.request import now_ms
+from inferlog.settings import Settings, load_settings
+
+from .aio import AsyncProducer
+from .auth import Authenticator, AuthError, IdSigner, QuotaExceeded, Quotas, retry_after_header
+from .replies import Outcome, Replies
+from .sync import ProduceError
+
+log = logging.getLogger(__name__)
+
+LAG_PROBE_S = 0.1
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LAG_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+# -- the API's shapes -----------------------------------------------------------------------
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+class SubmitBody(BaseModel):
+    """One inference request. The tenant comes from the caller's credentials, never the body."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"task": "embed", "inputs": ["a first text", "a second one"], "priority": 0}]})
+    task: str = Field(description="embed, generate or classify (the worker's model decides which it serves)")
+    inputs: str | list[str] = Field(description="one text or a list of texts; one output each")
+    model: str | None = Field(None, description="null: the worker's model")
+    parameters: Parameters | None = None
+    priority: int = Field(0, description="requests at or above the high-priority threshold go to the high tier")
+    deadline_ms: int | None = Field(None, description="epoch ms after which the answer is an EXPIRED result")
+    metadata: dict[str, str] | None = None
+
+
+class Status(BaseModel):
+    request_id: str
+    status: Literal["pending", "done", "failed"]
+    result: dict[str, Any] | None = Field(None, description="the InferenceResult record (status done)")
+    reason: str | None = Field(None, description="the dead letter's reason code (status failed)")
+    detail: str | None = None
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 429: {"model": Problem}}
+
+
+# -- metrics ---------------------------------------------------------------------------------
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()  # per app: several gateways in one process do not mix
+        self.requests = Counter("inferlog_gateway_requests", "Submissions answered, by tier, tenant and HTTP code",
+                                ["tier", "tenant", "code"], registry=r)
+        self.latency = Histogram("inferlog_gateway_latency_seconds", "Submit to answer of ?wait= submissions",
+                                 ["tier"], buckets=SECONDS, registry=r)
+        self.loop_lag = Histogram("inferlog_gateway_event_loop_lag_seconds",
+                                  f"Overshoot of a {LAG_PROBE_S}s sleep on the event loop", buckets=LAG_SECONDS,
+                                  registry=r)
+        self.loop_lag_max = Gauge("inferlog_gateway_event_loop_lag_max_seconds", "Largest overshoot seen",
+                                  registry=r)
+        self.outcomes = Counter("inferlog_gateway_outcomes_read", "Results and dead letters read", registry=r)
+
+    async def probe_loop_lag(self) -> None:
+        worst = 0.0
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(LAG_PROBE_S)
+            lag = max(0.0, time.perf_counter() - t0 - LAG_PROBE_S)
+            self.loop_lag.observe(lag)
+            if lag > worst:
+                worst = lag
+                self.loop_lag_max.set(lag)
+
+
+# -- the app ---------------------------------------------------------------------------------
+class Gateway:
+    """What one replica holds: Kafka clients, identity, quotas, metrics."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.auth = Authenticator.from_settings(settings)
+        secret = settings.gateway_id_secret
+        self.ids = IdSigner(secret.get_secret_value().encode() if secret else None)
+        self.quotas = Quotas.from_settings(settings)
+        self.metrics = GatewayMetrics()
+        self.producer = AsyncProducer(settings, client_id="inferlog-gateway")
+        self.replies = Replies(settings, self.producer.codec, on_outcome=self._answered)
+        self._lag_task: asyncio.Task | None = None
+
+    def _answered(self, request_id: str) -> None:
+        self.metrics.outcomes.inc()
+        self.quotas.done(request_id)
+
+    async def start(self) -> None:
+        if self.auth.open:
+            log.warning("no API keys or JWT keys configured: the gateway is OPEN, every caller is tenant 'default'")
+        if self.s.gateway_id_secret is None:
+            log.info("no gateway_id_secret: request ids are signed with a per-process key, so replicas "
+                     "cannot answer each other's pending ids (set INFERLOG_GATEWAY_ID_SECRET to share one)")
+        await self.replies.start()  # first: outcomes of what we send must not be missed
+        try:
+            await self.producer.start()
+        except BaseException:
+            await self.replies.stop()
+            raise
+        self._lag_task = asyncio.create_task(self.metrics.probe_loop_lag(), name="loop-lag-probe")
+        log.info("gateway ready: requests to %s / %s (priority >= %d), outcomes from %s / %s",
+                 self.s.requests_topic, self.s.high_priority_topic, self.s.high_priority,
+                 self.s.results_topic, self.s.deadletter_topic)
+
+    async def stop(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+        try:
+            await self.producer.stop()  # flushes what was accepted
+        finally:
+            await self.replies.stop()
+
+    def tier(self, priority: int) -> str:
+        return "high" if priority >= self.s.high_priority else "normal"
+
+    def status(self, request_id: str, o: Outcome | None, tenant: str) -> Status:
+        if o is None:
+            return Status(request_id=request_id, status="pending")
+        rec = o.decode(self.replies.codec)
+        if rec.get("tenant") not in (tenant, None):  # belt and braces: the id's tag already said
+            raise HTTPException(404, "unknown or expired request id")
+        if o.failed:
+            return Status(request_id=request_id, status="failed", reason=rec["reason"], detail=rec["detail"])
+        return Status(request_id=request_id, status="done", result=rec)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    gw = Gateway(settings or load_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="inferlog gateway", version="1", lifespan=lifespan,
+                  description="Submit inference requests and fetch their results over HTTP. "
+                              "Authenticate with `X-API-Key` or `Authorization: Bearer <API key or JWT>`.")
+    app.state.gateway = gw
+    api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key")
+    bearer = HTTPBearer(auto_error=False, description="an API key or a JWT (HS256/RS256)")
+
+    async def tenant(key: str | None = Depends(api_key),
+                     cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        try:
+            return gw.auth.tenant(f"Bearer {cred.credentials}" if cred else None, key)
+        except AuthError as e:
+            raise HTTPException(e.status, e.detail, headers={"WWW-Authenticate": "Bearer"}) from None
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.method == "POST":
+            gw.metrics.requests.labels("unknown", "-", "422").inc()
+        errors = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return JSONResponse({"detail": {"reason": "INVALID_REQUEST", "errors": errors}}, status_code=422)
+
+    @app.post("/v1/requests", response_model=Status, status_code=202, tags=["requests"],
+              responses={200: {"model": Status, "description": "the outcome, when ?wait= saw it in time"},
+                         422: {"model": Problem}, 503: {"model": Problem}, **ERRORS})
+    async def submit(body: SubmitBody, response: Response, who: str = Depends(tenant),
+                     wait: float | None = Query(None, ge=0, le=3600, description=(
+                         "seconds to wait for the outcome (capped by the gateway); 200 with it, "
+                         "or 202 pending when it does not come in time"))) -> Status:
+        tier, code = gw.tier(body.priority), 500
+        started = time.perf_counter()
+        try:
+            status = await _submit(gw, body, who, wait, response)
+            code = response.status_code or 202
+            if wait:
+                gw.metrics.latency.labels(tier).observe(time.perf_counter() - started)
+            return status
+        except HTTPException as e:
+            code = e.status_code
+            raise
+        finally:
+            gw.metrics.requests.labels(tier, who, str(code)).inc()
+
+    @app.get("/v1/requests/{request_id}", response_model=Status, tags=["requests"],
+             responses={404: {"model": Problem}, **ERRORS})
+    async def get(request_id: str = Path(max_length=128), who: str = Depends(tenant)) -> Status:
+        # another tenant's id, or no id we made: the same 404, so existence does not leak
+        if not gw.ids.owns(request_id, who):
+            raise HTTPException(404, "unknown or expired request id")
+        o = gw.replies.get(request_id)
+        created = gw.ids.created_ms(request_id) or 0
+        if o is None and gw.replies.may_have_missed(created):
+            o = await gw.replies.lookup(request_id, created)
+        if o is None and gw.s.retention_ms >= 0 and created < now_ms() - gw.s.retention_ms:
+            raise HTTPException(404, "unknown or expired request id")
+        return gw.status(request_id, o, who)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": Problem}})
+    async def readyz() -> dict:
+        if not gw.replies.running or not gw.producer.started:
+            raise HTTPException(503, "not connected to Kafka")
+        return {"ok": True, "outcomes_read": gw.replies.read}
+
+    return app
+
+
+async def _submit(gw: Gateway, body: SubmitBody, tenant: str, wait: float | None, response: Response) -> Status:
+    try:
+        gw.quotas.admit(tenant)
+    except QuotaExceeded as e:
+        raise HTTPException(429, e.detail, headers={"Retry-After": retry_after_header(e.retry_after)}) from None
+    rid = gw.ids.new(tenant)
+    waiter = gw.replies.expect(rid) if wait else None  # before sending: the outcome cannot be missed
+    gw.quotas.track(rid, tenant)
+    try:
+        await gw.producer.submit(
+            body.task, body.inputs, model=body.model, tenant=tenant,
+            parameters=body.parameters.model_dump(exclude_none=True) if body.parameters else None,
+            priority=body.priority, deadline_ms=body.deadline_ms, metadata=body.metadata,
+            request_id=rid, acked=True)
+    except BaseException as e:
+        gw.quotas.done(rid)
+        if waiter is not None:
+            gw.replies.forget(rid, waiter)
+        if isinstance(e, RecordError):
+            raise HTTPException(422, {"reason": e.reason, "detail": e.detail}) from None
+        if isinstance(e, ProduceError):
+            log.warning("publishing %s failed: %s", rid, e)
+            raise HTTPException(503, "Kafka did not take the request; retry") from None
+        raise
+    response.headers["Location"] = f"/v1/requests/{rid}"
+    if waiter is not None:
+        o = await gw.replies.wait(rid, min(wait, gw.s.gateway_max_wait_s), waiter)
+        if o is not None:
+            response.status_code = 200
+            return gw.status(rid, o, tenant)
+    response.status_code = 202
+    return Status(request_id=rid, status="pending")
+
+
+# -- running it ------------------------------------------------------------------------------
+def _server(settings: Settings, host: str, port: int):
+    import uvicorn
+
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=int(settings.gateway_max_wait_s) + 5, lifespan="on")
+    return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0):
+    """A gateway on a background thread (tests, benchmarks); yields its base URL."""
+    server = _server(settings, host, port)
+    t = threading.Thread(target=server.run, name="inferlog-gateway", daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not t.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not start (see the log)")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        t.join(60)
+
+
+@click.command("gateway")
+@click.option("--host", help="Interface to listen on [INFERLOG_GATEWAY_HOST].")
+@click.option("--port", type=int, help="Port to listen on [INFERLOG_GATEWAY_PORT].")
+@click.option("--bootstrap-servers", help="Kafka bootstrap servers [INFERLOG_BOOTSTRAP_SERVERS].")
+def gateway_cli(host: str | None, port: int | None, bootstrap_servers: str | None) -> None:
+    """Serve the HTTP gateway until SIGTERM/SIGINT (in-flight calls finish, the producer flushes)."""
+    s = load_settings(gateway_host=host, gateway_port=port, bootstrap_servers=bootstrap_servers)
+    _server(s, s.gateway_host, s.gateway_port).run()
