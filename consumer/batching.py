@@ -124,3 +124,42 @@ class BatchPolicy:
             self._by_len = [e for e in self._by_len if not pred(e[2])]
             self._rows -= sum(it.rows for it in gone)
         return gone
+
+
+class TieredPolicy:
+    """Two batching queues, high and normal priority, served by weight.
+
+    When both tiers have a batch due, up to `weight` high batches go before one normal
+    batch, so high-priority requests overtake a backlog without starving it. Each tier
+    batches by the same limits (requests of different tiers never share a batch).
+    """
+
+    def __init__(self, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float, weight: int = 4):
+        self.high = BatchPolicy(max_batch_size, max_batch_tokens, max_wait_ms)
+        self.normal = BatchPolicy(max_batch_size, max_batch_tokens, max_wait_ms)
+        self.weight = weight
+        self._credit = weight
+
+    def __len__(self) -> int:
+        return len(self.high) + len(self.normal)
+
+    def add(self, item: Item, high: bool = False) -> None:
+        (self.high if high else self.normal).add(item)
+
+    def due_at(self) -> float | None:
+        dues = [d for d in (self.high.due_at(), self.normal.due_at()) if d is not None]
+        return min(dues) if dues else None
+
+    def next_batch(self, now: float, flush: bool = False) -> list[Item] | None:
+        high_due = len(self.high) > 0 and (flush or self.high.is_due(now))
+        normal_due = len(self.normal) > 0 and (flush or self.normal.is_due(now))
+        if high_due and (self._credit > 0 or not normal_due):
+            self._credit -= 1
+            return self.high.next_batch(now, flush=True)
+        if normal_due:
+            self._credit = self.weight
+            return self.normal.next_batch(now, flush=True)
+        return None
+
+    def remove(self, pred) -> list[Item]:
+        return self.high.remove(pred) + self.normal.remove(pred)

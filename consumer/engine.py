@@ -16,7 +16,7 @@ from queue import Empty, SimpleQueue
 from inferlog.codec import Codec
 from inferlog.request import Limits, now_ms
 
-from .batching import BatchPolicy, Item
+from .batching import Item, TieredPolicy
 from .metrics import Metrics
 from .offsets import OffsetTracker
 from .pipeline import Pipeline
@@ -31,7 +31,8 @@ class Engine:
         self.runner = runner
         self.codec = codec or Codec.from_settings(settings)
         self.tracker = OffsetTracker()
-        self.policy = BatchPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms)
+        self.policy = TieredPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms,
+                                   settings.high_priority_weight)
         self.builder = ResultBuilder(self.codec, settings, runner.info, replay_run_id)
         names = {runner.info.name, settings.model} | ({settings.model_name} if settings.model_name else set())
         self.decoder = Decoder(self.codec, runner, Limits.from_settings(settings), settings.max_input_tokens, names)
@@ -91,7 +92,8 @@ class Engine:
                     extra = 0
                     if self.runner.task == "GENERATE":
                         extra = p.request.parameters.max_new_tokens or self.s.default_max_new_tokens
-                    self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra))
+                    self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra),
+                                    high=p.request.priority >= self.s.high_priority)
 
     def _dispatch(self, flush: bool) -> None:
         while self.pipeline.in_flight < self.s.pipeline_depth:
@@ -153,6 +155,9 @@ class Engine:
     @property
     def pending(self) -> int:
         return self.tracker.pending
+
+    def pending_in(self, topic: str) -> int:
+        return self.tracker.pending_in(topic)
 
     @property
     def partitions(self) -> list:

@@ -34,11 +34,11 @@ class Metrics:
                                "prepare/infer/finish per batch, commit per transaction)", ["stage"],
                                buckets=SECONDS, registry=r)
         self.e2e = Histogram("inferlog_end_to_end_seconds", "From the request's created_at to its committed output",
-                             buckets=E2E_SECONDS, registry=r)
+                             ["tier"], buckets=E2E_SECONDS, registry=r)
         self.lag = Gauge("inferlog_consumer_lag", "High watermark minus position, per assigned partition",
                          ["partition"], registry=r)
         self.in_flight = Gauge("inferlog_in_flight_records", "Records consumed and not yet committed", registry=r)
-        self.paused = Gauge("inferlog_paused_partitions", "Partitions paused by back-pressure", registry=r)
+        self.paused = Gauge("inferlog_paused_partitions", "Partitions paused by back-pressure", ["tier"], registry=r)
         self.queue_wait = Histogram("inferlog_executor_queue_wait_seconds", "Wait for an executor thread",
                                     ["executor"], buckets=SECONDS, registry=r)
         self.tokens = Counter("inferlog_tokens", "Input tokens processed (not counting padding)", registry=r)
@@ -58,7 +58,7 @@ class Metrics:
         for o in outputs:
             (self.dead_letters if o.dead else self.results).labels(o.label).inc()
             if o.created_at is not None:
-                self.e2e.observe(max(0.0, (now_ms - o.created_at) / 1000.0))
+                self.e2e.labels(o.tier).observe(max(0.0, (now_ms - o.created_at) / 1000.0))
 
     def sample_device(self, device) -> None:
         if getattr(device, "type", None) != "cuda":

@@ -76,6 +76,10 @@ class OffsetTracker:
         """Records consumed and not yet released for commit."""
         return self._pending
 
+    def pending_in(self, topic: str) -> int:
+        """Records of one topic consumed and not yet released."""
+        return sum(len(order) for (t, _), order in self._order.items() if t == topic)
+
     def ready_count(self) -> int:
         n = 0
         for tp, order in self._order.items():

@@ -28,6 +28,7 @@ class Out(NamedTuple):
     label: str = ""  # a result's status, or a dead letter's reason (for metrics)
     created_at: int | None = None  # the request's creation time, epoch ms (end-to-end latency)
     dead: bool = False
+    tier: str = "normal"
 
 
 @dataclass(slots=True)
@@ -111,6 +112,7 @@ class ResultBuilder:
 
     def __init__(self, codec: Codec, settings, model_info, replay_run_id: str | None = None):
         self.codec = codec
+        self.high_priority = settings.high_priority
         self.results_topic = settings.results_topic
         self.deadletter_topic = settings.deadletter_topic
         self.worker_id = settings.worker_id
@@ -137,7 +139,7 @@ class ResultBuilder:
             "replay_run_id": self.replay_run_id,
         }
         return Out(self.results_topic, req.request_id.encode(), self.codec.encode(RESULT, rec), p.trace_headers(),
-                   status, req.created_at)
+                   status, req.created_at, tier="high" if req.priority >= self.high_priority else "normal")
 
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
         req = p.request

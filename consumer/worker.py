@@ -35,7 +35,7 @@ class Worker:
         self.metrics = Metrics()
         self.engine = Engine(settings, runner, codec, metrics=self.metrics)
         self.on_commit = on_commit  # callback(outputs) after each successful commit (demo, tests)
-        self.paused = False
+        self.paused = {"normal": False, "high": False}  # back-pressure, per tier
         self.stopping = threading.Event()
         self.ready = threading.Event()  # model warm and partitions assigned (readiness)
         self.last_commit = time.monotonic()
@@ -87,7 +87,7 @@ class Worker:
         })
         self.consumer = Consumer(conf)
         self.emitter = make_emitter(self.s, self.consumer)
-        self.consumer.subscribe([self.s.requests_topic], on_assign=self._on_assign,
+        self.consumer.subscribe([self.s.high_priority_topic, self.s.requests_topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def run(self) -> int:
@@ -128,9 +128,12 @@ class Worker:
     # -- one turn of the loop ------------------------------------------------------------
     def _step(self) -> None:
         stopping = self.stopping.is_set()
-        if stopping and not self.paused:
-            self._pause(True)  # stop fetching; what was fetched is still answered
-        msgs = self.consumer.consume(FETCH_CHUNK, self.engine.poll_timeout())
+        if stopping and not all(self.paused.values()):
+            for tier in self.paused:  # stop fetching; what was fetched is still answered
+                self._pause(tier, True)
+        # never take more than fits: what is fetched is tracked until committed
+        room = max(1, min(FETCH_CHUNK, 2 * self.s.max_in_flight - self.engine.pending))
+        msgs = self.consumer.consume(room, self.engine.poll_timeout())
         if msgs:
             self.engine.accept(self._records(msgs))
         self.engine.step(flush=stopping)
@@ -145,7 +148,8 @@ class Worker:
         self.last_sample = time.monotonic()
         m = self.metrics
         m.in_flight.set(self.engine.pending)
-        m.paused.set(len(self.engine.partitions) if self.paused else 0)
+        for tier, paused in self.paused.items():
+            m.paused.labels(tier).set(len(self._tier_partitions(tier)) if paused else 0)
         tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
         try:
             for tp in self.consumer.position(tps) if tps else ():
@@ -205,21 +209,28 @@ class Worker:
 
     # -- back-pressure -------------------------------------------------------------------
     def _flow_control(self) -> None:
+        """Each tier pauses when its own records in flight reach max_in_flight, and resumes at
+        half: a backlog of normal requests never holds high-priority ones back."""
         if self.stopping.is_set():
             return
-        pending = self.engine.pending
-        if not self.paused and pending >= self.s.max_in_flight:
-            self.stats["pauses"] += 1
-            self._pause(True)
-        elif self.paused and pending <= self.s.max_in_flight // 2:
-            self._pause(False)
+        for tier, topic in (("normal", self.s.requests_topic), ("high", self.s.high_priority_topic)):
+            pending = self.engine.pending_in(topic)
+            if not self.paused[tier] and pending >= self.s.max_in_flight:
+                self.stats["pauses"] += 1
+                self._pause(tier, True)
+            elif self.paused[tier] and pending <= self.s.max_in_flight // 2:
+                self._pause(tier, False)
 
-    def _pause(self, pause: bool) -> None:
-        tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
+    def _tier_partitions(self, tier: str) -> list[TopicPartition]:
+        topic = self.s.high_priority_topic if tier == "high" else self.s.requests_topic
+        return [TopicPartition(t, p) for t, p in self.engine.partitions if t == topic]
+
+    def _pause(self, tier: str, pause: bool) -> None:
+        tps = self._tier_partitions(tier)
         if tps:
             (self.consumer.pause if pause else self.consumer.resume)(tps)
-        self.paused = pause
-        log.debug("%s %d partitions (in flight: %d)", "paused" if pause else "resumed", len(tps),
+        self.paused[tier] = pause
+        log.debug("%s %d %s-tier partitions (in flight: %d)", "paused" if pause else "resumed", len(tps), tier,
                   self.engine.pending)
 
     # -- rebalance callbacks (run inside consume(), on the loop thread) -------------------
@@ -228,8 +239,10 @@ class Worker:
             self.engine.assign((tp.topic, tp.partition))
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
         consumer.incremental_assign(partitions)
-        if self.paused:
-            consumer.pause(partitions)
+        paused = [tp for tp in partitions
+                  if self.paused["high" if tp.topic == self.s.high_priority_topic else "normal"]]
+        if paused:
+            consumer.pause(paused)
         if self.engine.partitions:
             self._set_ready(True)
 

@@ -106,3 +106,31 @@ def test_every_item_once_and_limits_held(specs, max_size, max_tokens):
         seen.extend(it.ref for it in b)
     assert sorted(seen) == list(range(len(specs)))
     assert p.rows == 0
+
+
+def test_tiers_high_goes_first_but_normal_is_not_starved():
+    from inferlog.consumer.batching import TieredPolicy
+
+    p = TieredPolicy(max_batch_size=1, max_batch_tokens=10_000, max_wait_ms=0, weight=3)
+    for i in range(10):
+        p.add(item(f"n{i}", 10, t=0.0))
+    for i in range(10):
+        p.add(item(f"h{i}", 10, t=1.0), high=True)  # arrived later, still served first
+    order = [p.next_batch(now=2.0)[0].ref[0] for _ in range(8)]
+    assert order == ["h", "h", "h", "n", "h", "h", "h", "n"]
+    rest = []
+    while len(p):
+        rest.append(p.next_batch(now=2.0)[0].ref)
+    assert sorted(rest) == sorted([f"h{i}" for i in range(6, 10)] + [f"n{i}" for i in range(2, 10)])
+
+
+def test_tiers_wait_for_their_own_due_time():
+    from inferlog.consumer.batching import TieredPolicy
+
+    p = TieredPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=50)
+    p.add(item("h", 10, t=1.0), high=True)
+    p.add(item("n", 10, t=0.99))
+    assert p.due_at() == pytest.approx(1.04)
+    assert p.next_batch(now=1.045)[0].ref == "n"  # only the normal one has waited long enough
+    assert p.next_batch(now=1.045) is None
+    assert p.next_batch(now=1.05)[0].ref == "h"

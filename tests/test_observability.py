@@ -74,7 +74,7 @@ def test_metrics_match_what_was_processed(settings, runner):
     assert m[("inferlog_dead_letters_total", (("reason", "UNDECODABLE"),))] == 3
     assert m[("inferlog_batch_size_count", ())] == len(batches)
     assert m[("inferlog_batch_size_sum", ())] == 60
-    assert m[("inferlog_end_to_end_seconds_count", ())] == 60  # junk has no created_at
+    assert m[("inferlog_end_to_end_seconds_count", (("tier", "normal"),))] == 60  # junk has no created_at
     assert m[("inferlog_stage_seconds_count", (("stage", "infer"),))] == len(batches)
     assert m[("inferlog_stage_seconds_count", (("stage", "queue"),))] == 60
     assert m[("inferlog_commits_total", (("outcome", "ok"),))] == w.counts["commits"] > 0

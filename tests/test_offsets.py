@@ -93,3 +93,12 @@ def test_any_completion_order_releases_everything_once_in_order(parts, rnd):
         assert [o for q, o in released if q == p] == list(range(next_off[p]))
         assert commits[("t", p)] == next_off[p]
     assert t.pending == 0
+
+
+def test_pending_is_counted_per_topic():
+    t = OffsetTracker()
+    for tp in (("a", 0), ("a", 1), ("b", 0)):
+        t.assign(tp)
+        t.track(tp, 0)
+    t.track(("a", 1), 1)
+    assert (t.pending_in("a"), t.pending_in("b"), t.pending) == (3, 1, 4)

@@ -255,3 +255,23 @@ def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(setting
     assert len(acc.results) == n and not acc.dead_letters
     workers = {r["worker_id"] for r in acc.results}
     assert {"w-a", "w-b"} <= workers or len(workers) >= 2
+
+
+def test_high_priority_overtakes_a_backlog_without_starving_it(settings, embed_runner):
+    codec = Codec.from_settings(settings)
+    normal = [codec.encode(REQUEST, build_request("embed", f"backlog request {i} {TEXTS[i % 5]}")) for i in range(600)]
+    produce_raw(settings, [(None, v) for v in normal])
+    high_recs = [build_request("embed", f"urgent {i}", priority=5) for i in range(6)]
+    produce_raw(settings, [(None, codec.encode(REQUEST, r)) for r in high_recs], topic=settings.high_priority_topic)
+    s = settings.with_overrides(max_batch_size=16, max_in_flight=128)
+    with running_worker(s, embed_runner) as w:
+        wait_until(lambda: output_count(s) >= len(normal) + len(high_recs), timeout=240, what="all results")
+    acc = account(s)
+    results = sorted(acc.results, key=lambda r: (r["timings"]["completed_at"], r["request_id"]))
+    assert len(results) == 606 and not acc.dead_letters
+    urgent = {r["request_id"] for r in high_recs}
+    ranks = [i for i, r in enumerate(results) if r["request_id"] in urgent]
+    # all urgent ones were answered while the backlog of 600 was still mostly waiting
+    assert len(ranks) == 6 and max(ranks) < 150, ranks
+    assert {r["source"]["topic"] for r in results if r["request_id"] in urgent} == {s.high_priority_topic}
+    assert w.counts["pauses"] > 0  # the backlog was held back by back-pressure, the urgent tier was not
