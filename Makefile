@@ -7,7 +7,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install kafka-jars demo test test-unit chaos soak bench clean kafka-start kafka-stop
+DEPLOY_TOOLS ?= .tools
+
+.PHONY: help install kafka-jars deploy-tools demo test test-unit test-deploy chaos soak bench clean kafka-start kafka-stop
 
 help:
 	@echo "make demo    - start a local Kafka, run the worker on the default model over a sample stream"
@@ -27,8 +29,16 @@ kafka-jars: install
 demo: kafka-jars
 	$(BIN)/inferlog demo
 
-test: kafka-jars
-	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+# helm (built with go install), the compose loader and the Kubernetes schemas, cached in .tools
+deploy-tools: install
+	.ci/tools/install-deploy-tools.sh $(DEPLOY_TOOLS) $(BIN)/python
+
+test: kafka-jars deploy-tools
+	INFERLOG_TOOLS_DIR=$(DEPLOY_TOOLS) INFERLOG_REQUIRE_DEPLOY_TOOLS=1 \
+	  $(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+test-deploy: deploy-tools
+	INFERLOG_TOOLS_DIR=$(DEPLOY_TOOLS) INFERLOG_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/python -m pytest tests/test_deploy.py $(PYTEST_ARGS)
 
 test-unit: install
 	$(BIN)/python -m pytest tests -m "not kafka and not slow" $(PYTEST_ARGS)
@@ -46,4 +56,4 @@ kafka-stop:
 
 clean:
 	-$(BIN)/inferlog kafka stop
-	rm -rf $(VENV) .kafka .pytest_cache .hypothesis
+	rm -rf $(VENV) .kafka .pytest_cache .hypothesis $(DEPLOY_TOOLS)

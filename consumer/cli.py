@@ -108,6 +108,8 @@ def _supervise(n: int, settings) -> int:
     children = []
     for i in range(n):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i), INFERLOG_WORKER_ID=f"{settings.worker_id}-gpu{i}")
+        if settings.metrics_port:  # one port per process: metrics_port, +1, +2, ...
+            env["INFERLOG_METRICS_PORT"] = str(settings.metrics_port + i)
         children.append(subprocess.Popen([sys.argv[0], *sys.argv[1:], "--processes", "1"], env=env))
     log.info("started %d worker processes, one per GPU", n)
 

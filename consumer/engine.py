@@ -25,7 +25,7 @@ from .stages import Decoder, Pending, ResultBuilder, is_expired
 
 class Engine:
     def __init__(self, settings, runner, codec: Codec | None = None, replay_run_id: str | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, any_model: bool = False):
         self.s = settings
         self.metrics = metrics or Metrics()
         self.runner = runner
@@ -34,7 +34,9 @@ class Engine:
         self.policy = TieredPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms,
                                    settings.high_priority_weight)
         self.builder = ResultBuilder(self.codec, settings, runner.info, replay_run_id)
-        names = {runner.info.name, settings.model} | ({settings.model_name} if settings.model_name else set())
+        # any_model (replay): a request that named the live model is answered by the chosen one
+        names = None if any_model else (
+            {runner.info.name, settings.model} | ({settings.model_name} if settings.model_name else set()))
         self.decoder = Decoder(self.codec, runner, Limits.from_settings(settings), settings.max_input_tokens, names)
         self.cpu = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="inferlog-cpu")
         self.device = ThreadPoolExecutor(1, thread_name_prefix="inferlog-device")
@@ -178,5 +180,6 @@ class Engine:
         return 0.005 if due is None else max(0.0, min(0.005, due - time.monotonic()))
 
     def close(self) -> None:
+        self.pipeline.closed = True  # work still in flight is abandoned, not dead-lettered
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.device.shutdown(wait=False, cancel_futures=True)

@@ -60,6 +60,7 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._in_flight = 0
+        self.closed = False  # set by the engine on close: late failures are shutdown, not model errors
 
     @property
     def in_flight(self) -> int:
@@ -180,6 +181,8 @@ class Pipeline:
 
     def _fail(self, job: Job, e: BaseException) -> None:
         job.prepared = job.raw = None
+        if self.closed:  # the engine is gone; its uncommitted records are redone by whoever comes next
+            return
         if _is_oom(e):
             try:
                 import torch

@@ -47,6 +47,7 @@ class Pending:
     request: Request | None = None
     ids: list[list[int]] = field(default_factory=list)  # token ids per input
     error: RecordError | None = None
+    ids_hint: tuple | None = None  # (request_id, tenant) of a record that decoded but did not validate
 
     @property
     def tp(self) -> tuple[str, int]:
@@ -70,7 +71,7 @@ class BatchInfo:
 class Decoder:
     """CPU stage: bytes -> validated request -> token ids. Never raises for a bad record."""
 
-    def __init__(self, codec: Codec, runner, limits: Limits, max_input_tokens: int, model_names: set[str]):
+    def __init__(self, codec: Codec, runner, limits: Limits, max_input_tokens: int, model_names: set[str] | None):
         self.codec = codec
         self.runner = runner
         self.limits = limits
@@ -83,10 +84,12 @@ class Decoder:
             try:
                 if p.value is None:
                     raise DecodeError("the record has no value (a tombstone)")
-                req = validate_request(self.codec.decode(p.value, expect=REQUEST), self.limits)
+                rec = self.codec.decode(p.value, expect=REQUEST)
+                p.ids_hint = (rec.get("request_id"), rec.get("tenant"))  # for a dead letter if invalid
+                req = validate_request(rec, self.limits)
                 if req.task != self.runner.task:
                     raise UnsupportedTask(f"task {req.task} is not served here; this worker serves {self.runner.task}")
-                if req.model is not None and req.model not in self.model_names:
+                if req.model is not None and self.model_names is not None and req.model not in self.model_names:
                     raise UnknownModel(f"model {req.model!r} is not served here; this worker serves {self.runner.info.name!r}")
                 p.request = req
                 ok.append(p)
@@ -143,10 +146,11 @@ class ResultBuilder:
 
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
         req = p.request
+        rid, tenant = (req.request_id, req.tenant) if req else (p.ids_hint or (None, None))
         rec = {
             "source": {"topic": p.topic, "partition": p.partition, "offset": p.offset},
-            "request_id": req.request_id if req else None,
-            "tenant": req.tenant if req else None,
+            "request_id": rid if isinstance(rid, str) else None,
+            "tenant": tenant if isinstance(tenant, str) else None,
             "reason": err.reason,
             "detail": err.detail[:2000],
             "key": p.key,

@@ -287,11 +287,6 @@ class TopicSink:
 
 
 # -- the run -----------------------------------------------------------------------------------
-class _AnyModel(frozenset):
-    def __contains__(self, name) -> bool:
-        return True
-
-
 @dataclass
 class Summary:
     run_id: str
@@ -387,10 +382,9 @@ def execute(settings, ck: Checkpoint, runner, *, progress: bool = False, stop: t
     # emitter commits inside each transaction; file output: a throwaway group, never used
     conf = {"group.id": replay_group(ck.run_id)} if o["kind"] == "topic" else {}
     consumer = window_consumer(s, **conf)
-    engine = Engine(s, runner, replay_run_id=ck.run_id)
     # A request that named the live model is replayed with the chosen one: that is the point
     # of a replay, so the decoder must not dead-letter it as UNKNOWN_MODEL.
-    engine.decoder.model_names = _AnyModel()
+    engine = Engine(s, runner, replay_run_id=ck.run_id, any_model=True)
     sink = None
     try:
         sink = TopicSink(s, consumer, ck) if o["kind"] == "topic" else FileSink(ck, engine.codec)

@@ -130,6 +130,8 @@ def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embe
         outcome[r.value] = rec["reason"] if kind == "dead" else rec["status"]
         if kind == "dead":
             assert rec["value"] == r.value and rec["detail"]  # the raw bytes travel with the reason
+            if rec["reason"] in ("INVALID_REQUEST", "INPUT_TOO_LARGE", "UNSUPPORTED_TASK", "UNKNOWN_MODEL"):
+                assert rec["request_id"] and rec["tenant"]  # it decoded: say whose request it was
     for v, want in cases:
         assert outcome[v] == want, f"{v[:20]!r}: {outcome[v]} != {want}"
     assert w.counts["dead_letters"] == sum(1 for _, want in cases if want not in ("OK", "EXPIRED"))
