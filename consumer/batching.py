@@ -10,6 +10,7 @@ padding is wasted).
 from __future__ import annotations
 
 import bisect
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -37,6 +38,10 @@ def padded_cost(items: Iterable[Item]) -> int:
 
 
 class BatchPolicy:
+    """Queue state is kept so every question the loop asks each turn is O(1): the items by
+    length (a sorted list: the longest is its last), by arrival (an ordered dict: the oldest
+    is its first), the row count and the generation extras (a counter of values)."""
+
     def __init__(self, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float):
         if max_batch_size < 1 or max_batch_tokens < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1, max_wait_ms >= 0")
@@ -44,9 +49,10 @@ class BatchPolicy:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self._by_len: list[tuple[int, int, Item]] = []  # sorted by (length, seq)
+        self._by_arrival: OrderedDict[int, Item] = OrderedDict()
+        self._extras: Counter[int] = Counter()
         self._seq = 0
         self._rows = 0
-        self._longest_extra = 0
 
     def __len__(self) -> int:
         return len(self._by_len)
@@ -59,10 +65,20 @@ class BatchPolicy:
         item.seq = self._seq
         self._seq += 1
         bisect.insort(self._by_len, (item.length, item.seq, item))
+        self._by_arrival[item.seq] = item
+        self._extras[item.extra] += 1
         self._rows += item.rows
 
+    def _forget(self, items: list[Item]) -> None:
+        for it in items:
+            del self._by_arrival[it.seq]
+            self._extras[it.extra] -= 1
+            if not self._extras[it.extra]:
+                del self._extras[it.extra]
+            self._rows -= it.rows
+
     def oldest(self) -> Item | None:
-        return min((e[2] for e in self._by_len), key=lambda it: it.seq, default=None)
+        return next(iter(self._by_arrival.values()), None)
 
     def due_at(self) -> float | None:
         """When the oldest item's wait runs out (None when empty)."""
@@ -74,7 +90,7 @@ class BatchPolicy:
             return False
         if self._rows >= self.max_batch_size:
             return True
-        if padded_cost(e[2] for e in self._by_len) >= self.max_batch_tokens:
+        if self._rows * (self._by_len[-1][0] + max(self._extras)) >= self.max_batch_tokens:
             return True
         return now >= self.due_at()
 
@@ -83,17 +99,18 @@ class BatchPolicy:
         if not self._by_len or not (flush or self.is_due(now)):
             return None
         entries = self._by_len
-        start = min(range(len(entries)), key=lambda i: entries[i][1])  # the oldest item
+        old = self.oldest()
+        start = bisect.bisect_left(entries, (old.length, old.seq))  # the oldest item, in length order
         lo, hi = start, start + 1
-        chosen = [entries[start][2]]
-        rows, longest, extra = chosen[0].rows, chosen[0].length, chosen[0].extra
+        chosen = [old]
+        rows, longest, extra = old.rows, old.length, old.extra
         while True:
             # candidates on either side in length order; take the one closest in length
             cands = []
             if lo > 0:
-                cands.append((abs(entries[lo - 1][0] - entries[start][0]), -1))
+                cands.append((abs(entries[lo - 1][0] - old.length), -1))
             if hi < len(entries):
-                cands.append((abs(entries[hi][0] - entries[start][0]), +1))
+                cands.append((abs(entries[hi][0] - old.length), +1))
             if not cands:
                 break
             taken = False
@@ -113,7 +130,7 @@ class BatchPolicy:
             if not taken:
                 break
         del entries[lo:hi]
-        self._rows -= rows
+        self._forget(chosen)
         chosen.sort(key=lambda it: it.seq)
         return chosen
 
@@ -122,7 +139,7 @@ class BatchPolicy:
         gone = [e[2] for e in self._by_len if pred(e[2])]
         if gone:
             self._by_len = [e for e in self._by_len if not pred(e[2])]
-            self._rows -= sum(it.rows for it in gone)
+            self._forget(gone)
         return gone
 
 

@@ -173,9 +173,14 @@ class Engine:
         return not self.busy()
 
     def poll_timeout(self, idle: float = 0.1) -> float:
-        """How long the caller may block fetching without holding back due work."""
+        """How long the caller may block fetching without holding back work it could do.
+
+        Zero only when a batch is due and the pipeline has room for it; a due batch that
+        cannot be sent yet waits for a slot, and spinning would only take the model's CPU."""
         if not self.busy():
             return idle
+        if self.pipeline.in_flight >= self.s.pipeline_depth:
+            return 0.005
         due = self.policy.due_at()
         return 0.005 if due is None else max(0.0, min(0.005, due - time.monotonic()))
 

@@ -22,6 +22,7 @@ class OffsetTracker:
         self._done: dict[TP, dict[int, list[Any]]] = {}
         self._next_epoch = 0
         self._pending = 0
+        self._per_topic: dict[str, int] = {}
 
     # -- assignment ----------------------------------------------------------------------
     def assign(self, tp: TP) -> int:
@@ -36,7 +37,7 @@ class OffsetTracker:
         self._epoch.pop(tp, None)
         dropped = len(self._order.pop(tp, ()))
         self._done.pop(tp, None)
-        self._pending -= dropped
+        self._count(tp, -dropped)
         return dropped
 
     def epoch(self, tp: TP) -> int | None:
@@ -58,7 +59,7 @@ class OffsetTracker:
         if order and offset <= order[-1]:
             raise ValueError(f"offset {offset} of {tp} consumed after {order[-1]}: offsets never go backwards")
         order.append(offset)
-        self._pending += 1
+        self._count(tp, 1)
         return self._epoch[tp]
 
     def complete(self, tp: TP, offset: int, epoch: int, outputs: list[Any]) -> bool:
@@ -78,7 +79,11 @@ class OffsetTracker:
 
     def pending_in(self, topic: str) -> int:
         """Records of one topic consumed and not yet released."""
-        return sum(len(order) for (t, _), order in self._order.items() if t == topic)
+        return self._per_topic.get(topic, 0)
+
+    def _count(self, tp: TP, n: int) -> None:
+        self._pending += n
+        self._per_topic[tp[0]] = self._per_topic.get(tp[0], 0) + n
 
     def ready_count(self) -> int:
         n = 0
@@ -102,7 +107,7 @@ class OffsetTracker:
             while order and order[0] in done:
                 last = order.popleft()
                 outputs.extend(done.pop(last))
-                self._pending -= 1
+                self._count(tp, -1)
             if last is not None:
                 commits[tp] = last + 1
         return outputs, commits

@@ -141,7 +141,7 @@ class ResultBuilder:
             "worker_id": self.worker_id,
             "replay_run_id": self.replay_run_id,
         }
-        return Out(self.results_topic, req.request_id.encode(), self.codec.encode(RESULT, rec), p.trace_headers(),
+        return Out(self.results_topic, req.request_id.encode(), self.codec.encode(RESULT, rec, trusted=True), p.trace_headers(),
                    status, req.created_at, tier="high" if req.priority >= self.high_priority else "normal")
 
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
@@ -160,7 +160,7 @@ class ResultBuilder:
             "failed_at": now_ms(),
             "replay_run_id": self.replay_run_id,
         }
-        return Out(self.deadletter_topic, p.key, self.codec.encode(DEADLETTER, rec), p.trace_headers(),
+        return Out(self.deadletter_topic, p.key, self.codec.encode(DEADLETTER, rec, trusted=True), p.trace_headers(),
                    err.reason, req.created_at if req else None, dead=True)
 
     def expired(self, p: Pending) -> Out:

@@ -66,6 +66,9 @@ def test_metrics_match_what_was_processed(settings, runner):
         wait_until(lambda: output_count(s) >= len(values), what="all outputs")
         wait_until(lambda: samples(s.metrics_port).get(("inferlog_results_total", (("status", "OK"),))) == 60,
                    what="the results counter")
+        # lag is sampled every couple of seconds: wait for a sample that saw everything consumed
+        wait_until(lambda: (lags := [v for k, v in samples(s.metrics_port).items()
+                                     if k[0] == "inferlog_consumer_lag"]) and not any(lags), what="lag 0")
         m = samples(s.metrics_port)
     acc = account(s)
     acc.assert_exactly_once()

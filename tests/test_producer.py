@@ -177,7 +177,9 @@ def test_sync_submit_round_trips(settings):
         p.flush()
         assert p.ledger.delivered == 2
     assert rid2 == "my-id"
-    msgs = {m.key(): m for m in read_all(settings)}
+    high = read_all(settings, settings.high_priority_topic)
+    assert [m.key() for m in high] == [rid.encode()]  # priority 5 >= high_priority: the high tier's topic
+    msgs = {m.key(): m for m in read_all(settings) + high}
     assert set(msgs) == {rid.encode(), b"my-id"}  # no key given: the request_id is the key
     rec = decode(settings, msgs[rid.encode()])
     assert (rec["request_id"], rec["task"], rec["inputs"], rec["model"], rec["tenant"]) == (
