@@ -1,13 +1,19 @@
 """A real single-node Apache Kafka broker (KRaft) from Maven Central's jars and the local JDK.
 
-`inferlog kafka fetch|start|stop|status|topics`. The broker is the one in Apache Kafka's
+`inferlog kafka fetch|start|stop|status|topics|acls`. The broker is the one in Apache Kafka's
 distribution (kafka.Kafka), only resolved by Maven instead of unpacked from a tarball, so
 tests and the demo run against the same code as production.
+
+Secure mode (sasl_users, optionally tls): clients authenticate with SASL/SCRAM-SHA-512 on
+SASL_PLAINTEXT, or SASL_SSL when certificates are given; the StandardAuthorizer denies
+whatever no ACL allows; `admin` is the only super user. See SECURITY.md.
 """
 from __future__ import annotations
 
 import base64
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +26,8 @@ from pathlib import Path
 import click
 
 from .errors import InferlogError
+from .security import (ROLES, SCRAM_MECHANISM, STANDARD_PRINCIPALS, SecurityError, TlsFiles, apply_acls, pkcs8_pem,
+                       role_acls, write_private)
 from .settings import Settings, load_settings
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
@@ -52,6 +60,8 @@ BROKER_DEFAULTS = {
     "num.recovery.threads.per.data.dir": "1",
     "log.cleaner.threads": "1",
 }
+ADMIN = "admin"  # the super user; the broker also uses it for its own connections
+STANDARD_USERS = (ADMIN, *(p.split(":", 1)[1] for p in STANDARD_PRINCIPALS.values()))
 JVM_OPTS = ["-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"]
 
 
@@ -89,12 +99,26 @@ def _port_open(port: int) -> bool:
 
 class LocalKafka:
     def __init__(self, libs_dir: Path, data_dir: Path, port: int = 9092, controller_port: int = 9093,
-                 version: str = "4.1.1", extra: dict[str, str] | None = None):
+                 version: str = "4.1.1", extra: dict[str, str] | None = None,
+                 sasl_users: dict[str, str] | None = None, tls: TlsFiles | tuple[str, str, str] | None = None):
         # Absolute from here on: the broker runs with its data dir as cwd, mvn from the pom's.
         self.libs_dir = Path(libs_dir).resolve()
         self.data_dir = Path(data_dir).resolve()
         self.port, self.controller_port, self.version = port, controller_port, version
         self.extra = dict(extra or {})
+        self.sasl_users = dict(sasl_users or {})
+        self.tls = TlsFiles(*(str(Path(f).resolve()) for f in tls)) if tls else None
+        if self.tls and not self.sasl_users:
+            raise LocalKafkaError("tls needs sasl_users: the local broker serves SASL_SSL, not bare SSL")
+        if self.sasl_users:
+            if ADMIN not in self.sasl_users:
+                raise LocalKafkaError(f"sasl_users must include {ADMIN!r}, the super user")
+            for user, pw in self.sasl_users.items():
+                # They end up inside JAAS strings and a --add-scram argument.
+                if not user.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                    raise LocalKafkaError(f"SASL user name {user!r}: use letters, digits, . _ -")
+                if not pw or any(c in pw for c in '"\\\n\r,[]='):
+                    raise LocalKafkaError(f"the password of {user!r} is empty or has one of \" \\ , [ ] = or a newline")
         self._proc: subprocess.Popen | None = None
         self.started_in: float | None = None  # seconds the last start() took
 
@@ -113,6 +137,29 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def security_protocol(self) -> str:
+        if not self.sasl_users:
+            return "PLAINTEXT"
+        return "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
+
+    def client_settings(self, user: str | None = ADMIN, **fields) -> Settings:
+        """Settings that connect to this broker as `user` (None: with no credentials)."""
+        conn: dict = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.sasl_users and user is not None:
+            conn.update(sasl_mechanism=SCRAM_MECHANISM, sasl_username=user, sasl_password=self.sasl_users[user])
+        elif self.sasl_users:  # what an unauthenticated client gets: the port without SASL
+            conn["security_protocol"] = "SSL" if self.tls else "PLAINTEXT"
+        if self.tls:
+            conn["ssl_cafile"] = self.tls.cafile
+        return Settings(**conn, **fields)
+
+    def scrub(self, text: str) -> str:
+        """`text` with every password replaced, for error messages that quote tool output."""
+        for pw in self.sasl_users.values():
+            text = text.replace(pw, "***")
+        return text
 
     @property
     def log_file(self) -> Path:
@@ -194,9 +241,53 @@ class LocalKafka:
             # runs on the same data dir without re-formatting.
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
             "log.dirs": str(self.data_dir / "logs"),
+            **(self._security_properties() if self.sasl_users else {}),
             **self.extra,
         }
-        self.properties_file.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        text = "".join(f"{k}={v}\n" for k, v in props.items())
+        if self.sasl_users:  # the JAAS lines carry the admin password
+            write_private(self.properties_file, text)
+        else:
+            self.properties_file.write_text(text)
+
+    def _security_properties(self) -> dict[str, str]:
+        pw = self.sasl_users[ADMIN]
+        props = {
+            # Clients on CLIENT (SCRAM, which lives in the cluster metadata, so users can be
+            # added at run time). The controller listener cannot use SCRAM (the controller
+            # would need its own metadata to log in), so it takes PLAIN with one static user:
+            # admin. No listener lets anyone in unauthenticated.
+            "listeners": f"CLIENT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"CLIENT://127.0.0.1:{self.port}",
+            "listener.security.protocol.map": f"CLIENT:{self.security_protocol},CONTROLLER:SASL_PLAINTEXT",
+            # The broker talks to itself too (transaction markers): as admin, over SCRAM.
+            "inter.broker.listener.name": "CLIENT",
+            "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+            "listener.name.client.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            f"listener.name.client.{SCRAM_MECHANISM.lower()}.sasl.jaas.config":
+                f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{ADMIN}" password="{pw}";',
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config":
+                f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{ADMIN}" '
+                f'password="{pw}" user_{ADMIN}="{pw}";',
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{ADMIN}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+        if self.tls:
+            # A PEM keystore is one file: the PKCS#8 key, then the certificate chain.
+            keystore = self.data_dir / "tls" / "keystore.pem"
+            write_private(keystore, pkcs8_pem(Path(self.tls.keyfile).read_bytes()).rstrip(b"\n") + b"\n"
+                          + Path(self.tls.certfile).read_bytes())
+            props.update({
+                "listener.name.client.ssl.keystore.type": "PEM",
+                "listener.name.client.ssl.keystore.location": str(keystore),
+                # Its own connections (inter-broker) verify its certificate like any client.
+                "listener.name.client.ssl.truststore.type": "PEM",
+                "listener.name.client.ssl.truststore.location": self.tls.cafile,
+            })
+        return props
 
     def _format_storage(self, java: str) -> None:
         if (self.data_dir / "logs" / "meta.properties").exists():
@@ -204,13 +295,18 @@ class LocalKafka:
         cmd = [java, "-Xmx256m", f"-Dlog4j2.configurationFile={LOG4J2}", "-cp", self._classpath(),
                "kafka.tools.StorageTool", "format", "--config", str(self.properties_file),
                "--cluster-id", _cluster_id(), "--ignore-formatted"]
+        if self.sasl_users:
+            # Only admin is bootstrapped here (the broker needs it to start); the other users
+            # are set through the Admin API once it runs, so they can change later.
+            cmd += ["--add-scram", f"{SCRAM_MECHANISM}=[name={ADMIN},password={self.sasl_users[ADMIN]}]"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise LocalKafkaError(f"formatting {self.data_dir / 'logs'} failed:\n{(res.stdout + res.stderr)[-3000:]}")
+            raise LocalKafkaError(f"formatting {self.data_dir / 'logs'} failed:\n"
+                                  f"{self.scrub((res.stdout + res.stderr)[-3000:])}")
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+            return self.scrub("\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:]))
         except OSError:
             return "(no broker log)"
 
@@ -225,6 +321,8 @@ class LocalKafka:
                 raise LocalKafkaError(f"port {p} on 127.0.0.1 is already in use by another process")
         java = self._java()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.sasl_users:
+            self.data_dir.chmod(0o700)
         self._write_properties()
         self._format_storage(java)
         cmd = [java, *JVM_OPTS, f"-Dlog4j2.configurationFile={LOG4J2}",
@@ -239,6 +337,8 @@ class LocalKafka:
         self.pid_file.write_text(str(self._proc.pid))
         try:
             self._wait_ready(t0 + timeout)
+            if self.sasl_users:
+                self._ensure_users(t0 + timeout)
         except BaseException:
             self.stop(timeout=10)
             raise
@@ -246,24 +346,52 @@ class LocalKafka:
         return self.bootstrap
 
     def _wait_ready(self, deadline: float) -> None:
+        from confluent_kafka import KafkaError
         from confluent_kafka.admin import AdminClient
 
-        admin = None
+        from .clients import confluent_config
+
+        admin, errors = None, []
+
+        def on_error(err):  # librdkafka's own errors: the only place auth failures show
+            if err.code() == KafkaError._AUTHENTICATION:
+                errors.append(err)
+
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise LocalKafkaError(f"the broker exited with code {self._proc.returncode}; "
                                       f"{self.log_file}:\n{self.log_tail()}")
+            if errors:
+                raise LocalKafkaError(f"{ADMIN} cannot log in to {self.bootstrap} ({errors[0].str()}): {self.data_dir} "
+                                      "was formatted without SASL or with another admin password; "
+                                      "use that password or a fresh data dir")
             # Probe the socket first: librdkafka would log every refused connection.
             if _port_open(self.port):
-                admin = admin or AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 3})
+                admin = admin or AdminClient(confluent_config(self.client_settings(), log_level=3, error_cb=on_error))
                 try:
                     if admin.list_topics(timeout=2).brokers:
                         return
                 except Exception:
-                    pass
+                    admin.poll(0)  # serves on_error
             time.sleep(0.2)
         raise LocalKafkaError(f"the broker did not answer on {self.bootstrap} in time; "
                               f"{self.log_file}:\n{self.log_tail()}")
+
+    def _ensure_users(self, deadline: float) -> None:
+        """SCRAM credentials for every user but admin (set at format), changed or not: the
+        passwords given now are the ones that work. Returns once the broker accepts them."""
+        from .security import scram_users, upsert_scram_users
+
+        others = {u: p for u, p in self.sasl_users.items() if u != ADMIN}
+        if not others:
+            return
+        admin = self.client_settings()
+        upsert_scram_users(admin, others)
+        # The controller acknowledges before the broker has applied the new metadata.
+        while not set(others) <= scram_users(admin):
+            if time.monotonic() > deadline:
+                raise LocalKafkaError(f"SCRAM users {sorted(others)} not visible on {self.bootstrap} in time")
+            time.sleep(0.1)
 
     def stop(self, timeout: float = 30) -> bool:
         """SIGTERM for a clean shutdown (data flushed, no log recovery next start); SIGKILL
@@ -313,12 +441,57 @@ class LocalKafka:
             pass
         return self.bootstrap
 
+    def _running_security(self) -> str:
+        try:
+            for line in self.properties_file.read_text().splitlines():
+                if line.startswith("listener.security.protocol.map=") and "CLIENT:" in line:
+                    return line.split("CLIENT:", 1)[1].split(",")[0]
+        except OSError:
+            pass
+        return "PLAINTEXT"
+
     def status(self) -> dict:
         pid = self.pid()
         return {"running": pid is not None, "pid": pid,
                 "bootstrap": self._running_bootstrap() if pid else self.bootstrap,
+                "security": self._running_security() if pid else self.security_protocol,
                 "data_dir": str(self.data_dir), "log": str(self.log_file), "version": self.version,
                 "libs_dir": str(self.libs_dir), "jars": self._jars_present()}
+
+
+# -- credentials of a local SASL broker --------------------------------------------------------
+def load_or_create_users(path: Path, users: tuple[str, ...] = STANDARD_USERS) -> dict[str, str]:
+    """{user: password} from the JSON file at `path`; users it lacks get a random password,
+    written back (mode 0600). A later start of the same data dir finds the same passwords."""
+    try:
+        known = json.loads(path.read_text())
+    except FileNotFoundError:
+        known = {}
+    except (OSError, ValueError) as e:
+        raise LocalKafkaError(f"cannot read SASL users from {path}: {e}") from e
+    if not isinstance(known, dict) or not all(isinstance(v, str) for v in known.values()):
+        raise LocalKafkaError(f"{path} must hold a JSON object {{user: password}}")
+    missing = [u for u in users if u not in known]
+    if missing:
+        known.update({u: secrets.token_urlsafe(24) for u in missing})
+        write_private(path, json.dumps(known, indent=2) + "\n")
+    return known
+
+
+def write_env_files(lk: LocalKafka, out_dir: Path) -> dict[str, Path]:
+    """One `<user>.env` per user (INFERLOG_* connection settings, mode 0600), so that any
+    inferlog command runs as that principal after `set -a; . <user>.env; set +a`."""
+    files = {}
+    for user in lk.sasl_users:
+        s = lk.client_settings(user)
+        env = {"INFERLOG_BOOTSTRAP_SERVERS": s.bootstrap_servers, "INFERLOG_SECURITY_PROTOCOL": s.security_protocol,
+               "INFERLOG_SASL_MECHANISM": s.sasl_mechanism, "INFERLOG_SASL_USERNAME": user,
+               "INFERLOG_SASL_PASSWORD": s.sasl_password.get_secret_value()}
+        if s.ssl_cafile:
+            env["INFERLOG_SSL_CAFILE"] = s.ssl_cafile
+        files[user] = out_dir / f"{user}.env"
+        write_private(files[user], "".join(f"{k}={v}\n" for k, v in env.items()))
+    return files
 
 
 # -- CLI -----------------------------------------------------------------------------------
@@ -328,9 +501,10 @@ def _default_port(settings: Settings) -> int:
     return int(port) if host in ("127.0.0.1", "localhost") and port.isdigit() else 9092
 
 
-def _local(data_dir, libs_dir, port, controller_port, version) -> LocalKafka:
+def _local(data_dir, libs_dir, port, controller_port, version, **security) -> LocalKafka:
     settings = load_settings(kafka_version=version)
     kw = {k: v for k, v in (("port", port), ("controller_port", controller_port)) if v}
+    kw.update(security)
     if data_dir:
         kw["data_dir"] = Path(data_dir)
     if libs_dir:
@@ -379,17 +553,43 @@ def fetch(**kw) -> None:
 @broker_options
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for the broker to answer.")
 @click.option("--no-fetch", is_flag=True, help="Fail instead of fetching missing jars.")
-def start(timeout: float, no_fetch: bool, **kw) -> None:
+@click.option("--sasl", is_flag=True, envvar="INFERLOG_KAFKA_SASL",
+              help="SASL/SCRAM-SHA-512 and ACLs (StandardAuthorizer, admin the only super user).")
+@click.option("--sasl-users-file", type=click.Path(dir_okay=False), envvar="INFERLOG_KAFKA_SASL_USERS_FILE",
+              help=f"JSON {{user: password}}; missing {'/'.join(STANDARD_USERS)} get random passwords "
+                   "written into it (default: <data-dir>/sasl/users.json, mode 0600).")
+@click.option("--tls-certfile", type=click.Path(exists=True, dir_okay=False), envvar="INFERLOG_KAFKA_TLS_CERTFILE",
+              help="Broker certificate (PEM): serve SASL_SSL instead of SASL_PLAINTEXT (needs --sasl).")
+@click.option("--tls-keyfile", type=click.Path(exists=True, dir_okay=False), envvar="INFERLOG_KAFKA_TLS_KEYFILE",
+              help="The certificate's private key (PEM, unencrypted).")
+@click.option("--tls-cafile", type=click.Path(exists=True, dir_okay=False), envvar="INFERLOG_KAFKA_TLS_CAFILE",
+              help="The CA that signed the certificate (PEM); clients set INFERLOG_SSL_CAFILE to it.")
+def start(timeout: float, no_fetch: bool, sasl: bool, sasl_users_file, tls_certfile, tls_keyfile, tls_cafile,
+          **kw) -> None:
     """Start the broker in the background; no-op when it is already running."""
+    tls = (tls_certfile, tls_keyfile, tls_cafile)
+    if any(tls) and not (all(tls) and sasl):
+        raise click.UsageError("TLS needs --tls-certfile, --tls-keyfile, --tls-cafile and --sasl")
     lk = _local(**kw)
     if (pid := lk.pid()) is not None:
         click.echo(f"already running: pid {pid}, bootstrap {lk.status()['bootstrap']}")
         return
+    users_file = None
+    if sasl:
+        users_file = Path(sasl_users_file) if sasl_users_file else lk.data_dir / "sasl" / "users.json"
+        lk = _local(**kw, sasl_users=load_or_create_users(users_file), tls=tls if all(tls) else None)
     if not no_fetch:
         lk.fetch()
     bootstrap = lk.start(timeout=timeout)
     click.echo(f"Kafka {lk.version} started in {lk.started_in:.1f}s: pid {lk.pid()}, bootstrap {bootstrap}, "
                f"data {lk.data_dir}, log {lk.log_file}")
+    if users_file is not None:
+        envs = write_env_files(lk, users_file.parent)
+        # Where the secrets are, never the secrets themselves.
+        click.echo(f"{lk.security_protocol} with {SCRAM_MECHANISM}; users {', '.join(lk.sasl_users)}; "
+                   f"passwords in {users_file} (mode 0600)")
+        click.echo(f"connect as a user: set -a; . {users_file.parent}/<user>.env; set +a   ({len(envs)} env files)")
+        click.echo("next, as admin: inferlog kafka topics && inferlog kafka acls --standard")
 
 
 @kafka_cli.command()
@@ -428,3 +628,30 @@ def topics(bootstrap_servers, partitions, replication_factor, retention_ms) -> N
     counts = partition_counts(settings, list(created))
     for name, new in created.items():
         click.echo(f"{name}: {'created' if new else 'exists'}, {counts.get(name)} partitions")
+
+
+@kafka_cli.command()
+@click.option("--principal", help="Who gets the role, e.g. User:producer.")
+@click.option("--role", type=click.Choice(sorted(ROLES)), help="Its ACLs: SECURITY.md, inferlog/security.py.")
+@click.option("--standard", is_flag=True, help="Each role for the user of its name: " +
+              ", ".join(f"{r} -> {p}" for r, p in STANDARD_PRINCIPALS.items()) + ".")
+@click.option("--dry-run", is_flag=True, help="Print the ACLs without connecting.")
+@click.option("--bootstrap-servers", envvar=["INFERLOG_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"],
+              help="Cluster to create the ACLs on (default: settings.bootstrap_servers).")
+def acls(principal, role, standard: bool, dry_run: bool, bootstrap_servers) -> None:
+    """Grant inferlog's roles as Kafka ACLs (idempotent). Connects with the INFERLOG_* security
+    settings, which must name a principal allowed to alter ACLs (a super user); topic, group
+    names come from the same settings (INFERLOG_REQUESTS_TOPIC, INFERLOG_GROUP_ID, ...)."""
+    if standard == bool(principal or role) or (not standard and not (principal and role)):
+        raise click.UsageError("give either --standard or both --principal and --role")
+    settings = load_settings(bootstrap_servers=bootstrap_servers)
+    pairs = STANDARD_PRINCIPALS.items() if standard else [(role, principal)]
+    try:
+        wanted = [a for r, p in pairs for a in role_acls(r, p, settings)]
+    except SecurityError as e:
+        raise click.UsageError(str(e)) from None
+    for a in wanted:
+        click.echo(f"{'would allow' if dry_run else 'allow'} {a.principal} {a.operation} on "
+                   f"{a.resource} {a.name!r}{' (prefix)' if a.pattern == 'prefixed' else ''}")
+    if not dry_run:
+        click.echo(f"{apply_acls(settings, wanted)} ACLs in place on {settings.bootstrap_servers}")
