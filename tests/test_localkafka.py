@@ -42,8 +42,8 @@ def read_all(settings, topic: str, expect: int, timeout: float = 30) -> set[tupl
 def test_topics_are_created_idempotently(kafka):
     tag = unique("adm")
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.req",
-                      results_topic=f"{tag}.res", deadletter_topic=f"{tag}.dl")
-    names = [s.requests_topic, s.results_topic, s.deadletter_topic]
+                      high_priority_topic=f"{tag}.req.high", results_topic=f"{tag}.res", deadletter_topic=f"{tag}.dl")
+    names = [s.requests_topic, s.high_priority_topic, s.results_topic, s.deadletter_topic]
 
     assert ensure_topics(s, partitions=4) == dict.fromkeys(names, True)
     assert ensure_topics(s, partitions=4) == dict.fromkeys(names, False)
@@ -101,9 +101,9 @@ def test_cli_start_status_stop(tmp_path):
         assert r.exit_code == 0 and "running: True" in r.output and f"127.0.0.1:{port}" in r.output
 
         r = kafka("topics", "--bootstrap-servers", f"127.0.0.1:{port}", "--partitions", "2")
-        assert r.exit_code == 0 and r.output.count("created, 2 partitions") == 3, r.output
+        assert r.exit_code == 0 and r.output.count("created, 2 partitions") == 4, r.output
         r = kafka("topics", "--bootstrap-servers", f"127.0.0.1:{port}")
-        assert r.output.count("exists, 2 partitions") == 3, r.output
+        assert r.output.count("exists, 2 partitions") == 4, r.output
     finally:
         r = kafka("stop", *common)
     assert "stopped" in r.output
