@@ -15,6 +15,7 @@ from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 
 @dataclass
 class Record:
+    topic: str
     partition: int
     offset: int
     key: bytes | None
@@ -43,7 +44,7 @@ def read_all(settings, topic: str, timeout: float = 30.0) -> list[Record]:
                 raise TimeoutError(f"reading {topic}: positions {position} short of {ends}")
             for m in c.consume(1000, 0.2):
                 if m.error() is None:
-                    out.append(Record(m.partition(), m.offset(), m.key(), m.value(), m.headers() or []))
+                    out.append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or []))
                     position[m.partition()] = m.offset()
         return out
     finally:
@@ -66,18 +67,19 @@ class Accounting:
     dead_letters: list[dict]
 
     @property
-    def by_source(self) -> dict[tuple[int, int], list[tuple[str, dict]]]:
+    def by_source(self) -> dict[tuple[str, int, int], list[tuple[str, dict]]]:
+        """Outputs by the (topic, partition, offset) of the request they answer."""
         seen = defaultdict(list)
-        for r in self.results:
-            seen[(r["source"]["partition"], r["source"]["offset"])].append(("result", r))
-        for d in self.dead_letters:
-            seen[(d["source"]["partition"], d["source"]["offset"])].append(("dead", d))
+        for kind, recs in (("result", self.results), ("dead", self.dead_letters)):
+            for r in recs:
+                src = r["source"]
+                seen[(src["topic"], src["partition"], src["offset"])].append((kind, r))
         return seen
 
     def assert_exactly_once(self) -> None:
-        """Every request offset has exactly one output, and no output points elsewhere."""
+        """Every request offset (both tiers) has exactly one output, and no output points elsewhere."""
         by = self.by_source
-        positions = {(r.partition, r.offset) for r in self.requests}
+        positions = {(r.topic, r.partition, r.offset) for r in self.requests}
         missing = positions - set(by)
         extra = set(by) - positions
         dupes = {k: len(v) for k, v in by.items() if len(v) > 1}
@@ -92,7 +94,7 @@ class Accounting:
 def account(settings, codec: Codec | None = None) -> Accounting:
     codec = codec or Codec.from_settings(settings)
     return Accounting(
-        read_all(settings, settings.requests_topic),
+        read_all(settings, settings.requests_topic) + read_all(settings, settings.high_priority_topic),
         [codec.decode(r.value, expect=RESULT) for r in read_all(settings, settings.results_topic)],
         [codec.decode(r.value, expect=DEADLETTER) for r in read_all(settings, settings.deadletter_topic)],
     )

@@ -126,7 +126,7 @@ def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embe
     requests = sorted(acc.requests, key=lambda r: (r.partition, r.offset))
     outcome = {}
     for r in requests:
-        kind, rec = by[(r.partition, r.offset)][0]
+        kind, rec = by[(r.topic, r.partition, r.offset)][0]
         outcome[r.value] = rec["reason"] if kind == "dead" else rec["status"]
         if kind == "dead":
             assert rec["value"] == r.value and rec["detail"]  # the raw bytes travel with the reason
@@ -227,7 +227,7 @@ def test_sigterm_drains_commits_what_it_consumed_and_exits_0(settings, tmp_path)
     answered = set(by)
     for r in acc.requests:  # below the committed offset: exactly one result; at or above: none
         below = r.offset < done.get(r.partition, -1)
-        assert ((r.partition, r.offset) in answered) == below, (r.partition, r.offset, done)
+        assert ((r.topic, r.partition, r.offset) in answered) == below, (r.partition, r.offset, done)
     assert all(len(v) == 1 for v in by.values())
     assert 0 < len(acc.results) <= len(ids)
 
