@@ -51,11 +51,12 @@ def build_runner(settings):
 
     runner = load_runner(settings.model, task=settings.task, device=settings.device, dtype=settings.dtype,
                          name=settings.model_name)
-    if settings.fault_marker:
-        from .faults import FaultyRunner
+    from .faults import FaultyRunner, wants_faults
 
-        log.warning("fault injection is ON (marker %r): for tests and chaos runs only", settings.fault_marker)
-        runner = FaultyRunner(runner, settings.fault_marker)
+    if wants_faults(settings):
+        log.warning("fault injection is ON (marker %r, rate %s, slow %s ms): for tests and chaos runs only",
+                    settings.fault_marker, settings.fault_rate, settings.fault_slow_ms)
+        runner = FaultyRunner.from_settings(runner, settings)
     return runner
 
 

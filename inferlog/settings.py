@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     # fault injection, for tests and chaos runs only: a request whose input contains this
     # marker makes the model raise on any batch holding it
     fault_marker: str | None = None
+    # chaos runs: a request fails in the model when a seeded hash of its token ids is below
+    # fault_rate (per request, so a split batch isolates it); with fault_slow_ms a batch
+    # sleeps up to that long, with probability fault_slow_rate
+    fault_rate: float = Field(0.0, ge=0, le=1)
+    fault_seed: int = 0
+    fault_slow_ms: float = Field(0.0, ge=0)
+    fault_slow_rate: float = Field(0.1, ge=0, le=1)
 
     # observability
     metrics_port: int = Field(0, ge=0)  # 0: no HTTP server
