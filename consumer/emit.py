@@ -15,6 +15,7 @@ worker must stop; its successor owns the partitions now).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
@@ -62,6 +63,7 @@ class TransactionalEmitter:
             "transaction.timeout.ms": 60000,
             "partitioner": "murmur2_random",  # Java-compatible: audit finds a result's partition from its key
         })
+        self.conf = conf
         self.producer = Producer(conf)
         self.producer.init_transactions(timeout_s)
 
@@ -72,11 +74,44 @@ class TransactionalEmitter:
             self.producer.begin_transaction()
             _produce_all(self.producer, outputs)
             if commits:
-                self.producer.send_offsets_to_transaction(
-                    _offsets(commits), self.consumer.consumer_group_metadata(), self.timeout)
+                self._send_offsets(_offsets(commits), self.consumer.consumer_group_metadata())
             self._commit_with_retry()
         except KafkaException as e:
             self._handle(e)
+
+    def _send_offsets(self, offsets, group_metadata) -> None:
+        """send_offsets_to_transaction, bounded. librdkafka can block in it far past its timeout
+        when the group coordinator went away mid-transaction (librdkafka #5456; seen here when
+        the broker restarts): then the stuck producer is left to its thread and a new one with
+        the same transactional.id takes over, whose init_transactions fences the old one and
+        aborts its open transaction, so the worker rewinds and redoes the work."""
+        box: list = []
+        producer = self.producer
+
+        def call():
+            try:
+                producer.send_offsets_to_transaction(offsets, group_metadata, self.timeout)
+                box.append(None)
+            except BaseException as e:  # handed to the loop thread below
+                box.append(e)
+
+        t = threading.Thread(target=call, name="inferlog-send-offsets", daemon=True)
+        t.start()
+        t.join(self.timeout + 5)
+        if t.is_alive():
+            log.error("send_offsets_to_transaction stuck for %.0fs: replacing the transactional producer",
+                      self.timeout + 5)
+            self._replace_producer()
+            raise CommitAborted("send_offsets_to_transaction did not return; producer replaced")
+        if box[0] is not None:
+            raise box[0]
+
+    def _replace_producer(self) -> None:
+        self.producer = Producer(self.conf)
+        try:
+            self.producer.init_transactions(self.timeout)
+        except KafkaException as e:
+            raise FatalError(f"a new transactional producer could not start: {e}") from e
 
     def _commit_with_retry(self) -> None:
         deadline = time.monotonic() + self.timeout
