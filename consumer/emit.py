@@ -144,7 +144,10 @@ class TransactionalEmitter:
         raise CommitAborted(str(err)) from e
 
     def close(self) -> None:
-        self.producer.flush(self.timeout)
+        try:
+            self.producer.flush(self.timeout)
+        except KafkaException as e:  # a fenced (fatal) producer raises here; the exit code must stay 3
+            log.warning("producer close: %s", e)
 
 
 class AtLeastOnceEmitter:
