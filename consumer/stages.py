@@ -16,6 +16,9 @@ from inferlog.errors import DecodeError, InputTooLarge, RecordError, UnknownMode
 from inferlog.request import Limits, Request, now_ms, validate_request
 
 TRACE_HEADERS = ("traceparent", "tracestate")
+# what a dead letter carries of the original at most: the producer refuses records over
+# message.max.bytes (1,000,000 by default), and the dead letter adds its own fields
+DEAD_LETTER_MAX_CARRIED = 900_000
 
 
 class Out(NamedTuple):
@@ -147,15 +150,23 @@ class ResultBuilder:
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
         req = p.request
         rid, tenant = (req.request_id, req.tenant) if req else (p.ids_hint or (None, None))
+        detail, value, headers = err.detail[:2000], p.value, {k: (v or b"") for k, v in (p.headers or ())}
+        size = len(value or b"") + sum(len(k) + len(v) for k, v in headers.items())
+        if size > DEAD_LETTER_MAX_CARRIED:
+            # a record near the broker's size limit plus the dead letter's own fields would be too
+            # large to produce: the commit would fail and be redone forever. Its source position
+            # finds the original.
+            detail += f" [the original value and headers ({size} bytes) are not carried; see the source offset]"
+            value, headers = None, {}
         rec = {
             "source": {"topic": p.topic, "partition": p.partition, "offset": p.offset},
             "request_id": rid if isinstance(rid, str) else None,
             "tenant": tenant if isinstance(tenant, str) else None,
             "reason": err.reason,
-            "detail": err.detail[:2000],
+            "detail": detail,
             "key": p.key,
-            "value": p.value,
-            "headers": {k: (v or b"") for k, v in (p.headers or ())},
+            "value": value,
+            "headers": headers,
             "worker_id": self.worker_id,
             "failed_at": now_ms(),
             "replay_run_id": self.replay_run_id,
