@@ -1,0 +1,62 @@
+"""The broker goes away mid-stream and comes back: the workers ride it out.
+
+A broker of its own (free ports, own data dir), so the session's broker and the tests on
+it are undisturbed. The data dir survives the restart, as a real broker's disk does.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from conftest import REPO, free_port, unique
+from inferlog.localkafka import LocalKafka
+from inferlog.settings import load_settings
+from inferlog.topics import ensure_topics
+
+from .harness import Fleet, Stream, check_exactly_once, wait_all_answered
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    version = load_settings().kafka_version
+    broker = LocalKafka(libs_dir=REPO / ".kafka" / "libs" / version, data_dir=tmp_path / "kafka",
+                        port=free_port(), controller_port=free_port(), version=version)
+    broker.fetch()
+    broker.start(timeout=180)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param({"n": 1500, "rate": 50, "outages": 1, "down_s": (4, 8)}, id="short"),
+    pytest.param({"n": 10000, "rate": 60, "outages": 4, "down_s": (3, 20)}, id="long", marks=pytest.mark.slow)])
+def test_broker_stop_and_start_mid_stream(own_broker, tiny_bert_classifier_dir, tmp_path, size):
+    tag = unique("bounce")
+    s = load_settings(bootstrap_servers=own_broker.bootstrap, requests_topic=f"{tag}.requests",
+                      high_priority_topic=f"{tag}.requests.high", results_topic=f"{tag}.results",
+                      deadletter_topic=f"{tag}.deadletter", partitions=6, group_id=f"{tag}.workers")
+    ensure_topics(s)
+    rng = random.Random(3)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fleet = Fleet(s, tiny_bert_classifier_dir, logs)
+    try:
+        fleet.start_joined("w0", "w1")
+        with Stream(s, size["n"], size["rate"]) as stream:
+            gap = stream.n / stream.rate / (size["outages"] + 1)
+            for _ in range(size["outages"]):
+                time.sleep(rng.uniform(0.5, 1.0) * gap)
+                own_broker.stop()
+                time.sleep(rng.uniform(*size["down_s"]))
+                own_broker.start(timeout=180)
+                for wid, p in fleet.live.items():  # nobody gave up while the broker was away
+                    assert p.poll() is None, f"{wid} exited {p.returncode}:\n{fleet.log(p)[-4000:]}"
+        wait_all_answered(s, size["n"], timeout=300)
+        fleet.stop_all()
+    finally:
+        fleet.kill_all()
+    check_exactly_once(s, stream.ids, "broker stop/start", events=size["outages"])

@@ -1,0 +1,35 @@
+"""Model faults and slow batches at random while requests stream in: each faulty request is
+isolated by the batch split and dead-lettered (MODEL_ERROR), every other one answered."""
+from __future__ import annotations
+
+import pytest
+
+from inferlog.consumer.faults import FaultyRunner
+from inferlog.consumer.runners import load_runner
+
+from .harness import Fleet, Stream, check_exactly_once, wait_all_answered
+
+RATE, SEED = 0.02, 5
+
+
+@pytest.mark.parametrize("size", [pytest.param({"n": 1500, "rate": 100}, id="short"),
+                                  pytest.param({"n": 12000, "rate": 100}, id="long", marks=pytest.mark.slow)])
+def test_random_model_faults_and_slow_batches(settings, tiny_bert_classifier_dir, tmp_path, size):
+    fleet = Fleet(settings, tiny_bert_classifier_dir, tmp_path, INFERLOG_FAULT_RATE=RATE, INFERLOG_FAULT_SEED=SEED,
+                  INFERLOG_FAULT_SLOW_MS=400, INFERLOG_FAULT_SLOW_RATE=0.05)
+    try:
+        fleet.start_joined("w0", "w1")
+        with Stream(settings, size["n"], size["rate"]) as stream:
+            pass
+        wait_all_answered(settings, size["n"])
+        fleet.stop_all()
+    finally:
+        fleet.kill_all()
+    # the same decision the workers made, from the same tokenizer
+    judge = FaultyRunner(load_runner(str(tiny_bert_classifier_dir), device="cpu"), rate=RATE, seed=SEED)
+    ids = judge.tokenize([stream.texts[r] for r in stream.ids])
+    faulty = {rid for rid, row in zip(stream.ids, ids) if judge.faulty(row)}
+    assert 0 < len(faulty) < len(stream.ids) * RATE * 2
+    slow = sum(fleet.log(p).count("retrying as two halves") for _, p, _ in fleet.all)
+    check_exactly_once(settings, stream.ids, f"model faults (p={RATE}/request) + slow batches", expect_dead=faulty,
+                       batch_splits=slow)

@@ -1,0 +1,62 @@
+"""Zombies: a worker that lives on after its successor took over must not commit anything twice."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from support import wait_until
+
+from .harness import Fleet, Stream, check_exactly_once, wait_all_answered
+
+SIZES = pytest.mark.parametrize("size", [pytest.param({"n": 1200, "rate": 60}, id="short"),
+                                         pytest.param({"n": 10000, "rate": 80}, id="long", marks=pytest.mark.slow)])
+
+
+@SIZES
+def test_same_transactional_id_fences_the_older_worker(settings, tiny_bert_classifier_dir, tmp_path, size):
+    """B starts with A's worker id: B's init_transactions bumps the producer epoch, and A's next
+    commit is refused (fenced): A exits 3 with nothing of its open transaction visible."""
+    fleet = Fleet(settings, tiny_bert_classifier_dir, tmp_path)
+    try:
+        a = fleet.start("wz")
+        wait_until(lambda: fleet.joined("wz"), timeout=120, what="A to join")
+        with Stream(settings, size["n"], size["rate"]) as stream:
+            time.sleep(size["n"] / size["rate"] / 4)
+            fleet.live.pop("wz")
+            fleet.start_joined("wz")  # B
+            assert a.wait(120) == 3, f"the fenced worker exited {a.returncode}:\n{fleet.log(a)[-4000:]}"
+            assert "fatal" in fleet.log(a) and "fenced" in fleet.log(a).lower()
+        wait_all_answered(settings, size["n"])
+        fleet.stop_all()
+    finally:
+        fleet.kill_all()
+    check_exactly_once(settings, stream.ids, "zombie: same transactional.id (fenced, exit 3)", events=1)
+
+
+@SIZES
+def test_a_paused_worker_past_its_session_is_fenced_by_the_generation(settings, tiny_bert_classifier_dir,
+                                                                     tmp_path, size):
+    """SIGSTOP A past its session timeout: its partitions move to B. SIGCONT: A's late commits
+    carry a stale group generation (KIP-447) and are refused; A rejoins or exits, cleanly."""
+    fleet = Fleet(settings, tiny_bert_classifier_dir, tmp_path)
+    try:
+        fleet.start_joined("wa", "wb")
+        with Stream(settings, size["n"], size["rate"]) as stream:
+            pauses = max(1, size["n"] // 3000)
+            for _ in range(pauses):
+                time.sleep(size["n"] / size["rate"] / (pauses + 2))
+                a = fleet.signal("wa", signal.SIGSTOP)
+                time.sleep(6 + 5)  # session.timeout.ms is 6 s in the harness
+                a.send_signal(signal.SIGCONT)
+        wait_all_answered(settings, size["n"])
+        if a.poll() is not None:  # it may stop itself; then only as a fenced worker
+            assert a.returncode == 3, fleet.log(a)[-4000:]
+            fleet.live.pop("wa")
+        fleet.stop_all()
+    finally:
+        fleet.kill_all()
+    log = fleet.log(a)
+    check_exactly_once(settings, stream.ids, "zombie: SIGSTOP past session, SIGCONT", events=pauses,
+                       zombie_exit=a.returncode, zombie_aborts=log.count("commit aborted"))
