@@ -129,19 +129,24 @@ class TransactionalEmitter:
         err: KafkaError = e.args[0]
         if err.fatal() or err.code() in FENCED:
             raise FatalError(f"transactional producer cannot go on: {err}") from e
-        if err.txn_requires_abort():
-            log.warning("transaction aborted: %s", err)
+        log.warning("transaction aborted: %s", err)
+        self._abort()
+        raise CommitAborted(str(err)) from e
+
+    def _abort(self) -> None:
+        """Abort to a clean state, retrying while the coordinator is merely unreachable."""
+        deadline = time.monotonic() + 4 * self.timeout
+        while True:
             try:
                 self.producer.abort_transaction(self.timeout)
-            except KafkaException as e2:
-                raise FatalError(f"abort failed: {e2}") from e2
-            raise CommitAborted(str(err)) from e
-        # retriable but out of time, or anything else: abort to a clean state
-        try:
-            self.producer.abort_transaction(self.timeout)
-        except KafkaException:
-            pass
-        raise CommitAborted(str(err)) from e
+                return
+            except KafkaException as e:
+                err = e.args[0]
+                if err.code() == KafkaError._STATE:  # no transaction in progress: already clean
+                    return
+                if not err.retriable() or time.monotonic() > deadline:
+                    raise FatalError(f"abort failed: {err}") from e
+                log.warning("abort_transaction: %s; retrying", err)
 
     def close(self) -> None:
         try:
@@ -164,7 +169,10 @@ class AtLeastOnceEmitter:
             self._errors.append(err)
 
     def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int]) -> None:
-        _produce_all(self.producer, outputs, self._on_delivery)
+        try:
+            _produce_all(self.producer, outputs, self._on_delivery)
+        except KafkaException as e:  # refused locally (e.g. too large): redo from the last commit
+            raise CommitAborted(f"produce failed: {e}") from e
         left = self.producer.flush(self.timeout)
         if left or self._errors:
             errs, self._errors = self._errors, []

@@ -25,9 +25,11 @@ from .stages import Decoder, Pending, ResultBuilder, is_expired
 
 class Engine:
     def __init__(self, settings, runner, codec: Codec | None = None, replay_run_id: str | None = None,
-                 metrics: Metrics | None = None, any_model: bool = False):
+                 metrics: Metrics | None = None, any_model: bool = False, honor_deadlines: bool = True):
         self.s = settings
         self.metrics = metrics or Metrics()
+        # replay runs old requests on purpose: their deadlines passed long ago
+        self.honor_deadlines = honor_deadlines
         self.runner = runner
         self.codec = codec or Codec.from_settings(settings)
         self.tracker = OffsetTracker()
@@ -81,6 +83,11 @@ class Engine:
         self._collect_finished()
         self._dispatch(flush)
 
+    def collect(self) -> None:
+        """Take in finished work without starting new batches (e.g. before a revocation)."""
+        self._collect_decoded()
+        self._collect_finished()
+
     def _collect_decoded(self) -> None:
         while self.decoding and self.decoding[0].done():
             for p in self.decoding.popleft().result():
@@ -88,7 +95,7 @@ class Engine:
                     continue
                 if p.error is not None:
                     self._complete(p, [self.builder.dead_letter(p, p.error)])
-                elif is_expired(p):
+                elif self.honor_deadlines and is_expired(p):
                     self._complete(p, [self.builder.expired(p)])
                 else:
                     extra = 0
@@ -107,7 +114,7 @@ class Engine:
             for it in items:
                 queue.observe(mono - it.arrived)
                 p = it.ref
-                if is_expired(p, now):  # expired while queued: answer without the model
+                if self.honor_deadlines and is_expired(p, now):  # expired while queued: no model
                     self._complete(p, [self.builder.expired(p)])
                 else:
                     batch.append(p)

@@ -159,11 +159,18 @@ class Pipeline:
         fut.add_done_callback(lambda f: self._after(f, job, then))
 
     def _after(self, fut: Future, job: Job, then) -> None:
-        e = fut.exception()
-        if e is not None:
-            self._fail(job, e)
-        else:
-            then(job, fut.result())
+        # runs as a future callback: an exception escaping here would be logged and lost by
+        # concurrent.futures, stranding the job's records (no output, no commit past them)
+        try:
+            e = fut.exception()
+            if e is not None:
+                self._fail(job, e)
+            else:
+                then(job, fut.result())
+        except BaseException as e2:  # noqa: BLE001 - every record of the job must still end somewhere
+            log.exception("pipeline continuation failed for batch %s", job.info.batch_id)
+            self._deliver([(p, [self.builder.dead_letter(p, ModelError(f"{type(e2).__name__}: {e2}"))])
+                           for p in job.batch])
 
     def _on_prepared(self, job: Job, _):
         self._chain(self.device, self._run, job, self._on_ran)

@@ -6,19 +6,19 @@ as `Out` messages (a result or a dead letter) handed to the offset tracker.
 """
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
-from inferlog.errors import DecodeError, InputTooLarge, RecordError, UnknownModel, UnsupportedTask
+from inferlog.errors import DecodeError, InputTooLarge, InvalidRequest, OutputTooLarge, RecordError, UnknownModel, UnsupportedTask
 from inferlog.request import Limits, Request, now_ms, validate_request
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 # what a dead letter carries of the original at most: the producer refuses records over
 # message.max.bytes (1,000,000 by default), and the dead letter adds its own fields
 DEAD_LETTER_MAX_CARRIED = 900_000
+MAX_OUTPUT_BYTES = 950_000  # a result larger than this could not be produced (message.max.bytes 1e6)
 
 
 class Out(NamedTuple):
@@ -101,11 +101,21 @@ class Decoder:
         # one tokenizer call for the whole chunk: much cheaper than one per record
         texts = [t for p in ok for t in p.request.inputs]
         if texts:
-            ids = self.runner.tokenize(texts)
+            try:
+                ids = self.runner.tokenize(texts)
+            except Exception:  # one text broke the tokenizer: find it, record by record
+                ids = None
             i = 0
             for p in ok:
                 n = len(p.request.inputs)
-                p.ids = ids[i : i + n]
+                if ids is not None:
+                    p.ids = ids[i : i + n]
+                else:
+                    try:
+                        p.ids = self.runner.tokenize(p.request.inputs)
+                    except Exception as e:
+                        p.error = InvalidRequest(f"the tokenizer failed on this input: {type(e).__name__}: {e}")
+                        continue
                 i += n
                 longest = max(len(x) for x in p.ids)
                 if longest > self.max_tokens:
@@ -144,34 +154,45 @@ class ResultBuilder:
             "worker_id": self.worker_id,
             "replay_run_id": self.replay_run_id,
         }
-        return Out(self.results_topic, req.request_id.encode(), self.codec.encode(RESULT, rec, trusted=True), p.trace_headers(),
+        key = req.request_id.encode()
+        value = self.codec.encode(RESULT, rec, trusted=True)
+        if len(value) + len(key) > MAX_OUTPUT_BYTES:
+            # the producer would refuse it and the commit would be redone forever: answer with
+            # a small dead letter instead (e.g. many inputs through a wide embedder)
+            return self.dead_letter(p, OutputTooLarge(
+                f"the result is {len(value)} bytes, over the {MAX_OUTPUT_BYTES}-byte limit of a record; "
+                f"send fewer inputs per request"))
+        return Out(self.results_topic, key, value, p.trace_headers(),
                    status, req.created_at, tier="high" if req.priority >= self.high_priority else "normal")
 
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
         req = p.request
         rid, tenant = (req.request_id, req.tenant) if req else (p.ids_hint or (None, None))
         detail, value, headers = err.detail[:2000], p.value, {k: (v or b"") for k, v in (p.headers or ())}
-        size = len(value or b"") + sum(len(k) + len(v) for k, v in headers.items())
+        key = p.key
+        # the key travels twice (record key and body), the value and headers once
+        size = 2 * len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers.items())
         if size > DEAD_LETTER_MAX_CARRIED:
             # a record near the broker's size limit plus the dead letter's own fields would be too
             # large to produce: the commit would fail and be redone forever. Its source position
             # finds the original.
-            detail += f" [the original value and headers ({size} bytes) are not carried; see the source offset]"
+            detail += f" [the original key, value and headers ({size} bytes) are not carried; see the source offset]"
             value, headers = None, {}
+            key = key if key is None or len(key) <= 1024 else None
         rec = {
             "source": {"topic": p.topic, "partition": p.partition, "offset": p.offset},
             "request_id": rid if isinstance(rid, str) else None,
             "tenant": tenant if isinstance(tenant, str) else None,
             "reason": err.reason,
             "detail": detail,
-            "key": p.key,
+            "key": key,
             "value": value,
             "headers": headers,
             "worker_id": self.worker_id,
             "failed_at": now_ms(),
             "replay_run_id": self.replay_run_id,
         }
-        return Out(self.deadletter_topic, p.key, self.codec.encode(DEADLETTER, rec, trusted=True), p.trace_headers(),
+        return Out(self.deadletter_topic, key, self.codec.encode(DEADLETTER, rec, trusted=True), p.trace_headers(),
                    err.reason, req.created_at if req else None, dead=True)
 
     def expired(self, p: Pending) -> Out:
@@ -182,6 +203,3 @@ def is_expired(p: Pending, now: int | None = None) -> bool:
     d = p.request.deadline
     return d is not None and (now if now is not None else now_ms()) > d
 
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -37,6 +37,7 @@ class Worker:
         self.on_commit = on_commit  # callback(outputs) after each successful commit (demo, tests)
         self.paused = {"normal": False, "high": False}  # back-pressure, per tier
         self.stopping = threading.Event()
+        self.closing = False
         self.ready = threading.Event()  # model warm and partitions assigned (readiness)
         self.last_commit = time.monotonic()
         self.commit_interval = settings.commit_interval_ms / 1000.0
@@ -52,7 +53,8 @@ class Worker:
     # -- health ----------------------------------------------------------------------------
     def _alive(self) -> tuple[bool, str]:
         age = time.monotonic() - self.last_turn
-        return age < 30.0, f"last loop turn {age:.1f}s ago"
+        # generous: recovering from a broker restart can block the loop for a minute or two
+        return age < 180.0, f"last loop turn {age:.1f}s ago"
 
     def _ready(self) -> tuple[bool, str]:
         if self.ready.is_set():
@@ -84,6 +86,9 @@ class Worker:
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": self.s.session_timeout_ms,
             "max.poll.interval.ms": 300000,
+            # pause() throws the prefetch away, so keep it small: a few MB, not librdkafka's 64 MB
+            "queued.max.messages.kbytes": 4096,
+            "queued.min.messages": 2 * FETCH_CHUNK,
         })
         self.consumer = Consumer(conf)
         self.emitter = make_emitter(self.s, self.consumer)
@@ -114,14 +119,15 @@ class Worker:
 
     def _close(self) -> None:
         self._set_ready(False)
+        self.closing = True  # revocation during close only lets go: nothing is left to commit
         if self.http is not None:
             self.http.stop()
-        self.engine.close()
         if self.consumer is not None:
             try:
                 self.consumer.close()  # leaves the group: partitions move at once
-            except KafkaException as e:
+            except Exception as e:  # never let a failing close turn exit 3 into a traceback
                 log.warning("consumer close: %s", e)
+        self.engine.close()
         if self.emitter is not None:
             self.emitter.close()
 
@@ -197,15 +203,33 @@ class Worker:
             self.on_commit(outputs)
 
     def _rewind(self) -> None:
-        """Forget all uncommitted work and fetch again from the committed offsets."""
-        tps = self.engine.reset()
-        committed = self.consumer.committed([TopicPartition(t, p) for t, p in tps], timeout=30)
+        """Forget all uncommitted work and fetch again from the committed offsets.
+
+        The committed offsets are read first (retrying while the coordinator is away, as it is
+        when a broker restarts): a partition whose offset cannot be read must not restart from
+        the beginning (duplicates), and one whose seek fails must not go on from its fetch
+        position (its uncommitted records would be skipped) - that worker stops instead."""
+        tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                committed = self.consumer.committed(tps, timeout=10) if tps else []
+                if not any(tp.error for tp in committed):
+                    break
+                why = [str(tp.error) for tp in committed if tp.error][:3]
+            except KafkaException as e:
+                why = [str(e)]
+            if time.monotonic() > deadline:
+                raise FatalError(f"cannot read the committed offsets to rewind to: {why}")
+            log.warning("rewind: committed offsets not readable yet (%s); retrying", why)
+            time.sleep(1)
+        self.engine.reset()
         for tp in committed:
-            off = tp.offset if tp.offset != OFFSET_INVALID else OFFSET_BEGINNING
+            off = tp.offset if tp.offset != OFFSET_INVALID else OFFSET_BEGINNING  # nothing committed yet
             try:
                 self.consumer.seek(TopicPartition(tp.topic, tp.partition, off))
-            except KafkaException as e:  # e.g. a partition being revoked right now
-                log.warning("seek %s[%d] to %d: %s", tp.topic, tp.partition, off, e)
+            except KafkaException as e:
+                raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {off}: {e}") from e
 
     # -- back-pressure -------------------------------------------------------------------
     def _flow_control(self) -> None:
@@ -254,10 +278,10 @@ class Worker:
 
     def _give_up(self, consumer, partitions, commit_first: bool) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        if commit_first:
+        if commit_first and not self.closing:
             # what is finished for these partitions is committed while the generation is
             # still ours; what is not is dropped and redone by the next owner
-            self.engine.step()
+            self.engine.collect()
             self._commit(force=True, only=gone)
         dropped = self.engine.revoke(gone)
         if not self.engine.partitions:

@@ -75,6 +75,12 @@ class InputTooLarge(RecordError):
     reason = "INPUT_TOO_LARGE"
 
 
+class OutputTooLarge(RecordError):
+    """The answer would not fit in one Kafka record."""
+
+    reason = "OUTPUT_TOO_LARGE"
+
+
 class ModelError(RecordError):
     """The model raised on this request alone (the batch was split down to it)."""
 

@@ -264,7 +264,7 @@ class FileSink:
 
 class TopicSink:
     def __init__(self, settings, consumer, ck: Checkpoint):
-        from inferlog.consumer.emit import TransactionalEmitter
+        from inferlog.consumer.emit import CommitAborted, TransactionalEmitter
 
         self.consumer, self.ck = consumer, ck
         # init_transactions fences a crashed run's producer and aborts its open transaction,
@@ -276,7 +276,10 @@ class TopicSink:
         return {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=30) if tp.offset >= 0}
 
     def commit(self, outputs, commits: dict) -> None:
-        self.emitter.commit(outputs, commits)
+        try:
+            self.emitter.commit(outputs, commits)
+        except CommitAborted as e:  # nothing of it is visible; the checkpoint is where it was
+            raise ReplayError(f"a transaction was aborted ({e}); continue with --resume {self.ck.run_id}") from e
 
     def finish(self) -> None:
         self.ck.data["status"] = "done"
@@ -384,7 +387,7 @@ def execute(settings, ck: Checkpoint, runner, *, progress: bool = False, stop: t
     consumer = window_consumer(s, **conf)
     # A request that named the live model is replayed with the chosen one: that is the point
     # of a replay, so the decoder must not dead-letter it as UNKNOWN_MODEL.
-    engine = Engine(s, runner, replay_run_id=ck.run_id, any_model=True)
+    engine = Engine(s, runner, replay_run_id=ck.run_id, any_model=True, honor_deadlines=False)
     sink = None
     try:
         sink = TopicSink(s, consumer, ck) if o["kind"] == "topic" else FileSink(ck, engine.codec)

@@ -1,0 +1,46 @@
+"""Result and dead-letter building: every output must fit in one Kafka record."""
+from types import SimpleNamespace
+
+from inferlog.codec import DEADLETTER, Codec
+from inferlog.consumer.stages import MAX_OUTPUT_BYTES, BatchInfo, Pending, ResultBuilder
+from inferlog.errors import InvalidRequest
+from inferlog.request import Limits, build_request, validate_request
+from inferlog.settings import load_settings
+
+S = load_settings()
+CODEC = Codec.from_settings(S)
+BUILDER = ResultBuilder(CODEC, S, SimpleNamespace(name="m", revision=None, digest=None))
+
+
+def pending(key=b"k", value=b"v", inputs=("a",)):
+    p = Pending(S.requests_topic, 3, 42, 1, key, value, [("h", b"x")], 0)
+    limits = Limits(max_inputs=1000)
+    p.request = validate_request(build_request("embed", list(inputs), limits=limits), limits)
+    return p
+
+
+def test_a_result_too_large_for_a_record_becomes_a_small_dead_letter():
+    p = pending(inputs=["x"] * 300)
+    out = BUILDER.result(p, "OK", [{"vector": [0.5] * 1024}] * 300, BatchInfo.new(1, 1))
+    assert out.dead and out.label == "OUTPUT_TOO_LARGE" and out.topic == S.deadletter_topic
+    assert len(out.value) < MAX_OUTPUT_BYTES
+    assert CODEC.decode(out.value, expect=DEADLETTER)["request_id"] == p.request.request_id
+
+
+def test_a_normal_result_is_a_result():
+    out = BUILDER.result(pending(), "OK", [{"vector": [0.1] * 384}], BatchInfo.new(1, 1))
+    assert not out.dead and out.topic == S.results_topic and out.label == "OK"
+
+
+def test_a_dead_letter_near_the_size_limit_leaves_key_and_value_at_the_source():
+    p = pending(key=b"K" * 100_000, value=b"V" * 850_000)  # each under 1 MB, together over
+    out = BUILDER.dead_letter(p, InvalidRequest("bad"))
+    assert len(out.value) + len(out.key or b"") < 1_000_000
+    dl = CODEC.decode(out.value, expect=DEADLETTER)
+    assert dl["value"] is None and dl["key"] is None and "not carried" in dl["detail"]
+    assert dl["source"] == {"topic": S.requests_topic, "partition": 3, "offset": 42}
+
+
+def test_a_small_dead_letter_carries_the_original():
+    dl = CODEC.decode(BUILDER.dead_letter(pending(), InvalidRequest("bad")).value, expect=DEADLETTER)
+    assert (dl["key"], dl["value"], dl["headers"], dl["reason"]) == (b"k", b"v", {"h": b"x"}, "INVALID_REQUEST")
