@@ -100,28 +100,28 @@ class OutcomeCache:
 
     def __init__(self, size: int, ttl: float, clock: Callable[[], float] = time.monotonic):
         self.size, self.ttl, self.clock = size, ttl, clock
-        self._items: OrderedDict[str, tuple[float, Outcome]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[float, float, Outcome]] = OrderedDict()  # (clock, wall, outcome)
         self.evicted_at = 0.0  # wall time (s) of the newest arrival evicted: older ids may be missing
 
     def put(self, o: Outcome) -> None:
-        self._items[o.request_id] = (self.clock(), o)
+        self._items[o.request_id] = (self.clock(), time.time(), o)
         self._items.move_to_end(o.request_id)
         while len(self._items) > self.size:
-            self._evict()
+            self._forget(self._items.popitem(last=False)[1])
 
     def get(self, request_id: str) -> Outcome | None:
         item = self._items.get(request_id)
         if item is None:
             return None
         if self.clock() - item[0] > self.ttl:
-            self._items.pop(request_id)
-            self.evicted_at = time.time()
+            self._forget(self._items.pop(request_id))
             return None
-        return item[1]
+        return item[2]
 
-    def _evict(self) -> None:
-        self._items.popitem(last=False)
-        self.evicted_at = time.time()
+    def _forget(self, item) -> None:
+        # the horizon moves to when the forgotten outcome ARRIVED, not to now: ids of requests
+        # made after that can only be missing if they are still pending
+        self.evicted_at = max(self.evicted_at, item[1])
 
     def __len__(self) -> int:
         return len(self._items)
@@ -289,6 +289,9 @@ class Replies:
                 for r in records:
                     if r.key == key and r.offset < todo.get(tp, -1):
                         found = outcome_of(tp.topic == self.s.deadletter_topic, r.key, r.value, self.codec) or found
+                        if found is not None:  # one outcome per request: stop at the first
+                            todo.clear()
+                            break
             for tp in list(todo):
                 if await c.position(tp) >= todo[tp]:
                     del todo[tp]
