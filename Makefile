@@ -9,12 +9,13 @@ export TOKENIZERS_PARALLELISM := false
 
 DEPLOY_TOOLS ?= .tools
 
-.PHONY: help install kafka-jars deploy-tools demo test test-unit test-deploy chaos soak bench clean kafka-start kafka-stop
+.PHONY: help install kafka-jars deploy-tools demo test test-unit test-deploy chaos soak bench bench-deps clean kafka-start kafka-stop
 
 help:
 	@echo "make demo    - start a local Kafka, run the worker on the default model over a sample stream"
 	@echo "make test    - install everything (venv, packages, Kafka jars) and run the test suite"
-	@echo "make chaos   - the long chaos suite;  make bench - benchmarks;  make clean"
+	@echo "make chaos   - the long chaos suite;  make soak - a steady-load soak;  make bench - benchmarks"
+	@echo "make test-unit - only what needs no broker;  make clean"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,8 +47,15 @@ test-unit: install
 chaos: kafka-jars
 	$(BIN)/python -m pytest tests/chaos -m slow $(PYTEST_ARGS)
 
-bench: kafka-jars
-	$(BIN)/python bench/run_all.py
+# steady load at 70% of the measured saturation; lag, latency and memory over time
+soak: kafka-jars bench-deps
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+bench-deps: install
+	$(BIN)/pip install -q -e '.[bench]'
+
+bench: kafka-jars bench-deps
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 kafka-start: kafka-jars
 	$(BIN)/inferlog kafka start

@@ -85,6 +85,9 @@ def worker(processes: str, create_topics: bool, **flags) -> None:
     n = _gpu_count() if processes == "auto" else int(processes)
     if n > 1 and settings.device in ("auto", "cuda"):
         sys.exit(_supervise(n, settings))
+    # until the worker installs its own handlers it holds nothing: a stop just exits cleanly
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     if create_topics:
         from inferlog.topics import ensure_topics
 

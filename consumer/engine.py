@@ -8,6 +8,7 @@ loop); the executors hand their work back through a queue.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,8 @@ from .metrics import Metrics
 from .offsets import OffsetTracker
 from .pipeline import Pipeline
 from .stages import Decoder, Pending, ResultBuilder, is_expired
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -57,7 +60,15 @@ class Engine:
         now, mono = now_ms(), time.monotonic()
         for m in msgs:
             tp = (m.topic(), m.partition())
-            epoch = self.tracker.track(tp, m.offset())
+            try:
+                epoch = self.tracker.track(tp, m.offset())
+            except ValueError as e:
+                # the partition's log went backwards (e.g. truncated after an unclean leader
+                # election): start its bookkeeping afresh from here rather than crash
+                log.warning("%s; restarting the bookkeeping of %s[%d]", e, *tp)
+                self.revoke({tp})
+                self.tracker.assign(tp)
+                epoch = self.tracker.track(tp, m.offset())
             if epoch is None:  # not (or no longer) ours
                 continue
             chunk.append(Pending(m.topic(), m.partition(), m.offset(), epoch, m.key(), m.value(),

@@ -43,6 +43,11 @@ class Job:
     t: dict = field(default_factory=dict)  # stage -> (start_ns, end_ns), for metrics and spans
 
 
+def _is_device_broken(e: BaseException) -> bool:
+    text = str(e)
+    return not _is_oom(e) and ("CUDA error" in text or "device-side assert" in text or "CUBLAS_STATUS" in text)
+
+
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
@@ -61,6 +66,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._in_flight = 0
         self.closed = False  # set by the engine on close: late failures are shutdown, not model errors
+        self.fatal: BaseException | None = None  # a device that cannot go on (read by the loop)
 
     @property
     def in_flight(self) -> int:
@@ -189,6 +195,12 @@ class Pipeline:
     def _fail(self, job: Job, e: BaseException) -> None:
         job.prepared = job.raw = None
         if self.closed:  # the engine is gone; its uncommitted records are redone by whoever comes next
+            return
+        if _is_device_broken(e):
+            # a CUDA error other than out-of-memory poisons the context: every later batch would
+            # fail too, and splitting would dead-letter innocent requests. Stop the worker; its
+            # uncommitted records are redone by a healthy one.
+            self.fatal = e
             return
         if _is_oom(e):
             try:

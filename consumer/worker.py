@@ -143,6 +143,8 @@ class Worker:
         if msgs:
             self.engine.accept(self._records(msgs))
         self.engine.step(flush=stopping)
+        if self.engine.pipeline.fatal is not None:
+            raise FatalError(f"the device failed: {self.engine.pipeline.fatal}")
         self._commit()
         self._flow_control()
         self.last_turn = time.monotonic()

@@ -102,3 +102,24 @@ def test_pending_is_counted_per_topic():
         t.track(tp, 0)
     t.track(("a", 1), 1)
     assert (t.pending_in("a"), t.pending_in("b"), t.pending) == (3, 1, 4)
+
+
+def test_the_engine_restarts_a_partition_whose_offsets_go_backwards():
+    from types import SimpleNamespace
+
+    from inferlog.consumer.engine import Engine
+    from inferlog.settings import load_settings
+
+    runner = SimpleNamespace(task="EMBED", info=SimpleNamespace(name="m", revision=None, digest=None),
+                             max_input_tokens=512, tokenize=lambda texts: [[1, 2] for _ in texts])
+    engine = Engine(load_settings(), runner)
+    try:
+        msg = lambda off: SimpleNamespace(topic=lambda: "t", partition=lambda: 0, offset=lambda: off,  # noqa: E731
+                                          key=lambda: None, value=lambda: b"x", headers=lambda: None)
+        engine.assign(("t", 0))
+        assert engine.accept([msg(10), msg(11)]) == 2
+        first = engine.tracker.epoch(("t", 0))
+        assert engine.accept([msg(5)]) == 1  # went backwards: no crash, a fresh epoch
+        assert engine.tracker.epoch(("t", 0)) != first and engine.pending == 1
+    finally:
+        engine.close()
