@@ -1,7 +1,8 @@
 """End-to-end throughput: the inferlog pipeline against the model alone and a naive consumer.
 
     .venv/bin/python bench/pipeline_bench.py [--count 2000] [--max-batch-size 32] [--max-wait-ms 20]
-                                             [--bootstrap-servers HOST:PORT] [--sweep]
+                                             [--bootstrap-servers HOST:PORT] [--sweep] [--rounds R]
+                                             [--device cuda --dtype float16] [--no-naive]
 
 Three contenders on the same sample texts and the same default model (all-MiniLM-L6-v2):
   offline   the runner called directly in batches (tokenize -> prepare -> run -> finish), no Kafka
@@ -15,102 +16,29 @@ to bench/results/pipeline.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import shlex
-import shutil
-import socket
 import sys
-import tempfile
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default model ships with its weights
+from report import pipeline_table
+from harness import (PARTITIONS, RESULTS, best_of, broker, fresh_settings, machine_facts, on_model_thread,
+                     plot_bars, produce_requests, rates, read_results, save)
 
 import torch
-from confluent_kafka import Consumer, Producer as KafkaProducer, TopicPartition
+from confluent_kafka import Consumer, Producer as KafkaProducer
 
 from inferlog.clients import confluent_config
-from inferlog.codec import REQUEST, RESULT, Codec
+from inferlog.codec import REQUEST, Codec
 from inferlog.consumer.demo import sample_texts
 from inferlog.consumer.runners import Row, load_runner
 from inferlog.consumer.stages import BatchInfo, Pending, ResultBuilder
 from inferlog.consumer.worker import Worker
-from inferlog.localkafka import LocalKafka
-from inferlog.producer.sync import Producer
 from inferlog.request import Limits, Parameters, now_ms, validate_request
-from inferlog.settings import default_model_path, load_settings
-from inferlog.topics import ensure_topics
+from inferlog.settings import default_model_path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "results" / "pipeline.json"
-PARTITIONS = 6
+OUT = RESULTS / "pipeline.json"
 SWEEP = [(8, 5), (32, 20), (64, 50)]
-# The worker calls the model from its own device thread. torch's libgomp counts the OpenMP
-# teams of all threads: with more busy threads than cores it stops spin-waiting, without it
-# spins, which on a shared, loaded machine costs about 3x CPU per request. So offline and
-# naive call the model from a thread of their own too, not from the main thread.
-MODEL_THREAD = ThreadPoolExecutor(1, thread_name_prefix="bench-model")
-
-
-def on_model_thread(fn, *args):
-    return MODEL_THREAD.submit(fn, *args).result()
-
-
-# -- helpers ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fresh_settings(base, name: str, **overrides):
-    """Own topics and group per contender: no run reads another's offsets or results."""
-    tag = f"bench.{name}.{uuid.uuid4().hex[:8]}"
-    s = base.with_overrides(requests_topic=f"{tag}.requests", results_topic=f"{tag}.results",
-                            deadletter_topic=f"{tag}.deadletter", group_id=f"{tag}.group", **overrides)
-    ensure_topics(s, partitions=PARTITIONS)
-    return s
-
-
-def produce_requests(settings, texts: list[str]) -> None:
-    with Producer(settings) as prod:
-        for t in texts:
-            prod.submit("embed", t, metadata={"source": "bench"})
-
-
-def read_results(settings, codec: Codec, timeout: float = 60) -> list[dict]:
-    """Every committed result (read_committed), to check the count the timing relied on."""
-    topic = settings.results_topic
-    c = Consumer(confluent_config(settings, **{"group.id": f"{topic}.reader", "isolation.level": "read_committed",
-                                               "enable.auto.commit": False}))
-    try:
-        ends = {}
-        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-        c.assign([TopicPartition(topic, p, 0) for p in ends])
-        out, deadline = [], time.monotonic() + timeout
-        # the end offset may be a transaction marker, never delivered: stop on positions
-        while any(c.position([TopicPartition(topic, p)])[0].offset < e for p, e in ends.items()):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} took over {timeout}s")
-            out += [codec.decode(m.value(), expect=RESULT) for m in c.consume(1000, 0.2) if m.error() is None]
-        return out
-    finally:
-        c.close()
-
-
-def rates(n: int, wall: float, cpu: float) -> dict:
-    # The machine may be shared: CPU seconds per request (this process, all threads; the
-    # broker not included) is steadier than the wall clock when others load the cores.
-    return {"seconds": wall, "per_s": n / wall, "cpu_ms_per_request": cpu * 1000 / n, "loadavg_1m": os.getloadavg()[0]}
 
 
 # -- contenders ------------------------------------------------------------------------------
@@ -135,14 +63,18 @@ def bench_offline(runner, texts: list[str], batch_size: int, by_length: bool = F
             **rates(len(texts), time.perf_counter() - t0, time.process_time() - c0)}
 
 
-def bench_pipeline(base, runner, codec, texts: list[str], batch_size: int, wait_ms: float) -> dict:
-    s = fresh_settings(base, "pipeline", max_batch_size=batch_size, max_wait_ms=wait_ms)
+def bench_pipeline(base, runner, codec, texts: list[str], batch_size: int, wait_ms: float,
+                   partitions: int = PARTITIONS, **overrides) -> dict:
+    s = fresh_settings(base, "pipeline", partitions, max_batch_size=batch_size, max_wait_ms=wait_ms, **overrides)
     produce_requests(s, texts)  # all requests wait in the log before the worker starts
     n, committed, done = len(texts), [0], threading.Event()
     t_end = [0.0]
+    first = []  # (time, outputs) of the first commit: the steady rate leaves start-up out
 
     def on_commit(outputs):  # worker thread, after each successful transaction
         committed[0] += len(outputs)
+        if not first:
+            first.append((time.perf_counter(), committed[0]))
         if committed[0] >= n and not done.is_set():
             t_end[0] = time.perf_counter()
             done.set()
@@ -165,6 +97,8 @@ def bench_pipeline(base, runner, codec, texts: list[str], batch_size: int, wait_
     device_s = sum(r["timings"]["infer_ms"] for r in batches.values()) / 1000.0
     return {"max_batch_size": batch_size, "max_wait_ms": wait_ms, **rates(n, elapsed, cpu),
             "batches": len(batches), "mean_batch_size": n / len(batches),
+            # after the first commit: no group join, first fetch or first transaction in it
+            "steady_per_s": (n - first[0][1]) / (t_end[0] - first[0][0]) if t_end[0] > first[0][0] else float("nan"),
             # time the device thread spent inside runner.run, over the wall time: below 1 it idled
             "device_busy": device_s / elapsed, "commits": w.counts["commits"]}
 
@@ -213,35 +147,22 @@ def bench_naive(base, runner, codec, texts: list[str]) -> dict:
 
 
 # -- main ------------------------------------------------------------------------------------
-def machine_facts(argv: list[str]) -> dict:
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *argv]),
-            "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "platform": platform.platform()}
-
-
-def table(report: dict) -> str:
-    off = {(o["batch_size"], o["by_length"]): o["per_s"] for o in report["offline"]}
-    naive = report["naive"]["per_s"]
-    lines = ["| contender | batch / wait ms | requests/s | CPU ms/req | / offline | / offline sorted | / naive "
-             "| mean batch | model busy | load 1m |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def row(name, setting, r, bs, mean_batch, busy):
-        lines.append(f"| {name} | {setting} | {r['per_s']:.1f} | {r['cpu_ms_per_request']:.1f} | "
-                     f"{r['per_s'] / off[bs, False]:.2f} | {r['per_s'] / off[bs, True]:.2f} | {r['per_s'] / naive:.1f} | "
-                     f"{mean_batch} | {busy} | {r['loadavg_1m']:.1f} |")
-
+def plot(report: dict, path: Path) -> None:
+    """Throughput of every contender, offline figures next to the pipeline at the same batch size."""
+    labels, values = [], []
     for o in report["offline"]:
-        row("offline, " + ("length-sorted" if o["by_length"] else "arrival order"), f"{o['batch_size']} / -", o,
-            o["batch_size"], o["batch_size"], f"{o['model_seconds'] / o['seconds']:.0%}")
+        labels.append(f"offline b{o['batch_size']}" + (" sorted" if o["by_length"] else ""))
+        values.append(o["per_s"])
     for p in report["pipeline"]:
-        row("inferlog pipeline", f"{p['max_batch_size']} / {p['max_wait_ms']:g}", p, p["max_batch_size"],
-            f"{p['mean_batch_size']:.1f}", f"{p['device_busy']:.0%}")
-    bs = min(b for b, _ in off)
-    row("naive, 1 at a time", "1 / -", report["naive"], bs, 1, "-")
-    return "\n".join(lines)
+        labels.append(f"inferlog b{p['max_batch_size']}/{p['max_wait_ms']:g}ms")
+        values.append(p["per_s"])
+    if report.get("naive"):
+        labels.append("naive 1-at-a-time")
+        values.append(report["naive"]["per_s"])
+    m = report["machine"]
+    plot_bars(path, f"{report['model']} on {report['device']}: throughput ({report['count']} requests)", labels, values,
+              "requests / second (higher is better)",
+              f"{m['date']}, {m['cpu_count']} CPUs, load 1m at start {m['loadavg_start'][0]:.1f}; best of {report['rounds']} round(s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,24 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap-servers", help="use this cluster (default: a throwaway local broker)")
     ap.add_argument("--sweep", action="store_true", help=f"pipeline at (batch, wait ms) = {SWEEP}")
     ap.add_argument("--rounds", type=int, default=1, help="repeat all contenders, interleaved; keep the best")
-    ap.add_argument("--out", type=Path, help=f"JSON to write (default: {OUT.name}, or pipeline_sweep.json with --sweep)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda (bench/gpu_bench.py sets cuda)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    ap.add_argument("--no-naive", action="store_true", help="leave out the one-at-a-time consumer")
+    ap.add_argument("--out", type=Path, help=f"JSON to write in bench/results (default: {OUT.name}, or pipeline_sweep.json with --sweep)")
     args = ap.parse_args(argv)
-    args.out = args.out or OUT.with_name("pipeline_sweep.json" if args.sweep else OUT.name)
+    args.out = RESULTS / (args.out.name if args.out else "pipeline_sweep.json" if args.sweep else OUT.name)
     settings_list = SWEEP if args.sweep else [(args.max_batch_size, args.max_wait_ms)]
 
-    lk = None
-    if args.bootstrap_servers is None:
-        port = free_port()
-        tmp = tempfile.mkdtemp(prefix="inferlog-bench-kafka-")
-        base = load_settings(bootstrap_servers=f"127.0.0.1:{port}", kafka_home=ROOT / ".kafka")
-        lk = LocalKafka.from_settings(base, port=port, controller_port=free_port(), data_dir=Path(tmp))
-        lk.fetch()
-        print(f"starting a throwaway Kafka {lk.version} on {lk.bootstrap} (data in {tmp}) ...", flush=True)
-        lk.start()
-    else:
-        base = load_settings(bootstrap_servers=args.bootstrap_servers)
-    try:
-        base = base.with_overrides(model=default_model_path())
+    with broker(args.bootstrap_servers) as base:
+        base = base.with_overrides(model=default_model_path(), device=args.device, dtype=args.dtype)
         runner = load_runner(base.model, task=base.task, device=base.device, dtype=base.dtype)
         runner.warmup()
         codec = Codec.from_settings(base)
@@ -278,10 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         for bs in sizes:
             on_model_thread(bench_offline, runner, texts[:2 * bs], bs)  # warm the allocator and kernels at real shapes
         report = {"machine": machine_facts(sys.argv), "model": runner.info.name, "device": str(runner.device),
-                  "count": args.count, "rounds": args.rounds, "partitions": PARTITIONS, "delivery": base.delivery,
-                  "cpu_workers": base.cpu_workers, "kafka": args.bootstrap_servers or f"local {lk.version}"}
-        # Rounds interleave the contenders, so load from other work on the machine falls on
-        # all of them alike; each figure is the best round (the least disturbed one).
+                  "dtype": str(next(runner.model.parameters()).dtype), "count": args.count, "rounds": args.rounds,
+                  "partitions": PARTITIONS, "delivery": base.delivery, "cpu_workers": base.cpu_workers,
+                  "kafka": base.bootstrap_servers}
         runs: dict[str, list] = {}
         for rnd in range(1, args.rounds + 1):
             for bs in sizes:
@@ -292,23 +204,19 @@ def main(argv: list[str] | None = None) -> int:
             for bs, wait in settings_list:
                 print(f"[{rnd}] pipeline, batch {bs}, wait {wait:g} ms ...", flush=True)
                 runs.setdefault(f"pipeline {bs} {wait}", []).append(bench_pipeline(base, runner, codec, texts, bs, wait))
-            print(f"[{rnd}] naive consumer ...", flush=True)
-            runs.setdefault("naive", []).append(on_model_thread(bench_naive, base, runner, codec, texts))
-        best = {k: {**max(v, key=lambda r: r["per_s"]), "per_s_rounds": [round(r["per_s"], 1) for r in v]}
-                for k, v in runs.items()}
+            if not args.no_naive:
+                print(f"[{rnd}] naive consumer ...", flush=True)
+                runs.setdefault("naive", []).append(on_model_thread(bench_naive, base, runner, codec, texts))
+        best = best_of(runs)
         report["offline"] = [v for k, v in best.items() if k.startswith("offline")]
         report["pipeline"] = [v for k, v in best.items() if k.startswith("pipeline")]
-        report["naive"] = best["naive"]
-    finally:
-        if lk is not None:
-            lk.stop()
-            shutil.rmtree(lk.data_dir, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        report["naive"] = best.get("naive")
+    save(report, args.out.name)
+    plot(report, args.out.with_suffix(".png"))  # next to the JSON
     m = report["machine"]
     print(f"\n{args.count} requests, {report['model']} on {report['device']}, {m['cpu_count']} CPUs, "
           f"torch {m['torch']} ({m['torch_threads']} threads), Kafka {report['kafka']}\n")
-    print(table(report))
+    print(pipeline_table(report))
     print(f"\nsaved {args.out}")
     return 0
 

@@ -1,0 +1,59 @@
+"""Markdown tables of the benchmarks' JSON results. No inferlog or torch imports, so run_all.py
+can render BENCHMARKS.md from saved results even while the package is being edited."""
+from __future__ import annotations
+
+
+def overhead_table(report: dict) -> str:
+    raw = report["contenders"]["raw loop"]
+    lines = ["| contender | records/s (from assignment) | / raw loop | steady records/s (after 1st commit) | / raw loop "
+             "| CPU µs/record (bench process) | mean batch | load 1m | rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in report["contenders"].items():
+        batch = f"{r['mean_batch_size']:.1f}" if "mean_batch_size" in r else "-"
+        lines.append(f"| {name} | {r['per_s']:.0f} | {r['per_s'] / raw['per_s']:.2f} | {r['steady_per_s']:.0f} | "
+                     f"{r['steady_per_s'] / raw['steady_per_s']:.2f} | {r['cpu_ms_per_request'] * 1000:.0f} | {batch} | "
+                     f"{r['loadavg_1m']:.1f} | {r['per_s_rounds']} |")
+    return "\n".join(lines)
+
+
+def pipeline_table(report: dict) -> str:
+    off = {(o["batch_size"], o["by_length"]): o["per_s"] for o in report["offline"]}
+    naive = report["naive"]["per_s"] if report.get("naive") else float("nan")
+    lines = ["| contender | batch / wait ms | requests/s | CPU ms/req | / offline | / offline sorted | / naive "
+             "| mean batch | model busy | load 1m |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def row(name, setting, r, bs, mean_batch, busy):
+        lines.append(f"| {name} | {setting} | {r['per_s']:.1f} | {r['cpu_ms_per_request']:.1f} | "
+                     f"{r['per_s'] / off[bs, False]:.2f} | {r['per_s'] / off[bs, True]:.2f} | {r['per_s'] / naive:.1f} | "
+                     f"{mean_batch} | {busy} | {r['loadavg_1m']:.1f} |")
+
+    for o in report["offline"]:
+        row("offline, " + ("length-sorted" if o["by_length"] else "arrival order"), f"{o['batch_size']} / -", o,
+            o["batch_size"], o["batch_size"], f"{o['model_seconds'] / o['seconds']:.0%}")
+    for p in report["pipeline"]:
+        row("inferlog pipeline", f"{p['max_batch_size']} / {p['max_wait_ms']:g}", p, p["max_batch_size"],
+            f"{p['mean_batch_size']:.1f}", f"{p['device_busy']:.0%}")
+    if report.get("naive"):
+        row("naive, 1 at a time", "1 / -", report["naive"], min(b for b, _ in off), 1, "-")
+    return "\n".join(lines)
+
+
+def peer_table(report: dict) -> str:
+    ref = report["contenders"]["inferlog"]["saturation_per_s"]
+    lines = ["| contender | drain req/s | inferlog / it | offered req/s (share of own saturation) | p50 ms | p95 ms | p99 ms | load 1m |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for name, c in report["contenders"].items():
+        sat = c["saturation_per_s"]
+        for i, p in enumerate(c["latency"]):
+            head = f"| {name} | {sat:.1f} | {ref / sat:.1f} |" if i == 0 else "| | | |"
+            lines.append(f"{head} {p['offered_per_s']:.0f} ({p['offered_per_s'] / sat:.0%}){'' if p['complete'] else ' INCOMPLETE'} | "
+                         f"{p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['p99_ms']:.0f} | {p['loadavg_1m']:.1f} |")
+    return "\n".join(lines)
+
+
+def scaling_table(report: dict) -> str:
+    one = {p["partitions"]: p["per_s"] for p in report["points"] if p["workers"] == 1}
+    lines = ["| partitions | worker processes | records/s | / 1 worker | load 1m | rounds |", "|---:|---:|---:|---:|---:|---|"]
+    for p in report["points"]:
+        lines.append(f"| {p['partitions']} | {p['workers']} | {p['per_s']:.0f} | {p['per_s'] / one[p['partitions']]:.2f} | "
+                     f"{p['loadavg_1m']:.1f} | {p['per_s_rounds']} |")
+    return "\n".join(lines)
