@@ -1,0 +1,105 @@
+"""Contender processes for the benchmarks that need one (peer, latency, scaling).
+
+    python bench/contenders.py inferlog|quix --settings JSON [--echo] [--batch N]
+
+Each loads and warms its model, prints READY, then serves the given topics until SIGTERM. The
+benchmark drives them from outside (producer, read_committed meter), so the same harness
+times inferlog and its peer, each in a process of its own as it would be deployed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+from harness import _epoch_ms, on_model_thread
+
+from inferlog.codec import REQUEST, Codec
+from inferlog.consumer.runners import Row, load_runner
+from inferlog.request import Parameters
+from inferlog.settings import default_model_path, load_settings
+
+
+def model(echo: bool):
+    if echo:
+        from echo_runner import EchoRunner
+
+        runner = EchoRunner()
+    else:
+        runner = load_runner(default_model_path())
+    runner.warmup()
+    return runner
+
+
+def run_inferlog(s, runner) -> int:
+    from inferlog.consumer.worker import Worker
+
+    w = Worker(s, runner)
+    w.install_signal_handlers()
+    print("READY", flush=True)
+    return w.run()
+
+
+def run_quix(s, runner, batch: int) -> int:
+    """The same job as Quix Streams users write it: Application + StreamingDataFrame, the model
+    in sdf.apply, results to a topic as JSON, Quix's own checkpointing, exactly-once."""
+    from quixstreams import Application
+    from quixstreams.models.serializers import Deserializer
+
+    codec, params = Codec.from_settings(s), Parameters()
+
+    class AvroRequest(Deserializer):  # the requests on the log are inferlog's Avro records
+        def __call__(self, value, ctx):
+            return codec.decode(value, expect=REQUEST)
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        prepared = runner.prepare([Row(ids, params) for ids in runner.tokenize(texts)])
+        return [o["vector"] for o in runner.finish(runner.run(prepared), prepared)]
+
+    def result(req: dict, vector) -> dict:
+        return {"request_id": req["request_id"], "created_at": _epoch_ms(req["created_at"]), "vector": vector}
+
+    app = Application(
+        broker_address=s.bootstrap_servers, consumer_group=s.group_id, auto_offset_reset="earliest",
+        processing_guarantee="exactly-once",
+        commit_interval=s.commit_interval_ms / 1000,  # inferlog's commit cadence (Quix's default is 5 s)
+        state_dir=tempfile.mkdtemp(prefix="bench-quix-state-"), auto_create_topics=True)
+    src = app.topic(s.requests_topic, value_deserializer=AvroRequest())
+    dst = app.topic(s.results_topic, value_serializer="json")
+    sdf = app.dataframe(src)
+    # The model runs on a thread of its own, as in the other contenders: from the main thread
+    # torch's OpenMP spin-waits and a loaded 2-core box measures 2-3x slower (bench/README.md).
+    if batch <= 1:
+        sdf = sdf.apply(lambda req: result(req, on_model_thread(embed, req["inputs"][:1])[0]))
+    else:
+        # Quix's batching: a count window over one key (group_by repartitions every request to
+        # it through an internal topic); the window's state lives in RocksDB + a changelog topic,
+        # so buffered requests survive a crash and exactly-once holds. A window closes on count
+        # only: there is no max-wait, a partial window waits for the next requests.
+        def run_window(w: dict) -> list[dict]:
+            reqs = w["value"]
+            return [result(r, v) for r, v in zip(reqs, on_model_thread(embed, [r["inputs"][0] for r in reqs]))]
+
+        sdf = sdf.group_by(lambda req: "all", name="one-key").tumbling_count_window(batch).collect().final()
+        sdf = sdf.apply(run_window, expand=True)
+    sdf.to_topic(dst)
+    print("READY", flush=True)
+    app.run()
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=["inferlog", "quix"])
+    ap.add_argument("--settings", required=True, help="JSON of Settings fields (topics, group, batching)")
+    ap.add_argument("--echo", action="store_true", help="the echo runner instead of the default model")
+    ap.add_argument("--batch", type=int, default=1, help="quix: requests per model call (count window)")
+    args = ap.parse_args()
+    s = load_settings(**json.loads(args.settings))
+    runner = model(args.echo)
+    return run_inferlog(s, runner) if args.kind == "inferlog" else run_quix(s, runner, args.batch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
