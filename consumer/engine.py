@@ -76,7 +76,9 @@ class Engine:
         if chunk:
             self.counts["consumed"] += len(chunk)
             self.metrics.consumed.inc(len(chunk))
-            self.decoding.append(self.cpu.submit(self._decode, chunk, time.perf_counter()))
+            fut = self.cpu.submit(self._decode, chunk, time.perf_counter())
+            fut.add_done_callback(lambda _: self.pipeline.wakeup.set())
+            self.decoding.append(fut)
         return len(chunk)
 
     def _decode(self, chunk: list[Pending], submitted: float) -> list[Pending]:
@@ -194,13 +196,23 @@ class Engine:
         """How long the caller may block fetching without holding back work it could do.
 
         Zero only when a batch is due and the pipeline has room for it; a due batch that
-        cannot be sent yet waits for a slot, and spinning would only take the model's CPU."""
+        cannot be sent yet waits for a slot (see wait), spinning would only take the model's CPU."""
         if not self.busy():
             return idle
         if self.pipeline.in_flight >= self.s.pipeline_depth:
-            return 0.005
+            return 0.0  # the caller waits on wait() instead, which a finished job ends at once
         due = self.policy.due_at()
         return 0.005 if due is None else max(0.0, min(0.005, due - time.monotonic()))
+
+    def wait(self, timeout: float) -> None:
+        """Block until a job or a decode finishes (or `timeout`), when the pipeline is full:
+        reacting at once to a free slot, instead of after a fixed poll interval."""
+        if self.pipeline.in_flight >= self.s.pipeline_depth and not self.decoding_done():
+            self.pipeline.wakeup.wait(timeout)
+        self.pipeline.wakeup.clear()
+
+    def decoding_done(self) -> bool:
+        return bool(self.decoding) and self.decoding[0].done()
 
     def close(self) -> None:
         self.pipeline.closed = True  # work still in flight is abandoned, not dead-lettered

@@ -67,6 +67,7 @@ class Pipeline:
         self._in_flight = 0
         self.closed = False  # set by the engine on close: late failures are shutdown, not model errors
         self.fatal: BaseException | None = None  # a device that cannot go on (read by the loop)
+        self.wakeup = threading.Event()  # set whenever a job finishes
 
     @property
     def in_flight(self) -> int:
@@ -191,6 +192,7 @@ class Pipeline:
         self.done.put(done)
         with self._lock:
             self._in_flight -= 1
+        self.wakeup.set()  # the loop may be waiting for a free slot
 
     def _fail(self, job: Job, e: BaseException) -> None:
         job.prepared = job.raw = None

@@ -139,6 +139,7 @@ class Worker:
                 self._pause(tier, True)
         # never take more than fits: what is fetched is tracked until committed
         room = max(1, min(FETCH_CHUNK, 2 * self.s.max_in_flight - self.engine.pending))
+        self.engine.wait(0.005)
         msgs = self.consumer.consume(room, self.engine.poll_timeout())
         if msgs:
             self.engine.accept(self._records(msgs))

@@ -428,12 +428,13 @@ def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_afte
         while True:
             stopping = stop.is_set()
             ending = stopping or reader.done()
+            engine.wait(0.005)  # returns at once unless the pipeline is full and nothing finished
             if not ending and engine.pending < s.max_in_flight:
                 msgs = reader.poll(engine.poll_timeout())
                 if msgs:
                     engine.accept(msgs)
             elif engine.busy():
-                time.sleep(engine.poll_timeout())  # at the end or full: only the pools are working
+                time.sleep(min(0.005, engine.poll_timeout()))  # at the end or full: the pools work
             engine.step(flush=ending)
             # at the end, commit as soon as all that was fetched is answered
             finished = ending and engine.tracker.ready_count() == engine.pending
