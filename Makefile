@@ -53,6 +53,10 @@ soak: kafka-jars bench-deps
 
 bench-deps: install
 	$(BIN)/pip install -q -e '.[bench]'
+	# the peer (Quix Streams) pins an older confluent-kafka and pydantic: install it without its
+	# pins so the product keeps its own versions (it runs fine with them)
+	$(BIN)/pip install -q --no-deps quixstreams==3.28.1
+	$(BIN)/pip install -q rocksdict orjson jsonpath-ng jsonlines rich
 
 bench: kafka-jars bench-deps
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
