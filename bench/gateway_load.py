@@ -22,7 +22,6 @@ import ipaddress
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,21 +38,13 @@ from inferlog.consumer.demo import sample_texts
 from inferlog.localkafka import LocalKafka
 from inferlog.settings import load_settings
 from inferlog.topics import ensure_topics
+from harness import free_port, percentile  # noqa: E402  (bench/ is on sys.path as the script's dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "gateway.json"
 INFERLOG = [sys.executable, "-m", "inferlog.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
 
 
 def loopback_only(url: str) -> None:

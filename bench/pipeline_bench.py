@@ -25,7 +25,6 @@ from report import pipeline_table
 from harness import (PARTITIONS, RESULTS, best_of, broker, fresh_settings, machine_facts, on_model_thread,
                      plot_bars, produce_requests, rates, read_results, save)
 
-import torch
 from confluent_kafka import Consumer, Producer as KafkaProducer
 
 from inferlog.clients import confluent_config

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -41,16 +40,12 @@ from inferlog.replay import runner as rr
 from inferlog.replay.window import resolve_window
 from inferlog.settings import default_model_path, load_settings
 from inferlog.topics import ensure_topics
+from harness import free_port  # noqa: E402  (bench/ is on sys.path as the script's dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "replay.json"
 PARTITIONS = 6
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def live(s, runner, n: int) -> dict:

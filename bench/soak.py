@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,15 +46,11 @@ from inferlog.producer.sync import Producer
 from inferlog.request import now_ms
 from inferlog.settings import load_settings
 from inferlog.topics import ensure_topics
+from harness import free_port  # noqa: E402  (bench/ is on sys.path as the script's dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float], q: float) -> float | None:

@@ -6,7 +6,6 @@ ends with a summary: throughput, end-to-end latency percentiles and batch sizes.
 """
 from __future__ import annotations
 
-import logging
 import random
 import statistics
 import threading

@@ -39,7 +39,6 @@ class FaultyRunner:
             self.needle = [i for i in ids if i not in empty] or ids
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()  # run() is on one device thread, but be safe with replay pools
-        self.slept = 0  # batches slowed down, for tests
 
     @classmethod
     def from_settings(cls, inner, s) -> "FaultyRunner":
@@ -65,7 +64,6 @@ class FaultyRunner:
             with self._rng_lock:
                 pause = self._rng.random() * self.slow_ms / 1000 if self._rng.random() < self.slow_rate else 0.0
             if pause:
-                self.slept += 1
                 time.sleep(pause)
         if faulty:
             raise InjectedFault("injected model fault")

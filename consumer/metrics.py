@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -76,8 +75,6 @@ class HealthServer:
     """/metrics, /healthz (the loop turned recently), /readyz (warm and assigned)."""
 
     def __init__(self, port: int, metrics: Metrics, alive, ready, host: str = "0.0.0.0"):
-        outer = self
-
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 path = self.path.split("?")[0]
@@ -115,11 +112,3 @@ class HealthServer:
         self.server.shutdown()
         self.server.server_close()
 
-
-def timed_call(hist_labels, fn, *args):
-    """Run fn(*args), observing its wall time on a labelled histogram child."""
-    t0 = time.perf_counter()
-    try:
-        return fn(*args)
-    finally:
-        hist_labels.observe(time.perf_counter() - t0)

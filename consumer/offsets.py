@@ -10,7 +10,7 @@ has an epoch: work started under an earlier assignment is ignored when it finish
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Hashable
+from typing import Any
 
 TP = tuple[str, int]
 

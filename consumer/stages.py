@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.errors import DecodeError, InputTooLarge, InvalidRequest, OutputTooLarge, RecordError, UnknownModel, UnsupportedTask

@@ -31,6 +31,7 @@ from pathlib import Path
 from confluent_kafka import TopicPartition
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
+from inferlog.consumer.emit import CommitAborted
 from inferlog.errors import InferlogError
 
 from .window import PartitionRange, Window, WindowReader, now_ms, window_consumer
@@ -264,7 +265,7 @@ class FileSink:
 
 class TopicSink:
     def __init__(self, settings, consumer, ck: Checkpoint):
-        from inferlog.consumer.emit import CommitAborted, TransactionalEmitter
+        from inferlog.consumer.emit import TransactionalEmitter
 
         self.consumer, self.ck = consumer, ck
         # init_transactions fences a crashed run's producer and aborts its open transaction,

@@ -44,3 +44,20 @@ def test_a_dead_letter_near_the_size_limit_leaves_key_and_value_at_the_source():
 def test_a_small_dead_letter_carries_the_original():
     dl = CODEC.decode(BUILDER.dead_letter(pending(), InvalidRequest("bad")).value, expect=DEADLETTER)
     assert (dl["key"], dl["value"], dl["headers"], dl["reason"]) == (b"k", b"v", {"h": b"x"}, "INVALID_REQUEST")
+
+
+def test_an_aborted_replay_transaction_is_a_resumable_error():
+    """The replay's topic sink turns an aborted transaction into a ReplayError naming --resume."""
+    import pytest
+
+    from inferlog.consumer.emit import CommitAborted
+    from inferlog.replay.runner import ReplayError, TopicSink
+
+    class Aborting:
+        def commit(self, outputs, commits):
+            raise CommitAborted("coordinator moved")
+
+    sink = TopicSink.__new__(TopicSink)  # no broker needed: only the error mapping is under test
+    sink.emitter, sink.ck = Aborting(), SimpleNamespace(run_id="run-7")
+    with pytest.raises(ReplayError, match="--resume run-7"):
+        sink.commit([], {("t", 0): 1})
