@@ -241,8 +241,3 @@ def test_cost(embed, gen):
     assert embed.cost([7], [P()]) == 7
     assert gen.cost([3, 5], [P(max_new_tokens=4), P(max_new_tokens=10)]) == 2 * (5 + 10)
     assert gen.cost([3], [P()]) == 3 + gen.default_max_new_tokens
-
-
-def test_warmup(embed, gen, clf):
-    for r in (embed, gen, clf):
-        r.warmup()
