@@ -67,17 +67,25 @@ class TransactionalEmitter:
         self.producer = Producer(conf)
         self.producer.init_transactions(timeout_s)
 
-    def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int]) -> None:
+    def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int], group_metadata=None) -> None:
+        """`group_metadata`: the consumer's, taken when the offsets were released (the caller
+        may run this on another thread); read from the consumer when not given."""
         if not outputs and not commits:
             return
         try:
             self.producer.begin_transaction()
             _produce_all(self.producer, outputs)
             if commits:
-                self._send_offsets(_offsets(commits), self.consumer.consumer_group_metadata())
+                self._send_offsets(_offsets(commits), group_metadata or self.consumer.consumer_group_metadata())
             self._commit_with_retry()
         except KafkaException as e:
             self._handle(e)
+
+    # the worker's split: deliver() on its emit thread, commit_offsets() back on its loop thread
+    deliver = commit
+
+    def commit_offsets(self, commits: dict[tuple[str, int], int]) -> None:
+        """Nothing left to do: the offsets went in the transaction."""
 
     def _send_offsets(self, offsets, group_metadata) -> None:
         """send_offsets_to_transaction, bounded. librdkafka can block in it far past its timeout
@@ -168,7 +176,12 @@ class AtLeastOnceEmitter:
         if err is not None:
             self._errors.append(err)
 
-    def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int]) -> None:
+    def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int], group_metadata=None) -> None:
+        self.deliver(outputs, commits)
+        self.commit_offsets(commits)
+
+    def deliver(self, outputs: list[Out], commits=None, group_metadata=None) -> None:
+        """Produce and wait until every output is acknowledged (any thread)."""
         try:
             _produce_all(self.producer, outputs, self._on_delivery)
         except KafkaException as e:  # refused locally (e.g. too large): redo from the last commit
@@ -177,6 +190,10 @@ class AtLeastOnceEmitter:
         if left or self._errors:
             errs, self._errors = self._errors, []
             raise CommitAborted(f"{left} undelivered, errors: {errs[:3]}")
+
+    def commit_offsets(self, commits: dict[tuple[str, int], int]) -> None:
+        """Synchronous offset commit, on the thread that polls the consumer: from another
+        thread librdkafka's synchronous commit was seen to block until the consumer closed."""
         if commits:
             try:
                 done = self.consumer.commit(offsets=_offsets(commits), asynchronous=False)

@@ -56,7 +56,7 @@ class Engine:
     # -- in ------------------------------------------------------------------------------
     def accept(self, msgs) -> int:
         """Track and queue for decoding the records (confluent Messages) that are ours."""
-        chunk: list[Pending] = []
+        chunk: list = []  # (message, epoch): the Pending is built on the pool, not on this loop
         now, mono = now_ms(), time.monotonic()
         for m in msgs:
             tp = (m.topic(), m.partition())
@@ -71,21 +71,21 @@ class Engine:
                 epoch = self.tracker.track(tp, m.offset())
             if epoch is None:  # not (or no longer) ours
                 continue
-            chunk.append(Pending(m.topic(), m.partition(), m.offset(), epoch, m.key(), m.value(),
-                                 m.headers(), now, mono))
+            chunk.append((m, epoch))
         if chunk:
             self.counts["consumed"] += len(chunk)
             self.metrics.consumed.inc(len(chunk))
-            fut = self.cpu.submit(self._decode, chunk, time.perf_counter())
+            fut = self.cpu.submit(self._decode, chunk, now, mono, time.perf_counter())
             fut.add_done_callback(lambda _: self.pipeline.wakeup.set())
             self.decoding.append(fut)
         return len(chunk)
 
-    def _decode(self, chunk: list[Pending], submitted: float) -> list[Pending]:
+    def _decode(self, chunk: list, now: int, mono: float, submitted: float) -> list[Pending]:
         t0 = time.perf_counter()
         self.metrics.queue_wait.labels("cpu").observe(t0 - submitted)
         try:
-            return self.decoder(chunk)
+            return self.decoder([Pending(m.topic(), m.partition(), m.offset(), epoch, m.key(), m.value(), m.headers(),
+                                         now, mono) for m, epoch in chunk])
         finally:
             self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
 

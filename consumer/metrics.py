@@ -54,10 +54,18 @@ class Metrics:
         """Count what one successful commit made visible."""
         self.commits.labels("ok").inc()
         self.stage.labels("commit").observe(seconds)
+        counts: dict = {}
+        e2e: dict = {}  # each label's child looked up once per commit, not once per output
         for o in outputs:
-            (self.dead_letters if o.dead else self.results).labels(o.label).inc()
+            key = (o.dead, o.label)
+            counts[key] = counts.get(key, 0) + 1
             if o.created_at is not None:
-                self.e2e.labels(o.tier).observe(max(0.0, (now_ms - o.created_at) / 1000.0))
+                h = e2e.get(o.tier)
+                if h is None:
+                    h = e2e[o.tier] = self.e2e.labels(o.tier)
+                h.observe(max(0.0, (now_ms - o.created_at) / 1000.0))
+        for (dead, label), n in counts.items():
+            (self.dead_letters if dead else self.results).labels(label).inc(n)
 
     def sample_device(self, device) -> None:
         if getattr(device, "type", None) != "cuda":

@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from inferlog.errors import ModelError, RecordError
 
 from .metrics import Metrics
-from .stages import BatchInfo, Out, Pending, ResultBuilder
+from .stages import BatchInfo, Out, Pending, ResultBuilder, new_batch_id
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("inferlog.worker")
@@ -34,7 +34,8 @@ _propagator = TraceContextTextMapPropagator()
 @dataclass(slots=True)
 class Job:
     batch: list[Pending]
-    info: BatchInfo
+    batch_id: str
+    info: BatchInfo | None = None  # set by prepare, with the batch's padded cost
     rows: list[Any] = field(default_factory=list)
     prepared: Any = None
     raw: Any = None
@@ -74,24 +75,31 @@ class Pipeline:
         return self._in_flight
 
     def submit(self, batch: list[Pending], depth: int = 0) -> None:
-        rows = []
-        for p in batch:
-            params = p.request.parameters
-            if params.max_new_tokens is None:
-                params = replace(params, max_new_tokens=self.default_max_new_tokens)
-            rows.extend(self.Row(ids, params) for ids in p.ids)
-        cost = self.runner.cost([len(r.ids) for r in rows], [r.params for r in rows])
-        job = Job(batch, BatchInfo.new(len(batch), cost), rows, depth=depth)
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_tokens.observe(cost)
+        """Called from the loop thread: everything per request happens in prepare, on the pool."""
+        job = Job(batch, new_batch_id(), depth=depth)
         with self._lock:
             self._in_flight += 1
         self._chain(self.cpu, self._prepare, job, self._on_prepared)
 
+    def _rows(self, batch: list[Pending]) -> list:
+        rows, defaulted = [], {}
+        for p in batch:
+            params = p.request.parameters
+            if params.max_new_tokens is None:
+                params = defaulted.get(params) or defaulted.setdefault(
+                    params, replace(params, max_new_tokens=self.default_max_new_tokens))
+            rows.extend(self.Row(ids, params) for ids in p.ids)
+        return rows
+
     # -- stages (each runs on its own executor) -----------------------------------------
     def _prepare(self, job: Job) -> Job:
         with self._stage(job, "prepare"):
-            job.prepared = self.runner.prepare(job.rows)
+            job.rows = rows = self._rows(job.batch)
+            cost = self.runner.cost([len(r.ids) for r in rows], [r.params for r in rows])
+            job.info = BatchInfo(job.batch_id, len(job.batch), cost)
+            self.metrics.batch_size.observe(len(job.batch))
+            self.metrics.batch_tokens.observe(cost)
+            job.prepared = self.runner.prepare(rows)
         return job
 
     def _run(self, job: Job) -> Job:
@@ -175,7 +183,7 @@ class Pipeline:
             else:
                 then(job, fut.result())
         except BaseException as e2:  # noqa: BLE001 - every record of the job must still end somewhere
-            log.exception("pipeline continuation failed for batch %s", job.info.batch_id)
+            log.exception("pipeline continuation failed for batch %s", job.batch_id)
             self._deliver([(p, [self.builder.dead_letter(p, ModelError(f"{type(e2).__name__}: {e2}"))])
                            for p in job.batch])
 
@@ -214,8 +222,8 @@ class Pipeline:
                 pass
         if len(job.batch) > 1:
             log.warning("batch %s of %d failed (%s: %s); retrying as two halves",
-                        job.info.batch_id, len(job.batch), type(e).__name__, e,
-                        extra={"batch_id": job.info.batch_id, "batch_size": len(job.batch)})
+                        job.batch_id, len(job.batch), type(e).__name__, e,
+                        extra={"batch_id": job.batch_id, "batch_size": len(job.batch)})
             half = len(job.batch) // 2
             # submit the halves before releasing this job's slot, so in_flight never dips to 0
             self.submit(job.batch[:half], job.depth + 1)
@@ -226,6 +234,6 @@ class Pipeline:
         p = job.batch[0]
         err = e if isinstance(e, RecordError) else ModelError(f"{type(e).__name__}: {e}")
         log.warning("request %s failed alone in the model: %s", p.request.request_id, err.detail,
-                    extra={"request_id": p.request.request_id, "batch_id": job.info.batch_id,
+                    extra={"request_id": p.request.request_id, "batch_id": job.batch_id,
                            "reason": err.reason})
         self._deliver([(p, [self.builder.dead_letter(p, err)])])

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -44,6 +45,8 @@ class Worker:
         self.stats = {"commits": 0, "aborts": 0, "pauses": 0}
         self.consumer: Consumer | None = None
         self.emitter = None
+        self.emit_thread = ThreadPoolExecutor(1, thread_name_prefix="inferlog-emit")
+        self.committing: tuple | None = None  # (future, outputs, offsets, start) of the commit in flight
         self.last_turn = time.monotonic()
         self.last_sample = 0.0
         self.http: HealthServer | None = None
@@ -86,6 +89,10 @@ class Worker:
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": self.s.session_timeout_ms,
             "max.poll.interval.ms": 300000,
+            # how long the broker holds a fetch that finds nothing: a partition resumed after
+            # back-pressure waits for the fetch in flight, so librdkafka's 500 ms default cost
+            # more than half the echo throughput (BENCHMARKS.md); an idle worker asks 20x/s
+            "fetch.wait.max.ms": self.s.fetch_wait_max_ms,
             # librdkafka's prefetch defaults stay: a 4 MB cap measured at half the throughput
             # (its fetch.queue.backoff.ms holds a partition's next fetch once the queue is full)
         })
@@ -127,6 +134,9 @@ class Worker:
             except Exception as e:  # never let a failing close turn exit 3 into a traceback
                 log.warning("consumer close: %s", e)
         self.engine.close()
+        if self.committing is not None:  # only after a fatal error: let it end before closing
+            wait([self.committing[0]], timeout=60)
+        self.emit_thread.shutdown(wait=False, cancel_futures=True)
         if self.emitter is not None:
             self.emitter.close()
 
@@ -139,7 +149,10 @@ class Worker:
         # never take more than fits: what is fetched is tracked until committed
         room = max(1, min(FETCH_CHUNK, 2 * self.s.max_in_flight - self.engine.pending))
         self.engine.wait(0.005)
-        msgs = self.consumer.consume(room, self.engine.poll_timeout())
+        timeout = self.engine.poll_timeout()
+        if self.committing is not None:  # its end is work: the next transaction can start
+            timeout = min(timeout, 0.005)
+        msgs = self.consumer.consume(room, timeout)
         if msgs:
             self.engine.accept(self._records(msgs))
         self.engine.step(flush=stopping)
@@ -183,26 +196,47 @@ class Worker:
                 log.warning("consumer error: %s", err)
 
     # -- commit --------------------------------------------------------------------------
+    # Group commit: one transaction at a time runs on the emit thread while this loop goes on
+    # fetching and batching; when it ends, the next one takes everything finished meanwhile.
+    # Under light load a result is committed as soon as it is ready; under heavy load the
+    # transactions grow instead of multiplying. commit_interval_ms sets a floor between them.
     def _commit(self, force: bool = False, only: set | None = None) -> None:
+        if self.committing is not None:
+            if not force and not self.committing[0].done():
+                return
+            if not self._commit_ended():  # aborted: everything since the last commit is redone
+                return
         if not force and time.monotonic() - self.last_commit < self.commit_interval:
             return
         outputs, commits = self.engine.release(only)
-        self.last_commit = time.monotonic()
         if not commits:
             return
-        t0 = time.perf_counter()
+        self.last_commit = time.monotonic()
+        fut = self.emit_thread.submit(self.emitter.deliver, outputs, commits, self.consumer.consumer_group_metadata())
+        fut.add_done_callback(lambda _: self.engine.pipeline.wakeup.set())
+        self.committing = (fut, outputs, commits, time.perf_counter())
+        if force:  # shutting down or giving partitions up: the commit must be over before going on
+            self._commit_ended()
+
+    def _commit_ended(self) -> bool:
+        """Wait for the transaction in flight and account for it; False if it was aborted (the
+        worker has rewound). A fenced producer's FatalError propagates: the worker stops."""
+        fut, outputs, commits, t0 = self.committing
+        self.committing = None
         try:
-            self.emitter.commit(outputs, commits)
+            fut.result()
+            self.emitter.commit_offsets(commits)  # at-least-once: after delivery; exactly-once: done
         except CommitAborted as e:
             self.stats["aborts"] += 1
             self.metrics.commits.labels("aborted").inc()
             log.warning("commit aborted (%s): rewinding to the last committed offsets", e)
             self._rewind()
-            return
+            return False
         self.stats["commits"] += 1
         self.metrics.committed(outputs, now_ms(), time.perf_counter() - t0)
         if self.on_commit is not None:
             self.on_commit(outputs)
+        return True
 
     def _rewind(self) -> None:
         """Forget all uncommitted work and fetch again from the committed offsets.

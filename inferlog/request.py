@@ -11,7 +11,8 @@ import time
 import uuid
 from datetime import datetime
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence  # not typing's: its isinstance is ~10x slower
+from typing import Any
 
 from .errors import InvalidRequest, InputTooLarge
 
@@ -119,8 +120,13 @@ def validate_request(rec: Mapping[str, Any], limits: Limits = Limits()) -> Reque
     )
 
 
+NO_PARAMETERS = Parameters()
+
+
 def _parameters(p: Mapping[str, Any], limits: Limits) -> Parameters:
-    mnt, temp, top_p, seed = (p.get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed"))
+    mnt, temp, top_p, seed = p.get("max_new_tokens"), p.get("temperature"), p.get("top_p"), p.get("seed")
+    if mnt is None and temp is None and top_p is None and seed is None:
+        return NO_PARAMETERS  # most requests (every embedding) set none: one shared, frozen instance
     if mnt is not None and (not isinstance(mnt, int) or not 1 <= mnt <= limits.max_new_tokens):
         raise InvalidRequest(f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {mnt!r}")
     if temp is not None and (not _finite(temp) or not 0.0 <= temp <= 10.0):

@@ -59,8 +59,11 @@ class Settings(BaseSettings):
     group_id: str = "inferlog-workers"
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     delivery: Literal["exactly-once", "at-least-once"] = "exactly-once"
-    commit_interval_ms: float = Field(100.0, ge=0)  # results wait at most this long for their commit
+    # the worker commits one transaction at a time, each with everything finished meanwhile;
+    # this is the least time between two (0: the next starts as soon as the last ends)
+    commit_interval_ms: float = Field(0.0, ge=0)
     session_timeout_ms: int = Field(10000, ge=1000)  # how fast a dead worker's partitions move
+    fetch_wait_max_ms: int = Field(50, ge=0)  # longest a fetch that finds nothing waits at the broker
     model: str = Field(default_factory=default_model_path)
     model_name: str | None = None  # the name results carry and requests may ask for
     task: Literal["embed", "generate", "classify"] | None = None  # None: infer from the model

@@ -400,7 +400,7 @@ def execute(settings, ck: Checkpoint, runner, *, progress: bool = False, stop: t
         for r in todo.ranges:
             engine.assign((todo.topic, r.partition))
         every = checkpoint_s if checkpoint_s is not None else (
-            s.commit_interval_ms / 1000.0 if o["kind"] == "topic" else 2.0)
+            max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
         status, records, seconds = _loop(s, engine, reader, sink, window, todo, stop, stop_after, every,
                                          progress, ck.run_id)
         if status == "done":
