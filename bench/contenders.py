@@ -35,6 +35,7 @@ def model(echo: bool):
 def run_inferlog(s, runner) -> int:
     from inferlog.consumer.worker import Worker
 
+    import logging, os; logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"), format="%(asctime)s %(process)d %(message)s")
     w = Worker(s, runner)
     w.install_signal_handlers()
     print("READY", flush=True)

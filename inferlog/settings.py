@@ -84,7 +84,10 @@ class Settings(BaseSettings):
 
     # executors and bounded queues
     cpu_workers: int = Field(2, ge=1)
-    max_in_flight: int = Field(2048, ge=1)  # records held between fetch and commit; above it partitions pause
+    # records held between fetch and commit; above it partitions pause. Each resume costs a
+    # refetch (librdkafka drops a paused partition's prefetch) and, with two members in the
+    # group, ~1 s here: large enough that pauses are rare (BENCHMARKS.md, scaling)
+    max_in_flight: int = Field(8192, ge=1)
     pipeline_depth: int = Field(2, ge=1)  # batches prepared ahead of the device
 
     # fault injection, for tests and chaos runs only: a request whose input contains this
