@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import tempfile
 
@@ -35,7 +37,8 @@ def model(echo: bool):
 def run_inferlog(s, runner) -> int:
     from inferlog.consumer.worker import Worker
 
-    import logging, os; logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"), format="%(asctime)s %(process)d %(message)s")
+    # BENCH_LOG=INFO shows each worker's joins, assignments, pauses and drain
+    logging.basicConfig(level=os.environ.get("BENCH_LOG", "WARNING"), format="%(asctime)s %(process)d %(message)s")
     w = Worker(s, runner)
     w.install_signal_handlers()
     print("READY", flush=True)

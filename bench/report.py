@@ -54,6 +54,8 @@ def scaling_table(report: dict) -> str:
     one = {p["partitions"]: p["per_s"] for p in report["points"] if p["workers"] == 1}
     lines = ["| partitions | worker processes | records/s | / 1 worker | load 1m | rounds |", "|---:|---:|---:|---:|---:|---|"]
     for p in report["points"]:
-        lines.append(f"| {p['partitions']} | {p['workers']} | {p['per_s']:.0f} | {p['per_s'] / one[p['partitions']]:.2f} | "
+        base = one.get(p["partitions"])  # absent when only --workers 2 was run
+        ratio = f"{p['per_s'] / base:.2f}" if base else "-"
+        lines.append(f"| {p['partitions']} | {p['workers']} | {p['per_s']:.0f} | {ratio} | "
                      f"{p['loadavg_1m']:.1f} | {p['per_s_rounds']} |")
     return "\n".join(lines)
