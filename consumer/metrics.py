@@ -37,6 +37,8 @@ class Metrics:
         self.lag = Gauge("inferlog_consumer_lag", "High watermark minus position, per assigned partition",
                          ["partition"], registry=r)
         self.in_flight = Gauge("inferlog_in_flight_records", "Records consumed and not yet committed", registry=r)
+        self.held = Gauge("inferlog_held_records", "Records fetched past max_in_flight, waiting for room",
+                          ["tier"], registry=r)
         self.paused = Gauge("inferlog_paused_partitions", "Partitions paused by back-pressure", ["tier"], registry=r)
         self.queue_wait = Histogram("inferlog_executor_queue_wait_seconds", "Wait for an executor thread",
                                     ["executor"], buckets=SECONDS, registry=r)

@@ -1,9 +1,14 @@
 """The worker process: a consumer-group member that turns requests into results.
 
 One loop thread owns the Kafka clients (fetch, rebalance, pause/resume, commit) and drives
-the engine (consumer/engine.py), whose CPU pool and device thread do the work. Everything
-between fetch and commit is bounded by `max_in_flight` records: above it the worker pauses
-its partitions and resumes them at half.
+the engine (consumer/engine.py), whose CPU pool and device thread do the work.
+
+Back-pressure has two levels, per tier. At most `max_in_flight` records of a tier are in the
+engine (tracked, decoded, batched, not yet committed); what is fetched past that is held
+here as it came, undecoded, and handed over as room appears. Only when the held records of a
+tier reach `max_in_flight` too are its partitions paused (resumed at half). Pausing is the
+last resort: librdkafka drops a paused partition's prefetch, and a resumed partition waited
+about a second for its next fetch with two group members (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
@@ -37,12 +43,13 @@ class Worker:
         self.engine = Engine(settings, runner, codec, metrics=self.metrics)
         self.on_commit = on_commit  # callback(outputs) after each successful commit (demo, tests)
         self.paused = {"normal": False, "high": False}  # back-pressure, per tier
+        self.held: dict[str, deque] = {"normal": deque(), "high": deque()}  # fetched past max_in_flight
         self.stopping = threading.Event()
         self.closing = False
         self.ready = threading.Event()  # model warm and partitions assigned (readiness)
         self.last_commit = time.monotonic()
         self.commit_interval = settings.commit_interval_ms / 1000.0
-        self.stats = {"commits": 0, "aborts": 0, "pauses": 0}
+        self.stats = {"commits": 0, "aborts": 0, "pauses": 0, "held": 0}
         self.consumer: Consumer | None = None
         self.emitter = None
         self.emit_thread = ThreadPoolExecutor(1, thread_name_prefix="inferlog-emit")
@@ -146,15 +153,15 @@ class Worker:
         if stopping and not all(self.paused.values()):
             for tier in self.paused:  # stop fetching; what was fetched is still answered
                 self._pause(tier, True)
-        # never take more than fits: what is fetched is tracked until committed
-        room = max(1, min(FETCH_CHUNK, 2 * self.s.max_in_flight - self.engine.pending))
         self.engine.wait(0.005)
         timeout = self.engine.poll_timeout()
         if self.committing is not None:  # its end is work: the next transaction can start
             timeout = min(timeout, 0.005)
-        msgs = self.consumer.consume(room, timeout)
+        msgs = self.consumer.consume(FETCH_CHUNK, timeout)
         if msgs:
-            self.engine.accept(self._records(msgs))
+            self._take(list(self._records(msgs)))
+        if not stopping and (self.held["normal"] or self.held["high"]):
+            self._hand_over()
         self.engine.step(flush=stopping)
         if self.engine.pipeline.fatal is not None:
             raise FatalError(f"the device failed: {self.engine.pipeline.fatal}")
@@ -169,6 +176,8 @@ class Worker:
         self.last_sample = time.monotonic()
         m = self.metrics
         m.in_flight.set(self.engine.pending)
+        for tier, held in self.held.items():
+            m.held.labels(tier).set(len(held))
         for tier, paused in self.paused.items():
             m.paused.labels(tier).set(len(self._tier_partitions(tier)) if paused else 0)
         tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
@@ -260,6 +269,7 @@ class Worker:
             log.warning("rewind: committed offsets not readable yet (%s); retrying", why)
             time.sleep(1)
         self.engine.reset()
+        self._drop_held()  # fetched past the committed offsets: they come again after the seek
         for tp in committed:
             off = tp.offset if tp.offset != OFFSET_INVALID else OFFSET_BEGINNING  # nothing committed yet
             try:
@@ -268,17 +278,61 @@ class Worker:
                 raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {off}: {e}") from e
 
     # -- back-pressure -------------------------------------------------------------------
+    def _tier(self, topic: str) -> str:
+        return "high" if topic == self.s.high_priority_topic else "normal"
+
+    def _room(self, tier: str) -> int:
+        topic = self.s.high_priority_topic if tier == "high" else self.s.requests_topic
+        return self.s.max_in_flight - self.engine.pending_in(topic)
+
+    def _take(self, msgs: list) -> None:
+        """Hand fetched records to the engine while their tier has room, hold the rest. A tier
+        that holds anything holds everything after it, so each partition stays in order."""
+        room = {tier: self._room(tier) for tier in self.held}
+        if not self.held["normal"] and not self.held["high"] and len(msgs) <= min(room.values()):
+            self.engine.accept(msgs)  # the common case: nothing held, room for all
+            return
+        take = []
+        for m in msgs:
+            tier = self._tier(m.topic())
+            if self.held[tier] or room[tier] <= 0:
+                self.held[tier].append(m)
+                self.stats["held"] += 1
+            else:
+                room[tier] -= 1
+                take.append(m)
+        if take:
+            self.engine.accept(take)
+
+    def _hand_over(self) -> None:
+        """Move held records into the engine as far as each tier's room allows."""
+        for tier, held in self.held.items():
+            n = min(len(held), self._room(tier))
+            while n > 0:
+                chunk = [held.popleft() for _ in range(min(n, FETCH_CHUNK))]  # one decode task each
+                n -= len(chunk)
+                self.engine.accept(chunk)
+
+    def _drop_held(self, gone: set | None = None) -> int:
+        """Forget held records (of `gone` partitions, or all): not tracked, never committed,
+        so they are fetched again by whoever reads from the committed offsets."""
+        dropped = 0
+        for tier, held in self.held.items():
+            keep = deque() if gone is None else deque(m for m in held if (m.topic(), m.partition()) not in gone)
+            dropped += len(held) - len(keep)
+            self.held[tier] = keep
+        return dropped
+
     def _flow_control(self) -> None:
-        """Each tier pauses when its own records in flight reach max_in_flight, and resumes at
+        """A tier pauses when its held records reach max_in_flight as well, and resumes at
         half: a backlog of normal requests never holds high-priority ones back."""
         if self.stopping.is_set():
             return
-        for tier, topic in (("normal", self.s.requests_topic), ("high", self.s.high_priority_topic)):
-            pending = self.engine.pending_in(topic)
-            if not self.paused[tier] and pending >= self.s.max_in_flight:
+        for tier, held in self.held.items():
+            if not self.paused[tier] and len(held) >= self.s.max_in_flight:
                 self.stats["pauses"] += 1
                 self._pause(tier, True)
-            elif self.paused[tier] and pending <= self.s.max_in_flight // 2:
+            elif self.paused[tier] and len(held) <= self.s.max_in_flight // 2:
                 self._pause(tier, False)
 
     def _tier_partitions(self, tier: str) -> list[TopicPartition]:
@@ -290,8 +344,8 @@ class Worker:
         if tps:
             (self.consumer.pause if pause else self.consumer.resume)(tps)
         self.paused[tier] = pause
-        log.debug("%s %d %s-tier partitions (in flight: %d)", "paused" if pause else "resumed", len(tps), tier,
-                  self.engine.pending)
+        log.debug("%s %d %s-tier partitions (in flight: %d, held: %d)", "paused" if pause else "resumed", len(tps),
+                  tier, self.engine.pending, len(self.held[tier]))
 
     # -- rebalance callbacks (run inside consume(), on the loop thread) -------------------
     def _on_assign(self, consumer, partitions) -> None:
@@ -319,7 +373,7 @@ class Worker:
             # still ours; what is not is dropped and redone by the next owner
             self.engine.collect()
             self._commit(force=True, only=gone)
-        dropped = self.engine.revoke(gone)
+        dropped = self.engine.revoke(gone) + self._drop_held(gone)
         if not self.engine.partitions:
             self._set_ready(False)
         for _, p in gone:  # a partition no longer ours has no lag of ours

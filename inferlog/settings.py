@@ -84,9 +84,10 @@ class Settings(BaseSettings):
 
     # executors and bounded queues
     cpu_workers: int = Field(2, ge=1)
-    # records held between fetch and commit; above it partitions pause. Each resume costs a
-    # refetch (librdkafka drops a paused partition's prefetch) and, with two members in the
-    # group, ~1 s here: large enough that pauses are rare (BENCHMARKS.md, scaling)
+    # records of a tier between fetch and commit; past it fetched records are held undecoded,
+    # and when as many are held the tier's partitions pause. Each resume costs a refetch
+    # (librdkafka drops a paused partition's prefetch), ~1 s with two group members here:
+    # large enough that pauses are rare (BENCHMARKS.md, scaling)
     max_in_flight: int = Field(8192, ge=1)
     pipeline_depth: int = Field(2, ge=1)  # batches prepared ahead of the device
 

@@ -45,6 +45,7 @@ METRICS = {
     "inferlog_executor_queue_wait_seconds": "histogram",
     "inferlog_consumer_lag": "gauge",
     "inferlog_in_flight_records": "gauge",
+    "inferlog_held_records": "gauge",
     "inferlog_paused_partitions": "gauge",
     "inferlog_device_memory_bytes": "gauge",
     "inferlog_device_utilization": "gauge",

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -174,9 +175,21 @@ def test_generation_through_the_worker(settings, tiny_gpt2_dir):
 def test_at_least_once_mode_and_back_pressure(settings, embed_runner):
     ids = submit_texts(settings, [f"text {i}" for i in range(150)])
     s = settings.with_overrides(delivery="at-least-once", max_in_flight=16, max_batch_size=8)
+    most, done = [0], threading.Event()
+
+    def watch(w):  # the engine's own count, sampled from another thread while the worker runs
+        while not done.wait(0.002):
+            most[0] = max(most[0], w.engine.pending_in(s.requests_topic))
+
     with running_worker(s, embed_runner) as w:
+        watcher = threading.Thread(target=watch, args=(w,), daemon=True)
+        watcher.start()
         wait_until(lambda: output_count(s) >= len(ids), what="all results")
-    assert w.counts["pauses"] > 0, "a worker holding more than max_in_flight must pause its partitions"
+        done.set()
+        watcher.join()
+    assert 0 < most[0] <= 16, f"{most[0]} records in the engine with max_in_flight=16"
+    assert w.counts["held"] > 0, "records fetched past max_in_flight must wait outside the engine"
+    assert w.counts["pauses"] > 0, "a worker holding max_in_flight more must pause its partitions"
     acc = account(s)
     acc.assert_exactly_once()  # no failures happened, so at-least-once delivered once
     assert {r["request_id"] for r in acc.results} == set(ids)

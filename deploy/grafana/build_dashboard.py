@@ -73,10 +73,12 @@ ROWS = [
          "Records behind the log end, per assigned partition (max over workers during a rebalance)."),
         ("In-flight records", "short", [
             (f"sum by (instance) (inferlog_in_flight_records{{{SEL}}})", "{{instance}}")], 6, "timeseries",
-         "Records between fetch and commit; above max_in_flight the partitions pause."),
-        ("Paused partitions", "short", [
-            (f"sum by (instance) (inferlog_paused_partitions{{{SEL}}})", "{{instance}}")], 6, "timeseries",
-         "Partitions paused by back-pressure."),
+         "Records between fetch and commit, at most max_in_flight per tier."),
+        ("Held and paused", "short", [
+            (f"sum by (tier) (inferlog_held_records{{{SEL}}})", "held {{tier}}"),
+            (f"sum by (tier) (inferlog_paused_partitions{{{SEL}}})", "paused partitions {{tier}}")], 6, "timeseries",
+         "Records fetched past max_in_flight, waiting for room; a tier's partitions pause once it holds "
+         "max_in_flight more."),
     ]),
     ("Device", [
         ("GPU memory", "bytes", [
