@@ -8,6 +8,10 @@ is the practical limit of this broker and client on this machine: confluent-kafk
 consume(500) -> produce the same bytes -> auto-committed offsets; no Avro, no transactions.
 Contenders, on the same broker, the same 6-partition layout and the same records:
   raw loop                    consume -> produce, auto commit (at-least-once at best)
+  raw loop + Avro             the same loop doing each record's unavoidable Avro work on the way:
+                              decode + validate the request, build + encode its result (the
+                              worker's own codec and ResultBuilder); still no batching, no
+                              transactions: how much of the gap is the codec alone
   inferlog echo, exactly-once the Worker at its defaults (batch 32, wait 20 ms)
   inferlog echo, at-least-once the same with delivery=at-least-once (flush, then commit)
   inferlog echo, batch 256    exactly-once, max_batch_size 256, max_wait_ms 5
@@ -29,8 +33,10 @@ from pipeline_bench import bench_pipeline
 from confluent_kafka import Consumer, Producer as KafkaProducer
 
 from inferlog.clients import confluent_config
-from inferlog.codec import Codec
+from inferlog.codec import REQUEST, Codec
 from inferlog.consumer.demo import sample_texts
+from inferlog.consumer.stages import BatchInfo, Pending, ResultBuilder
+from inferlog.request import Limits, now_ms, validate_request
 
 PIPELINES = {  # name: (max_batch_size, max_wait_ms, other settings)
     "inferlog echo, exactly-once": (32, 20.0, {}),
@@ -42,9 +48,11 @@ PIPELINES = {  # name: (max_batch_size, max_wait_ms, other settings)
 }
 
 
-def bench_raw(base, texts: list[str]) -> dict:
-    """The loop one writes against the client alone: bytes in, the same bytes out."""
-    s = fresh_settings(base, "raw")
+def bench_raw(base, texts: list[str], codec: Codec | None = None) -> dict:
+    """The loop one writes against the client alone: bytes in, the same bytes out. With a
+    codec, each record is decoded and validated and answered with an encoded echo result."""
+    s = fresh_settings(base, "raw-avro" if codec else "raw")
+    answer = _avro_echo(s, codec) if codec else None
     blast(s, texts)
     prod = KafkaProducer(confluent_config(s, **{"enable.idempotence": True, "acks": "all", "linger.ms": 5,
                                                 "compression.type": "lz4"}))
@@ -65,9 +73,10 @@ def bench_raw(base, texts: list[str]) -> dict:
             for m in c.consume(500, 0.1):
                 if m.error() is None:
                     first = first or time.perf_counter()
+                    key, value = answer(m) if answer else (m.key(), m.value())
                     while True:
                         try:
-                            prod.produce(s.results_topic, m.value(), m.key())
+                            prod.produce(s.results_topic, value, key)
                             break
                         except BufferError:
                             prod.poll(0.01)
@@ -79,6 +88,20 @@ def bench_raw(base, texts: list[str]) -> dict:
         return {**rates(n, end - t0[0], time.process_time() - t0[1]), "steady_per_s": n / (end - first)}
     finally:
         c.close()
+
+
+def _avro_echo(s, codec: Codec):
+    """record -> (key, encoded result): the per-record codec work of the echo pipeline, one by one."""
+    runner, limits = EchoRunner(), Limits.from_settings(s)
+    builder, info = ResultBuilder(codec, s, runner.info), BatchInfo.new(1, 0)
+
+    def answer(m):
+        p = Pending(m.topic(), m.partition(), m.offset(), 0, m.key(), m.value(), m.headers(), now_ms())
+        p.request = validate_request(codec.decode(p.value, expect=REQUEST), limits)
+        out = builder.result(p, "OK", [{"vector": [float(len(p.request.inputs[0]))]}], info)
+        return out.key, out.value
+
+    return answer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             print(f"[{rnd}] raw loop ...", flush=True)
             runs.setdefault("raw loop", []).append(bench_raw(base, texts))
+            print(f"[{rnd}] raw loop + Avro ...", flush=True)
+            runs.setdefault("raw loop + Avro", []).append(bench_raw(base, texts, codec))
             for name, (bs, wait, extra) in PIPELINES.items():
                 print(f"[{rnd}] {name} ...", flush=True)
                 runs.setdefault(name, []).append(bench_pipeline(base, runner, codec, texts, bs, wait, **extra))
