@@ -18,6 +18,15 @@ def overhead_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def engine_table(report: dict) -> str:
+    codec = report["contenders"]["codec alone"]
+    lines = ["| contender | records/s | CPU µs/record | / codec alone (throughput) | rounds |", "|---|---:|---:|---:|---|"]
+    for name, r in report["contenders"].items():
+        lines.append(f"| {name} | {r['per_s']:.0f} | {r['cpu_us_per_record']:.1f} | {r['per_s'] / codec['per_s']:.2f} | "
+                     f"{r['per_s_rounds']} |")
+    return "\n".join(lines)
+
+
 def pipeline_table(report: dict) -> str:
     off = {(o["batch_size"], o["by_length"]): o["per_s"] for o in report["offline"]}
     naive = report["naive"]["per_s"] if report.get("naive") else float("nan")

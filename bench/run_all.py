@@ -27,6 +27,7 @@ MARK_BEGIN, MARK_END = "<!-- run_all.py: begin -->", "<!-- run_all.py: end -->"
 # name: (script, full-run flags, quick-run flags)
 STEPS = {
     "overhead": ("overhead_bench.py", ["--count", "20000", "--rounds", "2"], ["--count", "5000", "--rounds", "1"]),
+    "engine": ("engine_bench.py", ["--count", "40000", "--rounds", "3"], ["--count", "10000", "--rounds", "1"]),
     "pipeline": ("pipeline_bench.py", ["--sweep", "--count", "1000", "--rounds", "2"],
                  ["--sweep", "--count", "300", "--rounds", "1"]),
     "peer": ("peer_bench.py", ["--count", "1024", "--rounds", "2", "--duration", "20"],
@@ -51,6 +52,7 @@ def tables(results: Path) -> str:
     parts = []
     for title, name, fn, image in [
         ("1. Kafka overhead: echo model vs raw consume->produce loop", "overhead.json", r.overhead_table, "overhead.png"),
+        ("1b. The engine without Kafka: echo model vs the codec work alone", "engine.json", r.engine_table, None),
         ("2. Model pipeline vs offline limit and naive consumer (sweep)", "pipeline_sweep.json", r.pipeline_table, "pipeline_sweep.png"),
         ("3-4. Peer (Quix Streams): drain throughput and latency under open-loop load", "peer.json", r.peer_table, "latency.png"),
         ("5. Scaling: worker processes and partitions (echo model)", "scaling.json", r.scaling_table, "scaling.png"),
@@ -60,9 +62,9 @@ def tables(results: Path) -> str:
             continue
         report = json.loads(path.read_text())
         m = report["machine"]
+        plot = f"\n![{title}](bench/results/{image})\n" if image else ""
         parts.append(f"### {title}\n\n`{m['command']}` — {m['date']}, {m['cpu_count']} CPUs ({m['cpu']}), "
-                     f"load 1m at start {m['loadavg_start'][0]:.1f}\n\n{fn(report)}\n\n"
-                     f"![{title}](bench/results/{image})\n")
+                     f"load 1m at start {m['loadavg_start'][0]:.1f}\n\n{fn(report)}\n{plot}")
     return "\n".join(parts)
 
 
