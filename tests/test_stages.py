@@ -1,7 +1,9 @@
 """Result and dead-letter building: every output must fit in one Kafka record."""
 from types import SimpleNamespace
 
-from inferlog.codec import DEADLETTER, Codec
+import pytest
+
+from inferlog.codec import DEADLETTER, RESULT, Codec
 from inferlog.consumer.stages import MAX_OUTPUT_BYTES, BatchInfo, Pending, ResultBuilder
 from inferlog.errors import InvalidRequest
 from inferlog.request import Limits, build_request, validate_request
@@ -32,6 +34,22 @@ def test_a_normal_result_is_a_result():
     assert not out.dead and out.topic == S.results_topic and out.label == "OK"
 
 
+@pytest.mark.parametrize("task, outputs", [
+    ("embed", [{"vector": [0.25, -1.5, 3.0]}, {"vector": [0.5] * 384}]),
+    ("generate", [{"text": "héllo ✓", "tokens": 3, "finish_reason": "length"}]),
+    ("classify", [{"label": "POS", "score": 0.75, "scores": {"POS": 0.75, "NEG": 0.25}}]),
+])
+def test_a_result_encodes_its_outputs_as_the_union_branch_of_its_task(task, outputs):
+    """The builder names each output's union branch (a fastavro shortcut): the bytes must be those
+    of the plain record, with the outputs read back as given and of the task's own type."""
+    p = pending(inputs=["a"] * len(outputs))
+    p.request.task = task.upper()
+    out = BUILDER.result(p, "OK", outputs, BatchInfo.new(1, 1))
+    rec = CODEC.decode(out.value, expect=RESULT)
+    assert rec["outputs"] == outputs and rec["task"] == task.upper()
+    assert CODEC.encode(RESULT, rec) == out.value  # validated, branch found by fastavro: same bytes
+
+
 def test_a_dead_letter_near_the_size_limit_leaves_key_and_value_at_the_source():
     p = pending(key=b"K" * 100_000, value=b"V" * 850_000)  # each under 1 MB, together over
     out = BUILDER.dead_letter(p, InvalidRequest("bad"))
@@ -48,8 +66,6 @@ def test_a_small_dead_letter_carries_the_original():
 
 def test_an_aborted_replay_transaction_is_a_resumable_error():
     """The replay's topic sink turns an aborted transaction into a ReplayError naming --resume."""
-    import pytest
-
     from inferlog.consumer.emit import CommitAborted
     from inferlog.replay.runner import ReplayError, TopicSink
 
