@@ -46,19 +46,20 @@ def bench_offline(runner, texts: list[str], batch_size: int, by_length: bool = F
     by_length cuts batches from the length-sorted texts, as the batching policy may within its
     window: less padding, so this is the ceiling for a worker that sees the whole backlog."""
     params = Parameters()
-    model_s, c0, t0 = 0.0, time.process_time(), time.perf_counter()
+    model_s, padded, c0, t0 = 0.0, 0, time.process_time(), time.perf_counter()
     if by_length:
         ids = sorted(runner.tokenize(texts), key=len)
         batches = (ids[i:i + batch_size] for i in range(0, len(ids), batch_size))
     else:
         batches = (runner.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size))
     for batch in batches:
+        padded += runner.cost([len(x) for x in batch], [params] * len(batch))
         prepared = runner.prepare([Row(x, params) for x in batch])
         m0 = time.perf_counter()
         raw = runner.run(prepared)
         model_s += time.perf_counter() - m0
         runner.finish(raw, prepared)
-    return {"batch_size": batch_size, "by_length": by_length, "model_seconds": model_s,
+    return {"batch_size": batch_size, "by_length": by_length, "model_seconds": model_s, "padded_tokens": padded,
             **rates(len(texts), time.perf_counter() - t0, time.process_time() - c0)}
 
 
@@ -99,7 +100,9 @@ def bench_pipeline(base, runner, codec, texts: list[str], batch_size: int, wait_
             # after the first commit: no group join, first fetch or first transaction in it
             "steady_per_s": (n - first[0][1]) / (t_end[0] - first[0][0]) if t_end[0] > first[0][0] else float("nan"),
             # time the device thread spent inside runner.run, over the wall time: below 1 it idled
-            "device_busy": device_s / elapsed, "commits": w.counts["commits"]}
+            "device_busy": device_s / elapsed, "commits": w.counts["commits"],
+            # the batches' padded size (each result carries its batch's): padding the policy left
+            "padded_tokens": sum(r["batch"]["tokens"] for r in batches.values())}
 
 
 def bench_naive(base, runner, codec, texts: list[str]) -> dict:

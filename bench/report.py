@@ -31,12 +31,13 @@ def pipeline_table(report: dict) -> str:
     off = {(o["batch_size"], o["by_length"]): o["per_s"] for o in report["offline"]}
     naive = report["naive"]["per_s"] if report.get("naive") else float("nan")
     lines = ["| contender | batch / wait ms | requests/s | CPU ms/req | / offline | / offline sorted | / naive "
-             "| mean batch | model busy | load 1m |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mean batch | padded tokens | model busy | load 1m |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(name, setting, r, bs, mean_batch, busy):
+        padded = f"{r['padded_tokens']:,}" if "padded_tokens" in r else "-"  # absent before it was recorded
         lines.append(f"| {name} | {setting} | {r['per_s']:.1f} | {r['cpu_ms_per_request']:.1f} | "
                      f"{r['per_s'] / off[bs, False]:.2f} | {r['per_s'] / off[bs, True]:.2f} | {r['per_s'] / naive:.1f} | "
-                     f"{mean_batch} | {busy} | {r['loadavg_1m']:.1f} |")
+                     f"{mean_batch} | {padded} | {busy} | {r['loadavg_1m']:.1f} |")
 
     for o in report["offline"]:
         row("offline, " + ("length-sorted" if o["by_length"] else "arrival order"), f"{o['batch_size']} / -", o,
