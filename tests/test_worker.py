@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,10 +209,20 @@ def worker_env(s, **extra) -> dict:
     return env
 
 
+# A backlog several times max_in_flight: records are held past it (and paused past twice it)
+# while the tests below stop, kill and add workers, so held records cross every such event.
+HOLDING = {"INFERLOG_MAX_IN_FLIGHT": 256}
+
+
 def start_worker(s, worker_id: str, log_path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "inferlog.cli", "worker", "--no-create-topics"],
-                            env=worker_env(s, INFERLOG_WORKER_ID=worker_id),
+                            env=worker_env(s, INFERLOG_WORKER_ID=worker_id, **HOLDING),
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def held_count(log: str) -> int:
+    """The records a worker held back, from the counts it logs when it has drained."""
+    return int(re.search(r"drained: .*'held': (\d+)", log).group(1))
 
 
 def committed(s) -> dict[int, int]:
@@ -234,6 +245,7 @@ def test_sigterm_drains_commits_what_it_consumed_and_exits_0(settings, tmp_path)
         w.kill()
     log = (tmp_path / "w.log").read_text()
     assert "drained" in log
+    assert held_count(log) > 0  # it stopped with records held: those are not committed either
     acc = account(settings)
     done = committed(settings)
     by = acc.by_source
@@ -268,6 +280,8 @@ def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(setting
     acc = account(settings)
     acc.assert_exactly_once()
     assert len(acc.results) == n and not acc.dead_letters
+    # the survivors held records while partitions moved between them
+    assert sum(held_count((tmp_path / f).read_text()) for f in ("a2.log", "b.log")) > 0
     workers = {r["worker_id"] for r in acc.results}
     assert {"w-a", "w-b"} <= workers or len(workers) >= 2
 

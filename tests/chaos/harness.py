@@ -38,6 +38,9 @@ def worker_env(s, model_dir, **extra) -> dict:
         "INFERLOG_GROUP_ID": s.group_id, "INFERLOG_MODEL": str(model_dir), "INFERLOG_DEVICE": "cpu",
         "INFERLOG_MAX_WAIT_MS": "10", "INFERLOG_MAX_BATCH_SIZE": "16", "INFERLOG_SESSION_TIMEOUT_MS": "6000",
         "INFERLOG_CPU_WORKERS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+        # small enough that the backlog after a kill or an outage is partly held back (and
+        # paused), so held records meet every fault here too
+        "INFERLOG_MAX_IN_FLIGHT": "64",
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env
