@@ -59,7 +59,7 @@ def run_quix(s, runner, batch: int, commit_s: float) -> int:
 
     def embed(texts: list[str]) -> list[list[float]]:
         prepared = runner.prepare([Row(ids, params) for ids in runner.tokenize(texts)])
-        return [o["vector"] for o in runner.finish(runner.run(prepared), prepared)]
+        return [o["vector"].tolist() for o in runner.finish(runner.run(prepared), prepared)]  # for JSON
 
     def result(req: dict, vector) -> dict:
         return {"request_id": req["request_id"], "created_at": _epoch_ms(req["created_at"]), "vector": vector}

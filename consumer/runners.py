@@ -140,7 +140,9 @@ class EmbedRunner(_EncoderRunner):
             return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu()
 
     def finish(self, raw: torch.Tensor, prepared) -> list[dict]:
-        return [{"vector": v} for v in raw.tolist()]
+        # float32 rows as they lie in memory (no list of Python floats): the result builder
+        # writes them into the Avro record as they are (stages.encode_embeddings)
+        return [{"vector": v} for v in raw.numpy()]
 
 
 class ClassifyRunner(_EncoderRunner):

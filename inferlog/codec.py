@@ -25,7 +25,7 @@ from importlib.resources import files
 from typing import Any
 
 import fastavro
-from fastavro.schema import fingerprint as _fastavro_fingerprint, to_parsing_canonical_form
+from fastavro.schema import expand_schema, fingerprint as _fastavro_fingerprint, to_parsing_canonical_form
 from fastavro.validation import validate
 
 from .errors import (
@@ -180,6 +180,7 @@ class Codec:
                 self._by_fp[self.store.fingerprint(name, v)] = self._writer(name, v, self.store.parsed(name, v))
         self._by_id: dict[int, _Writer] = {}  # registry id -> writer, filled on first sight
         self._prefix: dict[str, bytes] = {}  # record name -> header to write, filled on first encode
+        self._splits: dict[tuple[str, str], tuple[dict, dict]] = {}  # (name, field) -> schemas around it
 
     @classmethod
     def from_settings(cls, settings) -> "Codec":
@@ -213,6 +214,38 @@ class Codec:
         except Exception as e:
             raise InvalidRequest(f"{name}: {type(e).__name__}: {e}") from None
         return fo.getvalue()
+
+    def encode_spliced(self, name: str, record: dict, field: str, encoded: bytes) -> bytes:
+        """Encode a trusted `record` of `name` whose `field` the caller has encoded already.
+
+        Avro writes a record as its fields' encodings one after another, so the bytes are
+        fastavro's encoding of the fields before `field`, then `encoded`, then fastavro's of
+        the fields after it: the same bytes as encode(). For a field that fastavro writes
+        slowly, such as the float arrays of embeddings (stages.encode_embeddings)."""
+        prefix = self._prefix.get(name) or self._header(name)
+        before, after = self._splits.get((name, field)) or self._split(name, field)
+        fo = io.BytesIO()
+        fo.write(prefix)
+        try:
+            fastavro.schemaless_writer(fo, before, record)
+            fo.write(encoded)
+            fastavro.schemaless_writer(fo, after, record)
+        except Exception as e:
+            raise InvalidRequest(f"{name}: {type(e).__name__}: {e}") from None
+        return fo.getvalue()
+
+    def _split(self, name: str, field: str) -> tuple[dict, dict]:
+        """Two record schemas: the latest `name`'s fields before `field`, and those after it
+        (named types expanded, so that each half stands alone)."""
+        full = expand_schema(_strip_logical(self.store.raw(name)))
+        names = [f["name"] for f in full["fields"]]
+        if field not in names:
+            raise UnknownSchema(f"{name} has no field {field!r}")
+        i = names.index(field)
+        halves = tuple(_parse({"type": "record", "name": f"{name}__{side}_{field}", "fields": fields})
+                       for side, fields in (("before", full["fields"][:i]), ("after", full["fields"][i + 1:])))
+        self._splits[name, field] = halves
+        return halves
 
     def _header(self, name: str) -> bytes:
         if self.framing == "single-object":
@@ -310,6 +343,17 @@ class Codec:
         w = known or self._writer(name, None, writer)
         self._by_id[schema_id] = w
         return w
+
+
+def avro_long(n: int) -> bytes:
+    """Avro's binary encoding of an int or long: zigzag, then a base-128 varint, low bits first."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
 
 
 _HIGH_BIT = bytes(b >> 7 for b in range(256))  # byte -> 1 if its continuation bit is set

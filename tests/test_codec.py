@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 
 import fastavro
 import pytest
+from fastavro.schema import expand_schema
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec, SchemaStore
+from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec, SchemaStore, avro_long
 from inferlog.errors import (
     ConfigError,
     DecodeError,
@@ -476,3 +477,27 @@ def test_property_flipped_bytes_decode_or_raise_decode_error(rec, framing, data)
         i = data.draw(st.integers(0, len(buf) - 1))
         buf[i] ^= data.draw(st.integers(1, 255))
     _decodes_or_decode_error(c, bytes(buf))
+
+
+# -- pieces written outside fastavro ---------------------------------------------------------
+@given(st.integers(min_value=-2**63, max_value=2**63 - 1))
+def test_avro_long_is_the_encoding_fastavro_writes(n):
+    fo = io.BytesIO()
+    fastavro.schemaless_writer(fo, "long", n)
+    assert avro_long(n) == fo.getvalue()
+
+
+@pytest.mark.parametrize("field", ["request_id", "outputs", "batch", "replay_run_id"])
+def test_a_spliced_encoding_is_the_whole_records_encoding(field):
+    """The fields around `field` by fastavro, `field` by the caller: the same bytes as encode()."""
+    codec = CODECS["single-object"]
+    rec = result([{"vector": [0.5, -1.25]}, {"vector": []}])
+    schema = next(f["type"] for f in expand_schema(codec.store.raw(RESULT))["fields"] if f["name"] == field)
+    fo = io.BytesIO()
+    fastavro.schemaless_writer(fo, schema, rec[field])
+    assert codec.encode_spliced(RESULT, rec, field, fo.getvalue()) == codec.encode(RESULT, rec)
+
+
+def test_a_spliced_encoding_of_a_field_the_schema_lacks_is_refused():
+    with pytest.raises(UnknownSchema, match="no field 'vectors'"):
+        CODECS["single-object"].encode_spliced(RESULT, result([]), "vectors", b"\x00")

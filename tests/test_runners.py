@@ -6,6 +6,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,7 +80,7 @@ def test_embeddings_equal_sentence_transformers(embed):
     st = SentenceTransformer(default_model_path(), device="cpu")
     want = st.encode(TEXTS, normalize_embeddings=True, convert_to_tensor=True)
     _, outs = infer(embed, TEXTS, P())
-    got = torch.tensor([o["vector"] for o in outs])
+    got = torch.from_numpy(np.stack([o["vector"] for o in outs]))
     assert got.shape == (len(TEXTS), 384)
     torch.testing.assert_close(got, want.float().cpu(), atol=1e-5, rtol=0)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(len(TEXTS)), atol=1e-5, rtol=0)
@@ -88,7 +89,7 @@ def test_embeddings_equal_sentence_transformers(embed):
 def test_embeddings_batch_invariant(embed):
     alone = [infer(embed, [t], P())[1][0]["vector"] for t in TEXTS]
     together = [o["vector"] for o in infer(embed, TEXTS, P())[1]]
-    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(np.stack(together)), torch.from_numpy(np.stack(alone)), atol=1e-5, rtol=0)
 
 
 def test_encoder_pads_right_and_decoder_pads_left(embed, gen):

@@ -1,10 +1,12 @@
 """Result and dead-letter building: every output must fit in one Kafka record."""
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
-from inferlog.consumer.stages import MAX_OUTPUT_BYTES, BatchInfo, Pending, ResultBuilder
+from inferlog.consumer.stages import MAX_OUTPUT_BYTES, BatchInfo, Pending, ResultBuilder, encode_embeddings
 from inferlog.errors import InvalidRequest
 from inferlog.request import Limits, build_request, validate_request
 from inferlog.settings import load_settings
@@ -48,6 +50,38 @@ def test_a_result_encodes_its_outputs_as_the_union_branch_of_its_task(task, outp
     rec = CODEC.decode(out.value, expect=RESULT)
     assert rec["outputs"] == outputs and rec["task"] == task.upper()
     assert CODEC.encode(RESULT, rec) == out.value  # validated, branch found by fastavro: same bytes
+
+
+FLOAT32 = st.floats(width=32, allow_nan=False)  # NaN's payload bits may differ; its test is below
+
+
+@given(vectors=st.lists(st.lists(FLOAT32, max_size=40), max_size=4), as_array=st.booleans())
+def test_embeddings_written_outside_fastavro_are_the_bytes_fastavro_writes(vectors, as_array):
+    """encode_embeddings writes the vectors as float32 blocks: the result must be byte for byte
+    what fastavro writes for the same record, and read back as the same floats."""
+    outputs = [{"vector": np.asarray(v, dtype=np.float32) if as_array else v} for v in vectors]
+    p = pending(inputs=["a"] * max(1, len(vectors)))
+    out = BUILDER.result(p, "OK", outputs, BatchInfo.new(1, 1))
+    rec = CODEC.decode(out.value, expect=RESULT)
+    assert [o["vector"] for o in rec["outputs"]] == vectors
+    assert CODEC.encode(RESULT, rec) == out.value  # fastavro, validated, from the decoded record
+
+
+def test_a_nan_in_an_embedding_reads_back_as_nan():
+    out = BUILDER.result(pending(), "OK", [{"vector": np.array([np.nan, 1.0], dtype=np.float32)}], BatchInfo.new(1, 1))
+    v = CODEC.decode(out.value, expect=RESULT)["outputs"][0]["vector"]
+    assert np.isnan(v[0]) and v[1] == 1.0
+
+
+@pytest.mark.parametrize("outputs", [
+    [{"vector": [[0.5, 1.0]]}],           # 2-D
+    [{"vector": ["x"]}],                   # not floats
+    [{"vector": [0.5], "extra": 1}],       # not the Embedding record
+])
+def test_outputs_that_are_no_plain_embedding_go_to_fastavro_which_refuses_them(outputs):
+    assert encode_embeddings(outputs, b"\x00") is None
+    with pytest.raises(InvalidRequest):
+        BUILDER.result(pending(), "OK", outputs, BatchInfo.new(1, 1))
 
 
 def test_a_dead_letter_near_the_size_limit_leaves_key_and_value_at_the_source():
