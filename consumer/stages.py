@@ -35,28 +35,31 @@ def union_branch(codec: Codec, name: str, field: str, branch: str) -> int:
     return [b["name"] if isinstance(b, dict) else b for b in f["type"]["items"]].index(branch)
 
 
-def encode_embeddings(outputs: list[dict], branch: bytes) -> bytes | None:
+# Below this many floats in a result, fastavro's one pass over the whole record costs less than
+# its two passes around the blocks (bench/codec_bench.py: ~17 µs against ~20 for one float).
+SPLICE_MIN_FLOATS = 32
+
+
+def encode_embeddings(outputs: list[dict], branch: bytes, min_floats: int = 0) -> bytes | None:
     """InferenceResult.outputs holding Embedding records, encoded as Avro writes them: the
     item count, each item's union branch and its vector as one block of little-endian float32
     (count, the floats, then the 0 that ends an array), and the 0 that ends the outputs.
 
-    fastavro writes a vector float by float, ~180 ns each here: a 384-float embedding cost
-    ~70 µs of CPU per result, more than decoding, validating and batching its request
+    fastavro writes a vector float by float, ~130-180 ns each here: a 384-float embedding
+    cost ~50-70 µs of CPU per result, more than decoding, validating and batching its request
     (bench/codec_bench.py). A float32 array from the model is written here as it lies in
-    memory. None when an output is not a plain {"vector": 1-D floats}: fastavro then writes
-    it, or says what is wrong with it."""
-    if not outputs:
-        return b"\x00"
-    parts = [avro_long(len(outputs))]
-    for o in outputs:
-        if len(o) != 1 or "vector" not in o:
+    memory. None, for fastavro to write them (or to say what is wrong with them), when an
+    output is not a plain {"vector": 1-D floats}, or the outputs hold fewer than `min_floats`."""
+    try:
+        if sum(len(o["vector"]) for o in outputs) < min_floats:  # checked first: cheap for short lists
             return None
-        try:
-            v = np.asarray(o["vector"], dtype="<f4")
-        except (TypeError, ValueError):
-            return None
-        if v.ndim != 1:
-            return None
+        vectors = [np.asarray(o["vector"], dtype="<f4") for o in outputs if len(o) == 1]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(vectors) != len(outputs) or any(v.ndim != 1 for v in vectors):
+        return None
+    parts = [avro_long(len(vectors))] if vectors else []
+    for v in vectors:
         parts.append(branch)
         if v.size:
             parts += (avro_long(v.size), v.tobytes())
@@ -193,15 +196,20 @@ class ResultBuilder:
     def result(self, p: Pending, status: str, outputs: list[dict], batch: BatchInfo | None,
                infer_ms: float = 0.0, error: str | None = None) -> Out:
         req = p.request
-        # embeddings are written here, the fields around them by fastavro (encode_spliced)
-        vectors = encode_embeddings(outputs, self.embedding_branch) if req.task == "EMBED" else None
+        # embeddings are written here as float32 blocks, the fields around them by fastavro
+        vectors = (encode_embeddings(outputs, self.embedding_branch, SPLICE_MIN_FLOATS)
+                   if req.task == "EMBED" else None)
+        branch = OUTPUT_BRANCH.get(req.task)
+        if vectors is not None:
+            outputs = ()  # written already; fastavro skips the field (encode_spliced)
+        elif branch:
+            outputs = [(branch, o) for o in outputs]
         rec = {
             "request_id": req.request_id,
             "tenant": req.tenant,
             "task": req.task,
             "status": status,
-            "outputs": None if vectors is not None else
-            [(branch, o) for o in outputs] if (branch := OUTPUT_BRANCH.get(req.task)) else outputs,
+            "outputs": outputs,
             "error": error,
             "model": self.model,
             "source": {"topic": p.topic, "partition": p.partition, "offset": p.offset},

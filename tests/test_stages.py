@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
-from inferlog.consumer.stages import MAX_OUTPUT_BYTES, BatchInfo, Pending, ResultBuilder, encode_embeddings
+from inferlog.consumer.stages import (MAX_OUTPUT_BYTES, SPLICE_MIN_FLOATS, BatchInfo, Pending, ResultBuilder,
+                                     encode_embeddings)
 from inferlog.errors import InvalidRequest
 from inferlog.request import Limits, build_request, validate_request
 from inferlog.settings import load_settings
@@ -55,28 +56,44 @@ def test_a_result_encodes_its_outputs_as_the_union_branch_of_its_task(task, outp
 FLOAT32 = st.floats(width=32, allow_nan=False)  # NaN's payload bits may differ; its test is below
 
 
+def result_record(vectors) -> dict:
+    rec = CODEC.decode(BUILDER.result(pending(), "OK", [], BatchInfo.new(1, 1)).value, expect=RESULT)
+    return {**rec, "outputs": [{"vector": list(v)} for v in vectors]}
+
+
 @given(vectors=st.lists(st.lists(FLOAT32, max_size=40), max_size=4), as_array=st.booleans())
-def test_embeddings_written_outside_fastavro_are_the_bytes_fastavro_writes(vectors, as_array):
-    """encode_embeddings writes the vectors as float32 blocks: the result must be byte for byte
-    what fastavro writes for the same record, and read back as the same floats."""
+def test_embeddings_written_as_float32_blocks_are_the_bytes_fastavro_writes(vectors, as_array):
+    rec = result_record(vectors)
     outputs = [{"vector": np.asarray(v, dtype=np.float32) if as_array else v} for v in vectors]
-    p = pending(inputs=["a"] * max(1, len(vectors)))
-    out = BUILDER.result(p, "OK", outputs, BatchInfo.new(1, 1))
+    blocks = encode_embeddings(outputs, BUILDER.embedding_branch)
+    spliced = CODEC.encode_spliced(RESULT, rec, "outputs", blocks)
+    assert spliced == CODEC.encode(RESULT, rec)  # fastavro, validated
+    assert [o["vector"] for o in CODEC.decode(spliced, expect=RESULT)["outputs"]] == vectors
+
+
+@pytest.mark.parametrize("dim", [1, SPLICE_MIN_FLOATS - 1, SPLICE_MIN_FLOATS, 384])
+def test_the_builder_writes_short_and_long_embeddings_alike(dim):
+    """Short vectors go through fastavro alone, long ones as blocks: the same bytes either way."""
+    vector = np.linspace(-1, 1, dim, dtype=np.float32)
+    out = BUILDER.result(pending(), "OK", [{"vector": vector}], BatchInfo.new(1, 1))
     rec = CODEC.decode(out.value, expect=RESULT)
-    assert [o["vector"] for o in rec["outputs"]] == vectors
-    assert CODEC.encode(RESULT, rec) == out.value  # fastavro, validated, from the decoded record
+    assert rec["outputs"] == [{"vector": vector.tolist()}]
+    assert CODEC.encode(RESULT, rec) == out.value
 
 
 def test_a_nan_in_an_embedding_reads_back_as_nan():
-    out = BUILDER.result(pending(), "OK", [{"vector": np.array([np.nan, 1.0], dtype=np.float32)}], BatchInfo.new(1, 1))
+    vector = np.ones(SPLICE_MIN_FLOATS, dtype=np.float32)
+    vector[0] = np.nan
+    out = BUILDER.result(pending(), "OK", [{"vector": vector}], BatchInfo.new(1, 1))
     v = CODEC.decode(out.value, expect=RESULT)["outputs"][0]["vector"]
-    assert np.isnan(v[0]) and v[1] == 1.0
+    assert np.isnan(v[0]) and v[1:] == [1.0] * (SPLICE_MIN_FLOATS - 1)
 
 
 @pytest.mark.parametrize("outputs", [
-    [{"vector": [[0.5, 1.0]]}],           # 2-D
-    [{"vector": ["x"]}],                   # not floats
-    [{"vector": [0.5], "extra": 1}],       # not the Embedding record
+    [{"vector": [[0.5, 1.0]] * SPLICE_MIN_FLOATS}],     # 2-D
+    [{"vector": ["x"] * SPLICE_MIN_FLOATS}],            # not floats
+    [{"vector": [0.5] * SPLICE_MIN_FLOATS, "extra": 1}],  # not the Embedding record
+    [{"text": "hi"}],                                   # another branch's record
 ])
 def test_outputs_that_are_no_plain_embedding_go_to_fastavro_which_refuses_them(outputs):
     assert encode_embeddings(outputs, b"\x00") is None
