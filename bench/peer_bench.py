@@ -101,9 +101,9 @@ def plot_latency(report: dict, path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     m = report["machine"]
-    fig.text(0.01, 0.01, f"{m['date']}; load 1m at start {m['loadavg_start'][0]:.1f}; loads at 25/50/70/90% of each "
+    fig.text(0.01, 0.01, f"{m['date']}; load 1m at start {m['loadavg_start'][0]:.1f}\nloads at 25/50/70/90% of each "
              "contender's own drain rate; inferlog also at quix per message's loads", fontsize=8, color="0.3")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
