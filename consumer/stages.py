@@ -35,8 +35,8 @@ def union_branch(codec: Codec, name: str, field: str, branch: str) -> int:
     return [b["name"] if isinstance(b, dict) else b for b in f["type"]["items"]].index(branch)
 
 
-# Below this many floats in a result, fastavro's one pass over the whole record costs less than
-# its two passes around the blocks (bench/codec_bench.py: ~17 µs against ~20 for one float).
+# Below this many floats in a result the blocks gain nothing: fastavro's one pass over the whole
+# record costs as much or less than its two around them (bench/codec_bench.py, the 1x1 rows).
 SPLICE_MIN_FLOATS = 32
 
 
@@ -45,8 +45,8 @@ def encode_embeddings(outputs: list[dict], branch: bytes, min_floats: int = 0) -
     item count, each item's union branch and its vector as one block of little-endian float32
     (count, the floats, then the 0 that ends an array), and the 0 that ends the outputs.
 
-    fastavro writes a vector float by float, ~130-180 ns each here: a 384-float embedding
-    cost ~50-70 µs of CPU per result, more than decoding, validating and batching its request
+    fastavro writes a vector float by float, ~130-250 ns each here: a 384-float embedding
+    cost 50-90 µs of CPU per result, more than decoding, validating and batching its request
     (bench/codec_bench.py). A float32 array from the model is written here as it lies in
     memory. None, for fastavro to write them (or to say what is wrong with them), when an
     output is not a plain {"vector": 1-D floats}, or the outputs hold fewer than `min_floats`."""
