@@ -101,10 +101,11 @@ class Fleet:
 
 
 class Stream:
-    """An open-loop producer on a thread: n classify requests at `rate` per second."""
+    """An open-loop producer on a thread: n classify requests at `rate` per second; with
+    `high_every` k, every k-th of them high-priority (the high tier's topic)."""
 
-    def __init__(self, settings, n: int, rate: float, start: int = 0):
-        self.s, self.n, self.rate, self.start_i = settings, n, rate, start
+    def __init__(self, settings, n: int, rate: float, start: int = 0, high_every: int = 0):
+        self.s, self.n, self.rate, self.start_i, self.high_every = settings, n, rate, start, high_every
         self.ids: list[str] = []
         self.texts: dict[str, str] = {}
         self.error: BaseException | None = None
@@ -126,7 +127,8 @@ class Stream:
                     if lag > 0:
                         time.sleep(lag)
                     t = text(self.start_i + i)
-                    rid = p.submit("classify", t)
+                    high = self.high_every and i % self.high_every == 0
+                    rid = p.submit("classify", t, priority=self.s.high_priority if high else 0)
                     self.ids.append(rid)
                     self.texts[rid] = t
         except BaseException as e:  # surfaced by join()

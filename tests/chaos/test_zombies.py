@@ -22,7 +22,9 @@ def test_same_transactional_id_fences_the_older_worker(settings, tiny_bert_class
     try:
         a = fleet.start("wz")
         wait_until(lambda: fleet.joined("wz"), timeout=120, what="A to join")
-        with Stream(settings, size["n"], size["rate"]) as stream:
+        # both tiers get requests: after B joins, A may keep only one topic's partitions, and
+        # it learns it is fenced only at its next commit, so those partitions must see traffic
+        with Stream(settings, size["n"], size["rate"], high_every=4) as stream:
             time.sleep(size["n"] / size["rate"] / 4)
             fleet.live.pop("wz")
             fleet.start_joined("wz")  # B
