@@ -8,6 +8,10 @@ Exactly-once (default), one Kafka transaction per commit:
 At-least-once: 1. produce, 2. flush and confirm every delivery, 3. commit offsets
 synchronously, checking each partition's error.
 
+An output the producer refuses for good (too large for the broker or the topic, an invalid
+record) is replaced by a small dead letter saying why (`fallback`, the ResultBuilder's
+`unwritable`) and the commit is tried once more, so one record can never stop its partition.
+
 A failed commit raises CommitAborted (nothing of it is visible to read_committed readers:
 the worker rewinds to its last commit and redoes the work) or FatalError (fenced: this
 worker must stop; its successor owns the partitions now).
@@ -29,20 +33,93 @@ log = logging.getLogger(__name__)
 
 FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
           KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED}
+# this message can never be written, however often it is retried
+REFUSED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_RECORD,
+           KafkaError.RECORD_LIST_TOO_LARGE, KafkaError._INVALID_ARG}
 
 
 class CommitAborted(Exception):
     """The commit did not happen; redo the work since the last commit."""
 
 
-def _produce_all(producer: Producer, outputs: list[Out], on_delivery=None) -> None:
-    for o in outputs:
+class Refusals:
+    """Outputs the producer refused for good, and what to do about them.
+
+    librdkafka refuses a record that is too large itself (at produce()); the broker refuses a
+    whole record batch that exceeds a topic's max.message.bytes, batch-mates included. So a
+    record refused within a batch is a suspect, produced alone next time; one refused alone
+    (or by produce()) is replaced by its small dead letter (`fallback`)."""
+
+
+    def __init__(self, outputs: list[Out], fallback):
+        self.outputs, self.fallback = outputs, fallback
+        self.alone: set[int] = set()  # produced alone (flushed before and after)
+        self.refused: list[tuple[object, str]] = []  # (the message or the index, why) this attempt
+        self.errors: list[KafkaError] = []  # any other delivery error this attempt
+
+    def on_delivery(self, err, msg) -> None:  # one bound method for every message: no closure each
+        if err is None:
+            return
+        if err.code() in REFUSED:
+            self.refused.append((msg, f"{err.name()}: {err.str()}"))
+        else:
+            self.errors.append(err)
+
+    def _index(self, msg) -> int | None:
+        if isinstance(msg, int):
+            return msg
+        return next((i for i, o in enumerate(self.outputs)
+                     if o.topic == msg.topic() and o.key == msg.key() and o.value == msg.value()), None)
+
+    def settle(self) -> list[int]:
+        """After an attempt with refusals: replace those refused alone, make the others
+        suspects; returns the outputs to produce again. [] when nothing can be done (no
+        fallback, an output without a source): the caller then fails as it would without this."""
+        found = [(self._index(m), why) for m, why in self.refused]
+        self.refused, self.errors = [], []
+        if self.fallback is None or any(i is None or self.outputs[i].source is None for i, _ in found):
+            return []
+        for i, why in found:
+            if i in self.alone:
+                log.warning("the output for %s[%d]@%d was refused (%s): written as a dead letter",
+                            *self.outputs[i].source, why)
+                self.outputs[i] = self.fallback(self.outputs[i], f"the output could not be written: {why}")
+                self.alone.discard(i)
+            else:
+                self.alone.add(i)
+        return sorted({i for i, _ in found})
+
+    def tries_left(self, attempt: int) -> bool:
+        """Batched, then the suspects alone, then with the replacements. In a transaction the
+        first refusal ends an attempt, so each attempt after the first replaces one at least."""
+        return attempt < 2 + len(self.outputs)
+
+
+def _produce_all(producer: Producer, outputs: list[Out], refusals: Refusals | None = None,
+                 timeout: float = 30.0, only: list[int] | None = None) -> None:
+    cb = refusals.on_delivery if refusals is not None else None
+    alone = refusals.alone if refusals is not None else ()
+    for i in range(len(outputs)) if only is None else only:
+        o = outputs[i]
+        if i in alone:
+            producer.flush(timeout)  # a batch of its own: a refusal is then its own
         while True:
             try:
-                producer.produce(o.topic, o.value, o.key, headers=o.headers or None, on_delivery=on_delivery)
+                producer.produce(o.topic, o.value, o.key, headers=o.headers or None, on_delivery=cb)
                 break
             except BufferError:  # local queue full: let librdkafka send, then retry
                 producer.poll(0.05)
+            except KafkaException as e:  # too large for this client: replaced at once, if it can be
+                err = e.args[0]
+                if refusals is None or err.code() not in REFUSED:
+                    raise
+                refusals.alone.add(i)
+                refusals.refused.append((i, f"{err.name()}: {err.str()}"))
+                if not refusals.settle():
+                    raise
+                o = outputs[i]
+        if i in alone:
+            producer.flush(timeout)
     producer.poll(0)
 
 
@@ -51,9 +128,10 @@ def _offsets(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
 
 
 class TransactionalEmitter:
-    def __init__(self, settings, consumer, timeout_s: float = 30.0):
+    def __init__(self, settings, consumer, timeout_s: float = 30.0, fallback=None):
         self.consumer = consumer
         self.timeout = timeout_s
+        self.fallback = fallback  # (Out, why) -> a small dead letter for an output that cannot be written
         conf = confluent_config(settings, **{
             "transactional.id": f"inferlog-{settings.group_id}-{settings.worker_id}",
             "enable.idempotence": True,
@@ -72,14 +150,30 @@ class TransactionalEmitter:
         may run this on another thread); read from the consumer when not given."""
         if not outputs and not commits:
             return
-        try:
-            self.producer.begin_transaction()
-            _produce_all(self.producer, outputs)
-            if commits:
-                self._send_offsets(_offsets(commits), group_metadata or self.consumer.consumer_group_metadata())
-            self._commit_with_retry()
-        except KafkaException as e:
-            self._handle(e)
+        refusals = Refusals(outputs, self.fallback)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.producer.begin_transaction()
+                _produce_all(self.producer, outputs, refusals, self.timeout)
+                if commits:
+                    self._send_offsets(_offsets(commits), group_metadata or self.consumer.consumer_group_metadata())
+                self._commit_with_retry()
+                return
+            except KafkaException as e:
+                err = e.args[0]
+                again = (refusals.refused and refusals.tries_left(attempt) and not err.fatal()
+                         and err.code() not in FENCED)
+                if again:
+                    self._abort()  # nothing of it is visible: the same outputs and offsets go again
+                    # librdkafka's sequence numbers do not survive a refused record (the next
+                    # transaction failed with OUT_OF_ORDER_SEQUENCE_NUMBER here): a new producer,
+                    # a new epoch
+                    self._replace_producer()
+                    if refusals.settle():
+                        continue
+                self._handle(e)
 
     # the worker's split: deliver() on its emit thread, commit_offsets() back on its loop thread
     deliver = commit
@@ -164,32 +258,39 @@ class TransactionalEmitter:
 
 
 class AtLeastOnceEmitter:
-    def __init__(self, settings, consumer, timeout_s: float = 30.0):
+    def __init__(self, settings, consumer, timeout_s: float = 30.0, fallback=None):
         self.consumer = consumer
         self.timeout = timeout_s
+        self.fallback = fallback
         self.producer = Producer(confluent_config(settings, **{
             "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
             "partitioner": "murmur2_random"}))
-        self._errors: list[KafkaError] = []
-
-    def _on_delivery(self, err, msg):
-        if err is not None:
-            self._errors.append(err)
 
     def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int], group_metadata=None) -> None:
         self.deliver(outputs, commits)
         self.commit_offsets(commits)
 
     def deliver(self, outputs: list[Out], commits=None, group_metadata=None) -> None:
-        """Produce and wait until every output is acknowledged (any thread)."""
-        try:
-            _produce_all(self.producer, outputs, self._on_delivery)
-        except KafkaException as e:  # refused locally (e.g. too large): redo from the last commit
-            raise CommitAborted(f"produce failed: {e}") from e
-        left = self.producer.flush(self.timeout)
-        if left or self._errors:
-            errs, self._errors = self._errors, []
-            raise CommitAborted(f"{left} undelivered, errors: {errs[:3]}")
+        """Produce and wait until every output is acknowledged (any thread). Outputs refused
+        for good are replaced by their dead letters (at-least-once: the rest may repeat)."""
+        refusals = Refusals(outputs, self.fallback)
+        only = None  # everything, then only what was refused
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                _produce_all(self.producer, outputs, refusals, self.timeout, only)
+            except KafkaException as e:  # refused locally for another reason: redo from the last commit
+                raise CommitAborted(f"produce failed: {e}") from e
+            left = self.producer.flush(self.timeout)
+            if left or refusals.errors:
+                raise CommitAborted(f"{left} undelivered, errors: {refusals.errors[:3]}")
+            if not refusals.refused:
+                return
+            why = [w for _, w in refusals.refused[:3]]
+            only = refusals.settle() if refusals.tries_left(attempt) else []
+            if not only:
+                raise CommitAborted(f"outputs refused: {why}")
 
     def commit_offsets(self, commits: dict[tuple[str, int], int]) -> None:
         """Synchronous offset commit, on the thread that polls the consumer: from another
@@ -207,5 +308,6 @@ class AtLeastOnceEmitter:
         self.producer.flush(self.timeout)
 
 
-def make_emitter(settings, consumer):
-    return (TransactionalEmitter if settings.delivery == "exactly-once" else AtLeastOnceEmitter)(settings, consumer)
+def make_emitter(settings, consumer, fallback=None):
+    kind = TransactionalEmitter if settings.delivery == "exactly-once" else AtLeastOnceEmitter
+    return kind(settings, consumer, fallback=fallback)

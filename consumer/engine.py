@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from queue import Empty, SimpleQueue
 
 from inferlog.codec import Codec
+from inferlog.errors import FatalError
 from inferlog.request import Limits, now_ms
 
 from .batching import Item, TieredPolicy
@@ -91,9 +92,12 @@ class Engine:
 
     # -- one turn --------------------------------------------------------------------------
     def step(self, flush: bool = False) -> None:
-        """Move work along without blocking: decoded -> batches -> pipeline; finished -> tracker."""
+        """Move work along without blocking: decoded -> batches -> pipeline; finished -> tracker.
+        Raises FatalError once the device has failed: every driver (worker, replay) stops on it."""
         self._collect_decoded()
         self._collect_finished()
+        if self.pipeline.fatal is not None:
+            raise FatalError(f"the device failed: {self.pipeline.fatal}")
         self._dispatch(flush)
 
     def collect(self) -> None:
@@ -191,6 +195,15 @@ class Engine:
 
     def drained(self) -> bool:
         return not self.busy()
+
+    def running(self) -> bool:
+        """Work on a pool or the device, or finished and not yet collected."""
+        return bool(self.decoding or self.pipeline.in_flight or not self.done.empty())
+
+    def drop_queued(self) -> int:
+        """Forget the batching queue (a driver that stops soon): those records stay tracked and
+        uncommitted, so whoever reads from the committed offsets does them."""
+        return len(self.policy.remove(lambda it: True))
 
     def poll_timeout(self, idle: float = 0.1) -> float:
         """How long the caller may block fetching without holding back work it could do.

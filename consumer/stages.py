@@ -7,6 +7,7 @@ as `Out` messages (a result or a dead letter) handed to the offset tracker.
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -17,11 +18,20 @@ from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec, avro_long
 from inferlog.errors import DecodeError, InputTooLarge, InvalidRequest, OutputTooLarge, RecordError, UnknownModel, UnsupportedTask
 from inferlog.request import Limits, Request, now_ms, validate_request
 
-TRACE_HEADERS = ("traceparent", "tracestate")
+# What the worker copies from a request into its outputs' headers is only its W3C trace context,
+# validated: a version-00 traceparent is exactly 55 characters, and a tracestate that propagators
+# must keep is at most 512 (W3C Trace Context). Anything else is dropped, so no header a client
+# sends can make an output too large to write.
+_TRACEPARENT = re.compile(rb"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+TRACESTATE_MAX = 512
+_TRACESTATE = re.compile(rb"[\x20-\x7e]*")  # printable ASCII, as its list-members are
 # what a dead letter carries of the original at most: the producer refuses records over
 # message.max.bytes (1,000,000 by default), and the dead letter adds its own fields
 DEAD_LETTER_MAX_CARRIED = 900_000
-MAX_OUTPUT_BYTES = 950_000  # a result larger than this could not be produced (message.max.bytes 1e6)
+# no output is larger than this, key, value and headers together (librdkafka counts all three
+# against message.max.bytes, 1e6 by default); a larger one becomes a small dead letter
+MAX_OUTPUT_BYTES = 950_000
+MAX_CARRIED_ID = 256  # longest request_id/tenant a dead letter copies from a record that did not validate
 # The branch of InferenceResult.outputs' union each task's outputs take. Named in fastavro's
 # tuple notation, the writer skips finding the branch by validating the output against each
 # record of the union, which walked every float of an embedding: three 384-float outputs encode
@@ -68,6 +78,22 @@ def encode_embeddings(outputs: list[dict], branch: bytes, min_floats: int = 0) -
     return b"".join(parts)
 
 
+def trace_context(headers) -> list[tuple[str, bytes]]:
+    """The valid W3C trace context among a record's headers (the first of each name), or []:
+    a tracestate without a valid traceparent means nothing, an invalid one is dropped."""
+    parent = state = None
+    for k, v in headers or ():
+        if k == "traceparent" and parent is None:
+            parent = v
+        elif k == "tracestate" and state is None:
+            state = v
+    if not isinstance(parent, bytes) or not _TRACEPARENT.fullmatch(parent):
+        return []
+    if isinstance(state, bytes) and len(state) <= TRACESTATE_MAX and _TRACESTATE.fullmatch(state):
+        return [("traceparent", parent), ("tracestate", state)]
+    return [("traceparent", parent)]
+
+
 class Out(NamedTuple):
     """One message to produce inside the commit."""
 
@@ -79,6 +105,12 @@ class Out(NamedTuple):
     created_at: int | None = None  # the request's creation time, epoch ms (end-to-end latency)
     dead: bool = False
     tier: str = "normal"
+    source: tuple[str, int, int] | None = None  # the request's position (for a fallback dead letter)
+
+    @property
+    def size(self) -> int:
+        """What the producer counts against message.max.bytes: key, value and headers."""
+        return len(self.key or b"") + len(self.value) + sum(len(k.encode()) + len(v or b"") for k, v in self.headers)
 
 
 @dataclass(slots=True)
@@ -103,8 +135,12 @@ class Pending:
     def tp(self) -> tuple[str, int]:
         return (self.topic, self.partition)
 
+    @property
+    def source(self) -> tuple[str, int, int]:
+        return (self.topic, self.partition, self.offset)
+
     def trace_headers(self) -> list[tuple[str, bytes]]:
-        return [(k, v) for k, v in (self.headers or ()) if k in TRACE_HEADERS and v is not None]
+        return trace_context(self.headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,33 +259,47 @@ class ResultBuilder:
         key = req.request_id.encode()
         value = (self.codec.encode(RESULT, rec, trusted=True) if vectors is None
                  else self.codec.encode_spliced(RESULT, rec, "outputs", vectors))
-        if len(value) + len(key) > MAX_OUTPUT_BYTES:
+        out = Out(self.results_topic, key, value, p.trace_headers(), status, req.created_at,
+                  tier=self.tier(p), source=p.source)
+        if out.size > MAX_OUTPUT_BYTES:
             # the producer would refuse it and the commit would be redone forever: answer with
             # a small dead letter instead (e.g. many inputs through a wide embedder)
             return self.dead_letter(p, OutputTooLarge(
-                f"the result is {len(value)} bytes, over the {MAX_OUTPUT_BYTES}-byte limit of a record; "
+                f"the result is {out.size} bytes, over the {MAX_OUTPUT_BYTES}-byte limit of a record; "
                 f"send fewer inputs per request"))
-        return Out(self.results_topic, key, value, p.trace_headers(),
-                   status, req.created_at, tier="high" if req.priority >= self.high_priority else "normal")
+        return out
+
+    def tier(self, p: Pending) -> str:
+        return "high" if p.request is not None and p.request.priority >= self.high_priority else "normal"
 
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
+        """The dead letter of `p`, carrying its original key, value and headers when they fit."""
         req = p.request
         rid, tenant = (req.request_id, req.tenant) if req else (p.ids_hint or (None, None))
-        detail, value, headers = err.detail[:2000], p.value, {k: (v or b"") for k, v in (p.headers or ())}
-        key = p.key
+        # ids of a record that did not validate are whatever the client sent: copied only when short
+        rid = rid if isinstance(rid, str) and len(rid) <= MAX_CARRIED_ID else None
+        tenant = tenant if isinstance(tenant, str) and len(tenant) <= MAX_CARRIED_ID else None
+        headers = {k: (v or b"") for k, v in (p.headers or ())}
         # the key travels twice (record key and body), the value and headers once
-        size = 2 * len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers.items())
-        if size > DEAD_LETTER_MAX_CARRIED:
-            # a record near the broker's size limit plus the dead letter's own fields would be too
-            # large to produce: the commit would fail and be redone forever. Its source position
-            # finds the original.
-            detail += f" [the original key, value and headers ({size} bytes) are not carried; see the source offset]"
-            value, headers = None, {}
-            key = key if key is None or len(key) <= 1024 else None
+        size = 2 * len(p.key or b"") + len(p.value or b"") + sum(len(k.encode()) + len(v) for k, v in headers.items())
+        if size <= DEAD_LETTER_MAX_CARRIED:
+            out = self._dead_letter(p, err, rid, tenant, err.detail[:2000], p.key, p.value, headers)
+            if out.size <= MAX_OUTPUT_BYTES:
+                return out
+            size = out.size
+        # a record near the broker's size limit plus the dead letter's own fields would be too
+        # large to produce: the commit would fail and be redone forever. Its source position
+        # finds the original.
+        detail = (err.detail[:2000] + f" [the original key, value and headers ({size} bytes) are not carried; "
+                  "see the source offset]")
+        key = p.key if p.key is None or len(p.key) <= 1024 else None
+        return self._dead_letter(p, err, rid, tenant, detail, key, None, {})
+
+    def _dead_letter(self, p: Pending, err: RecordError, rid, tenant, detail, key, value, headers) -> Out:
         rec = {
             "source": {"topic": p.topic, "partition": p.partition, "offset": p.offset},
-            "request_id": rid if isinstance(rid, str) else None,
-            "tenant": tenant if isinstance(tenant, str) else None,
+            "request_id": rid,
+            "tenant": tenant,
             "reason": err.reason,
             "detail": detail,
             "key": key,
@@ -260,7 +310,18 @@ class ResultBuilder:
             "replay_run_id": self.replay_run_id,
         }
         return Out(self.deadletter_topic, key, self.codec.encode(DEADLETTER, rec, trusted=True), p.trace_headers(),
-                   err.reason, req.created_at if req else None, dead=True)
+                   err.reason, p.request.created_at if p.request else None, dead=True, tier=self.tier(p),
+                   source=p.source)
+
+    def unwritable(self, out: Out, why: str) -> Out:
+        """A small dead letter for an output the producer refused, from its source position
+        alone: the partition moves on and the position finds the original request."""
+        topic, partition, offset = out.source
+        rec = {"source": {"topic": topic, "partition": partition, "offset": offset}, "request_id": None,
+               "tenant": None, "reason": "OUTPUT_UNWRITABLE", "detail": why[:2000], "key": None, "value": None,
+               "headers": {}, "worker_id": self.worker_id, "failed_at": now_ms(), "replay_run_id": self.replay_run_id}
+        return Out(self.deadletter_topic, None, self.codec.encode(DEADLETTER, rec, trusted=True), [],
+                   "OUTPUT_UNWRITABLE", out.created_at, dead=True, tier=out.tier, source=out.source)
 
     def expired(self, p: Pending) -> Out:
         return self.result(p, "EXPIRED", [], None, error=f"deadline {p.request.deadline} passed before the model ran")

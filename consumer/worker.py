@@ -104,7 +104,7 @@ class Worker:
             # (its fetch.queue.backoff.ms holds a partition's next fetch once the queue is full)
         })
         self.consumer = Consumer(conf)
-        self.emitter = make_emitter(self.s, self.consumer)
+        self.emitter = make_emitter(self.s, self.consumer, fallback=self.engine.builder.unwritable)
         self.consumer.subscribe([self.s.high_priority_topic, self.s.requests_topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
@@ -162,9 +162,7 @@ class Worker:
             self._take(list(self._records(msgs)))
         if not stopping and (self.held["normal"] or self.held["high"]):
             self._hand_over()
-        self.engine.step(flush=stopping)
-        if self.engine.pipeline.fatal is not None:
-            raise FatalError(f"the device failed: {self.engine.pipeline.fatal}")
+        self.engine.step(flush=stopping)  # raises FatalError when the device failed
         self._commit()
         self._flow_control()
         self.last_turn = time.monotonic()

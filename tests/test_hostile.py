@@ -235,3 +235,99 @@ def test_changing_a_limit_changes_the_outcome(runner, override, rec, default_out
 
     assert outcome(load_settings()) == default_outcome
     assert outcome(load_settings(**override)) == tightened
+
+
+# -- what a worker copies from a request into its outputs -----------------------------------
+TRACE = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+BIG = 1_000_000 - 4096  # a header as large as a record may be
+
+
+def copied_cases() -> list[tuple[str, bytes, list, str, list]]:
+    """(class, value, headers, expected reason or status, trace headers the output must carry)."""
+    good, bad = enc(req()), b"\x01junk"
+    return [
+        ("1 MB traceparent (valid record)", good, [("traceparent", b"0" * BIG)], "OK", []),
+        ("1 MB traceparent (undecodable record)", bad, [("traceparent", b"0" * BIG)], "UNDECODABLE", []),
+        ("1 MB tracestate", good, [("traceparent", TRACE), ("tracestate", b"k=v," * (BIG // 4))], "OK",
+         [("traceparent", TRACE)]),
+        ("valid trace context", good, [("traceparent", TRACE), ("tracestate", b"vendor=abc")], "OK",
+         [("traceparent", TRACE), ("tracestate", b"vendor=abc")]),
+        ("valid trace context (undecodable record)", bad, [("traceparent", TRACE)], "UNDECODABLE",
+         [("traceparent", TRACE)]),
+        ("traceparent of another shape", good, [("traceparent", TRACE + b"-extra")], "OK", []),
+        ("traceparent with a zero trace id", good, [("traceparent", b"00-" + b"0" * 32 + TRACE[35:])], "OK", []),
+        ("traceparent, version ff", good, [("traceparent", b"ff" + TRACE[2:])], "OK", []),
+        ("non-ASCII tracestate", good, [("traceparent", TRACE), ("tracestate", "k=\u00e9".encode())], "OK",
+         [("traceparent", TRACE)]),
+        ("null traceparent", good, [("traceparent", None)], "OK", []),
+        ("1 MB header name (undecodable record)", bad, [("h" * (BIG // 2), b"v" * (BIG // 2))], "UNDECODABLE", []),
+        # an id a dead letter copies from a record that did not validate: 600 kB of request_id
+        ("600 kB request_id", enc(req(request_id="r" * 600_000)), [], "INVALID_REQUEST", []),
+        ("600 kB tenant", enc(req(tenant="t" * 600_000)), [], "INVALID_REQUEST", []),
+    ]
+
+
+def test_copied_headers_and_ids_are_validated_and_bounded(settings, runner):
+    """Every case shares one partition (one key) with good records: a record whose copied
+    headers or ids made its output unwritable would stop the partition for good."""
+    from confluent_kafka import Producer as KafkaProducer
+    from inferlog.clients import confluent_config
+    from support import read_all
+
+    cases = copied_cases()
+    p = KafkaProducer(confluent_config(settings, **{"enable.idempotence": True, "acks": "all",
+                                                    "message.max.bytes": MAX_RECORD + 100_000}))
+    for i, (_, value, headers, _, _) in enumerate(cases):
+        p.produce(settings.requests_topic, value, b"one-partition", headers=headers)
+        p.produce(settings.requests_topic, enc(req(inputs=[f"good neighbour {i}"])), b"one-partition")
+    assert p.flush(60) == 0
+    with running_worker(settings, runner):
+        wait_until(lambda: output_count(settings) >= 2 * len(cases), timeout=180, what="every offset answered")
+    acc = account(settings)
+    acc.assert_exactly_once()
+    assert len({r.partition for r in acc.requests}) == 1
+    headers_at = {}  # the output's Kafka headers by the source offset it answers
+    for topic, dtype in ((settings.results_topic, RESULT), (settings.deadletter_topic, DEADLETTER)):
+        for r in read_all(settings, topic):
+            rec = CODEC.decode(r.value, expect=dtype)
+            headers_at[rec["source"]["offset"]] = [(k, v) for k, v in r.headers if k in ("traceparent", "tracestate")]
+            assert len(r.value) + sum(len(k) + len(v or b"") for k, v in r.headers) < MAX_RECORD
+    by = acc.by_source
+    requests = sorted(acc.requests, key=lambda r: r.offset)  # in produce order: values repeat
+    for i, (cls, _, _, want, trace) in enumerate(cases):
+        case, neighbour = requests[2 * i], requests[2 * i + 1]
+        kind, rec = by[(case.topic, case.partition, case.offset)][0]
+        got = rec["reason"] if kind == "dead" else rec["status"]
+        assert got == want, f"{cls}: {got} != {want} ({rec.get('detail') or rec.get('error')})"
+        assert headers_at[case.offset] == trace, cls
+        if kind == "dead":
+            assert rec["request_id"] is None or len(rec["request_id"]) <= 256, cls
+            assert rec["tenant"] is None or len(rec["tenant"]) <= 256, cls
+        assert by[(neighbour.topic, neighbour.partition, neighbour.offset)][0][1]["status"] == "OK", cls
+
+
+@pytest.mark.parametrize("delivery", ["exactly-once", "at-least-once"])
+def test_an_output_the_broker_refuses_becomes_a_small_dead_letter(settings, runner, delivery):
+    """A results topic whose max.message.bytes is below an embedding result: the broker refuses
+    the results (batch-mates and all); each refused one is tried alone, then written as an
+    OUTPUT_UNWRITABLE dead letter, and the partition moves on."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+    from inferlog.clients import confluent_config
+
+    admin = AdminClient(confluent_config(settings))
+    res = ConfigResource(ConfigResource.Type.TOPIC, settings.results_topic,
+                         incremental_configs=[ConfigEntry("max.message.bytes", "1024",
+                                                          incremental_operation=AlterConfigOpType.SET)])
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(30)
+    s = settings.with_overrides(delivery=delivery)
+    produce_raw(s, [(b"k", enc(req(inputs=["one", "two", "three"]))) for _ in range(6)])
+    with running_worker(s, runner) as w:
+        wait_until(lambda: output_count(s) >= 6, timeout=120, what="every offset answered")
+        assert w.counts["aborts"] == 0 or delivery == "exactly-once"
+    acc = account(s)
+    if delivery == "exactly-once":
+        acc.assert_exactly_once()
+    assert {(r.topic, r.partition, r.offset) for r in acc.requests} == set(acc.by_source)
+    assert acc.reasons() == {"OUTPUT_UNWRITABLE": 6} and not acc.results
+    assert all("MSG_SIZE_TOO_LARGE" in d["detail"] for d in acc.dead_letters)
