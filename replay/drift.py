@@ -120,12 +120,21 @@ def original_models(settings, window: Window, sample: int = 200) -> Counter:
 
 
 # -- comparing -----------------------------------------------------------------------------------
-def _cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
+# What sets a differing request apart (its `outcome`). The first three are structural: the
+# outputs are not compared value by value, and no cosine is made up for them.
+STATUS, COUNT, DIMS = "status_mismatch", "output_count_mismatch", "dimension_mismatch"
+ZERO, VALUES = "zero_vector", "differs"  # a zero vector on one side (cosine undefined); values apart
+
+
+def _cosine(a: list[float], b: list[float]) -> float | None:
+    """Cosine similarity, clamped to [-1, 1]; None where it is undefined (a zero vector, or
+    vectors of different dimensions)."""
+    if len(a) != len(b):
+        return None
     na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
-    if len(a) != len(b) or na == 0 or nb == 0:
-        return 0.0
-    return dot / (na * nb)
+    if na == 0 or nb == 0:
+        return None
+    return max(-1.0, min(1.0, sum(x * y for x, y in zip(a, b)) / (na * nb)))
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -140,33 +149,92 @@ class _Diff:
     divergence: float  # 0 = identical; higher = further apart
     detail: str
     exact: bool
-    cosine: float | None = None
+    differs: bool = True  # apart beyond the tolerances (CLOSE, ONE): listed among the most divergent
+    outcome: str | None = None  # STATUS, COUNT, DIMS, ZERO or VALUES when it differs
+    cosine: float | None = None  # None: not comparable by cosine (or no inputs)
     max_abs: float | None = None
     labels: tuple[int, int] | None = None  # (agreeing, compared) inputs
     texts: tuple[int, int] | None = None
+    dims: tuple[int, int] | None = None  # (original, replay) vector dimensions when they differ
+    zero_vector: bool = False  # an input's vector is all zeros on either side: no cosine
+
+
+def _at(i: int, n: int) -> str:
+    return f" (input {i})" if n > 1 else ""
+
+
+def _diff_embed(oa: list[dict], ob: list[dict], exact: bool) -> _Diff:
+    n = len(oa)
+    if not n:
+        return _Diff(0.0, "no outputs", exact, differs=False)
+    pairs = [(x["vector"], y["vector"]) for x, y in zip(oa, ob)]
+    for i, (x, y) in enumerate(pairs):
+        if len(x) != len(y):  # another model: there is no cosine between the two
+            return _Diff(1.0, f"dimension mismatch {len(x)} vs {len(y)}{_at(i, n)}", exact, outcome=DIMS,
+                         dims=(len(x), len(y)))
+
+    def side(bad) -> tuple[int, str] | None:  # the first input where `bad` holds for a vector, and on which side
+        for i, (x, y) in enumerate(pairs):
+            if bad(x) or bad(y):
+                return i, "both" if bad(x) and bad(y) else "original" if bad(x) else "replay"
+        return None
+
+    nonfinite = side(lambda v: not all(map(math.isfinite, v)))
+    if nonfinite:
+        i, where = nonfinite
+        return _Diff(1.0, f"non-finite value in {where}{_at(i, n)}: cosine undefined", exact, differs=not exact,
+                     outcome=None if exact else VALUES)
+    mad = max(abs(p - q) for x, y in pairs for p, q in zip(x, y))
+    low = min((c for c in (_cosine(x, y) for x, y in pairs) if c is not None), default=1.0)
+    zero = side(lambda v: not any(v))
+    if zero:  # cosine undefined: the request is left out of the cosine figures
+        sided = [(i, "replay" if any(x) else "original") for i, (x, y) in enumerate(pairs) if any(x) != any(y)]
+        one_sided = bool(sided)
+        i, where = sided[0] if sided else zero  # a zero on one side first: that is the one that differs
+        differs = not exact and (one_sided or mad > CLOSE or low < 1 - ONE)
+        return _Diff(1.0 if one_sided else 1.0 - low,
+                     f"zero vector in {where}{_at(i, n)}: cosine undefined, max |diff| {mad:.2e}", exact,
+                     differs=differs, outcome=(ZERO if one_sided else VALUES) if differs else None, max_abs=mad,
+                     zero_vector=True)
+    differs = not exact and (low < 1 - ONE or mad > CLOSE)
+    return _Diff(1.0 - low, f"cosine {low:.6f}, max |diff| {mad:.2e}", exact, differs=differs,
+                 outcome=VALUES if differs else None, cosine=low, max_abs=mad)
 
 
 def diff(task: str, a: dict, b: dict) -> _Diff:
     """One original (a) against its replay (b)."""
     oa, ob = a["outputs"], b["outputs"]
     exact = a["status"] == b["status"] and oa == ob
-    if a["status"] != b["status"] or len(oa) != len(ob):
-        return _Diff(1.0, f"status {a['status']} -> {b['status']}, {len(oa)} -> {len(ob)} outputs", exact)
+    if a["status"] != b["status"]:
+        return _Diff(1.0, f"status {a['status']} -> {b['status']}, {len(oa)} -> {len(ob)} outputs", exact,
+                     outcome=STATUS)
+    if len(oa) != len(ob):
+        return _Diff(1.0, f"{len(oa)} -> {len(ob)} outputs", exact, outcome=COUNT)
+    n = len(oa)
     if task == "EMBED":
-        cos = min((_cosine(x["vector"], y["vector"]) for x, y in zip(oa, ob)), default=1.0)
-        mad = max((abs(p - q) for x, y in zip(oa, ob) for p, q in zip(x["vector"], y["vector"])), default=0.0)
-        return _Diff(1.0 - cos, f"cosine {cos:.6f}, max |diff| {mad:.2e}", exact, cosine=cos, max_abs=mad)
+        return _diff_embed(oa, ob, exact)
     if task == "CLASSIFY":
         agree = sum(x["label"] == y["label"] for x, y in zip(oa, ob))
         dscore = max((abs(x["score"] - y["score"]) for x, y in zip(oa, ob)), default=0.0)
+        dmap = max((abs(x["scores"][k] - y["scores"][k]) for x, y in zip(oa, ob)
+                    for k in x.get("scores", {}).keys() & y.get("scores", {}).keys()), default=0.0)
+        keys = any(x.get("scores", {}).keys() != y.get("scores", {}).keys() for x, y in zip(oa, ob))
         labels = ", ".join(f"{x['label']}->{y['label']}" for x, y in zip(oa, ob) if x["label"] != y["label"])
-        return _Diff((len(oa) - agree) / max(1, len(oa)) + dscore / 10, labels or f"score diff {dscore:.4f}", exact,
-                     labels=(agree, len(oa)))
+        differs = not exact and (agree < n or max(dscore, dmap) > CLOSE or keys)
+        return _Diff((n - agree) / max(1, n) + dscore / 10, labels or f"score diff {max(dscore, dmap):.4f}"
+                     + (", other labels scored" if keys else ""), exact, differs=differs,
+                     outcome=VALUES if differs else None, labels=(agree, n))
     same = sum(x["text"] == y["text"] for x, y in zip(oa, ob))
     ratio = min((difflib.SequenceMatcher(None, x["text"], y["text"]).ratio() for x, y in zip(oa, ob)), default=1.0)
     first = next(((x["text"], y["text"]) for x, y in zip(oa, ob) if x["text"] != y["text"]), None)
-    detail = f"{first[0][:40]!r} -> {first[1][:40]!r}" if first else "same text"
-    return _Diff(1.0 - ratio, detail, exact, texts=(same, len(oa)))
+    if first:
+        detail = f"{first[0][:40]!r} -> {first[1][:40]!r}"
+    else:  # same text; tokens or finish_reason may still differ
+        other = next(((f, x.get(f), y.get(f)) for x, y in zip(oa, ob) for f in ("tokens", "finish_reason")
+                      if x.get(f) != y.get(f)), None)
+        detail = "same text" + (f", {other[0]} {other[1]} -> {other[2]}" if other else "")
+    return _Diff(1.0 - ratio, detail, exact, differs=not exact, outcome=None if exact else VALUES,
+                 texts=(same, n))
 
 
 def compare(original: list[dict], replayed: list[dict], *, top: int = 10, replay_dead: list[dict] = ()) -> dict:
@@ -179,9 +247,13 @@ def compare(original: list[dict], replayed: list[dict], *, top: int = 10, replay
     for rid in sorted(orig.keys() | rep.keys()):
         a, b = orig.get(rid), rep.get(rid)
         task = (a or b)["task"]
-        t = tasks.setdefault(task, {"compared": 0, "missing_original": 0, "missing_replay": 0, "replay_dead_letters": 0,
-                                    "status_mismatch": 0, "exact": 0, "_cos": [], "_mad": [], "_lab": [0, 0],
-                                    "_txt": [0, 0]})
+        t = tasks.get(task)
+        if t is None:
+            t = tasks[task] = {"compared": 0, "missing_original": 0, "missing_replay": 0, "replay_dead_letters": 0,
+                               "status_mismatch": 0, "output_count_mismatch": 0, "exact": 0, "differing": 0,
+                               "_cos": [], "_mad": [], "_lab": [0, 0], "_txt": [0, 0]}
+            if task == "EMBED":
+                t.update(dimension_mismatch=0, mismatched_dims={}, zero_vector=0)
         if a is None:
             t["missing_original"] += 1
             continue
@@ -192,33 +264,43 @@ def compare(original: list[dict], replayed: list[dict], *, top: int = 10, replay
         d = diff(task, a, b)
         t["compared"] += 1
         t["exact"] += d.exact
-        t["status_mismatch"] += a["status"] != b["status"]
+        if d.outcome in (STATUS, COUNT, DIMS):
+            t[d.outcome] += 1
+        if d.zero_vector:  # EMBED only
+            t["zero_vector"] += 1
+        if d.dims:
+            k = f"{d.dims[0]} vs {d.dims[1]}"
+            t["mismatched_dims"][k] = t["mismatched_dims"].get(k, 0) + 1
         if d.cosine is not None:
             t["_cos"].append(d.cosine)
+        if d.max_abs is not None:
             t["_mad"].append(d.max_abs)
         for key, pair in (("_lab", d.labels), ("_txt", d.texts)):
             if pair:
                 t[key][0] += pair[0]
                 t[key][1] += pair[1]
-        if d.divergence > 0 or not d.exact:
+        if d.differs:
+            t["differing"] += 1
             src = a["source"]
             divergent.append({"request_id": rid, "task": task, "divergence": d.divergence, "detail": d.detail,
-                              "partition": src["partition"], "offset": src["offset"]})
+                              "outcome": d.outcome, "partition": src["partition"], "offset": src["offset"]})
     for task, t in tasks.items():
         cos, mad, lab, txt = t.pop("_cos"), t.pop("_mad"), t.pop("_lab"), t.pop("_txt")
         if cos:
             t["cosine"] = {"min": min(cos), "p1": _quantile(cos, 0.01), "p5": _quantile(cos, 0.05),
                            "p50": _quantile(cos, 0.5), "mean": sum(cos) / len(cos),
                            "eq_1": sum(c >= 1 - ONE for c in cos), "lt_1": sum(c < 1 - ONE for c in cos)}
+        if mad:
             t["close"] = sum(m <= CLOSE for m in mad)
             t["max_abs_diff"] = max(mad)
         if lab[1]:
             t["label_agreement"] = lab[0] / lab[1]
         if txt[1]:
             t["text_equal"] = txt[0] / txt[1]
-    divergent.sort(key=lambda d: -d["divergence"])
+    divergent.sort(key=lambda d: (-d["divergence"], d["request_id"]))
     return {"tasks": tasks, "original_models": dict(Counter(r["model"]["name"] for r in original)),
-            "replay_models": dict(Counter(r["model"]["name"] for r in replayed)), "most_divergent": divergent[:top]}
+            "replay_models": dict(Counter(r["model"]["name"] for r in replayed)), "differing": len(divergent),
+            "most_divergent": divergent[:top]}
 
 
 def format_report(report: dict) -> str:
@@ -229,20 +311,42 @@ def format_report(report: dict) -> str:
             for task, t in sorted(report["tasks"].items())]
     lines += _table(head, rows)
     for task, t in sorted(report["tasks"].items()):
+        if t.get("output_count_mismatch"):
+            lines.append(f"{task} output count mismatch: {t['output_count_mismatch']} (not one output per input "
+                         f"on both sides; not compared further)")
+        if t.get("dimension_mismatch"):
+            dims = t.get("mismatched_dims", {})
+            what = next(iter(dims)) if len(dims) == 1 else ", ".join(f"{k}: {v}" for k, v in sorted(dims.items()))
+            lines.append(f"{task} dimension mismatch: {t['dimension_mismatch']} ({what}, original vs replay; "
+                         f"another model? not compared by cosine)")
+        if t.get("zero_vector"):
+            lines.append(f"{task} zero vector: {t['zero_vector']} (cosine undefined; left out of the cosine figures)")
         if "cosine" in t:
             c = t["cosine"]
             lines.append(f"{task} cosine  min {c['min']:.6f}  p1 {c['p1']:.6f}  p5 {c['p5']:.6f}  p50 {c['p50']:.6f}  "
                          f"mean {c['mean']:.6f}  (==1: {c['eq_1']}, <1: {c['lt_1']}; max |diff| "
                          f"{t['max_abs_diff']:.2e}, within {CLOSE:g}: {t['close']})")
+        elif "max_abs_diff" in t:
+            lines.append(f"{task} max |diff| {t['max_abs_diff']:.2e}, within {CLOSE:g}: {t['close']}")
         if "label_agreement" in t:
             lines.append(f"{task} label agreement {t['label_agreement']:.2%}")
         if "text_equal" in t:
             lines.append(f"{task} text equal {t['text_equal']:.2%}")
-    if report["most_divergent"]:
-        lines += ["", "most divergent:"]
+    shown = report["most_divergent"]
+    differing = report.get("differing", len(shown))
+    compared = sum(t["compared"] for t in report["tasks"].values())
+    exact = sum(t["exact"] for t in report["tasks"].values())
+    if shown:
+        shown_of = f"{len(shown)} shown; " if differing > len(shown) else ""
+        lines += ["", f"most divergent ({shown_of}{differing} of {compared} compared differ):"]
         lines += _table(("request_id", "task", "p@offset", "divergence", "detail"),
                         [(d["request_id"], d["task"], f"{d['partition']}@{d['offset']}", f"{d['divergence']:.6f}",
-                          d["detail"]) for d in report["most_divergent"]])
+                          d["detail"]) for d in shown])
+    elif compared and not differing:
+        how = "exact" if exact == compared else f"within tolerance, {exact} exact"
+        lines += ["", f"most divergent: none (all {compared} compared {how})"]
+    elif differing:  # --top 0
+        lines += ["", f"most divergent: {differing} of {compared} compared differ (none listed)"]
     return "\n".join(lines)
 
 
