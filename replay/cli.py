@@ -162,10 +162,7 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
             with _stop_on_signals() as stop:
                 summary = rr.start(settings, window, output, run_id=run_id, runner=runner, force=force, stop=stop,
                                    **kw)
-        where = summary.output.get("path") or summary.output.get("topic")
-        click.echo(f"replay {summary.run_id} {summary.status}: {summary.records} records in {summary.seconds:.1f} s "
-                   f"({summary.rate:.1f} rec/s), {summary.results} results, {summary.dead_letters} dead letters "
-                   f"-> {where}", err=True)
+        click.echo(summary.line(), err=True)
         if summary.status != "done":
             click.echo(f"continue with: inferlog replay --resume {summary.run_id}", err=True)
             sys.exit(130)

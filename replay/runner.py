@@ -32,7 +32,7 @@ from confluent_kafka import TopicPartition
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
 from inferlog.consumer.emit import CommitAborted
-from inferlog.errors import InferlogError
+from inferlog.errors import FatalError, InferlogError
 
 from .window import PartitionRange, Window, WindowReader, now_ms, window_consumer
 
@@ -264,13 +264,13 @@ class FileSink:
 
 
 class TopicSink:
-    def __init__(self, settings, consumer, ck: Checkpoint):
+    def __init__(self, settings, consumer, ck: Checkpoint, fallback=None):
         from inferlog.consumer.emit import TransactionalEmitter
 
         self.consumer, self.ck = consumer, ck
         # init_transactions fences a crashed run's producer and aborts its open transaction,
         # so the committed offsets read next are final
-        self.emitter = TransactionalEmitter(settings, consumer)
+        self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback)
 
     def start_offsets(self, window: Window) -> dict[int, int]:
         tps = [TopicPartition(window.topic, r.partition) for r in window.ranges]
@@ -281,6 +281,14 @@ class TopicSink:
             self.emitter.commit(outputs, commits)
         except CommitAborted as e:  # nothing of it is visible; the checkpoint is where it was
             raise ReplayError(f"a transaction was aborted ({e}); continue with --resume {self.ck.run_id}") from e
+        # the committed offsets in Kafka are the checkpoint; the file keeps the run's totals for
+        # the summary (after a crash they may miss the last transactions, never the records)
+        data = self.ck.data
+        data["offsets"].update({str(p): off for (_, p), off in commits.items()})
+        dead = sum(o.dead for o in outputs)
+        data["counts"]["results"] += len(outputs) - dead
+        data["counts"]["dead_letters"] += dead
+        self.ck.save()
 
     def finish(self) -> None:
         self.ck.data["status"] = "done"
@@ -296,17 +304,34 @@ class Summary:
     run_id: str
     status: str  # done | interrupted
     records: int  # offsets covered by commits in this invocation
-    results: int
+    results: int  # of this invocation
     dead_letters: int
     seconds: float
     output: dict
     checkpoint: str
     model: str = ""
-    counts: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # the whole run's results and dead letters
+    done: int = 0  # the whole run's records done so far, of `total`
+    total: int = 0
 
     @property
     def rate(self) -> float:
         return self.records / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        """What the CLI says at the end: the whole run, then this invocation."""
+        c = self.counts
+        where = self.output.get("path") or self.output.get("topic")
+        text = (f"replay {self.run_id} {self.status}: {self.done:,} of {self.total:,} records, "
+                f"{c.get('results', 0):,} results, {c.get('dead_letters', 0):,} dead letters in all -> {where}; "
+                f"this run {self.records:,} records in {self.seconds:.1f} s ({self.rate:.1f} rec/s)")
+        if self.status != "done" and self.output.get("kind") == "file":
+            text += "; the file is written when the run completes"
+        return text
+
+
+def records_done(ck: Checkpoint, done_to: dict[int, int]) -> int:
+    return sum(max(0, min(done_to.get(r.partition, r.start), r.end) - r.start) for r in ck.window.ranges)
 
 
 def output_spec(out: str | None, to_topic: str | None, deadletter_topic: str | None) -> dict:
@@ -358,61 +383,86 @@ def start(settings, window: Window, output: dict, *, run_id: str | None = None, 
 
 
 def resume(settings, run_id: str, *, runner=None, state_dir: Path | None = None, **kw) -> Summary:
+    """Go on with a run; the model is loaded only when records are left to do."""
     ck = Checkpoint.load(Path(state_dir or default_state_dir()), run_id)
-    if runner is None:
-        from inferlog.consumer.cli import build_runner
-
-        runner = build_runner(run_settings(settings, ck))
     return execute(settings, ck, runner, **kw)
 
 
-def execute(settings, ck: Checkpoint, runner, *, progress: bool = False, stop: threading.Event | None = None,
+def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, stop: threading.Event | None = None,
             stop_after: int | None = None, checkpoint_s: float | None = None) -> Summary:
     """Run (or go on with) a checkpointed replay until its window is done or it is stopped.
 
-    `stop` set: stop fetching, finish and commit what was fetched, return "interrupted".
+    `stop` set: stop fetching and batching, let the batches on the device finish, commit
+    what is finished, return "interrupted" (within seconds, whatever max_in_flight is).
     `stop_after`: return right after the first commit that brings this invocation past
-    that many records, leaving the rest unfinished, as a crash would (for tests)."""
+    that many records, leaving the rest unfinished, as a crash would (for tests).
+    A failed device raises ReplayError after committing what finished: the run resumes."""
     from inferlog.consumer.engine import Engine
 
     s = run_settings(settings, ck)
     window, o = ck.window, ck.output
-    if ck.data["status"] == "done":
-        return Summary(ck.run_id, "done", 0, 0, 0, 0.0, o, str(ck.path), runner.info.name, ck.data["counts"])
-    if runner.info.name != ck.data.get("model_name", runner.info.name):
-        raise ReplayError(f"run {ck.run_id} used model {ck.data['model_name']!r}, not {runner.info.name!r}")
-    stop = stop or threading.Event()
     # topic output: the reader's consumer carries the run's group, whose offsets the
     # emitter commits inside each transaction; file output: a throwaway group, never used
     conf = {"group.id": replay_group(ck.run_id)} if o["kind"] == "topic" else {}
     consumer = window_consumer(s, **conf)
-    # A request that named the live model is replayed with the chosen one: that is the point
-    # of a replay, so the decoder must not dead-letter it as UNKNOWN_MODEL.
-    engine = Engine(s, runner, replay_run_id=ck.run_id, any_model=True, honor_deadlines=False)
-    sink = None
+    engine = sink = None
     try:
-        sink = TopicSink(s, consumer, ck) if o["kind"] == "topic" else FileSink(ck, engine.codec)
-        done_to = sink.start_offsets(window)
+        done_to = _done_offsets(consumer, ck)
         todo = Window(window.topic, tuple(PartitionRange(r.partition, max(r.start, done_to.get(r.partition, r.start)),
                                                          r.end) for r in window.ranges), window.since_ms, window.until_ms)
+        if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
+            if ck.data["status"] != "done":
+                (FileSink(ck, Codec.from_settings(s)).finish() if o["kind"] == "file" else _mark_done(ck))
+            return _summary(ck, "done", 0, {"results": 0, "dead_letters": 0}, 0.0, done_to, runner)
+        if runner is None:
+            from inferlog.consumer.cli import build_runner
+
+            runner = build_runner(s)
+        if runner.info.name != ck.data.get("model_name", runner.info.name):
+            raise ReplayError(f"run {ck.run_id} used model {ck.data['model_name']!r}, not {runner.info.name!r}")
+        # A request that named the live model is replayed with the chosen one: that is the point
+        # of a replay, so the decoder must not dead-letter it as UNKNOWN_MODEL.
+        engine = Engine(s, runner, replay_run_id=ck.run_id, any_model=True, honor_deadlines=False)
+        sink = (TopicSink(s, consumer, ck, engine.builder.unwritable) if o["kind"] == "topic"
+                else FileSink(ck, engine.codec))
         runner.warmup()
         reader = WindowReader(s, todo, consumer=consumer)
         for r in todo.ranges:
             engine.assign((todo.topic, r.partition))
         every = checkpoint_s if checkpoint_s is not None else (
             max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
-        status, records, seconds = _loop(s, engine, reader, sink, window, todo, stop, stop_after, every,
-                                         progress, ck.run_id)
+        status, records, seconds, position = _loop(s, engine, reader, sink, window, todo, stop or threading.Event(),
+                                                   stop_after, every, progress, ck.run_id)
         if status == "done":
             sink.finish()
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         if sink is not None:
             sink.close()
         consumer.close()
-    c = engine.counts
-    return Summary(ck.run_id, status, records, c["results"], c["dead_letters"], seconds, o, str(ck.path),
-                   runner.info.name, ck.data["counts"])
+    return _summary(ck, status, records, engine.counts, seconds, {**done_to, **position}, runner)
+
+
+def _done_offsets(consumer, ck: Checkpoint) -> dict[int, int]:
+    """Where each partition of the window is done to: the run group's committed offsets
+    (topic output: they went in its transactions) or the checkpoint file's."""
+    if ck.output["kind"] == "file":
+        return {int(p): off for p, off in ck.data["offsets"].items()}
+    w = ck.window
+    tps = [TopicPartition(w.topic, r.partition) for r in w.ranges]
+    return {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=30) if tp.offset >= 0}
+
+
+def _mark_done(ck: Checkpoint) -> None:
+    ck.data["status"] = "done"
+    ck.save()
+
+
+def _summary(ck: Checkpoint, status, records, counts, seconds, done_to, runner) -> Summary:
+    return Summary(ck.run_id, status, records, counts["results"], counts["dead_letters"], seconds, ck.output,
+                   str(ck.path), runner.info.name if runner is not None else ck.data.get("model_name", ""),
+                   dict(ck.data["counts"]), records_done(ck, done_to), ck.window.total)
 
 
 def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_after, every, progress, run_id):
@@ -425,10 +475,33 @@ def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_afte
                    dynamic_ncols=True, smoothing=0.1)
     t0 = last = time.monotonic()
     records = 0
+
+    def commit() -> None:
+        nonlocal records, last
+        outputs, commits = engine.release()
+        last = time.monotonic()
+        if commits:
+            sink.commit(outputs, commits)
+            n = sum(off - position[p] for (_, p), off in commits.items())
+            position.update({p: off for (_, p), off in commits.items()})
+            records += n
+            if bar is not None:
+                bar.update(n)
+
     try:
         while True:
             stopping = stop.is_set()
-            ending = stopping or reader.done()
+            if stopping:
+                # nothing new starts: queued records are left for --resume, the batches already
+                # on the device finish and what is finished in order is committed
+                engine.collect()
+                engine.drop_queued()
+                if not engine.running():
+                    commit()
+                    return "interrupted", records, time.monotonic() - t0, position
+                time.sleep(0.005)
+                continue
+            ending = reader.done()
             engine.wait(0.005)  # returns at once unless the pipeline is full and nothing finished
             if not ending and engine.pending < s.max_in_flight:
                 msgs = reader.poll(engine.poll_timeout())
@@ -436,23 +509,21 @@ def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_afte
                     engine.accept(msgs)
             elif engine.busy():
                 time.sleep(min(0.005, engine.poll_timeout()))  # at the end or full: the pools work
-            engine.step(flush=ending)
+            try:
+                engine.step(flush=ending)
+            except FatalError as e:  # keep what finished, then stop: the run resumes on a healthy device
+                engine.collect()
+                commit()
+                raise ReplayError(f"{e}; {records} records of this run are checkpointed; "
+                                  f"continue with --resume {run_id}") from e
             # at the end, commit as soon as all that was fetched is answered
             finished = ending and engine.tracker.ready_count() == engine.pending
             if finished or time.monotonic() - last >= every:
-                outputs, commits = engine.release()
-                last = time.monotonic()
-                if commits:
-                    sink.commit(outputs, commits)
-                    n = sum(off - position[p] for (_, p), off in commits.items())
-                    position.update({p: off for (_, p), off in commits.items()})
-                    records += n
-                    if bar is not None:
-                        bar.update(n)
-                    if stop_after is not None and records >= stop_after:
-                        return "interrupted", records, time.monotonic() - t0
+                commit()
+                if stop_after is not None and records >= stop_after:
+                    return "interrupted", records, time.monotonic() - t0, position
             if ending and engine.drained():
-                return ("interrupted" if stopping else "done"), records, time.monotonic() - t0
+                return "done", records, time.monotonic() - t0, position
     finally:
         if bar is not None:
             bar.close()

@@ -149,6 +149,7 @@ def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed
     t = report["tasks"]["EMBED"]
     assert (t["compared"], t["missing_original"], t["missing_replay"]) == (12, 0, 0)
     assert t["close"] == 12 and t["cosine"]["min"] > 1 - 1e-6 and t["cosine"]["lt_1"] == 0
+    assert report["most_divergent"] == [] and report["differing"] == 0, "the same model: nothing differs"
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,32 @@ def test_another_model_is_reported_as_drift(log, perturbed_model, tmp_path):
     assert "EMBED cosine" in table and "most divergent" in table
 
 
+@pytest.fixture(scope="module")
+def narrow_model(tmp_path_factory):
+    """A tiny BERT encoder 32 wide (the default embeds in 384): another model of another width."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from tinymodels import build_tiny_bert_classifier
+
+    base = build_tiny_bert_classifier(tmp_path_factory.mktemp("tiny-cls"))
+    d = tmp_path_factory.mktemp("narrow") / "tiny-bert-32"
+    AutoModel.from_pretrained(base).save_pretrained(d)  # the encoder without its head: an EMBED model
+    AutoTokenizer.from_pretrained(base).save_pretrained(d)
+    return d
+
+
+def test_a_model_of_another_width_is_a_dimension_mismatch(log, narrow_model, tmp_path):
+    res = CliRunner().invoke(cli, ["replay", "--since", str(log.t1), "--until", str(log.t2),
+                                   "--out", str(tmp_path / "narrow.jsonl"), "--model", str(narrow_model), "--compare",
+                                   "--json", str(tmp_path / "drift.json")], env=cli_env(log, tmp_path))
+    assert res.exit_code == 0, res.output + res.stderr
+    t = json.loads((tmp_path / "drift.json").read_text())["tasks"]["EMBED"]
+    assert (t["compared"], t["dimension_mismatch"], t["mismatched_dims"]) == (12, 12, {"384 vs 32": 12})
+    assert "cosine" not in t
+    assert "EMBED dimension mismatch: 12 (384 vs 32, original vs replay;" in res.stdout
+    assert "cosine 0" not in res.stdout and "EMBED cosine" not in res.stdout
+
+
 @pytest.mark.parametrize("kind", ["file", "topic"])
 def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, tmp_path, kind):
     s = log.settings.with_overrides(max_batch_size=4)
@@ -213,10 +240,14 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
         # the command line: everything comes from the checkpoint
         res = CliRunner().invoke(cli, ["replay", "--resume", "cut"], env=cli_env(log, tmp_path))
         assert res.exit_code == 0, res.output
-        assert f"replay cut done: {window.total - first.records} records" in res.stderr
+        # the whole run's totals, then this invocation's
+        assert f"replay cut done: {window.total:,} of {window.total:,} records" in res.stderr
+        assert f"this run {window.total - first.records:,} records" in res.stderr
     else:
         second = rr.resume(s, "cut", runner=embed_runner, state_dir=state, checkpoint_s=0)
         assert second.status == "done" and first.records + second.records == window.total
+        assert second.done == second.total == window.total
+        assert second.counts == {"results": window.total, "dead_letters": 0}, "the whole run's totals"
     if kind == "file":
         ids = [r["request_id"] for r in rr.read_rows(tmp_path / "all.jsonl")]
     else:
@@ -259,3 +290,99 @@ def test_window_errors(log):
     assert [r.partition for r in w.ranges] == [0, 2]
     w = resolve_window(s, s.requests_topic, offsets="1:1-3")
     assert [(r.partition, r.start, r.end) for r in w.ranges] == [(1, 1, 3)] and w.total == 2
+
+
+class BrokenDevice:
+    """The default runner until its device breaks after `good` batches, as a CUDA fault does
+    (the error class the pipeline treats as fatal: every later batch would fail too)."""
+
+    def __init__(self, inner, good: int):
+        self.inner, self.good = inner, good
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, prepared):
+        if self.good <= 0:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        self.good -= 1
+        return self.inner.run(prepared)
+
+
+@pytest.mark.timeout(180)  # the defect was a hang: the test's own timeout bounds it
+@pytest.mark.parametrize("kind", ["file", "topic"])
+def test_a_device_failure_stops_replay_with_a_resumable_checkpoint(log, embed_runner, tmp_path, kind):
+    s = log.settings.with_overrides(max_batch_size=2, pipeline_depth=1)
+    window = resolve_window(s, s.requests_topic)
+    target = unique("broken")
+    output = rr.output_spec(str(tmp_path / "all.jsonl"), None, None) if kind == "file" else \
+        rr.output_spec(None, target, None)
+    state = tmp_path / "state"
+    with pytest.raises(rr.ReplayError, match=r"the device failed: CUDA error.*--resume broken"):
+        rr.start(s, window, output, runner=BrokenDevice(embed_runner, good=3), state_dir=state, run_id="broken",
+                 checkpoint_s=0)
+    ck = rr.Checkpoint.load(state, "broken")
+    done_first = rr.records_done(ck, {int(p): o for p, o in ck.data["offsets"].items()})
+    assert 0 < done_first < window.total, "what finished before the fault is kept"
+    second = rr.resume(s, "broken", runner=embed_runner, state_dir=state, checkpoint_s=0)
+    assert second.status == "done" and second.done == window.total
+    assert second.counts == {"results": window.total, "dead_letters": 0}
+    if kind == "file":
+        ids = [r["request_id"] for r in rr.read_rows(tmp_path / "all.jsonl")]
+    else:
+        ids = [r["request_id"] for r in committed_results(s, target, window.total)]
+    assert Counter(ids) == Counter(rid for g in log.groups for rid in g), "each request exactly once"
+
+
+@pytest.mark.timeout(300)
+def test_sigint_mid_replay_stops_soon_keeps_what_finished_and_resume_reports_the_whole_run(log, tmp_path):
+    """The CLI as a user runs it, with the default max_in_flight (the whole window fetched at
+    once) and a slow device (0.3 s a batch of 2): Ctrl-C stops it, not the end of the window."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, **cli_env(log, tmp_path), "INFERLOG_MAX_BATCH_SIZE": "2",
+           "INFERLOG_FAULT_SLOW_MS": "300", "INFERLOG_FAULT_SLOW_RATE": "1"}
+    out = tmp_path / "all.jsonl"
+    window = resolve_window(log.settings, log.settings.requests_topic)
+    proc = subprocess.Popen([sys.executable, "-m", "inferlog.cli", "replay", "--out", str(out), "--run-id", "ctrlc",
+                             "--checkpoint-interval", "0.2"], env=env, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "state" / "ctrlc" / "parts"
+    wait_until(lambda: parts.exists() and any(parts.iterdir()), timeout=120, what="a first checkpoint")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    ck = rr.Checkpoint.load(tmp_path / "state", "ctrlc")
+    done_first = rr.records_done(ck, {int(p): o for p, o in ck.data["offsets"].items()})
+    # at 2 requests per 0.3 s the rest of the window would take seconds more: it was not run
+    assert 0 < done_first < window.total, err
+    assert f"interrupted: {done_first:,} of {window.total:,} records" in err
+    assert "continue with: inferlog replay --resume ctrlc" in err and not out.exists()
+
+    res = CliRunner().invoke(cli, ["replay", "--resume", "ctrlc"], env=cli_env(log, tmp_path))
+    assert res.exit_code == 0, res.output
+    assert f"replay ctrlc done: {window.total:,} of {window.total:,} records" in res.stderr
+    assert f"{window.total:,} results, 0 dead letters in all" in res.stderr
+    assert f"this run {window.total - done_first:,} records" in res.stderr
+    ids = [r["request_id"] for r in rr.read_rows(out)]
+    assert Counter(ids) == Counter(rid for g in log.groups for rid in g), "each request exactly once"
+
+
+def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, monkeypatch):
+    s = log.settings
+    window = resolve_window(s, s.requests_topic, offsets="0:0-2")
+    output = rr.output_spec(str(tmp_path / "two.jsonl"), None, None)
+    state = tmp_path / "state"
+    first = rr.start(s, window, output, runner=embed_runner, state_dir=state, run_id="cut", checkpoint_s=0,
+                     stop_after=2)  # every record committed, the run left unfinished
+    assert first.status == "interrupted" and first.done == first.total == 2
+    import inferlog.consumer.cli as worker_cli
+
+    def no_model(_):
+        raise AssertionError("the model was loaded with nothing left to do")
+
+    monkeypatch.setattr(worker_cli, "build_runner", no_model)
+    again = rr.resume(s, "cut", state_dir=state)
+    assert again.status == "done" and again.records == 0 and again.done == 2 and again.counts["results"] == 2
+    assert len(rr.read_rows(tmp_path / "two.jsonl")) == 2
