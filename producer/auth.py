@@ -148,7 +148,8 @@ class IdSigner:
 
     def owns(self, request_id: str, tenant: str) -> bool:
         base, _, tag = request_id.partition(".")
-        return bool(tag) and hmac.compare_digest(tag, self._tag(base, tenant))
+        # bytes: compare_digest refuses str with non-ASCII characters, and any id can arrive in a URL
+        return bool(tag) and hmac.compare_digest(tag.encode(), self._tag(base, tenant).encode())
 
     def _tag(self, base: str, tenant: str) -> str:
         return hmac.new(self.secret, f"{base}\0{tenant}".encode(), hashlib.sha256).hexdigest()[:24]

@@ -6,6 +6,11 @@ record (or, with ?wait=N, the result itself). GET /v1/requests/{id} answers from
 replica's results reader (producer/replies.py), which sees every partition, so any replica
 answers any id. Nothing here blocks the loop: Kafka I/O is aiokafka, auth/encode/decode are
 microseconds, and a lag probe measures that this stays true.
+
+Tracing: the OpenTelemetry FastAPI instrumentation continues the caller's W3C traceparent in a
+server span; the publish runs in a child span of it, so the SDK's header injection carries the
+same trace into the Kafka record and on to the worker's batch span and the result.
+/docs and /redoc load their JavaScript and CSS from this process, never a CDN.
 """
 from __future__ import annotations
 
@@ -20,8 +25,12 @@ from typing import Any, Literal
 import click
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +48,10 @@ log = logging.getLogger(__name__)
 LAG_PROBE_S = 0.1
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# Where /docs and /redoc get Swagger UI 5 (which reads the OpenAPI 3.1 that FastAPI emits) and ReDoc.
+DOCS_ASSETS = "/docs-assets"
+# Probes and scrapes come every few seconds and would drown the traces of real requests.
+UNTRACED_URLS = "/healthz,/readyz,/metrics"
 
 
 # -- the API's shapes -----------------------------------------------------------------------
@@ -110,8 +123,9 @@ class GatewayMetrics:
 class Gateway:
     """What one replica holds: Kafka clients, identity, quotas, metrics."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer_provider: trace.TracerProvider | None = None):
         self.s = settings
+        self.tracer = trace.get_tracer("inferlog.gateway", tracer_provider=tracer_provider)
         self.auth = Authenticator.from_settings(settings)
         secret = settings.gateway_id_secret
         self.ids = IdSigner(secret.get_secret_value().encode() if secret else None)
@@ -164,8 +178,9 @@ class Gateway:
         return Status(request_id=request_id, status="done", result=rec)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    gw = Gateway(settings or load_settings())
+def create_app(settings: Settings | None = None, *, tracer_provider: trace.TracerProvider | None = None) -> FastAPI:
+    """The gateway's app. tracer_provider: None is the global one (set by setup_tracing)."""
+    gw = Gateway(settings or load_settings(), tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -175,10 +190,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await gw.stop()
 
-    app = FastAPI(title="inferlog gateway", version="1", lifespan=lifespan,
+    app = FastAPI(title="inferlog gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Submit inference requests and fetch their results over HTTP. "
                               "Authenticate with `X-API-Key` or `Authorization: Bearer <API key or JWT>`.")
     app.state.gateway = gw
+    # The server span it makes from an incoming traceparent is current while the endpoint runs;
+    # the per-message ASGI send/receive spans say nothing about a JSON API.
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, excluded_urls=UNTRACED_URLS,
+                                       exclude_spans=["receive", "send"])
+    _serve_docs_locally(app)
     api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key")
     bearer = HTTPBearer(auto_error=False, description="an API key or a JWT (HS256/RS256)")
 
@@ -257,11 +277,16 @@ async def _submit(gw: Gateway, body: SubmitBody, tenant: str, wait: float | None
     waiter = gw.replies.expect(rid) if wait else None  # before sending: the outcome cannot be missed
     gw.quotas.track(rid, tenant)
     try:
-        await gw.producer.submit(
-            body.task, body.inputs, model=body.model, tenant=tenant,
-            parameters=body.parameters.model_dump(exclude_none=True) if body.parameters else None,
-            priority=body.priority, deadline_ms=body.deadline_ms, metadata=body.metadata,
-            request_id=rid, acked=True)
+        # Current while the SDK encodes, so the record's traceparent names this span (a child
+        # of the HTTP server span, in the caller's trace).
+        with gw.tracer.start_as_current_span("inferlog.publish", kind=trace.SpanKind.PRODUCER, attributes={
+                "messaging.system": "kafka", "inferlog.tier": gw.tier(body.priority),
+                "inferlog.request_id": rid, "inferlog.tenant": tenant}):
+            await gw.producer.submit(
+                body.task, body.inputs, model=body.model, tenant=tenant,
+                parameters=body.parameters.model_dump(exclude_none=True) if body.parameters else None,
+                priority=body.priority, deadline_ms=body.deadline_ms, metadata=body.metadata,
+                request_id=rid, acked=True)
     except BaseException as e:
         gw.quotas.done(rid)
         if waiter is not None:
@@ -282,19 +307,43 @@ async def _submit(gw: Gateway, body: SubmitBody, tenant: str, wait: float | None
     return Status(request_id=rid, status="pending")
 
 
+def _serve_docs_locally(app: FastAPI) -> None:
+    """FastAPI's self-hosted docs assets recipe: the stock pages fetch them from a CDN, so they
+    are blank on a network without one."""
+    app.mount(DOCS_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")  # behind a proxy that strips a prefix
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+                              with_google_fonts=False)  # a CDN too
+
+
 # -- running it ------------------------------------------------------------------------------
-def _server(settings: Settings, host: str, port: int):
+def _server(settings: Settings, host: str, port: int, tracer_provider: trace.TracerProvider | None = None):
     import uvicorn
 
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None, access_log=False,
+    config = uvicorn.Config(create_app(settings, tracer_provider=tracer_provider), host=host, port=port,
+                            log_config=None, access_log=False,
                             timeout_graceful_shutdown=int(settings.gateway_max_wait_s) + 5, lifespan="on")
     return uvicorn.Server(config)
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0):
+def serve_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0,
+                    tracer_provider: trace.TracerProvider | None = None):
     """A gateway on a background thread (tests, benchmarks); yields its base URL."""
-    server = _server(settings, host, port)
+    server = _server(settings, host, port, tracer_provider)
     t = threading.Thread(target=server.run, name="inferlog-gateway", daemon=True)
     t.start()
     deadline = time.monotonic() + 60
@@ -316,5 +365,9 @@ def serve_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0):
 @click.option("--bootstrap-servers", help="Kafka bootstrap servers [INFERLOG_BOOTSTRAP_SERVERS].")
 def gateway_cli(host: str | None, port: int | None, bootstrap_servers: str | None) -> None:
     """Serve the HTTP gateway until SIGTERM/SIGINT (in-flight calls finish, the producer flushes)."""
+    from inferlog.telemetry import setup_tracing
+
     s = load_settings(gateway_host=host, gateway_port=port, bootstrap_servers=bootstrap_servers)
+    if setup_tracing(s, service="inferlog-gateway"):
+        log.info("exporting traces to %s", s.otlp_endpoint)
     _server(s, s.gateway_host, s.gateway_port).run()

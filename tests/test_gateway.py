@@ -1,8 +1,9 @@
 """The HTTP gateway against the real broker and a real worker (the default MiniLM): submit and
-poll, wait mode, validation, tenants (API keys, HS256/RS256 JWTs), quotas, priority tiers, and
-a schemathesis fuzz of the OpenAPI spec."""
+poll, wait mode, validation, tenants (API keys, HS256/RS256 JWTs), quotas, priority tiers, trace
+propagation, offline docs, and a schemathesis fuzz of the OpenAPI spec."""
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +14,10 @@ import schemathesis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, settings as hsettings
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from inferlog.codec import RESULT, Codec
 from inferlog.consumer.runners import load_runner
@@ -23,7 +28,7 @@ from inferlog.producer.replies import Outcome, OutcomeCache
 from inferlog.producer.sync import Producer
 from inferlog.settings import Settings, default_model_path, load_settings
 from inferlog.topics import ensure_topics
-from support import read_all, running_worker, wait_until
+from support import decode_request, read_all, running_worker, wait_until
 
 KEYS = "key-a:tenant-a,key-b:tenant-b"
 A, B = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
@@ -180,6 +185,71 @@ def test_metrics_count_by_tier_and_tenant(client, stack):
     assert "inferlog_gateway_latency_seconds_bucket" in text
 
 
+# -- tracing ---------------------------------------------------------------------------------------
+CALLER_TRACE, CALLER_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+def trace_ids(headers: list) -> tuple[str, str]:
+    """(trace id, parent span id) of a record's traceparent header."""
+    _, trace_id, span_id, _ = dict(headers)["traceparent"].decode().split("-")
+    return trace_id, span_id
+
+
+def test_a_callers_traceparent_runs_through_kafka_to_the_result(stack):
+    s, _ = stack
+    # A provider of the test's own, handed to this replica: the global one can be set only once
+    # per process, and test_observability's worker spans need it.
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    with serve_in_thread(s, tracer_provider=provider) as url, httpx.Client(base_url=url, timeout=30) as c:
+        traced = c.post("/v1/requests", params={"wait": 10}, json=EMBED,
+                        headers={**A, "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        garbled = c.post("/v1/requests", json=EMBED, headers={**A, "traceparent": "00-not-a-trace-01"})
+    assert traced.status_code == 200 and traced.json()["status"] == "done", traced.text
+    assert garbled.status_code == 202, garbled.text  # an unreadable traceparent starts a new trace
+    rid, garbled_rid = traced.json()["request_id"], garbled.json()["request_id"]
+
+    finished = spans.get_finished_spans()
+    publish = {sp.attributes["inferlog.request_id"]: sp for sp in finished if sp.name == "inferlog.publish"}
+    server = {sp.context.span_id: sp for sp in finished if sp.kind == SpanKind.SERVER}
+    # the gateway's server span continues the caller's span; the publish is its child
+    http = server[publish[rid].parent.span_id]
+    assert format(http.context.trace_id, "032x") == CALLER_TRACE
+    assert http.parent.is_remote and format(http.parent.span_id, "016x") == CALLER_SPAN
+    assert publish[rid].kind == SpanKind.PRODUCER and http.attributes["http.route"] == "/v1/requests"
+
+    codec = Codec.from_settings(s)
+    requests = {decode_request(codec, r)["request_id"]: r for r in read_all(s, s.requests_topic)}
+    # the record names the publish span, in the caller's trace
+    assert trace_ids(requests[rid].headers) == (CALLER_TRACE, format(publish[rid].context.span_id, "016x"))
+    results = {codec.decode(r.value, expect=RESULT)["request_id"]: r for r in read_all(s, s.results_topic)}
+    assert trace_ids(results[rid].headers)[0] == CALLER_TRACE  # the worker carried it on
+
+    # the garbled one: a fresh root trace of the gateway's own, still on the record
+    fresh = server[publish[garbled_rid].parent.span_id]
+    assert fresh.parent is None and format(fresh.context.trace_id, "032x") != CALLER_TRACE
+    assert trace_ids(requests[garbled_rid].headers)[0] == format(fresh.context.trace_id, "032x")
+
+
+# -- docs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_their_assets_from_the_gateway(client, page):
+    r = client.get(page)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert any(a.endswith(".js") for a in assets), r.text
+    assert all(a.startswith("/") and not a.startswith("//") for a in assets), assets  # no CDN
+    kinds = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    for a in assets:
+        got = client.get(a)
+        assert got.status_code == 200 and got.content, a
+        assert got.headers["content-type"].startswith(kinds[a[a.rindex("."):]]), (a, got.headers["content-type"])
+    if page == "/docs":
+        assert any(a.endswith(".css") for a in assets)
+        assert "SwaggerUIBundle" in client.get(next(a for a in assets if a.endswith(".js"))).text
+
+
 @pytest.mark.parametrize("limits, what", [
     ({"tenant_rate": 0.5, "tenant_burst": 2}, "requests/s"),
     ({"tenant_rate": 0, "tenant_max_in_flight": 2}, "in flight"),
@@ -223,6 +293,7 @@ def test_request_ids_carry_their_time_and_owner():
     rid = signer.new("tenant-a")
     assert signer.owns(rid, "tenant-a") and not signer.owns(rid, "tenant-b") and not other.owns(rid, "tenant-a")
     assert not signer.owns(rid.split(".")[0], "tenant-a") and not signer.owns("garbage", "tenant-a")
+    assert not signer.owns(rid + "\u00e9", "tenant-a") and not signer.owns("x.\u00e9\u00e9", "tenant-a")  # was a 500
     assert abs(IdSigner.created_ms(rid) - time.time() * 1000) < 5000 and IdSigner.created_ms("x.y") is None
     assert len(rid) <= 128
 
