@@ -4,6 +4,7 @@ Secrets (the SASL password, key passwords) go into the configs only; log `redact
 """
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -12,12 +13,31 @@ from .settings import Settings
 _SECRET_KEYS = ("password", "secret", "token", "ssl_context")
 
 
+class KafkaLog:
+    """librdkafka's own log lines, through Python logging (logger `inferlog.kafka`) instead of
+    raw stderr, at DEBUG: they are the client's running commentary on connections it retries by
+    itself (`FAIL ... Connection refused` after a broker stops, `GETPID ... Not coordinator` on
+    a fresh one). What a user must act on reaches inferlog through the error callbacks and
+    consume() errors, and is reported there as one clear line. INFERLOG_LOG_LEVEL=DEBUG shows
+    them; librdkafka's critical lines stay errors."""
+
+    def __init__(self, name: str = "inferlog.kafka"):
+        self.logger = logging.getLogger(name)
+
+    def log(self, level: int, msg: str, *args: Any) -> None:  # confluent-kafka's logger protocol
+        self.logger.log(logging.ERROR if level >= logging.CRITICAL else logging.DEBUG, msg, *args)
+
+
+KAFKA_LOG = KafkaLog()
+
+
 def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     """librdkafka properties for Producer/Consumer/AdminClient. `extra` are librdkafka keys
     (pass dotted ones as `**{"group.id": ...}`) and win over the settings."""
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
         "security.protocol": settings.security_protocol,
+        "logger": KAFKA_LOG,
     }
     if settings.sasl_mechanism:
         conf["sasl.mechanism"] = settings.sasl_mechanism

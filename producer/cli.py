@@ -122,7 +122,10 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
 @click.option("--framing", type=click.Choice(["single-object", "confluent"]),
               help="Avro framing (confluent needs INFERLOG_SCHEMA_REGISTRY_URL).  "
                    "[env var: INFERLOG_FRAMING; default: single-object]")
-def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_field, framing) -> None:
+@click.option("--timeout", envvar="INFERLOG_PRODUCE_TIMEOUT", show_envvar=True, type=click.FloatRange(min=0.1),
+              default=30, show_default=True, metavar="SECONDS",
+              help="How long to wait for Kafka: to answer at the start, and to take the last records at the end.")
+def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_field, framing, timeout) -> None:
     """Publish inference requests from JSONL in FILE (or stdin when FILE is - or absent).
 
     \b
@@ -133,7 +136,8 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
       "one input"                  (likewise)
 
     Invalid lines are reported with their line numbers and skipped; the exit status is 1 if
-    any line was invalid or any delivery failed, else 0.
+    any line was invalid or any delivery failed, else 0. A cluster that does not answer, or
+    refuses the credentials, ends the command at once with one line and status 1.
     """
     try:
         settings = load_settings(bootstrap_servers=bootstrap_servers, requests_topic=topic, framing=framing,
@@ -148,8 +152,14 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
     started = time.monotonic()
     producer = Producer(settings)
     try:
+        producer.connect(timeout)
+    except ProduceError as e:
+        producer.abandon()
+        raise click.ClickException(str(e)) from None
+    try:
+        # disable=None: no bar when stderr is not a terminal (a file or a pipe gets the summary only)
         with tqdm(total=_count_lines(file), unit="rec", file=sys.stderr, mininterval=0.5,
-                  desc=settings.requests_topic, dynamic_ncols=True) as bar:
+                  desc=settings.requests_topic, dynamic_ncols=True, disable=None) as bar:
             for n, raw in enumerate(_lines(file), 1):
                 bar.update(1)
                 if not raw.strip():
@@ -167,9 +177,9 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
         interrupted = True  # still flush what was submitted and summarise
     finally:
         try:
-            producer.close(timeout=None)
+            producer.close(timeout=timeout)
         except ProduceError as e:
-            failures.extend(e.failures)
+            failures.extend(e.failures or [(None, e.reason, str(e))])
     elapsed = time.monotonic() - started
     _summary(settings.requests_topic, producer.ledger.delivered, elapsed, invalid, failures)
     if interrupted:

@@ -16,7 +16,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from confluent_kafka import Consumer, KafkaError, Producer as _KafkaProducer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer as _KafkaProducer, TopicPartition
 from opentelemetry import propagate
 
 from inferlog.clients import confluent_config
@@ -26,6 +26,12 @@ from inferlog.request import Limits, build_request
 from inferlog.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
+
+# Errors of the client, not of one record, that no retry mends: the producer is refused its
+# credentials, its TLS or its rights. An SDK call that waits (flush, connect) ends on them at once.
+CLIENT_FAILURES = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._SSL,
+                             KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                             KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED})
 
 SUBMIT_FIELDS = frozenset(
     {"task", "inputs", "model", "tenant", "parameters", "priority", "deadline_ms", "metadata", "key", "request_id"}
@@ -57,6 +63,11 @@ class DeliveryLedger:
         if request_id is not None:  # None: a client-level error, not one record
             self.failed += 1
         self._failures.append((request_id, reason, detail))
+
+    @property
+    def client_failure(self) -> tuple[str, str] | None:
+        """(reason, detail) of the first client-level failure waiting to be raised."""
+        return next(((reason, detail) for rid, reason, detail in self._failures if rid is None), None)
 
     def raise_failures(self) -> None:
         if not self._failures:
@@ -187,7 +198,6 @@ class Producer:
             "partitioner": "murmur2_random",
             "client.id": "inferlog-producer",
             "error_cb": self._on_error,
-            "logger": log,  # librdkafka's own log lines go through Python logging, not raw stderr
             **client,
         }
         self._producer = _KafkaProducer(confluent_config(self.settings, **conf))
@@ -275,9 +285,41 @@ class Producer:
                 self._reader = ResultsReader(self.settings, self._encoder.codec)
             return self._reader
 
+    def connect(self, timeout: float = 10.0) -> None:
+        """Fail fast: return once a broker answers with the requests topic's metadata; raise
+        ProduceError at once when the client is refused (credentials, TLS, rights), and after
+        `timeout` seconds when no broker answers. Sending does not need it (records wait for a
+        broker); a command line does, so that it never waits on a cluster it cannot reach."""
+        topic, deadline = self.settings.requests_topic, time.monotonic() + timeout
+        why = "no answer"
+        while True:
+            self._producer.poll(0)  # serves error_cb
+            if (failure := self.ledger.client_failure) is not None:
+                raise ProduceError(f"Kafka at {self.settings.bootstrap_servers} refused this client: {failure[1]}",
+                                   failure[0])
+            try:
+                md = self._producer.list_topics(topic, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                err = md.topics[topic].error
+                if err is None:
+                    return
+                raise ProduceError(f"topic {topic!r} on {self.settings.bootstrap_servers}: {err.str()}", err.name())
+            except KafkaException as e:
+                why = e.args[0].str()
+            if time.monotonic() >= deadline:
+                raise ProduceError(f"cannot reach Kafka at {self.settings.bootstrap_servers} "
+                                   f"within {timeout:g}s: {why}", "UNREACHABLE")
+
     def flush(self, timeout: float | None = 30) -> None:
-        """Wait until every record is delivered (None: no limit); raise ProduceError for any that failed."""
-        left = self._producer.flush() if timeout is None else self._producer.flush(timeout)
+        """Wait until every record is delivered (None: no limit); raise ProduceError for any that
+        failed, at once when the client itself is refused (credentials, TLS, rights)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+            left = self._producer.flush(step)
+            if not left or self.ledger.client_failure is not None:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
         self.ledger.raise_failures()
         if left:
             raise ProduceError(f"{left} records still undelivered after {timeout}s", "FLUSH_TIMEOUT")
@@ -292,6 +334,14 @@ class Producer:
             if self._reader is not None:
                 self._reader.close()
             self._producer.close()
+
+    def abandon(self) -> None:
+        """Close without waiting for anything (records not yet delivered are dropped)."""
+        self._closed = True
+        if self._reader is not None:
+            self._reader.close()
+        self._producer.purge()
+        self._producer.flush(0)
 
     def __enter__(self) -> "Producer":
         return self
@@ -316,8 +366,9 @@ class Producer:
             self.ledger.fail(request_id, err.name(), err.str())
 
     def _on_error(self, err: KafkaError) -> None:
-        # Idempotence makes some errors fatal (e.g. a broken sequence): nothing more will be delivered.
-        if err.fatal():
+        # Idempotence makes some errors fatal (e.g. a broken sequence): nothing more will be
+        # delivered; a refused client retries forever unless told to stop.
+        if err.fatal() or err.code() in CLIENT_FAILURES:
             self.ledger.fail(None, err.name(), err.str())
         else:
             log.debug("kafka client error (the client retries): %s", err)
@@ -341,7 +392,7 @@ class ResultsReader:
         self._stop = threading.Event()
         self._consumer = Consumer(confluent_config(settings, **{
             "group.id": f"inferlog-replies-{uuid.uuid4().hex}",  # required by the client; never joined
-            "enable.auto.commit": False, "isolation.level": "read_committed", "logger": log}))
+            "enable.auto.commit": False, "isolation.level": "read_committed"}))
         try:
             tps = []
             for topic in (settings.results_topic, settings.deadletter_topic):

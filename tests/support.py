@@ -137,3 +137,16 @@ def running_worker(settings, runner, **kw):
 
 def decode_request(codec, rec: Record) -> dict:
     return codec.decode(rec.value, expect=REQUEST)
+
+
+def cli_env(settings) -> dict[str, str]:
+    """The connection settings as INFERLOG_* variables, as an operator would set them."""
+    env = {}
+    for name in ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username", "ssl_cafile",
+                 "ssl_certfile", "ssl_keyfile"):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"INFERLOG_{name.upper()}"] = str(value)
+    if settings.sasl_password is not None:
+        env["INFERLOG_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()
+    return env

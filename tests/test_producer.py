@@ -23,6 +23,7 @@ from inferlog.producer.cli import TokenBucket, parse_line, produce
 from inferlog.producer.sync import Producer, ProduceError
 from inferlog.request import validate_request
 from inferlog.settings import load_settings
+from support import cli_env
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -78,19 +79,6 @@ def decode(settings, msg) -> dict:
     rec = Codec.from_settings(settings).decode(msg.value(), expect=REQUEST)
     validate_request(rec)  # what a worker would check
     return rec
-
-
-def cli_env(settings) -> dict[str, str]:
-    """The connection settings as INFERLOG_* variables, as an operator would set them."""
-    env = {}
-    for name in ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username", "ssl_cafile",
-                 "ssl_certfile", "ssl_keyfile"):
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"INFERLOG_{name.upper()}"] = str(value)
-    if settings.sasl_password is not None:
-        env["INFERLOG_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()
-    return env
 
 
 def headers(msg) -> dict[str, bytes]:
@@ -370,3 +358,38 @@ def test_cli_rate_limit_holds_a_small_run_to_the_rate(settings, tmp_path):
     # A lower bound only: the first `burst` go at once, the rest at most `rate` per second.
     assert elapsed >= (n - burst) / rate
     assert sum(end_offsets(settings).values()) == n
+
+
+# -- a cluster that cannot be reached: one clear line, never a hang ----------------------------
+@pytest.mark.timeout(90)  # the defect was a hang (300 s, 1,911 ERROR lines): this test's own timeout bounds it
+@pytest.mark.parametrize("server", ["refuses connections", "accepts and never answers"])
+def test_cli_against_a_broker_that_does_not_answer_fails_fast_with_one_line(tmp_path, server):
+    import socket
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('"one"\n"two"\n')
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if server == "accepts and never answers":
+            sock.listen(16)  # the kernel completes the handshake; nobody ever reads or writes
+        port = sock.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "inferlog.cli", "produce", str(src), "--timeout", "3"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "INFERLOG_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"})
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1, res.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot reach Kafka at 127.0.0.1:{port} within 3s"), lines
+
+
+@pytest.mark.timeout(60)
+def test_sdk_flush_is_bounded_against_a_dead_broker():
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening: every connection is refused
+        p = Producer(load_settings(bootstrap_servers=f"127.0.0.1:{sock.getsockname()[1]}"))
+        p.submit("embed", "queued while no broker answers")
+        with pytest.raises(ProduceError) as e:
+            p.flush(2)
+        assert e.value.reason == "FLUSH_TIMEOUT" and "1 records still undelivered" in str(e.value)
+        with pytest.raises(ProduceError, match="cannot reach Kafka"):
+            p.connect(1)
+        p.abandon()

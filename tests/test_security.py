@@ -22,11 +22,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from conftest import REPO, free_port, unique
 from inferlog.clients import aiokafka_kwargs, confluent_config, redacted
 from inferlog.localkafka import LocalKafka
-from inferlog.producer.sync import Producer
+from inferlog.producer.sync import ProduceError, Producer
 from inferlog.security import ROLES, generate_certs, role_acls
 from inferlog.settings import Settings, load_settings
 from inferlog.topics import ensure_topics
-from support import account, output_count, read_all, running_worker, wait_until
+from support import account, cli_env, output_count, read_all, running_worker, wait_until
 
 pytestmark = pytest.mark.kafka
 VERSION = load_settings().kafka_version
@@ -149,6 +149,27 @@ def test_wrong_password_is_refused(secure):
     err = connect_error(s)
     assert err is not None and err.code() == KafkaError._AUTHENTICATION, err
     assert "invalid credentials" in err.str().lower()
+
+
+@pytest.mark.timeout(90)  # it used to log the refusal and go on waiting: the test's own timeout bounds it
+def test_produce_and_flush_with_a_wrong_password_end_at_once_with_one_line(secure, tmp_path):
+    s = secure.as_user("producer").with_overrides(sasl_password="not-the-password")
+    src = tmp_path / "in.jsonl"
+    src.write_text('"one"\n"two"\n')
+    # --timeout 600: only the refusal can end it within the subprocess timeout
+    res = subprocess.run([sys.executable, "-m", "inferlog.cli", "produce", str(src), "--timeout", "600"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **cli_env(s), "INFERLOG_REQUESTS_TOPIC": s.requests_topic})
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1, res.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"Error: Kafka at {s.bootstrap_servers} refused this client"), lines
+    assert "authentication" in lines[0].lower() and "not-the-password" not in res.stderr
+    p = Producer(s)  # the SDK's flush ends on the refusal too, long before its timeout
+    p.submit("embed", "never delivered")
+    with pytest.raises(ProduceError) as e:
+        p.flush(600)
+    assert e.value.reason == "_AUTHENTICATION", e.value
+    p.abandon()
 
 
 def test_unknown_user_is_refused(secure):
