@@ -110,7 +110,7 @@ def demo(count: int, rate: float, show: int, keep_kafka: bool, **flags) -> None:
                 if rate > 0:
                     time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
         got: dict[str, dict] = {}
-        bar = tqdm(total=count, unit="req", desc="results")
+        bar = tqdm(total=count, unit="req", desc="results", disable=None)  # None: no bar unless a terminal
         while len(got) < len(ids) and t.is_alive():
             for r in tail.poll():
                 if r["request_id"] in ids and r["request_id"] not in got:

@@ -175,6 +175,7 @@ class GenerateRunner(Runner):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        self._cache_name: str | None = None  # the KV cache argument of this transformers (see _cache_kwarg)
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.hf_tokenizer.eos_token_id
@@ -261,11 +262,19 @@ class GenerateRunner(Runner):
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 pos = pos[:, -1:] + 1
-                res = self.model(
-                    input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
-                    past_key_values=res.past_key_values, use_cache=True,
-                )
+                res = self.model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos,
+                                 use_cache=True, **self._cache_kwarg(res))
         return out.cpu()
+
+    def _cache_kwarg(self, res) -> dict:
+        """The KV cache of the last step, by the name this transformers gives it: `cache` from
+        5.x on (`past_key_values` warns there), `past_key_values` before."""
+        if self._cache_name is None:
+            import inspect
+
+            self._cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
+                else "past_key_values"
+        return {self._cache_name: getattr(res, self._cache_name)}
 
     def finish(self, raw: torch.Tensor, prepared) -> list[dict]:
         results = []

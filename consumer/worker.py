@@ -115,8 +115,8 @@ class Worker:
         self.runner.warmup()
         try:
             self._connect()
-            log.info("worker %s joined group %s on %s (delivery %s)", self.s.worker_id, self.s.group_id,
-                     self.s.requests_topic, self.s.delivery)
+            log.info("worker %s joined group %s on %s and %s (delivery %s)", self.s.worker_id, self.s.group_id,
+                     self.s.requests_topic, self.s.high_priority_topic, self.s.delivery)
             while True:
                 self._step()
                 if self.stopping.is_set() and self.engine.drained():
@@ -349,7 +349,7 @@ class Worker:
     def _on_assign(self, consumer, partitions) -> None:
         for tp in partitions:
             self.engine.assign((tp.topic, tp.partition))
-        log.info("assigned %s", sorted(tp.partition for tp in partitions))
+        log.info("assigned %s", _named(partitions))
         consumer.incremental_assign(partitions)
         paused = [tp for tp in partitions
                   if self.paused["high" if tp.topic == self.s.high_priority_topic else "normal"]]
@@ -380,5 +380,13 @@ class Worker:
             except KeyError:
                 pass
         log.info("revoked %s (%d in-flight records dropped, to be redone by the next owner)",
-                 sorted(p for _, p in gone), dropped)
+                 _named(partitions), dropped)
         consumer.incremental_unassign(partitions)
+
+
+def _named(partitions) -> str:
+    """"inferlog.requests[0,2] inferlog.requests.high[1]": partitions by topic, for the log."""
+    by: dict[str, list[int]] = {}
+    for tp in partitions:
+        by.setdefault(tp.topic, []).append(tp.partition)
+    return " ".join(f"{t}[{','.join(map(str, sorted(ps)))}]" for t, ps in sorted(by.items())) or "nothing"

@@ -31,7 +31,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferlog.errors import RecordError
@@ -44,6 +45,8 @@ from .replies import Outcome, Replies
 from .sync import ProduceError
 
 log = logging.getLogger(__name__)
+# no `_created` series beside every counter and histogram: a timestamp per series nobody charts
+disable_created_metrics()
 
 LAG_PROBE_S = 0.1
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -214,7 +214,8 @@ class WindowReader:
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=window.total, unit="rec", desc=f"read {window.topic}", dynamic_ncols=True)
+            self._bar = tqdm(total=window.total, unit="rec", desc=f"read {window.topic}", dynamic_ncols=True,
+                             disable=None)  # None: no bar unless stderr is a terminal
         if self._end:
             self.consumer.incremental_assign([TopicPartition(window.topic, r.partition, r.start)
                                   for r in window.ranges if r.size > 0])
