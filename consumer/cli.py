@@ -23,6 +23,9 @@ def worker_options(f):
         click.option("--results-topic", help="Topic to write results to [INFERLOG_RESULTS_TOPIC]."),
         click.option("--deadletter-topic", help="Topic for dead letters [INFERLOG_DEADLETTER_TOPIC]."),
         click.option("--group-id", help="Consumer group [INFERLOG_GROUP_ID]."),
+        click.option("--group-protocol", type=click.Choice(["consumer", "classic"]),
+                     help="consumer (KIP-848, Kafka 4: each request topic balanced per member) or classic "
+                          "(cooperative-sticky, older clusters) [INFERLOG_GROUP_PROTOCOL, default consumer]."),
         click.option("--worker-id", help="Stable id of this worker (default: host-pid) [INFERLOG_WORKER_ID]."),
         click.option("--model", help="Local model directory or hub id (default: the embedded all-MiniLM-L6-v2) [INFERLOG_MODEL]."),
         click.option("--model-name", help="Name results carry and requests may ask for [INFERLOG_MODEL_NAME]."),

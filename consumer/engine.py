@@ -119,7 +119,7 @@ class Engine:
                     if self.runner.task == "GENERATE":
                         extra = p.request.parameters.max_new_tokens or self.s.default_max_new_tokens
                     self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra),
-                                    high=p.request.priority >= self.s.high_priority)
+                                    high=p.topic == self.s.high_priority_topic)  # a tier is its topic
 
     def _dispatch(self, flush: bool) -> None:
         while self.pipeline.in_flight < self.s.pipeline_depth:

@@ -221,7 +221,7 @@ class ResultBuilder:
 
     def __init__(self, codec: Codec, settings, model_info, replay_run_id: str | None = None):
         self.codec = codec
-        self.high_priority = settings.high_priority
+        self.tier_of = settings.tier_of
         self.results_topic = settings.results_topic
         self.deadletter_topic = settings.deadletter_topic
         self.worker_id = settings.worker_id
@@ -270,7 +270,7 @@ class ResultBuilder:
         return out
 
     def tier(self, p: Pending) -> str:
-        return "high" if p.request is not None and p.request.priority >= self.high_priority else "normal"
+        return self.tier_of(p.topic)  # a tier is its topic, whatever the record's priority says
 
     def dead_letter(self, p: Pending, err: RecordError) -> Out:
         """The dead letter of `p`, carrying its original key, value and headers when they fit."""

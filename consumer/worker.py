@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 FETCH_CHUNK = 256  # records per consume() call and per decode task
 
 
+def group_protocol_config(s) -> dict:
+    """How the group assigns. KIP-848's broker-side range assignor balances each request topic
+    on its own (cooperative-sticky balanced the total: a worker joining a serving group took all
+    of one tier and none of the other); its rebalances are incremental, as cooperative ones were."""
+    if s.group_protocol == "consumer":
+        return {"group.protocol": "consumer", "group.remote.assignor": s.group_assignor}
+    return {"partition.assignment.strategy": "cooperative-sticky", "session.timeout.ms": s.session_timeout_ms}
+
+
 class Worker:
     def __init__(self, settings, runner, *, codec: Codec | None = None, on_commit=None):
         self.s = settings
@@ -93,8 +102,7 @@ class Worker:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": self.s.session_timeout_ms,
+            **group_protocol_config(self.s),
             "max.poll.interval.ms": 300000,
             # how long the broker holds a fetch that finds nothing: a partition resumed after
             # back-pressure waits for the fetch in flight, so librdkafka's 500 ms default cost
@@ -105,7 +113,7 @@ class Worker:
         })
         self.consumer = Consumer(conf)
         self.emitter = make_emitter(self.s, self.consumer, fallback=self.engine.builder.unwritable)
-        self.consumer.subscribe([self.s.high_priority_topic, self.s.requests_topic], on_assign=self._on_assign,
+        self.consumer.subscribe(list(self.s.request_topics), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def run(self) -> int:
@@ -276,12 +284,8 @@ class Worker:
                 raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {off}: {e}") from e
 
     # -- back-pressure -------------------------------------------------------------------
-    def _tier(self, topic: str) -> str:
-        return "high" if topic == self.s.high_priority_topic else "normal"
-
     def _room(self, tier: str) -> int:
-        topic = self.s.high_priority_topic if tier == "high" else self.s.requests_topic
-        return self.s.max_in_flight - self.engine.pending_in(topic)
+        return self.s.max_in_flight - self.engine.pending_in(self.s.tier_topic(tier))
 
     def _take(self, msgs: list) -> None:
         """Hand fetched records to the engine while their tier has room, hold the rest. A tier
@@ -292,7 +296,7 @@ class Worker:
             return
         take = []
         for m in msgs:
-            tier = self._tier(m.topic())
+            tier = self.s.tier_of(m.topic())
             if self.held[tier] or room[tier] <= 0:
                 self.held[tier].append(m)
                 self.stats["held"] += 1
@@ -334,7 +338,7 @@ class Worker:
                 self._pause(tier, False)
 
     def _tier_partitions(self, tier: str) -> list[TopicPartition]:
-        topic = self.s.high_priority_topic if tier == "high" else self.s.requests_topic
+        topic = self.s.tier_topic(tier)
         return [TopicPartition(t, p) for t, p in self.engine.partitions if t == topic]
 
     def _pause(self, tier: str, pause: bool) -> None:
@@ -351,8 +355,7 @@ class Worker:
             self.engine.assign((tp.topic, tp.partition))
         log.info("assigned %s", _named(partitions))
         consumer.incremental_assign(partitions)
-        paused = [tp for tp in partitions
-                  if self.paused["high" if tp.topic == self.s.high_priority_topic else "normal"]]
+        paused = [tp for tp in partitions if self.paused[self.s.tier_of(tp.topic)]]
         if paused:
             consumer.pause(paused)
         if self.engine.partitions:

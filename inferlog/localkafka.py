@@ -55,6 +55,13 @@ BROKER_DEFAULTS = {
     "share.coordinator.state.topic.min.isr": "1",
     "group.initial.rebalance.delay.ms": "0",
     "group.min.session.timeout.ms": "1000",  # lets crash tests use short session timeouts
+    # the consumer group protocol (KIP-848) keeps its session and heartbeat on the broker: a
+    # dead worker's partitions move after 6 s (45 s by default), and assignments reach the
+    # members within a second (5 s heartbeats by default)
+    "group.consumer.session.timeout.ms": "6000",
+    "group.consumer.min.session.timeout.ms": "1000",
+    "group.consumer.heartbeat.interval.ms": "1000",
+    "group.consumer.min.heartbeat.interval.ms": "500",
     "num.network.threads": "2",
     "num.io.threads": "4",
     "num.recovery.threads.per.data.dir": "1",

@@ -62,7 +62,14 @@ class Settings(BaseSettings):
     # the worker commits one transaction at a time, each with everything finished meanwhile;
     # this is the least time between two (0: the next starts as soon as the last ends)
     commit_interval_ms: float = Field(0.0, ge=0)
-    session_timeout_ms: int = Field(10000, ge=1000)  # how fast a dead worker's partitions move
+    # How the group assigns partitions. "consumer" (KIP-848, Kafka 4): the broker's range
+    # assignor gives every member a balanced share of *each* request topic, whatever the order
+    # in which members join, and rebalances are incremental; session and heartbeat are the
+    # cluster's (group.consumer.session.timeout.ms). "classic": cooperative-sticky, for clusters
+    # without KIP-848; it balances the total, so a newcomer could take one tier whole.
+    group_protocol: Literal["consumer", "classic"] = "consumer"
+    group_assignor: Literal["range", "uniform"] = "range"  # the broker-side assignor (consumer protocol)
+    session_timeout_ms: int = Field(10000, ge=1000)  # classic protocol: how fast a dead worker's partitions move
     fetch_wait_max_ms: int = Field(50, ge=0)  # longest a fetch that finds nothing waits at the broker
     model: str = Field(default_factory=default_model_path)
     model_name: str | None = None  # the name results carry and requests may ask for
@@ -142,6 +149,22 @@ class Settings(BaseSettings):
         if not v.strip():
             raise ValueError("bootstrap_servers must name at least one host:port")
         return v
+
+    # -- tiers: a tier is its topic, everywhere (fetch, back-pressure, batching, metrics, audit,
+    # replay). A request's priority only chooses the topic it is published to.
+    @property
+    def request_topics(self) -> tuple[str, str]:
+        """Both tiers' topics, high first."""
+        return (self.high_priority_topic, self.requests_topic)
+
+    def tier_of(self, topic: str) -> str:
+        return "high" if topic == self.high_priority_topic else "normal"
+
+    def tier_topic(self, tier: str) -> str:
+        return self.high_priority_topic if tier == "high" else self.requests_topic
+
+    def topic_for_priority(self, priority: int) -> str:
+        return self.high_priority_topic if priority >= self.high_priority else self.requests_topic
 
     def with_overrides(self, **flags) -> "Settings":
         """Apply CLI flags (None means 'not given') on top of env and defaults."""

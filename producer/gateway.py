@@ -168,7 +168,7 @@ class Gateway:
             await self.replies.stop()
 
     def tier(self, priority: int) -> str:
-        return "high" if priority >= self.s.high_priority else "normal"
+        return self.s.tier_of(self.s.topic_for_priority(priority))
 
     def status(self, request_id: str, o: Outcome | None, tenant: str) -> Status:
         if o is None:

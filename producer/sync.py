@@ -136,8 +136,7 @@ class RequestEncoder:
 
     def topic(self, priority: int) -> str:
         """Priority tiers are topics: workers serve the high tier first (weighted)."""
-        s = self.settings
-        return s.high_priority_topic if priority >= s.high_priority else s.requests_topic
+        return self.settings.topic_for_priority(priority)
 
     def envelopes(self, requests: Iterable[Mapping[str, Any]]) -> list[Envelope]:
         """Validate and encode every request first, so a bad one means none is sent."""

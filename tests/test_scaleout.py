@@ -1,0 +1,119 @@
+"""Scale-out as users do it: workers join a group that is already serving a steady stream on
+both tiers, one at a time, and one leaves. After each step every member holds a balanced
+share of *each* request topic (the consumer group protocol's range assignor, KIP-848) and
+answers requests of the normal tier; at the end every offset is answered exactly once."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from inferlog.codec import RESULT, Codec
+from inferlog.consumer.runners import load_runner
+from inferlog.consumer.worker import Worker
+from inferlog.producer.sync import Producer
+from inferlog.settings import default_model_path
+from support import account, output_count, read_all, wait_until
+
+PARTITIONS = 6
+
+
+class Stream:
+    """A steady stream on both tiers (every 4th request high priority) from a thread."""
+
+    def __init__(self, settings, rate: float = 25.0):
+        self.s, self.every = settings, 1.0 / rate
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with Producer(self.s) as p:
+            while not self.stop.is_set():
+                p.submit("embed", f"steady request {self.sent}", priority=5 if self.sent % 4 == 3 else 0)
+                self.sent += 1
+                time.sleep(self.every)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)
+
+
+class Member:
+    """One worker of the group, on its own thread, with its own runner."""
+
+    def __init__(self, settings, name: str):
+        self.id = f"{settings.group_id}.{name}"
+        self.worker = Worker(settings.with_overrides(worker_id=self.id), load_runner(default_model_path(), device="cpu"))
+        self.code: list[int] = []
+        self.thread = threading.Thread(target=lambda: self.code.append(self.worker.run()), daemon=True)
+        self.thread.start()
+
+    def holds(self, topic: str) -> set[int]:
+        return {p for t, p in self.worker.engine.partitions if t == topic}
+
+    def leave(self) -> None:
+        self.worker.stop()
+        self.thread.join(120)
+        assert not self.thread.is_alive() and self.code == [0], f"{self.id} exit {self.code}"
+
+
+def balanced(s, members: list[Member]) -> bool:
+    """Each member holds floor(P/N) or ceil(P/N) partitions of each request topic, and together
+    all of them, each once."""
+    n = len(members)
+    for topic in s.request_topics:
+        held = [m.holds(topic) for m in members]
+        if sorted(p for h in held for p in h) != list(range(PARTITIONS)):
+            return False
+        if any(len(h) not in (PARTITIONS // n, -(-PARTITIONS // n)) for h in held):
+            return False
+    return True
+
+
+def normal_answers(s, codec) -> Counter:
+    """Results of the normal tier, by the worker id that answered them."""
+    return Counter(r["worker_id"] for r in (codec.decode(x.value, expect=RESULT) for x in read_all(s, s.results_topic))
+                   if r["source"]["topic"] == s.requests_topic)
+
+
+@pytest.mark.timeout(600)
+def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_tier(settings):
+    s = settings.with_overrides(max_batch_size=8, max_wait_ms=5)
+    codec = Codec.from_settings(s)
+    members: list[Member] = []
+    try:
+        with Stream(s) as stream:
+            for step, name in enumerate(("w1", "w2", "w3")):
+                members.append(Member(s, name))
+                wait_until(lambda: balanced(s, members), timeout=90, every=0.5,
+                           what=f"a balanced share of both tiers with {len(members)} members: "
+                                f"{[(m.id, sorted(m.holds(s.requests_topic)), sorted(m.holds(s.high_priority_topic))) for m in members]}")
+                before = normal_answers(s, codec)
+                # every member answers the normal tier in this step (the defect: a newcomer took
+                # all normal partitions and the older member answered none)
+                wait_until(lambda: all(normal_answers(s, codec)[m.id] > before[m.id] for m in members), timeout=90,
+                           every=0.5, what=f"every member answering the normal tier at step {step + 1}")
+            gone = members.pop(0)
+            gone.leave()
+            wait_until(lambda: balanced(s, members), timeout=90, every=0.5, what="a balanced share after one left")
+            before = normal_answers(s, codec)
+            wait_until(lambda: all(normal_answers(s, codec)[m.id] > before[m.id] for m in members), timeout=90,
+                       every=0.5, what="the remaining members answering the normal tier")
+        wait_until(lambda: output_count(s) >= stream.sent, timeout=120, what="every request answered")
+    finally:
+        for m in members:
+            with contextlib.suppress(AssertionError):
+                m.leave()
+    acc = account(s)
+    acc.assert_exactly_once()
+    assert len(acc.requests) == stream.sent and not acc.dead_letters
+    tiers = Counter(r.topic for r in acc.requests)
+    assert tiers[s.high_priority_topic] > 0 and tiers[s.requests_topic] > 0
