@@ -123,7 +123,7 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
               help="Avro framing (confluent needs INFERLOG_SCHEMA_REGISTRY_URL).  "
                    "[env var: INFERLOG_FRAMING; default: single-object]")
 @click.option("--timeout", envvar="INFERLOG_PRODUCE_TIMEOUT", show_envvar=True, type=click.FloatRange(min=0.1),
-              default=30, show_default=True, metavar="SECONDS",
+              default=10, show_default=True, metavar="SECONDS",
               help="How long to wait for Kafka: to answer at the start, and to take the last records at the end.")
 def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_field, framing, timeout) -> None:
     """Publish inference requests from JSONL in FILE (or stdin when FILE is - or absent).
