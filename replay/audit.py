@@ -5,6 +5,9 @@ get     one request by id: the request, every result (original and replays) and 
 sql     DuckDB SQL over the requests, results and dead letters of a time window
 export  the same tables of a window as Parquet files
 
+Requests are read from both tiers' topics (Settings.request_topics): a tier is its topic,
+and an audit that read one would miss every request of the other.
+
 The click group lives in replay/cli.py; these are its commands.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import re
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -104,11 +107,10 @@ class Lookup:
 def _split(w: Window, key: bytes | None) -> tuple[Window, Window]:
     """(the key's partition, the others); with no key nothing is known: (all, none)."""
     if key is None:
-        return w, Window(w.topic, (), w.since_ms, w.until_ms)
-    p = partition_for(key, len(w.ranges))  # an unrestricted window holds every partition
-    mine = tuple(r for r in w.ranges if r.partition == p)
-    return Window(w.topic, mine, w.since_ms, w.until_ms), \
-        Window(w.topic, tuple(r for r in w.ranges if r.partition != p), w.since_ms, w.until_ms)
+        return w, replace(w, ranges=())
+    p = partition_for(key, len(w.ranges))  # an unrestricted window of one topic holds every partition
+    return (replace(w, ranges=tuple(r for r in w.ranges if r.partition == p)),
+            replace(w, ranges=tuple(r for r in w.ranges if r.partition != p)))
 
 
 def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: int | None = None,
@@ -120,9 +122,10 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
     are looked for up to `until + grace` on the live topics and without an upper bound on
     replay topics (a replay may run any time after). Results are read from the one
     partition their key hashes to; the request is one fetch at the source position a result
-    names, else a scan of the window (the partition its id hashes to first, since the SDK
-    keys by request_id); a dead letter is keyed by the request's key, so its partition
-    follows too once the request is known.
+    names, else a scan of the window on both request topics (the partitions its id hashes
+    to first, since the SDK keys by request_id); a dead letter is keyed by the request's
+    key, so its partition follows too once the request is known. `read` lists every topic
+    the lookup covered, with 0 for those it needed no record of.
     """
     codec = codec or Codec.from_settings(settings)
     out = Lookup(request_id)
@@ -131,12 +134,13 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
     c = window_consumer(settings)  # metadata and offsets_for_times only; reads use their own
 
     def window(topic, until, **kw) -> Window:
+        out.read[topic] += 0  # covered, even if nothing of it is read
         return resolve_window(settings, topic, since=since_ms, until=until, consumer=c, **kw)
 
     def scan(w: Window, expect: str, since: int | None, until: int | None, first: bool = False) -> list[Hit]:
         hits = []
         for m in records(settings, w, w.total >= PROGRESS_MIN):
-            out.read[w.topic] += 1
+            out.read[m.topic()] += 1
             value, ts = m.value() or b"", m.timestamp()[1]
             # the id is a plain Avro string inside the value: skip the decode of other records
             if rid not in value or not in_window(ts, since, until):
@@ -157,7 +161,9 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
         # (window, upper time edge) per topic; replay topics are read to their end
         results = [(_split(window(settings.results_topic, after), rid)[0], after)]
         results += [(_split(window(t, None), rid)[0], None) for t in replay_topics]
-        requests = _split(window(settings.requests_topic, until_ms), rid)
+        # the tier is not known yet: the id's partition of each request topic, then the rest
+        splits = [_split(window(t, until_ms), rid) for t in settings.request_topics]
+        requests = [mine for mine, _ in splits] + [rest for _, rest in splits]
         dead = [(window(settings.deadletter_topic, after), after)]
         dead += [(window(t, None), None) for t in replay_deadletter_topics(settings, replay_topics)]
         for w, until in results:
@@ -331,16 +337,19 @@ def _empty(drop: tuple[str, ...]) -> dict[str, pa.Table]:
 
 def load_window(settings, since_ms, until_ms, replay_topics=(), vectors=False, progress=None):
     drop = () if vectors else VECTORS
-    sources = [(REQUESTS, [settings.requests_topic]), (RESULTS, [settings.results_topic, *replay_topics]),
+    sources = [(REQUESTS, list(settings.request_topics)), (RESULTS, [settings.results_topic, *replay_topics]),
                (DEAD_LETTERS, [settings.deadletter_topic, *replay_deadletter_topics(settings, replay_topics)])]
     built = load_tables(settings, sources, since_ms, until_ms, codec=Codec.from_settings(settings),
                         drop=drop, progress=progress)
     if not any(b.rows for b in built.values()):
         topics = ", ".join(t for _, ts in sources for t in ts)
         raise AuditError(f"no records {_between(since_ms, until_ms)} on {topics}")
-    for b in built.values():
+    # stderr, so that stdout stays the answer: which topics the window covered, rows from each
+    for spec, topics in sources:
+        b = built[spec.name]
         skipped = f", {b.undecodable} undecodable skipped" if b.undecodable else ""
-        click.echo(f"{b.spec.name}: {b.rows} rows (read {b.read} records{skipped})", err=True)
+        each = ", ".join(f"{t} {b.by_topic[t]}" for t in topics)
+        click.echo(f"{spec.name}: {b.rows} rows from {each} (read {b.read} records{skipped})", err=True)
     return {name: b.table() for name, b in built.items()}
 
 
@@ -354,7 +363,8 @@ def audit_options(f):
                      help="Also read results from this replay topic, and dead letters from "
                           "<topic>.deadletter when it exists (repeatable)."),
         click.option("--bootstrap-servers", help="[INFERLOG_BOOTSTRAP_SERVERS, KAFKA_BOOTSTRAP_SERVERS]"),
-        click.option("--requests-topic", help="[INFERLOG_REQUESTS_TOPIC]"),
+        click.option("--requests-topic", help="The normal tier's requests [INFERLOG_REQUESTS_TOPIC]."),
+        click.option("--high-priority-topic", help="The high tier's requests [INFERLOG_HIGH_PRIORITY_TOPIC]."),
         click.option("--results-topic", help="[INFERLOG_RESULTS_TOPIC]"),
         click.option("--deadletter-topic", help="[INFERLOG_DEADLETTER_TOPIC]"),
     ]
@@ -414,6 +424,8 @@ def audit_get(request_id, since, until, tz, replay_topics, grace, as_json_, **to
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: big windows).")
 def audit_sql(query, since, until, tz, replay_topics, out, vectors, progress, **topics):
     """Run QUERY (DuckDB SQL) over the tables requests, results and dead_letters of the window.
+
+    requests holds both tiers (column tier: high or normal); rows per topic go to stderr.
 
     \b
     inferlog audit sql "SELECT tenant, count(*) FROM requests GROUP BY 1" --since -1d

@@ -13,9 +13,9 @@ import click
 from inferlog.errors import ConfigError, InferlogError
 from inferlog.settings import load_settings
 
-SETTINGS_FLAGS = ("bootstrap_servers", "requests_topic", "results_topic", "model", "model_name", "task", "device",
-                  "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms", "max_input_tokens", "cpu_workers",
-                  "max_in_flight")
+SETTINGS_FLAGS = ("bootstrap_servers", "requests_topic", "high_priority_topic", "results_topic", "model", "model_name",
+                  "task", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms", "max_input_tokens",
+                  "cpu_workers", "max_in_flight")
 
 
 def _settings(flags: dict):
@@ -87,12 +87,13 @@ def _margin_ms(text: str) -> int:
 
 
 @click.group("replay", invoke_without_command=True)
-@click.option("--topic", help="Source topic (default: the requests topic).")
+@click.option("--topic", help="Only this source topic (default: both tiers' request topics, high and normal).")
 @click.option("--since", help="Window start: ISO 8601 (2026-11-23T10:00:00+01:00), naive in --tz, -2h, now.")
 @click.option("--until", help="Window end (exclusive), same forms as --since (default: the end, snapshotted now).")
 @click.option("--tz", help="IANA time zone for naive --since/--until (default UTC), e.g. Europe/Berlin.")
-@click.option("--offsets", help='Offsets per partition, half-open: "0:100-200,3:0-50" (also "4:7-", "5").')
-@click.option("--partitions", help="Only these partitions, e.g. 0,2.")
+@click.option("--offsets", help='Offsets per partition, half-open: "0:100-200,3:0-50" (also "4:7-", "5"); '
+                                 'name the topic ("inferlog.requests.high:0:5-9") unless --topic chose one.')
+@click.option("--partitions", help="Only these partitions of each topic, e.g. 0,2.")
 @click.option("--out", help="Write results to FILE.parquet or FILE.jsonl.")
 @click.option("--to-topic", help="Write results to this topic, exactly once (created if missing).")
 @click.option("--deadletter-topic", help="Dead letters of a --to-topic run (default: NAME.deadletter).")
@@ -105,6 +106,7 @@ def _margin_ms(text: str) -> int:
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @click.option("--bootstrap-servers", help="[INFERLOG_BOOTSTRAP_SERVERS]")
 @click.option("--requests-topic", hidden=True)
+@click.option("--high-priority-topic", hidden=True)
 @click.option("--results-topic", help="Where the original results are, for --compare [INFERLOG_RESULTS_TOPIC].")
 @click.option("--model", help="Model to replay with (default: the worker's, INFERLOG_MODEL).")
 @click.option("--model-name", help="Name the replayed results carry.")
@@ -125,12 +127,14 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
     """Run a window of the request log through the worker's engine again.
 
     The window is bounded when the run starts and read by manual assignment (the live
-    group's offsets never move). A run interrupted by SIGINT/SIGTERM or a crash continues
-    with `--resume RUN_ID` without reprocessing or skipping a record.
+    group's offsets never move). It covers both tiers' request topics unless --topic
+    names one; the summary line says how many records came from each. A run interrupted
+    by SIGINT/SIGTERM or a crash continues with `--resume RUN_ID` without reprocessing or
+    skipping a record.
 
     \b
       inferlog replay --since 2026-11-23T10:00+01:00 --until 2026-11-23T11:00+01:00 --out r.parquet
-      inferlog replay --offsets 0:100-200,3:0-50 --to-topic audit.replay --compare
+      inferlog replay --topic inferlog.requests --offsets 0:100-200,3:0-50 --to-topic audit.replay --compare
       inferlog replay --resume r20261123-101500-ab12cd
       inferlog replay compare --run-id r20261123-101500-ab12cd --format json
     """
@@ -151,10 +155,11 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
                 summary = rr.resume(settings, resume_id, stop=stop, **kw)
         else:
             output = rr.output_spec(out, to_topic, deadletter_topic)
-            window = resolve_window(settings, topic or settings.requests_topic, since=since, until=until, tz=tz,
+            window = resolve_window(settings, topic or settings.request_topics, since=since, until=until, tz=tz,
                                     offsets=offsets, partitions=partitions)
             if window.total == 0:
-                raise rr.ReplayError(f"the window of {window.topic} is empty: nothing to replay, nothing written")
+                raise rr.ReplayError(f"the window of {', '.join(window.topics)} is empty: nothing to replay, "
+                                     f"nothing written")
             from inferlog.consumer.cli import build_runner
 
             runner = build_runner(settings)

@@ -1,8 +1,9 @@
 """Drift: how a replay's results differ from the results originally emitted.
 
-The originals are the live results (replay_run_id null) whose source position lies in the
-replayed window, read from the results topic over the window's time span plus a margin
-(a result is written after its request, later when the workers lagged). The two sides
+The originals are the live results (replay_run_id null) whose source position (topic,
+partition, offset: on either tier's request topic) lies in the replayed window, read from
+the results topic over the window's time span plus a margin (a result is written after
+its request, later when the workers lagged). The two sides
 are joined by request_id and compared per task: embeddings by cosine similarity,
 classifications by label, generations by text.
 """
@@ -24,9 +25,7 @@ ONE = 1e-6  # cosine within this of 1 counts as "== 1" (float32 vectors never su
 
 # -- collecting both sides ---------------------------------------------------------------------
 def _in_window(window: Window, src: dict) -> bool:
-    if src["topic"] != window.topic:
-        return False
-    return any(r.partition == src["partition"] and r.start <= src["offset"] < r.end for r in window.ranges)
+    return window.contains(src["topic"], src["partition"], src["offset"])
 
 
 def read_results(settings, topic: str, *, since_ms: int | None = None, until_ms: int | None = None) -> list[dict]:
@@ -283,7 +282,8 @@ def compare(original: list[dict], replayed: list[dict], *, top: int = 10, replay
             t["differing"] += 1
             src = a["source"]
             divergent.append({"request_id": rid, "task": task, "divergence": d.divergence, "detail": d.detail,
-                              "outcome": d.outcome, "partition": src["partition"], "offset": src["offset"]})
+                              "outcome": d.outcome, "topic": src["topic"], "partition": src["partition"],
+                              "offset": src["offset"]})
     for task, t in tasks.items():
         cos, mad, lab, txt = t.pop("_cos"), t.pop("_mad"), t.pop("_lab"), t.pop("_txt")
         if cos:
@@ -339,9 +339,10 @@ def format_report(report: dict) -> str:
     if shown:
         shown_of = f"{len(shown)} shown; " if differing > len(shown) else ""
         lines += ["", f"most divergent ({shown_of}{differing} of {compared} compared differ):"]
-        lines += _table(("request_id", "task", "p@offset", "divergence", "detail"),
-                        [(d["request_id"], d["task"], f"{d['partition']}@{d['offset']}", f"{d['divergence']:.6f}",
-                          d["detail"]) for d in shown])
+        # a position needs its topic: the window may cover both tiers
+        lines += _table(("request_id", "task", "source", "divergence", "detail"),
+                        [(d["request_id"], d["task"], f"{d['topic']} {d['partition']}@{d['offset']}",
+                          f"{d['divergence']:.6f}", d["detail"]) for d in shown])
     elif compared and not differing:
         how = "exact" if exact == compared else f"within tolerance, {exact} exact"
         lines += ["", f"most divergent: none (all {compared} compared {how})"]

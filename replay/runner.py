@@ -13,7 +13,8 @@ checkpoint, without reprocessing or skipping a record:
                 done the parts are merged into the output file (written aside, renamed).
 
 Every run keeps <state_dir>/<run_id>/checkpoint.json with everything --resume needs: the
-window, the settings that shape results (model, batching, limits) and the output.
+window (by default both tiers' request topics), the settings that shape results (model,
+batching, limits) and the output. Progress is kept per (topic, partition).
 """
 from __future__ import annotations
 
@@ -34,14 +35,17 @@ from inferlog.codec import DEADLETTER, RESULT, Codec
 from inferlog.consumer.emit import CommitAborted
 from inferlog.errors import FatalError, InferlogError
 
-from .window import PartitionRange, Window, WindowReader, now_ms, window_consumer
+from .window import Window, WindowReader, now_ms, window_consumer
 
 log = logging.getLogger(__name__)
+
+VERSION = 2  # of checkpoint.json; 1: one topic, offsets keyed by partition; 2: by topic, then partition
 
 # settings that change what a replayed result says: stored in the checkpoint, restored on resume
 SHAPING = ("model", "model_name", "task", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms",
            "max_inputs", "max_input_bytes", "max_input_tokens", "max_new_tokens_limit", "default_max_new_tokens",
-           "framing", "requests_topic", "results_topic", "cpu_workers", "max_in_flight", "pipeline_depth")
+           "framing", "requests_topic", "high_priority_topic", "results_topic", "cpu_workers", "max_in_flight",
+           "pipeline_depth")
 FILE_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
 
@@ -103,6 +107,18 @@ class Checkpoint:
     def output(self) -> dict:
         return self.data["output"]
 
+    def done_offsets(self) -> dict[tuple[str, int], int]:
+        """{(topic, partition): first offset not done}, as the file says (a file output's progress)."""
+        return {(t, int(p)): off for t, parts in self.data["offsets"].items() for p, off in parts.items()}
+
+    def advance(self, commits: dict, results: int, dead_letters: int) -> None:
+        """Move the offsets past a commit's records, add its outputs to the totals, save."""
+        for (t, p), off in commits.items():
+            self.data["offsets"].setdefault(t, {})[str(p)] = off
+        self.data["counts"]["results"] += results
+        self.data["counts"]["dead_letters"] += dead_letters
+        self.save()
+
     def save(self) -> None:
         write_atomic(self.path, json.dumps(self.data, indent=1).encode())
 
@@ -114,9 +130,9 @@ class Checkpoint:
         if (d / "checkpoint.json").exists():
             raise ReplayError(f"replay run {run_id!r} exists in {state_dir}; continue it with --resume {run_id}")
         d.mkdir(parents=True, exist_ok=True)
-        ck = cls(d / "checkpoint.json", {"version": 1, "run_id": run_id, "created_at": now_ms(), "status": "running",
-                                         "offsets": {}, "parts": [], "counts": {"results": 0, "dead_letters": 0},
-                                         **data})
+        ck = cls(d / "checkpoint.json", {"version": VERSION, "run_id": run_id, "created_at": now_ms(),
+                                         "status": "running", "offsets": {}, "parts": [],
+                                         "counts": {"results": 0, "dead_letters": 0}, **data})
         ck.save()
         return ck
 
@@ -124,9 +140,15 @@ class Checkpoint:
     def load(cls, state_dir: Path, run_id: str) -> "Checkpoint":
         path = Path(state_dir) / run_id / "checkpoint.json"
         try:
-            return cls(path, json.loads(path.read_text()))
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ReplayError(f"no replay run {run_id!r} in {state_dir} (set --state-dir or INFERLOG_REPLAY_DIR)") from None
+        if data.get("version", 1) == 1:  # one topic: its offsets were keyed by partition alone
+            topic = data["window"]["topic"]
+            data["offsets"] = {topic: data["offsets"]} if data["offsets"] else {}
+            data["window"] = Window.from_dict(data["window"]).to_dict()
+            data["version"] = VERSION  # written so on the next save
+        return cls(path, data)
 
 
 # -- file rows -------------------------------------------------------------------------------
@@ -211,9 +233,6 @@ class FileSink:
             if stray.name not in listed:
                 stray.unlink()
 
-    def start_offsets(self, window: Window) -> dict[int, int]:
-        return {int(p): off for p, off in self.ck.data["offsets"].items()}
-
     def commit(self, outputs, commits: dict) -> None:
         rows = [dead_letter_row(self.codec.decode(o.value, expect=DEADLETTER)) if o.dead
                 else result_row(self.codec.decode(o.value, expect=RESULT)) for o in outputs]
@@ -226,11 +245,8 @@ class FileSink:
             _fsync_dir(self.parts)
             data["parts"].append(name)
         # 2. ... before the checkpoint that lists it and moves the offsets past its records
-        data["offsets"].update({str(p): off for (_, p), off in commits.items()})
         dead = sum(r["kind"] == "deadletter" for r in rows)
-        data["counts"]["results"] += len(rows) - dead
-        data["counts"]["dead_letters"] += dead
-        self.ck.save()
+        self.ck.advance(commits, len(rows) - dead, dead)
 
     def finish(self) -> None:
         """Merge the listed parts into the output file, then forget the parts."""
@@ -272,10 +288,6 @@ class TopicSink:
         # so the committed offsets read next are final
         self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback)
 
-    def start_offsets(self, window: Window) -> dict[int, int]:
-        tps = [TopicPartition(window.topic, r.partition) for r in window.ranges]
-        return {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=30) if tp.offset >= 0}
-
     def commit(self, outputs, commits: dict) -> None:
         try:
             self.emitter.commit(outputs, commits)
@@ -283,12 +295,8 @@ class TopicSink:
             raise ReplayError(f"a transaction was aborted ({e}); continue with --resume {self.ck.run_id}") from e
         # the committed offsets in Kafka are the checkpoint; the file keeps the run's totals for
         # the summary (after a crash they may miss the last transactions, never the records)
-        data = self.ck.data
-        data["offsets"].update({str(p): off for (_, p), off in commits.items()})
         dead = sum(o.dead for o in outputs)
-        data["counts"]["results"] += len(outputs) - dead
-        data["counts"]["dead_letters"] += dead
-        self.ck.save()
+        self.ck.advance(commits, len(outputs) - dead, dead)
 
     def finish(self) -> None:
         self.ck.data["status"] = "done"
@@ -313,6 +321,7 @@ class Summary:
     counts: dict = field(default_factory=dict)  # the whole run's results and dead letters
     done: int = 0  # the whole run's records done so far, of `total`
     total: int = 0
+    topics: dict = field(default_factory=dict)  # {topic: (done, total)}: every topic the window covers
 
     @property
     def rate(self) -> float:
@@ -322,16 +331,28 @@ class Summary:
         """What the CLI says at the end: the whole run, then this invocation."""
         c = self.counts
         where = self.output.get("path") or self.output.get("topic")
+        topics = ", ".join(f"{t} {d:,}/{n:,}" for t, (d, n) in self.topics.items())
         text = (f"replay {self.run_id} {self.status}: {self.done:,} of {self.total:,} records, "
                 f"{c.get('results', 0):,} results, {c.get('dead_letters', 0):,} dead letters in all -> {where}; "
+                f"from {topics}; "
                 f"this run {self.records:,} records in {self.seconds:.1f} s ({self.rate:.1f} rec/s)")
         if self.status != "done" and self.output.get("kind") == "file":
             text += "; the file is written when the run completes"
         return text
 
 
-def records_done(ck: Checkpoint, done_to: dict[int, int]) -> int:
-    return sum(max(0, min(done_to.get(r.partition, r.start), r.end) - r.start) for r in ck.window.ranges)
+def topic_progress(window: Window, done_to: dict[tuple[str, int], int]) -> dict[str, tuple[int, int]]:
+    """{topic: (records done, records in the window)} for every topic of the window, in its order."""
+    out = dict.fromkeys(window.topics, (0, 0))
+    for r in window.ranges:
+        d, n = out[r.topic]
+        out[r.topic] = (d + r.done(done_to.get(r.tp)), n + r.size)
+    return out
+
+
+def records_done(ck: Checkpoint, done_to: dict[tuple[str, int], int]) -> int:
+    """Records of the run's window before `done_to` {(topic, partition): offset}."""
+    return sum(d for d, _ in topic_progress(ck.window, done_to).values())
 
 
 def output_spec(out: str | None, to_topic: str | None, deadletter_topic: str | None) -> dict:
@@ -362,8 +383,7 @@ def start(settings, window: Window, output: dict, *, run_id: str | None = None, 
     run_id = run_id or new_run_id()
     state_dir = Path(state_dir or default_state_dir())
     if window.total == 0:
-        raise ReplayError(f"the window is empty: no records of {window.topic} in it "
-                          f"({', '.join(f'{r.partition}:{r.start}-{r.end}' for r in window.ranges)})")
+        raise ReplayError(f"the window is empty: no records of {', '.join(window.topics)} in it ({window.spec()})")
     if (state_dir / run_id / "checkpoint.json").exists():
         raise ReplayError(f"replay run {run_id!r} exists in {state_dir}; continue it with --resume {run_id}")
     if output["kind"] == "file" and Path(output["path"]).exists() and not force:
@@ -408,8 +428,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
     engine = sink = None
     try:
         done_to = _done_offsets(consumer, ck)
-        todo = Window(window.topic, tuple(PartitionRange(r.partition, max(r.start, done_to.get(r.partition, r.start)),
-                                                         r.end) for r in window.ranges), window.since_ms, window.until_ms)
+        todo = window.rest(done_to)
         if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
             if ck.data["status"] != "done":
                 (FileSink(ck, Codec.from_settings(s)).finish() if o["kind"] == "file" else _mark_done(ck))
@@ -428,7 +447,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         runner.warmup()
         reader = WindowReader(s, todo, consumer=consumer)
         for r in todo.ranges:
-            engine.assign((todo.topic, r.partition))
+            engine.assign(r.tp)
         every = checkpoint_s if checkpoint_s is not None else (
             max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
         status, records, seconds, position = _loop(s, engine, reader, sink, window, todo, stop or threading.Event(),
@@ -444,14 +463,13 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
     return _summary(ck, status, records, engine.counts, seconds, {**done_to, **position}, runner)
 
 
-def _done_offsets(consumer, ck: Checkpoint) -> dict[int, int]:
-    """Where each partition of the window is done to: the run group's committed offsets
-    (topic output: they went in its transactions) or the checkpoint file's."""
+def _done_offsets(consumer, ck: Checkpoint) -> dict[tuple[str, int], int]:
+    """Where each (topic, partition) of the window is done to: the run group's committed
+    offsets (topic output: they went in its transactions) or the checkpoint file's."""
     if ck.output["kind"] == "file":
-        return {int(p): off for p, off in ck.data["offsets"].items()}
-    w = ck.window
-    tps = [TopicPartition(w.topic, r.partition) for r in w.ranges]
-    return {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=30) if tp.offset >= 0}
+        return ck.done_offsets()
+    tps = [TopicPartition(r.topic, r.partition) for r in ck.window.ranges]
+    return {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=30) if tp.offset >= 0}
 
 
 def _mark_done(ck: Checkpoint) -> None:
@@ -460,13 +478,14 @@ def _mark_done(ck: Checkpoint) -> None:
 
 
 def _summary(ck: Checkpoint, status, records, counts, seconds, done_to, runner) -> Summary:
+    w = ck.window
     return Summary(ck.run_id, status, records, counts["results"], counts["dead_letters"], seconds, ck.output,
                    str(ck.path), runner.info.name if runner is not None else ck.data.get("model_name", ""),
-                   dict(ck.data["counts"]), records_done(ck, done_to), ck.window.total)
+                   dict(ck.data["counts"]), records_done(ck, done_to), w.total, topic_progress(w, done_to))
 
 
 def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_after, every, progress, run_id):
-    position = {r.partition: r.start for r in todo.ranges}
+    position = {r.tp: r.start for r in todo.ranges}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -482,8 +501,8 @@ def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_afte
         last = time.monotonic()
         if commits:
             sink.commit(outputs, commits)
-            n = sum(off - position[p] for (_, p), off in commits.items())
-            position.update({p: off for (_, p), off in commits.items()})
+            n = sum(off - position[tp] for tp, off in commits.items())
+            position.update(commits)
             records += n
             if bar is not None:
                 bar.update(n)

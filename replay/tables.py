@@ -1,13 +1,16 @@
 """Kafka -> Arrow: the records of a time window of the requests, results and dead-letter
 topics as flat tables (the shape `audit sql` queries and `audit export` writes).
 
-Every table ends with the record's Kafka position (topic, partition, offset, kafka_ts, key).
+The requests table holds both tiers' request topics. Every table has a `tier` column (high
+or normal: the tier of the request, which is its topic) and ends with the record's Kafka
+position (topic, partition, offset, kafka_ts, key).
 A window's edges are exact per record: offsets_for_times only cuts the offsets coarsely, so
 records whose own timestamp falls outside [since, until) (producers may stamp out of order)
 are dropped here.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -22,6 +25,7 @@ TS = pa.timestamp("ms", tz="UTC")
 STR, I32, I64, F32 = pa.string(), pa.int32(), pa.int64(), pa.float32()
 PROGRESS_MIN = 20_000  # records in a window above which loading shows a progress bar
 
+TIER = ("tier", STR)
 POSITION = (("topic", STR), ("partition", I32), ("offset", I64), ("kafka_ts", TS), ("key", STR))
 
 
@@ -58,16 +62,25 @@ class TableSpec:
     record: str  # the Avro record its topic carries
     fields: tuple[tuple[str, pa.DataType], ...]
     row: Callable[[dict], tuple]  # decoded record -> values of `fields`, in order
+    request_topic: Callable[[dict, object], str]  # (decoded record, message) -> the request's topic: its tier
 
     def schema(self, drop: Iterable[str] = ()) -> pa.Schema:
-        return pa.schema([f for f in (*self.fields, *POSITION) if f[0] not in drop])
+        return pa.schema([f for f in (*self.fields, TIER, *POSITION) if f[0] not in drop])
+
+
+def _own_topic(rec: dict, msg) -> str:
+    return msg.topic()
+
+
+def _source_topic(rec: dict, msg) -> str:
+    return rec["source"]["topic"]
 
 
 REQUESTS = TableSpec("requests", REQUEST, (
     ("request_id", STR), ("tenant", STR), ("task", STR), ("model", STR), ("n_inputs", I32),
     ("inputs", pa.list_(STR)), ("max_new_tokens", I32), ("temperature", F32), ("top_p", F32), ("seed", I64),
     ("created_at", TS), ("priority", I32), ("deadline", TS), ("metadata", pa.map_(STR, STR)),
-), _request)
+), _request, _own_topic)
 
 RESULTS = TableSpec("results", RESULT, (
     ("request_id", STR), ("tenant", STR), ("task", STR), ("status", STR), ("error", STR),
@@ -77,13 +90,13 @@ RESULTS = TableSpec("results", RESULT, (
     ("batch_id", STR), ("batch_size", I32), ("batch_tokens", I32), ("worker_id", STR), ("replay_run_id", STR),
     ("n_outputs", I32), ("texts", pa.list_(STR)), ("labels", pa.list_(STR)), ("scores", pa.list_(F32)),
     ("embedding_dim", I32), ("embeddings", pa.list_(pa.list_(F32))),
-), _result)
+), _result, _source_topic)
 
 DEAD_LETTERS = TableSpec("dead_letters", DEADLETTER, (
     ("request_id", STR), ("tenant", STR), ("reason", STR), ("detail", STR),
     ("source_topic", STR), ("source_partition", I32), ("source_offset", I64), ("failed_at", TS),
     ("worker_id", STR), ("replay_run_id", STR), ("value", pa.binary()),
-), _dead_letter)
+), _dead_letter, _source_topic)
 
 SPECS = (REQUESTS, RESULTS, DEAD_LETTERS)
 VECTORS = ("embeddings",)  # heavy (dim floats per output): only loaded when asked for
@@ -120,12 +133,14 @@ def in_window(ts: int, since_ms: int | None, until_ms: int | None) -> bool:
 class TableBuilder:
     """Decoded rows of one spec, turned into Arrow batches every CHUNK rows so that a big
     window is held as columns, not Python objects. Records that do not decode as the spec
-    are counted and skipped (on the requests topic they are the dead letters' business)."""
+    are counted and skipped (on the requests topic they are the dead letters' business).
+    `tier_of` (Settings.tier_of) names a request topic's tier; without it `tier` is NULL."""
 
     CHUNK = 50_000
 
-    def __init__(self, spec: TableSpec, codec: Codec | None, drop: tuple[str, ...] = ()):
-        self.spec, self.codec = spec, codec
+    def __init__(self, spec: TableSpec, codec: Codec | None, drop: tuple[str, ...] = (),
+                 tier_of: Callable[[str], str] | None = None):
+        self.spec, self.codec, self.tier_of = spec, codec, tier_of
         self.schema = spec.schema(drop)
         self._keep = [i for i, f in enumerate(spec.schema()) if f.name not in drop]
         self._rows: list[tuple] = []
@@ -133,6 +148,7 @@ class TableBuilder:
         self.rows = 0  # rows kept
         self.read = 0  # records fetched from Kafka
         self.undecodable = 0
+        self.by_topic: Counter = Counter()  # rows kept, per topic read
 
     def add(self, msg, since_ms: int | None = None, until_ms: int | None = None) -> None:
         self.read += 1
@@ -145,10 +161,13 @@ class TableBuilder:
             self.undecodable += 1
             return
         key = msg.key()
-        row = (*self.spec.row(identify(rec, self.codec)), msg.topic(), msg.partition(), msg.offset(), ts,
+        rec = identify(rec, self.codec)
+        tier = self.tier_of(self.spec.request_topic(rec, msg)) if self.tier_of else None
+        row = (*self.spec.row(rec), tier, msg.topic(), msg.partition(), msg.offset(), ts,
                key.decode("utf-8", "replace") if key is not None else None)
         self._rows.append(tuple(row[i] for i in self._keep))  # dropped columns (vectors) are not held
         self.rows += 1
+        self.by_topic[msg.topic()] += 1
         if len(self._rows) >= self.CHUNK:
             self._flush()
 
@@ -172,7 +191,7 @@ def load_tables(settings, sources: list[tuple[TableSpec, list[str]]], since_ms: 
     progress None: a bar (stderr) only for big windows."""
     windows = [(spec, resolve_window(settings, t, since=since_ms, until=until_ms))
                for spec, topics in sources for t in topics]
-    builders = {spec.name: TableBuilder(spec, codec, drop) for spec, _ in sources}
+    builders = {spec.name: TableBuilder(spec, codec, drop, settings.tier_of) for spec, _ in sources}
     for spec, w in windows:
         b = builders[spec.name]
         show = w.total >= PROGRESS_MIN if progress is None else progress and w.total > 0

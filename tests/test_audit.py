@@ -1,6 +1,6 @@
 """Audit against the real broker and the real default model: one module-wide log of
-requests, answered by a real worker in three phases (so that time windows can be exact),
-then looked up, queried with SQL and exported."""
+requests on both tiers' topics, answered by a real worker in three phases (so that time
+windows can be exact), then looked up, queried with SQL and exported."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,7 @@ PHASE_A = {"acme": 120, "globex": 90, "initech": 60}
 PHASE_B = {"umbrella": 24}
 PHASE_C = {"acme": 60, "hooli": 60}
 BAD_B = 2  # requests of phase B that become dead letters (INVALID_REQUEST)
+HIGH_EVERY = 4  # every 4th request of a tenant is sent with a high priority: the high tier's topic
 
 
 @dataclass
@@ -43,17 +44,23 @@ class World:
     t1: int  # phase B starts
     t2: int  # phase B and its outputs are done
     t3: int  # after everything
-    requests: dict  # request_id -> (partition, offset, record)
+    requests: dict  # request_id -> (topic, partition, offset, record)
     results: dict  # request_id -> decoded result
     dead: dict  # request_id -> decoded dead letter
     phase_b: set
     bad: set
+    high: set  # request ids on the high tier's topic
     replay: str  # a replay's results topic (3 partitions), with its .deadletter topic
 
     def args(self, *extra) -> list[str]:
         s = self.settings
-        return [*extra, "--bootstrap-servers", s.bootstrap_servers, "--requests-topic", s.requests_topic,
-                "--results-topic", s.results_topic, "--deadletter-topic", s.deadletter_topic]
+        return [*extra, *topic_args(s)]
+
+
+def topic_args(s) -> list[str]:
+    return ["--bootstrap-servers", s.bootstrap_servers, "--requests-topic", s.requests_topic,
+            "--high-priority-topic", s.high_priority_topic, "--results-topic", s.results_topic,
+            "--deadletter-topic", s.deadletter_topic]
 
 
 def _tick() -> int:
@@ -66,7 +73,8 @@ def _tick() -> int:
 
 def _submit(settings, counts: dict[str, int], phase: str) -> list[str]:
     with Producer(settings) as p:
-        return [p.submit("embed", f"{phase}: {tenant} asks question {i} about a late parcel", tenant=tenant)
+        return [p.submit("embed", f"{phase}: {tenant} asks question {i} about a late parcel", tenant=tenant,
+                         priority=5 * (i % HIGH_EVERY == 1))
                 for tenant, n in counts.items() for i in range(n)]
 
 
@@ -74,8 +82,9 @@ def _submit(settings, counts: dict[str, int], phase: str) -> list[str]:
 def world(kafka) -> World:
     tag = unique("audit")
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.requests",
-                      results_topic=f"{tag}.results", deadletter_topic=f"{tag}.deadletter", partitions=6,
-                      group_id=f"{tag}.workers", worker_id=f"{tag}.w0", max_wait_ms=5)
+                      high_priority_topic=f"{tag}.requests.high", results_topic=f"{tag}.results",
+                      deadletter_topic=f"{tag}.deadletter", partitions=6, group_id=f"{tag}.workers",
+                      worker_id=f"{tag}.w0", max_wait_ms=5)
     ensure_topics(s)
     codec = Codec.from_settings(s)
     runner = load_runner(default_model_path(), device="cpu")
@@ -96,14 +105,16 @@ def world(kafka) -> World:
         wait_until(lambda: output_count(s) >= n, timeout=120, what="phase C")
         t3 = _tick()
     requests = {}
-    for r in read_all(s, s.requests_topic):
+    for r in read_all(s, s.requests_topic) + read_all(s, s.high_priority_topic):
         rec = codec.decode(r.value, expect=REQUEST)
-        requests[rec["request_id"]] = (r.partition, r.offset, rec)
+        requests[rec["request_id"]] = (r.topic, r.partition, r.offset, rec)
     results = {d["request_id"]: d for d in (codec.decode(r.value, expect=RESULT) for r in read_all(s, s.results_topic))}
-    at = {(p, o): rid for rid, (p, o, _) in requests.items()}
-    dead = {at[d["source"]["partition"], d["source"]["offset"]]: d
+    at = {(t, p, o): rid for rid, (t, p, o, _) in requests.items()}
+    dead = {at[d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]]: d
             for d in (codec.decode(r.value, expect=DEADLETTER) for r in read_all(s, s.deadletter_topic))}
     assert len(results) + len(dead) == len(requests) == n
+    high = {rid for rid, (t, *_) in requests.items() if t == s.high_priority_topic}
+    assert high and high <= set(results), "the worker answers the high tier too"
     # a replay of phase B to other topics, as `inferlog replay --to-topic` writes it
     replay = f"{tag}.replay"
     ensure_topics(s, [replay, f"{replay}.deadletter"], partitions=3)
@@ -114,7 +125,7 @@ def world(kafka) -> World:
     for rid in dead:
         p.produce(f"{replay}.deadletter", codec.encode(DEADLETTER, {**dead[rid], "replay_run_id": "run-1"}), rid.encode())
     assert p.flush(30) == 0
-    return World(s, t0, t1, t2, t3, requests, results, dead, set(b), set(dead), replay)
+    return World(s, t0, t1, t2, t3, requests, results, dead, set(b), set(dead), high, replay)
 
 
 def invoke(cmd, args):
@@ -145,7 +156,8 @@ class FakeMessage:
 def test_table_builder_keeps_the_exact_window_in_arrow_batches(monkeypatch):
     codec = Codec()
     monkeypatch.setattr(TableBuilder, "CHUNK", 2)
-    b = TableBuilder(REQUESTS, codec)
+    tier_of = {"t": "high"}.get  # FakeMessage's topic is the high tier's
+    b = TableBuilder(REQUESTS, codec, tier_of=tier_of)
     reqs = [build_request("embed", [f"text {i}", "second"], tenant=f"t{i}") for i in range(5)]
     stamps = [99, 100, 150, 199, 200]  # window [100, 200)
     for i, (r, ts) in enumerate(zip(reqs, stamps)):
@@ -153,15 +165,16 @@ def test_table_builder_keeps_the_exact_window_in_arrow_batches(monkeypatch):
     b.add(FakeMessage(b"not avro", 150, 9), 100, 200)
     t = b.table()
     assert (b.read, b.rows, b.undecodable) == (6, 3, 1)
-    assert t.column("tenant").to_pylist() == ["t1", "t2", "t3"]
+    assert t.column("tenant").to_pylist() == ["t1", "t2", "t3"] and t.column("tier").to_pylist() == ["high"] * 3
     assert t.column("n_inputs").to_pylist() == [2, 2, 2] and t.column("offset").to_pylist() == [1, 2, 3]
     assert str(t.schema.field("kafka_ts").type) == "timestamp[ms, tz=UTC]"
     # an invalid request's dead letter has no request_id; the table reads it from the value
-    dead = {"source": {"topic": "t", "partition": 2, "offset": 7}, "reason": "INVALID_REQUEST", "detail": "d",
+    dead = {"source": {"topic": "other", "partition": 2, "offset": 7}, "reason": "INVALID_REQUEST", "detail": "d",
             "worker_id": "w", "failed_at": 150, "value": codec.encode(REQUEST, reqs[0])}
-    d = TableBuilder(DEAD_LETTERS, codec)
+    d = TableBuilder(DEAD_LETTERS, codec, tier_of=tier_of)
     d.add(FakeMessage(codec.encode(DEADLETTER, dead), 150, 0))
     assert d.table().column("request_id").to_pylist() == [reqs[0]["request_id"]]
+    assert d.table().column("tier").to_pylist() == [None], "a dead letter's tier is its source's"
 
 
 def test_format_table_and_durations():
@@ -178,32 +191,33 @@ def test_format_table_and_durations():
 
 
 # -- get ---------------------------------------------------------------------------------------
-def test_get_finds_a_request_on_any_partition_with_its_result(world):
+def test_get_finds_a_request_of_either_tier_on_any_partition_with_its_result(world):
     s = world.settings
-    first = {}  # partition -> a request answered with a result
-    for rid, (p, _, _) in world.requests.items():
+    first = {}  # (topic, partition) -> a request answered with a result
+    for rid, (t, p, _, _) in world.requests.items():
         if rid in world.results:
-            first.setdefault(p, rid)
-    assert sorted(first) == list(range(6)), "the requests should cover all 6 partitions"
-    for p in (0, 3, 5):
-        rid = first[p]
-        _, offset, _ = world.requests[rid]
+            first.setdefault((t, p), rid)
+    assert sorted(first) == sorted((t, p) for t in s.request_topics for p in range(6)), \
+        "the requests should cover all 6 partitions of both topics"
+    for t, p in ((s.requests_topic, 0), (s.requests_topic, 3), (s.high_priority_topic, 5)):
+        rid = first[t, p]
+        _, _, offset, _ = world.requests[rid]
         res = invoke(audit_get, world.args(rid, "--json"))
         assert res.exit_code == 0, res.output
         got = json.loads(res.stdout)
-        assert (got["request"]["partition"], got["request"]["offset"]) == (p, offset)
+        assert (got["request"]["topic"], got["request"]["partition"], got["request"]["offset"]) == (t, p, offset)
         assert got["request"]["record"]["request_id"] == rid and not got["dead_letters"]
         [r] = got["results"]
         # the worker's murmur2_random put the result where our murmur2 says
         assert r["partition"] == partition_for(rid.encode(), 6)
         rec = r["record"]
-        assert rec["source"] == {"topic": s.requests_topic, "partition": p, "offset": offset}
+        assert rec["source"] == {"topic": t, "partition": p, "offset": offset}
         assert rec["model"] == world.results[rid]["model"] and rec["model"]["name"] == "all-MiniLM-L6-v2"
         assert rec["timings"] == pytest.approx(world.results[rid]["timings"])
         assert rec["timings"]["created_at"] <= rec["timings"]["consumed_at"] <= rec["timings"]["completed_at"]
     # the block for people names the same things
-    rid = first[4]
-    _, offset, rec = world.requests[rid]
+    rid = first[s.requests_topic, 4]
+    _, _, offset, rec = world.requests[rid]
     t = world.results[rid]["timings"]
     res = invoke(audit_get, world.args(rid))
     assert res.exit_code == 0, res.output
@@ -231,7 +245,7 @@ def test_a_time_hint_narrows_the_read_to_a_few_records(world):
 def test_get_a_dead_lettered_request_scans_only_the_window(world):
     rid = sorted(world.bad)[0]
     found = lookup(world.settings, rid, since_ms=world.t1, until_ms=world.t2)
-    p, offset, _ = world.requests[rid]
+    _, p, offset, _ = world.requests[rid]
     assert (found.request.partition, found.request.offset) == (p, offset)
     assert not found.results
     [d] = found.dead_letters
@@ -320,6 +334,37 @@ def test_sql_windows_are_exact_at_their_edges(world):
     assert row == [str(len(world.phase_b) + BAD_B), str(len(world.phase_b)), str(BAD_B), "umbrella"]
 
 
+BY_TIER = """
+    SELECT q.tier, q.topic, count(*) AS requests, count(r.request_id) AS answered,
+           count(*) FILTER (WHERE r.tier = q.tier) AS same_tier
+    FROM requests q LEFT JOIN results r
+      ON r.source_topic = q.topic AND r.source_partition = q.partition AND r.source_offset = q.offset
+    GROUP BY ALL ORDER BY 1
+"""
+
+
+def test_both_tiers_are_in_every_table_joined_and_named_on_stderr(world, tmp_path):
+    s = world.settings
+    high, normal = len(world.high), len(world.requests) - len(world.high)
+    res = invoke(audit_sql, world.args(BY_TIER, "--since", world.t0, "--until", world.t3))
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.stdout.splitlines()[2:-1]]
+    assert rows == [["high", s.high_priority_topic, str(high), str(high), str(high)],
+                    ["normal", s.requests_topic, str(normal), str(normal - BAD_B), str(normal - BAD_B)]]
+    # which topics the window covered, on stderr: stdout is the answer alone
+    assert f"requests: {len(world.requests)} rows from {s.high_priority_topic} {high}, {s.requests_topic} {normal} " \
+        in res.stderr, res.stderr
+    assert f"results: {len(world.results)} rows from {s.results_topic} {len(world.results)} " in res.stderr
+    assert s.high_priority_topic not in res.stdout.splitlines()[0]
+    out = tmp_path / "lake"
+    res = invoke(audit_export, world.args("--since", world.t0, "--until", world.t3, "--out", out))
+    assert res.exit_code == 0, res.output
+    q, r = pq.read_table(out / "requests.parquet"), pq.read_table(out / "results.parquet")
+    assert Counter(q.column("tier").to_pylist()) == {"high": high, "normal": normal}
+    assert Counter(r.column("tier").to_pylist()) == {"high": high, "normal": normal - BAD_B}
+    assert set(q.column("request_id").to_pylist()) == set(world.requests)
+
+
 def test_out_of_order_timestamps_at_the_edges_are_filtered_per_record(settings):
     """offsets_for_times cuts by offset; a record stamped out of order inside that cut must still go."""
     codec = Codec.from_settings(settings)
@@ -334,9 +379,7 @@ def test_out_of_order_timestamps_at_the_edges_are_filtered_per_record(settings):
                       partition=part, timestamp=ts)
     assert p.flush(30) == 0
     q = "SELECT epoch_ms(kafka_ts) AS ts, count(*) AS n FROM requests GROUP BY 1 ORDER BY 1"
-    args = ["--bootstrap-servers", settings.bootstrap_servers, "--requests-topic", settings.requests_topic,
-            "--results-topic", settings.results_topic, "--deadletter-topic", settings.deadletter_topic,
-            "--since", since, "--until", until]
+    args = [*topic_args(settings), "--since", since, "--until", until]
     res = invoke(audit_sql, [q, *args])
     assert res.exit_code == 0, res.output
     rows = [line.split() for line in res.stdout.splitlines()[2:-1]]

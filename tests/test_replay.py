@@ -1,6 +1,7 @@
-"""Replay against the real broker and the real default model: a time window reproduces the
-live results and nothing outside it, a changed model shows up as drift, an interrupted run
-resumes without losing or repeating a record, and bad input writes nothing."""
+"""Replay against the real broker and the real default model: a time window of both tiers'
+request topics reproduces the live results and nothing outside it, a changed model shows up
+as drift, an interrupted run resumes without losing or repeating a record, and bad input
+writes nothing."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ PARTITIONS = 3
 class Log:
     settings: object
     groups: list[list[str]]  # request ids of the three groups, in produce order
+    high: set[str]  # those sent with a high priority: on the high tier's topic
     t1: int  # epoch ms between group 0 and 1
     t2: int  # between group 1 and 2
     end: int  # after group 2
@@ -46,11 +48,11 @@ def embed_runner():
     return load_runner(default_model_path(), device="cpu")
 
 
-def committed(s) -> dict[int, int]:
+def committed(s) -> dict[tuple[str, int], int]:
     c = Consumer(confluent_config(s, **{"group.id": s.group_id}))
     try:
-        tps = c.committed([TopicPartition(s.requests_topic, p) for p in range(PARTITIONS)], timeout=30)
-        return {tp.partition: tp.offset for tp in tps}
+        tps = c.committed([TopicPartition(t, p) for t in s.request_topics for p in range(PARTITIONS)], timeout=30)
+        return {(tp.topic, tp.partition): tp.offset for tp in tps}
     finally:
         c.close()
 
@@ -75,9 +77,11 @@ def committed_results(s, topic: str, n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def log(kafka, embed_runner) -> Log:
-    """Three groups of requests ~1.5 s apart, all answered by a live worker."""
+    """Three groups of requests ~1.5 s apart, a third of each on the high tier's topic, all
+    answered by a live worker."""
     tag = unique("replay")
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.requests",
+                      high_priority_topic=f"{tag}.requests.high",
                       results_topic=f"{tag}.results", deadletter_topic=f"{tag}.deadletter", partitions=PARTITIONS,
                       group_id=f"{tag}.workers", worker_id=f"{tag}.w0", max_batch_size=8, max_wait_ms=5)
     ensure_topics(s)
@@ -90,7 +94,8 @@ def log(kafka, embed_runner) -> Log:
                 time.sleep(0.75)
             # one request per group names the live model: a replay with another model still answers it
             groups.append([p.submit("embed", f"group {g} text {i}: the parcel arrived late",
-                                    model="all-MiniLM-L6-v2" if i == 0 else None) for i in range(n)])
+                                    model="all-MiniLM-L6-v2" if i == 0 else None, priority=5 * (i % 3 == 1))
+                           for i in range(n)])
             p.flush()
     time.sleep(0.5)
     end = int(time.time() * 1000)
@@ -99,7 +104,14 @@ def log(kafka, embed_runner) -> Log:
         wait_until(lambda: output_count(s) >= total, what="live results")
     originals = {r["request_id"]: r for r in results_of(s, s.results_topic)}
     assert len(originals) == total
-    return Log(s, groups, marks[0], marks[1], end, originals, committed(s))
+    high = {rid for g in groups for i, rid in enumerate(g) if i % 3 == 1}
+    assert {rid for rid, r in originals.items() if r["source"]["topic"] == s.high_priority_topic} == high
+    return Log(s, groups, high, marks[0], marks[1], end, originals, committed(s))
+
+
+def fullest(log: Log) -> int:
+    """The normal topic's partition with the most records (keys are random: at least 6 of 18)."""
+    return max(range(PARTITIONS), key=lambda p: log.live_offsets[(log.settings.requests_topic, p)])
 
 
 def vectors(results) -> dict[str, list[float]]:
@@ -119,8 +131,9 @@ def berlin(ms: int) -> str:
 
 def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed_runner, tmp_path):
     s = log.settings
-    window = resolve_window(s, s.requests_topic, since=berlin(log.t1), until=berlin(log.t2))
-    assert window.total == len(log.groups[1])
+    window = resolve_window(s, s.request_topics, since=berlin(log.t1), until=berlin(log.t2))
+    assert window.topics == (s.high_priority_topic, s.requests_topic)
+    assert window.total == len(log.groups[1]) and log.high & set(log.groups[1]), "both tiers in the window"
     naive = datetime.fromtimestamp(log.t1 / 1000, ZoneInfo("Europe/Berlin")).replace(tzinfo=None).isoformat()
     assert parse_time(naive, "Europe/Berlin") == parse_time(berlin(log.t1)) == log.t1
 
@@ -130,6 +143,7 @@ def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed
         assert summary.status == "done" and summary.records == window.total
         rows = rr.read_rows(tmp_path / name)
         assert {r["replay_run_id"] for r in rows} == {summary.run_id}
+        assert Counter(r["source_topic"] for r in rows) == {s.high_priority_topic: 4, s.requests_topic: 8}
         assert_reproduces(log, vectors(rr.row_result(r) for r in rows))
 
     target = unique("replayed")
@@ -171,6 +185,7 @@ def perturbed_model(tmp_path_factory):
 def cli_env(log: Log, tmp_path) -> dict:
     s = log.settings
     return {"INFERLOG_BOOTSTRAP_SERVERS": s.bootstrap_servers, "INFERLOG_REQUESTS_TOPIC": s.requests_topic,
+            "INFERLOG_HIGH_PRIORITY_TOPIC": s.high_priority_topic,
             "INFERLOG_RESULTS_TOPIC": s.results_topic, "INFERLOG_REPLAY_DIR": str(tmp_path / "state"),
             "INFERLOG_DEVICE": "cpu"}
 
@@ -182,10 +197,13 @@ def test_another_model_is_reported_as_drift(log, perturbed_model, tmp_path):
                                    "--json", str(tmp_path / "drift.json")], env=cli_env(log, tmp_path))
     assert res.exit_code == 0, res.output + res.stderr
     assert "warning: the original results of this window name all-MiniLM-L6-v2" in res.stderr
+    s = log.settings  # --since covers both tiers by default, and the summary says so
+    assert f"from {s.high_priority_topic} 4/4, {s.requests_topic} 8/8;" in res.stderr, res.stderr
     report = json.loads(res.stdout)
     assert report == json.loads((tmp_path / "drift.json").read_text())
     t = report["tasks"]["EMBED"]
     assert (t["compared"], t["missing_original"], t["missing_replay"], t["exact"]) == (12, 0, 0, 0)
+    assert {d["topic"] for d in report["most_divergent"]} <= set(s.request_topics)
     assert t["cosine"]["eq_1"] == 0 and t["cosine"]["lt_1"] == 12 and t["cosine"]["min"] < 1 - 1e-4
     assert report["replay_models"] == {"minilm-perturbed": 12}
     assert report["original_models"] == {"all-MiniLM-L6-v2": 12}
@@ -223,7 +241,7 @@ def test_a_model_of_another_width_is_a_dimension_mismatch(log, narrow_model, tmp
 @pytest.mark.parametrize("kind", ["file", "topic"])
 def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, tmp_path, kind):
     s = log.settings.with_overrides(max_batch_size=4)
-    window = resolve_window(s, s.requests_topic)
+    window = resolve_window(s, s.request_topics)  # both tiers: progress is kept per (topic, partition)
     everything = {rid for g in log.groups for rid in g}
     assert window.total == len(everything)
     target = unique("resumed")
@@ -234,6 +252,7 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
                      stop_after=5)
     assert first.status == "interrupted" and 5 <= first.records < window.total
     ck = rr.Checkpoint.load(state, "cut")
+    assert set(ck.data["offsets"]) <= set(s.request_topics) and rr.records_done(ck, ck.done_offsets()) == first.done
     if kind == "file":  # a part written after the last checkpoint, as a crash leaves it: must be ignored
         (ck.dir / "parts" / f"part-{len(ck.data['parts']) + 1:05d}.jsonl").write_text('{"junk": 1}\n')
         assert not (tmp_path / "all.jsonl").exists()
@@ -243,6 +262,7 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
         # the whole run's totals, then this invocation's
         assert f"replay cut done: {window.total:,} of {window.total:,} records" in res.stderr
         assert f"this run {window.total - first.records:,} records" in res.stderr
+        assert f"from {s.high_priority_topic} {len(log.high)}/{len(log.high)}, " in res.stderr
     else:
         second = rr.resume(s, "cut", runner=embed_runner, state_dir=state, checkpoint_s=0)
         assert second.status == "done" and first.records + second.records == window.total
@@ -264,6 +284,7 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
     (["--since", "2099-01-01T00:00:00+01:00"], "in the future"),
     (["--since", "SINCE", "--model", "/nonexistent/model"], "cannot load model"),
     (["--offsets", "0:5-3"], "end before start"),
+    (["--offsets", "0:0-1"], "names no topic"),  # both tiers: an offset needs its topic
 ])
 @pytest.mark.parametrize("output", ["file", "topic"])
 def test_bad_input_fails_clearly_and_writes_nothing(log, tmp_path, args, message, output):
@@ -288,8 +309,21 @@ def test_window_errors(log):
         parse_time("yesterday-ish")
     w = resolve_window(s, s.requests_topic, partitions="0,2")
     assert [r.partition for r in w.ranges] == [0, 2]
-    w = resolve_window(s, s.requests_topic, offsets="1:1-3")
-    assert [(r.partition, r.start, r.end) for r in w.ranges] == [(1, 1, 3)] and w.total == 2
+    p = fullest(log)
+    w = resolve_window(s, s.requests_topic, offsets=f"{p}:1-3")
+    assert [(r.partition, r.start, r.end) for r in w.ranges] == [(p, 1, 3)] and w.total == 2
+    # both tiers: --partitions applies to each topic, and an offset names its topic
+    high, normal = s.request_topics
+    w = resolve_window(s, s.request_topics, partitions="1")
+    assert [r.tp for r in w.ranges] == [(high, 1), (normal, 1)]
+    w = resolve_window(s, s.request_topics, offsets=f"{high}:0:0-1,{normal}:2")
+    assert w.topics == (high, normal) and [(r.tp, r.start, r.end) for r in w.ranges][0] == ((high, 0), 0, 1)
+    assert [r.tp for r in w.ranges] == [(high, 0), (normal, 2)]
+    assert resolve_window(s, s.request_topics, offsets=f"{high}:0").topics == (high,), "only the topics named"
+    with pytest.raises(WindowError, match="names no topic"):
+        resolve_window(s, s.request_topics, offsets="0:0-1")
+    with pytest.raises(WindowError, match="not one of the window's"):
+        resolve_window(s, normal, offsets=f"{high}:0:0-1")
 
 
 class BrokenDevice:
@@ -313,7 +347,7 @@ class BrokenDevice:
 @pytest.mark.parametrize("kind", ["file", "topic"])
 def test_a_device_failure_stops_replay_with_a_resumable_checkpoint(log, embed_runner, tmp_path, kind):
     s = log.settings.with_overrides(max_batch_size=2, pipeline_depth=1)
-    window = resolve_window(s, s.requests_topic)
+    window = resolve_window(s, s.request_topics)
     target = unique("broken")
     output = rr.output_spec(str(tmp_path / "all.jsonl"), None, None) if kind == "file" else \
         rr.output_spec(None, target, None)
@@ -322,7 +356,7 @@ def test_a_device_failure_stops_replay_with_a_resumable_checkpoint(log, embed_ru
         rr.start(s, window, output, runner=BrokenDevice(embed_runner, good=3), state_dir=state, run_id="broken",
                  checkpoint_s=0)
     ck = rr.Checkpoint.load(state, "broken")
-    done_first = rr.records_done(ck, {int(p): o for p, o in ck.data["offsets"].items()})
+    done_first = rr.records_done(ck, ck.done_offsets())
     assert 0 < done_first < window.total, "what finished before the fault is kept"
     second = rr.resume(s, "broken", runner=embed_runner, state_dir=state, checkpoint_s=0)
     assert second.status == "done" and second.done == window.total
@@ -345,7 +379,7 @@ def test_sigint_mid_replay_stops_soon_keeps_what_finished_and_resume_reports_the
     env = {**__import__("os").environ, **cli_env(log, tmp_path), "INFERLOG_MAX_BATCH_SIZE": "2",
            "INFERLOG_FAULT_SLOW_MS": "300", "INFERLOG_FAULT_SLOW_RATE": "1"}
     out = tmp_path / "all.jsonl"
-    window = resolve_window(log.settings, log.settings.requests_topic)
+    window = resolve_window(log.settings, log.settings.request_topics)
     proc = subprocess.Popen([sys.executable, "-m", "inferlog.cli", "replay", "--out", str(out), "--run-id", "ctrlc",
                              "--checkpoint-interval", "0.2"], env=env, stderr=subprocess.PIPE, text=True)
     parts = tmp_path / "state" / "ctrlc" / "parts"
@@ -354,7 +388,7 @@ def test_sigint_mid_replay_stops_soon_keeps_what_finished_and_resume_reports_the
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     ck = rr.Checkpoint.load(tmp_path / "state", "ctrlc")
-    done_first = rr.records_done(ck, {int(p): o for p, o in ck.data["offsets"].items()})
+    done_first = rr.records_done(ck, ck.done_offsets())
     # at 2 requests per 0.3 s the rest of the window would take seconds more: it was not run
     assert 0 < done_first < window.total, err
     assert f"interrupted: {done_first:,} of {window.total:,} records" in err
@@ -371,12 +405,18 @@ def test_sigint_mid_replay_stops_soon_keeps_what_finished_and_resume_reports_the
 
 def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, monkeypatch):
     s = log.settings
-    window = resolve_window(s, s.requests_topic, offsets="0:0-2")
+    p = fullest(log)
+    window = resolve_window(s, s.requests_topic, offsets=f"{p}:0-2")
     output = rr.output_spec(str(tmp_path / "two.jsonl"), None, None)
     state = tmp_path / "state"
     first = rr.start(s, window, output, runner=embed_runner, state_dir=state, run_id="cut", checkpoint_s=0,
                      stop_after=2)  # every record committed, the run left unfinished
     assert first.status == "interrupted" and first.done == first.total == 2
+    # a checkpoint of version 1 (one topic, offsets keyed by partition) still resumes
+    ck = rr.Checkpoint.load(state, "cut")
+    assert [r.tp for r in ck.window.ranges] == [(s.requests_topic, p)]
+    ck.path.write_text(json.dumps({**ck.data, "version": 1, "offsets": {str(p): 2}, "window": {
+        "topic": s.requests_topic, "since_ms": None, "until_ms": None, "ranges": [[p, 0, 2]]}}))
     import inferlog.consumer.cli as worker_cli
 
     def no_model(_):
@@ -385,4 +425,7 @@ def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, mo
     monkeypatch.setattr(worker_cli, "build_runner", no_model)
     again = rr.resume(s, "cut", state_dir=state)
     assert again.status == "done" and again.records == 0 and again.done == 2 and again.counts["results"] == 2
+    assert again.topics == {s.requests_topic: (2, 2)}
+    saved = json.loads(ck.path.read_text())
+    assert (saved["version"], saved["offsets"]) == (2, {s.requests_topic: {str(p): 2}}), "saved as version 2"
     assert len(rr.read_rows(tmp_path / "two.jsonl")) == 2
