@@ -37,8 +37,11 @@ class Metrics:
                                buckets=SECONDS, registry=r)
         self.e2e = Histogram("inferlog_end_to_end_seconds", "From the request's created_at to its committed output",
                              ["tier"], buckets=E2E_SECONDS, registry=r)
-        self.lag = Gauge("inferlog_consumer_lag", "High watermark minus position, per assigned partition",
-                         ["partition"], registry=r)
+        # what the group still owes: from the committed offset, not the fetch position (which runs
+        # ahead by everything prefetched, held or in flight); topic too, as both tiers share numbers
+        self.lag = Gauge("inferlog_consumer_lag", "Log end offset minus the group's committed offset (the log "
+                         "start where nothing is committed yet), per assigned partition",
+                         ["topic", "partition"], registry=r)
         self.in_flight = Gauge("inferlog_in_flight_records", "Records consumed and not yet committed", registry=r)
         self.held = Gauge("inferlog_held_records", "Records fetched past max_in_flight, waiting for room",
                           ["tier"], registry=r)
@@ -82,6 +85,88 @@ class Metrics:
             self.device_util.set(torch.cuda.utilization(device) / 100.0)
         except Exception:  # needs pynvml; memory alone is still useful
             pass
+
+
+class LagSampler:
+    """`inferlog_consumer_lag{topic,partition}`: log end minus the group's committed offset (the
+    log start where nothing is committed), asked of the cluster on a thread of its own.
+
+    On the loop thread it cost ~200 ms a sample here: a read_committed consumer's committed()
+    waits for its own transaction's offsets to be stable, with a 100 ms retry backoff. The admin
+    API answers at once (require_stable=False: a gauge may lag a transaction behind). Cached
+    watermarks will not do: they come with fetch responses, and a partition paused by
+    back-pressure (a backlog, when lag matters most) gets none."""
+
+    def __init__(self, settings, gauge: Gauge, timeout: float = 5.0):
+        from confluent_kafka.admin import AdminClient
+
+        from inferlog.clients import confluent_config
+
+        self.admin, self.group, self.gauge, self.timeout = AdminClient(confluent_config(settings)), \
+            settings.group_id, gauge, timeout
+        self._want: list | None = None  # the partitions to sample next (the worker's current assignment)
+        self._wake = threading.Condition()
+        self._stop = False
+        self.owned: set = set()  # read when a sample lands: a partition revoked meanwhile gets no series
+        self.thread = threading.Thread(target=self._run, name="inferlog-lag", daemon=True)
+        self.thread.start()
+
+    def sample(self, partitions: list[tuple[str, int]]) -> None:
+        """Ask for a sample of these partitions (replacing a request not yet taken up)."""
+        with self._wake:
+            self.owned = set(partitions)
+            self._want = list(partitions)
+            self._wake.notify()
+
+    def forget(self, topic: str, partition: int) -> None:
+        self.owned.discard((topic, partition))
+        try:
+            self.gauge.remove(topic, str(partition))
+        except KeyError:
+            pass
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._want is None and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                want, self._want = self._want, None
+            try:
+                lag = self._measure(want)
+            except Exception as e:  # coordinator or leader away: no sample this time
+                log.debug("lag sample: %s", e)
+                continue
+            for (topic, partition), n in lag.items():
+                if (topic, partition) in self.owned:
+                    self.gauge.labels(topic, str(partition)).set(n)
+
+    def _measure(self, want: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        from confluent_kafka import ConsumerGroupTopicPartitions, IsolationLevel, TopicPartition
+        from confluent_kafka.admin import OffsetSpec
+
+        tps = [TopicPartition(t, p) for t, p in want]
+        group = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(self.group, tps)],
+                                                       require_stable=False)[self.group].result(self.timeout)
+        done = {(tp.topic, tp.partition): tp.offset for tp in group.topic_partitions if tp.error is None}
+
+        def offsets(keys, spec) -> dict:
+            # read_committed, as the worker reads: the end is the last stable offset
+            futs = self.admin.list_offsets({TopicPartition(t, p): spec for t, p in keys}, request_timeout=self.timeout,
+                                           isolation_level=IsolationLevel.READ_COMMITTED)
+            return {(tp.topic, tp.partition): f.result(self.timeout).offset for tp, f in futs.items()}
+
+        ends = offsets(want, OffsetSpec.latest())
+        unset = [k for k in want if done.get(k, -1) < 0]
+        starts = offsets(unset, OffsetSpec.earliest()) if unset else {}
+        return {k: max(0, end - (done[k] if done.get(k, -1) >= 0 else starts[k])) for k, end in ends.items()
+                if k in done or k in starts}
 
 
 class HealthServer:

@@ -28,7 +28,7 @@ from inferlog.request import now_ms
 
 from .emit import CommitAborted, make_emitter
 from .engine import Engine
-from .metrics import HealthServer, Metrics
+from .metrics import HealthServer, LagSampler, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Worker:
         self.stats = {"commits": 0, "aborts": 0, "pauses": 0, "held": 0}
         self.consumer: Consumer | None = None
         self.emitter = None
+        self.lag: LagSampler | None = None
         self.emit_thread = ThreadPoolExecutor(1, thread_name_prefix="inferlog-emit")
         self.committing: tuple | None = None  # (future, outputs, offsets, start) of the commit in flight
         self.last_turn = time.monotonic()
@@ -113,6 +114,7 @@ class Worker:
         })
         self.consumer = Consumer(conf)
         self.emitter = make_emitter(self.s, self.consumer, fallback=self.engine.builder.unwritable)
+        self.lag = LagSampler(self.s, self.metrics.lag)
         self.consumer.subscribe(list(self.s.request_topics), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
@@ -149,6 +151,8 @@ class Worker:
             except Exception as e:  # never let a failing close turn exit 3 into a traceback
                 log.warning("consumer close: %s", e)
         self.engine.close()
+        if self.lag is not None:
+            self.lag.close()
         if self.committing is not None:  # only after a fatal error: let it end before closing
             wait([self.committing[0]], timeout=60)
         self.emit_thread.shutdown(wait=False, cancel_futures=True)
@@ -186,15 +190,9 @@ class Worker:
             m.held.labels(tier).set(len(held))
         for tier, paused in self.paused.items():
             m.paused.labels(tier).set(len(self._tier_partitions(tier)) if paused else 0)
-        tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
-        try:
-            for tp in self.consumer.position(tps) if tps else ():
-                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if tp.offset >= 0 and high >= 0:
-                    m.lag.labels(str(tp.partition)).set(max(0, high - tp.offset))
-        except KafkaException as e:
-            log.debug("lag sample: %s", e)
         m.sample_device(self.runner.device)
+        if self.lag is not None and self.engine.partitions:
+            self.lag.sample(sorted(self.engine.partitions))  # answered on the sampler's thread
 
     def _set_ready(self, ready: bool) -> None:
         (self.ready.set if ready else self.ready.clear)()
@@ -377,11 +375,9 @@ class Worker:
         dropped = self.engine.revoke(gone) + self._drop_held(gone)
         if not self.engine.partitions:
             self._set_ready(False)
-        for _, p in gone:  # a partition no longer ours has no lag of ours
-            try:
-                self.metrics.lag.remove(str(p))
-            except KeyError:
-                pass
+        for t, p in gone:  # a partition no longer ours has no lag of ours
+            if self.lag is not None:
+                self.lag.forget(t, p)
         log.info("revoked %s (%d in-flight records dropped, to be redone by the next owner)",
                  _named(partitions), dropped)
         consumer.incremental_unassign(partitions)

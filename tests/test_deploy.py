@@ -205,10 +205,16 @@ def test_keda_owns_the_replica_count(helm):
     assert "replicas" not in worker_of(docs)["spec"]
     (so,) = by_kind(docs, "ScaledObject")
     assert so["spec"]["maxReplicaCount"] <= 12  # kafka.partitions in keda-values.yaml
-    (trigger,) = so["spec"]["triggers"]
-    assert trigger["type"] == "kafka"
-    assert trigger["metadata"]["consumerGroup"] == "inferlog-workers"
-    assert trigger["metadata"]["topic"] == "inferlog.requests"
+    triggers = so["spec"]["triggers"]
+    # one per tier: the high tier's backlog scales the workers as the normal one's does
+    assert sorted(t["metadata"]["topic"] for t in triggers) == ["inferlog.requests", "inferlog.requests.high"]
+    for t in triggers:
+        assert t["type"] == "kafka"
+        assert t["metadata"]["consumerGroup"] == "inferlog-workers"
+    # and the workers read the topics KEDA watches
+    env = {e["name"]: e.get("value") for e in worker_of(docs)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["INFERLOG_REQUESTS_TOPIC"], env["INFERLOG_HIGH_PRIORITY_TOPIC"]) == ("inferlog.requests",
+                                                                                  "inferlog.requests.high")
 
 
 def test_sasl_and_tls_come_from_secrets(helm):

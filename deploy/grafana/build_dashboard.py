@@ -68,9 +68,15 @@ ROWS = [
          "Padded tokens per batch; bounded by max_batch_tokens."),
     ]),
     ("Kafka and back-pressure", [
+        # max by (topic, partition) first: during a rebalance two workers may both report a partition
+        ("Consumer lag by tier", "short", [
+            (f"sum by (topic) (max by (topic, partition) (inferlog_consumer_lag{{{SEL}}}))", "{{topic}}")], 6,
+         "timeseries", "Records the group has not committed yet (log end minus committed offset), summed over "
+         "each request topic's partitions: a tier is its topic."),
         ("Consumer lag by partition", "short", [
-            (f"max by (partition) (inferlog_consumer_lag{{{SEL}}})", "p{{partition}}")], 12, "timeseries",
-         "Records behind the log end, per assigned partition (max over workers during a rebalance)."),
+            (f"max by (topic, partition) (inferlog_consumer_lag{{{SEL}}})", "{{topic}}[{{partition}}]")], 6,
+         "timeseries", "Log end minus the group's committed offset, per assigned partition of both request "
+         "topics (max over workers during a rebalance)."),
         ("In-flight records", "short", [
             (f"sum by (instance) (inferlog_in_flight_records{{{SEL}}})", "{{instance}}")], 6, "timeseries",
          "Records between fetch and commit, at most max_in_flight per tier."),

@@ -91,6 +91,8 @@ partition count get no partitions: they would hold a GPU and do nothing.
   value: {{ .Values.kafka.securityProtocol | quote }}
 - name: INFERLOG_REQUESTS_TOPIC
   value: {{ .Values.kafka.topics.requests | quote }}
+- name: INFERLOG_HIGH_PRIORITY_TOPIC
+  value: {{ .Values.kafka.topics.high | quote }}
 - name: INFERLOG_RESULTS_TOPIC
   value: {{ .Values.kafka.topics.results | quote }}
 - name: INFERLOG_DEADLETTER_TOPIC
