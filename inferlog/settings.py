@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     partitions: int = Field(6, ge=1)
     replication_factor: int = Field(1, ge=1)
     retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1)
+    # shared replay runs: each run's definition (keyed by run id) and its members' totals, compacted
+    replays_topic: str = "inferlog.replays"
 
     # -- Avro framing --------------------------------------------------------------------
     framing: Literal["single-object", "confluent"] = "single-object"

@@ -21,10 +21,11 @@ def _admin(settings: Settings) -> AdminClient:
 
 def ensure_topics(settings: Settings, names: list[str] | None = None, partitions: int | None = None,
                   replication_factor: int | None = None, retention_ms: int | None = None,
-                  timeout: float = 30) -> dict[str, bool]:
+                  timeout: float = 30, config: dict[str, str] | None = None) -> dict[str, bool]:
     """Create `names` (default: the requests (both tiers), results and deadletter topics) unless they
     exist. Returns {name: created?}; an existing topic is left as it is, even when its
-    partition count differs (changing it would move keys to other partitions)."""
+    partition count differs (changing it would move keys to other partitions). `config`:
+    more topic configs (e.g. cleanup.policy) for the topics created here."""
     names = names or [settings.requests_topic, settings.high_priority_topic, settings.results_topic,
                       settings.deadletter_topic]
     partitions = partitions or settings.partitions
@@ -32,7 +33,7 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
     retention = settings.retention_ms if retention_ms is None else retention_ms
     admin = _admin(settings)
     futures = admin.create_topics(
-        [NewTopic(n, num_partitions=partitions, replication_factor=rf, config={"retention.ms": str(retention)})
+        [NewTopic(n, num_partitions=partitions, replication_factor=rf, config={"retention.ms": str(retention), **(config or {})})
          for n in names], operation_timeout=timeout, request_timeout=timeout)
     created: dict[str, bool] = {}
     for name, fut in futures.items():

@@ -99,7 +99,12 @@ def _margin_ms(text: str) -> int:
 @click.option("--deadletter-topic", help="Dead letters of a --to-topic run (default: NAME.deadletter).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @click.option("--run-id", help="Name of this run (default: generated); --resume takes it.")
-@click.option("--resume", "resume_id", metavar="RUN_ID", help="Continue an interrupted run from its checkpoint.")
+@click.option("--resume", "resume_id", metavar="RUN_ID", help="Continue an interrupted run from its checkpoint "
+              "(a shared run: as a member, from any host).")
+@click.option("--shared", is_flag=True, help="Let other processes and hosts join this run (--join RUN_ID); "
+              "needs --to-topic.")
+@click.option("--define-only", is_flag=True, help="With --shared: publish the run and exit; members do the work.")
+@click.option("--join", "join_id", metavar="RUN_ID", help="Take part in a shared run, from any host.")
 @state_dir_option
 @click.option("--compare", is_flag=True, help="When done, compare with the original results (drift report).")
 @report_options
@@ -123,7 +128,8 @@ def _margin_ms(text: str) -> int:
 @click.option("--stop-after", type=int, hidden=True, help="Tests: stop uncleanly after this many committed records.")
 @click.pass_context
 def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, deadletter_topic, force, run_id, resume_id,
-           state_dir, compare, fmt, json_path, top, margin, progress, checkpoint_interval, stop_after, **flags):
+           shared, define_only, join_id, state_dir, compare, fmt, json_path, top, margin, progress,
+           checkpoint_interval, stop_after, **flags):
     """Run a window of the request log through the worker's engine again.
 
     The window is bounded when the run starts and read by manual assignment (the live
@@ -136,6 +142,8 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
       inferlog replay --since 2026-11-23T10:00+01:00 --until 2026-11-23T11:00+01:00 --out r.parquet
       inferlog replay --topic inferlog.requests --offsets 0:100-200,3:0-50 --to-topic audit.replay --compare
       inferlog replay --resume r20261123-101500-ab12cd
+      inferlog replay --since -1h --to-topic audit.replay --run-id audit-1 --shared   # then, on other hosts:
+      inferlog replay --join audit-1
       inferlog replay compare --run-id r20261123-101500-ab12cd --format json
     """
     if ctx.invoked_subcommand is not None:
@@ -144,15 +152,20 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
     from .window import resolve_window
 
     with _reported():
+        host = {k: flags.get(k) for k in ("model", "device")}  # a shared run's member may have its own
         settings = _settings(flags)
         kw = dict(progress=sys.stderr.isatty() if progress is None else progress,
                   stop_after=stop_after, checkpoint_s=checkpoint_interval, state_dir=state_dir)
-        if resume_id:
-            if any(x is not None for x in (topic, since, until, offsets, partitions, out, to_topic, run_id)):
-                raise click.UsageError("--resume takes the window, model and output from the checkpoint; "
+        if out and (shared or define_only or join_id):
+            raise rr.ReplayError(rr.SHARED_NEEDS_TOPIC)
+        if resume_id or join_id:
+            if any(x is not None for x in (topic, since, until, offsets, partitions, out, to_topic, run_id)) \
+                    or (resume_id and join_id) or shared or define_only:
+                raise click.UsageError("--resume and --join take the window, model and output from the run; "
                                        "give no other window or output options")
             with _stop_on_signals() as stop:
-                summary = rr.resume(settings, resume_id, stop=stop, **kw)
+                summary = (rr.join if join_id else rr.resume)(settings, join_id or resume_id, stop=stop, host=host,
+                                                              **kw)
         else:
             output = rr.output_spec(out, to_topic, deadletter_topic)
             window = resolve_window(settings, topic or settings.request_topics, since=since, until=until, tz=tz,
@@ -166,7 +179,12 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
             _warn_other_model(settings, window, runner.info.name)
             with _stop_on_signals() as stop:
                 summary = rr.start(settings, window, output, run_id=run_id, runner=runner, force=force, stop=stop,
-                                   **kw)
+                                   shared=shared or define_only, join=not define_only, **kw)
+        if summary.status == "defined":
+            click.echo(f"replay {summary.run_id} defined on {settings.replays_topic}: {summary.total:,} records of "
+                       f"{', '.join(summary.topics)}; members join with: inferlog replay --join {summary.run_id}",
+                       err=True)
+            return
         click.echo(summary.line(), err=True)
         if summary.status != "done":
             click.echo(f"continue with: inferlog replay --resume {summary.run_id}", err=True)
@@ -174,7 +192,7 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
         if compare:
             from .drift import compare_run
 
-            ck = rr.Checkpoint.load(Path(state_dir or rr.default_state_dir()), summary.run_id)
+            ck = rr.load_run(settings, summary.run_id, state_dir)
             _emit_report(compare_run(settings, ck, top=top, margin_ms=_margin_ms(margin)), fmt, json_path)
 
 
@@ -195,11 +213,11 @@ def _warn_other_model(settings, window, name: str) -> None:
 def compare_cmd(run_id, state_dir, fmt, json_path, top, margin, **flags):
     """Drift report of a finished (or partly finished) run against the original results."""
     from .drift import compare_run
-    from .runner import Checkpoint, default_state_dir
+    from .runner import load_run
 
     with _reported():
         settings = _settings(flags)
-        ck = Checkpoint.load(Path(state_dir or default_state_dir()), run_id)
+        ck = load_run(settings, run_id, state_dir)  # a shared run's, from any host
         _emit_report(compare_run(settings, ck, top=top, margin_ms=_margin_ms(margin)), fmt, json_path)
 
 

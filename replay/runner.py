@@ -15,6 +15,9 @@ checkpoint, without reprocessing or skipping a record:
 Every run keeps <state_dir>/<run_id>/checkpoint.json with everything --resume needs: the
 window (by default both tiers' request topics), the settings that shape results (model,
 batching, limits) and the output. Progress is kept per (topic, partition).
+
+A shared run (topic output only) is the same, spread over processes or hosts: its
+definition is on a Kafka topic and its members join its group by subscribing (shared.py).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
 from inferlog.consumer.emit import CommitAborted
@@ -280,27 +283,31 @@ class FileSink:
 
 
 class TopicSink:
-    def __init__(self, settings, consumer, ck: Checkpoint, fallback=None):
+    def __init__(self, settings, consumer, ck: Checkpoint, fallback=None, tally=None):
         from inferlog.consumer.emit import TransactionalEmitter
 
-        self.consumer, self.ck = consumer, ck
+        self.consumer, self.ck, self.tally = consumer, ck, tally  # tally: a shared run member's totals
         # init_transactions fences a crashed run's producer and aborts its open transaction,
         # so the committed offsets read next are final
         self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback)
 
     def commit(self, outputs, commits: dict) -> None:
+        dead = sum(o.dead for o in outputs)
+        tally = []
+        if self.tally is not None:  # the member's totals after this commit, in its transaction
+            c = self.ck.data["counts"]
+            tally = [self.tally.out({"results": c["results"] + len(outputs) - dead,
+                                     "dead_letters": c["dead_letters"] + dead})]
         try:
-            self.emitter.commit(outputs, commits)
+            self.emitter.commit(outputs + tally, commits)
         except CommitAborted as e:  # nothing of it is visible; the checkpoint is where it was
             raise ReplayError(f"a transaction was aborted ({e}); continue with --resume {self.ck.run_id}") from e
         # the committed offsets in Kafka are the checkpoint; the file keeps the run's totals for
         # the summary (after a crash they may miss the last transactions, never the records)
-        dead = sum(o.dead for o in outputs)
         self.ck.advance(commits, len(outputs) - dead, dead)
 
     def finish(self) -> None:
-        self.ck.data["status"] = "done"
-        self.ck.save()
+        _mark_done(self.ck)
 
     def close(self) -> None:
         self.emitter.close()
@@ -322,6 +329,7 @@ class Summary:
     done: int = 0  # the whole run's records done so far, of `total`
     total: int = 0
     topics: dict = field(default_factory=dict)  # {topic: (done, total)}: every topic the window covers
+    member: str = ""  # a shared run's member: "this run" below is this member's share
 
     @property
     def rate(self) -> float:
@@ -335,7 +343,8 @@ class Summary:
         text = (f"replay {self.run_id} {self.status}: {self.done:,} of {self.total:,} records, "
                 f"{c.get('results', 0):,} results, {c.get('dead_letters', 0):,} dead letters in all -> {where}; "
                 f"from {topics}; "
-                f"this run {self.records:,} records in {self.seconds:.1f} s ({self.rate:.1f} rec/s)")
+                f"{f'this member ({self.member})' if self.member else 'this run'} {self.records:,} records "
+                f"in {self.seconds:.1f} s ({self.rate:.1f} rec/s)")
         if self.status != "done" and self.output.get("kind") == "file":
             text += "; the file is written when the run completes"
         return text
@@ -366,9 +375,15 @@ def output_spec(out: str | None, to_topic: str | None, deadletter_topic: str | N
     return {"kind": "file", "path": str(Path(out).resolve()), "format": fmt}
 
 
+SHARED_NEEDS_TOPIC = "--shared and --join need --to-topic: a file output cannot be shared by hosts"
+
+
 def run_settings(settings, ck: Checkpoint):
-    """The settings a run's engine uses: the stored shaping settings, and its outputs."""
-    s = settings.with_overrides(**ck.data["settings"], worker_id=f"replay-{ck.run_id}")
+    """The settings a run's engine uses: the stored shaping settings, and its outputs. A
+    shared run's members have worker ids (and so transactional ids) of their own; a member
+    restarted with its old INFERLOG_WORKER_ID fences its predecessor at once."""
+    member = f"-{settings.worker_id}" if ck.data.get("shared") else ""
+    s = settings.with_overrides(**ck.data["settings"], worker_id=f"replay-{ck.run_id}{member}")
     o = ck.output
     if o["kind"] == "topic":
         s = s.with_overrides(results_topic=o["topic"], deadletter_topic=o["deadletter_topic"],
@@ -377,10 +392,14 @@ def run_settings(settings, ck: Checkpoint):
 
 
 def start(settings, window: Window, output: dict, *, run_id: str | None = None, runner=None,
-          state_dir: Path | None = None, force: bool = False, **kw) -> Summary:
+          state_dir: Path | None = None, force: bool = False, shared: bool = False, join: bool = True,
+          **kw) -> Summary:
     """Start a new run over `window`. Checks everything that can be checked before a
-    single byte is written: an empty window, an existing run or output file, the model."""
+    single byte is written: an empty window, an existing run or output file, the model.
+    `shared`: publish the run for members on any host (`join`: this process is one)."""
     run_id = run_id or new_run_id()
+    if shared and output["kind"] != "topic":
+        raise ReplayError(SHARED_NEEDS_TOPIC)
     state_dir = Path(state_dir or default_state_dir())
     if window.total == 0:
         raise ReplayError(f"the window is empty: no records of {', '.join(window.topics)} in it ({window.spec()})")
@@ -397,14 +416,61 @@ def start(settings, window: Window, output: dict, *, run_id: str | None = None, 
         from inferlog.topics import ensure_topics
 
         ensure_topics(settings, [output["topic"], output["deadletter_topic"]])
-    ck = Checkpoint.create(state_dir, run_id, window=window.to_dict(), settings=shaping, output=output,
-                           model_name=runner.info.name)
+    data = dict(window=window.to_dict(), settings=shaping, output=output, model_name=runner.info.name)
+    if shared:
+        from inferlog.settings import default_model_path
+
+        from .shared import publish_definition
+
+        if shaping["model"] == default_model_path():  # the embedded model lives elsewhere on each host
+            shaping["model"] = None
+        data["shared"] = True
+        publish_definition(settings, run_id, data)
+    ck = Checkpoint.create(state_dir, run_id, **data)
+    if shared and not join:
+        return _summary(settings, ck, "defined", 0, ck.data["counts"], 0.0, {}, runner)
     return execute(settings, ck, runner, **kw)
 
 
-def resume(settings, run_id: str, *, runner=None, state_dir: Path | None = None, **kw) -> Summary:
-    """Go on with a run; the model is loaded only when records are left to do."""
-    ck = Checkpoint.load(Path(state_dir or default_state_dir()), run_id)
+def load_run(settings, run_id: str, state_dir: Path | None = None, host: dict | None = None) -> Checkpoint:
+    """A run's checkpoint: the local file, or a shared run's definition from Kafka (cached in
+    the state dir), so that any host can join or resume it. `host`: settings that may differ
+    per member (a local copy of the model, the device); the model's name is still checked."""
+    state_dir = Path(state_dir or default_state_dir())
+    local = Checkpoint.load(state_dir, run_id) if (state_dir / run_id / "checkpoint.json").exists() else None
+    if local is not None and not local.data.get("shared"):
+        return local
+    from .shared import read_run
+
+    definition = read_run(settings, run_id)[0]
+    if definition is None:
+        if local is not None:
+            return local
+        raise ReplayError(f"no replay run {run_id!r} in {state_dir} (set --state-dir or INFERLOG_REPLAY_DIR) "
+                          f"nor on {settings.replays_topic} at {settings.bootstrap_servers}")
+    # this member's totals are read from Kafka when it joins (execute)
+    data = {"version": VERSION, "status": local.data["status"] if local else "running", "offsets": {}, "parts": [],
+            "counts": {"results": 0, "dead_letters": 0}, **definition}
+    data["settings"] = {**data["settings"], **{k: v for k, v in (host or {}).items() if v is not None}}
+    (state_dir / run_id).mkdir(parents=True, exist_ok=True)
+    ck = Checkpoint(state_dir / run_id / "checkpoint.json", data)
+    ck.save()
+    return ck
+
+
+def resume(settings, run_id: str, *, runner=None, state_dir: Path | None = None, host: dict | None = None,
+           **kw) -> Summary:
+    """Go on with a run (a shared one as a member); the model is loaded only when records are left."""
+    return execute(settings, load_run(settings, run_id, state_dir, host), runner, **kw)
+
+
+def join(settings, run_id: str, *, runner=None, state_dir: Path | None = None, host: dict | None = None,
+         **kw) -> Summary:
+    """Take part in a shared run, from any host."""
+    ck = load_run(settings, run_id, state_dir, host)
+    if not ck.data.get("shared"):
+        raise ReplayError(f"run {run_id} is not shared (it was started without --shared); "
+                          f"continue it with --resume {run_id} where it ran")
     return execute(settings, ck, runner, **kw)
 
 
@@ -421,18 +487,33 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
 
     s = run_settings(settings, ck)
     window, o = ck.window, ck.output
+    shared = bool(ck.data.get("shared"))
     # topic output: the reader's consumer carries the run's group, whose offsets the
-    # emitter commits inside each transaction; file output: a throwaway group, never used
+    # emitter commits inside each transaction; file output: a throwaway group, never used.
+    # A shared run's members join that group as the live workers join theirs.
     conf = {"group.id": replay_group(ck.run_id)} if o["kind"] == "topic" else {}
+    if shared:
+        from inferlog.consumer.worker import group_protocol_config
+
+        conf.update(group_protocol_config(s))
     consumer = window_consumer(s, **conf)
-    engine = sink = None
+    engine = sink = reader = None
     try:
+        if o["kind"] == "topic":  # first: fencing a crashed predecessor settles the offsets read next
+            tally = None
+            if shared:
+                from .shared import MemberTally
+
+                tally = MemberTally(s, ck.run_id, settings.worker_id)
+            sink = TopicSink(s, consumer, ck, tally=tally)
+            if tally is not None:
+                ck.data["counts"] = tally.committed()
         done_to = _done_offsets(consumer, ck)
         todo = window.rest(done_to)
         if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
             if ck.data["status"] != "done":
                 (FileSink(ck, Codec.from_settings(s)).finish() if o["kind"] == "file" else _mark_done(ck))
-            return _summary(ck, "done", 0, {"results": 0, "dead_letters": 0}, 0.0, done_to, runner)
+            return _summary(settings, ck, "done", 0, {"results": 0, "dead_letters": 0}, 0.0, done_to, runner)
         if runner is None:
             from inferlog.consumer.cli import build_runner
 
@@ -442,25 +523,38 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         # A request that named the live model is replayed with the chosen one: that is the point
         # of a replay, so the decoder must not dead-letter it as UNKNOWN_MODEL.
         engine = Engine(s, runner, replay_run_id=ck.run_id, any_model=True, honor_deadlines=False)
-        sink = (TopicSink(s, consumer, ck, engine.builder.unwritable) if o["kind"] == "topic"
-                else FileSink(ck, engine.codec))
+        if sink is None:
+            sink = FileSink(ck, engine.codec)
+        else:  # an output the producer refuses for good becomes its dead letter
+            sink.emitter.fallback = engine.builder.unwritable
         runner.warmup()
-        reader = WindowReader(s, todo, consumer=consumer)
-        for r in todo.ranges:
-            engine.assign(r.tp)
+        commits = _Commits(engine, sink, {r.tp: r.start for r in todo.ranges})
+        if shared:  # the group assigns the partitions; each starts where the group committed
+            from .shared import GroupReader
+
+            reader = GroupReader(window, consumer, engine, commits)
+        else:
+            reader = WindowReader(s, todo, consumer=consumer)
+            for r in todo.ranges:
+                engine.assign(r.tp)
         every = checkpoint_s if checkpoint_s is not None else (
             max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
-        status, records, seconds, position = _loop(s, engine, reader, sink, window, todo, stop or threading.Event(),
-                                                   stop_after, every, progress, ck.run_id)
+        status, seconds = _loop(s, engine, reader, commits, window, todo, stop or threading.Event(), stop_after,
+                                every, progress, ck.run_id)
         if status == "done":
             sink.finish()
+        # a shared run's progress is the group's, all members together
+        done_to = _done_offsets(consumer, ck) if shared else {**done_to, **commits.position}
     finally:
+        if reader is not None:
+            reader.close()
         if engine is not None:
             engine.close()
         if sink is not None:
             sink.close()
         consumer.close()
-    return _summary(ck, status, records, engine.counts, seconds, {**done_to, **position}, runner)
+    return _summary(settings, ck, status, commits.records, engine.counts, seconds, done_to, runner,
+                    member=settings.worker_id if shared else "")
 
 
 def _done_offsets(consumer, ck: Checkpoint) -> dict[tuple[str, int], int]:
@@ -469,7 +563,25 @@ def _done_offsets(consumer, ck: Checkpoint) -> dict[tuple[str, int], int]:
     if ck.output["kind"] == "file":
         return ck.done_offsets()
     tps = [TopicPartition(r.topic, r.partition) for r in ck.window.ranges]
-    return {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=30) if tp.offset >= 0}
+    return {(tp.topic, tp.partition): tp.offset for tp in committed_offsets(consumer, tps) if tp.offset >= 0}
+
+
+def committed_offsets(consumer, tps: list, patience: float = 120.0) -> list:
+    """The group's committed offsets of `tps`, asked again while unreadable: read_committed
+    asks for stable offsets, and a transaction a crashed member left open holds them until a
+    successor with its transactional id fences it, or the transaction times out (60 s)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            got = consumer.committed(tps, timeout=10)
+            if not any(tp.error for tp in got):
+                return got
+            why = next(tp.error for tp in got if tp.error)
+        except KafkaException as e:
+            why = e
+        if time.monotonic() > deadline:
+            raise ReplayError(f"cannot read the committed offsets of the run's group: {why}")
+        log.warning("committed offsets not readable yet (%s): an open transaction settles first; asking again", why)
 
 
 def _mark_done(ck: Checkpoint) -> None:
@@ -477,35 +589,52 @@ def _mark_done(ck: Checkpoint) -> None:
     ck.save()
 
 
-def _summary(ck: Checkpoint, status, records, counts, seconds, done_to, runner) -> Summary:
+def _summary(settings, ck: Checkpoint, status, records, counts, seconds, done_to, runner,
+             member: str = "") -> Summary:
     w = ck.window
+    if ck.data.get("shared") and status != "defined":
+        from .shared import run_totals
+
+        totals = run_totals(settings, ck.run_id)  # every member's, not only this one's
+    else:
+        totals = dict(ck.data["counts"])
     return Summary(ck.run_id, status, records, counts["results"], counts["dead_letters"], seconds, ck.output,
                    str(ck.path), runner.info.name if runner is not None else ck.data.get("model_name", ""),
-                   dict(ck.data["counts"]), records_done(ck, done_to), w.total, topic_progress(w, done_to))
+                   totals, records_done(ck, done_to), w.total, topic_progress(w, done_to), member)
 
 
-def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_after, every, progress, run_id):
-    position = {r.tp: r.start for r in todo.ranges}
-    bar = None
+class _Commits:
+    """Commits what the engine has finished (of `only` partitions, or all) through the sink,
+    and counts the records each commit covers: `position` {(topic, partition): first offset
+    not committed by this invocation}."""
+
+    def __init__(self, engine, sink, position: dict):
+        self.engine, self.sink, self.position = engine, sink, position
+        self.records = 0
+        self.last = time.monotonic()
+        self.bar = None
+
+    def __call__(self, only: set | None = None) -> None:
+        outputs, commits = self.engine.release(only)
+        self.last = time.monotonic()
+        if commits:
+            self.sink.commit(outputs, commits)
+            n = sum(off - self.position[tp] for tp, off in commits.items())
+            self.position.update(commits)
+            self.records += n
+            if self.bar is not None:
+                self.bar.update(n)
+
+
+def _loop(s, engine, reader, commit: _Commits, window: Window, todo: Window, stop, stop_after, every, progress,
+          run_id):
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=window.total, initial=window.total - todo.total, unit="rec", desc=f"replay {run_id}",
-                   dynamic_ncols=True, smoothing=0.1)
-    t0 = last = time.monotonic()
-    records = 0
-
-    def commit() -> None:
-        nonlocal records, last
-        outputs, commits = engine.release()
-        last = time.monotonic()
-        if commits:
-            sink.commit(outputs, commits)
-            n = sum(off - position[tp] for tp, off in commits.items())
-            position.update(commits)
-            records += n
-            if bar is not None:
-                bar.update(n)
+        commit.bar = tqdm(total=window.total, initial=window.total - todo.total, unit="rec", desc=f"replay {run_id}",
+                          dynamic_ncols=True, smoothing=0.1)
+    t0 = time.monotonic()
+    member = getattr(reader, "member", False)  # a group member polls on, for its rebalances
 
     try:
         while True:
@@ -517,12 +646,12 @@ def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_afte
                 engine.drop_queued()
                 if not engine.running():
                     commit()
-                    return "interrupted", records, time.monotonic() - t0, position
+                    return "interrupted", time.monotonic() - t0
                 time.sleep(0.005)
                 continue
             ending = reader.done()
             engine.wait(0.005)  # returns at once unless the pipeline is full and nothing finished
-            if not ending and engine.pending < s.max_in_flight:
+            if (member or not ending) and engine.pending < s.max_in_flight:
                 msgs = reader.poll(engine.poll_timeout())
                 if msgs:
                     engine.accept(msgs)
@@ -533,16 +662,16 @@ def _loop(s, engine, reader, sink, window: Window, todo: Window, stop, stop_afte
             except FatalError as e:  # keep what finished, then stop: the run resumes on a healthy device
                 engine.collect()
                 commit()
-                raise ReplayError(f"{e}; {records} records of this run are checkpointed; "
+                raise ReplayError(f"{e}; {commit.records} records of this run are checkpointed; "
                                   f"continue with --resume {run_id}") from e
             # at the end, commit as soon as all that was fetched is answered
             finished = ending and engine.tracker.ready_count() == engine.pending
-            if finished or time.monotonic() - last >= every:
+            if finished or time.monotonic() - commit.last >= every:
                 commit()
-                if stop_after is not None and records >= stop_after:
-                    return "interrupted", records, time.monotonic() - t0, position
-            if ending and engine.drained():
-                return "done", records, time.monotonic() - t0, position
+                if stop_after is not None and commit.records >= stop_after:
+                    return "interrupted", time.monotonic() - t0
+            if ending and engine.drained() and (not member or reader.finished()):
+                return "done", time.monotonic() - t0
     finally:
-        if bar is not None:
-            bar.close()
+        if commit.bar is not None:
+            commit.bar.close()

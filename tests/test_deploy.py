@@ -245,6 +245,21 @@ def test_servicemonitor_and_statefulset(helm):
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].startswith("http://")
 
 
+def test_replay_job_runs_the_members_of_one_shared_run(helm):
+    def replay_jobs(docs):
+        return [j for j in by_kind(docs, "Job") if j["metadata"]["labels"]["app.kubernetes.io/component"] == "replay"]
+
+    assert not replay_jobs(render(helm)), "off by default"
+    (job,) = replay_jobs(render(helm, [CHART / "ci" / "replay-values.yaml"]))
+    spec = job["spec"]
+    assert spec["parallelism"] == spec["completions"] == 3 and spec["completionMode"] == "Indexed"
+    (c,) = spec["template"]["spec"]["containers"]
+    assert c["args"][:3] == ["replay", "--join", "audit-1"]
+    env = env_of(c)  # a replaced pod keeps its index, so its worker id, and fences its predecessor
+    assert env["INFERLOG_WORKER_ID"]["value"] == "member-$(MEMBER_INDEX)"
+    assert "job-completion-index" in env["MEMBER_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+
+
 # -- helm: what must be refused ----------------------------------------------------------------
 
 SCHEMA = "don't meet the specifications of the schema"  # helm's values.schema.json error
@@ -265,6 +280,8 @@ SCHEMA = "don't meet the specifications of the schema"  # helm's values.schema.j
     (["kafka.sasl.enabled=true", "kafka.sasl.existingSecret=s"], ["securityProtocol SASL_PLAINTEXT or SASL_SSL"]),
     (["kafka.securityProtocol=SASL_SSL"], ["needs kafka.sasl.enabled"]),
     (["kafka.securityProtocol=SSL", "kafka.tls.enabled=true"], ["kafka.tls.caSecret"]),
+    (["replay.enabled=true"], ["replay.enabled needs replay.runId"]),
+    (["replay.enabled=true", "replay.runId=a/b"], [SCHEMA, "/replay/runId"]),
 ])
 def test_bad_values_are_refused(helm, sets, why):
     res = run_helm(helm, "template", "rel", sets=sets)
