@@ -253,8 +253,8 @@ class TransactionalEmitter:
     def close(self) -> None:
         try:
             self.producer.flush(self.timeout)
-        except KafkaException as e:  # a fenced (fatal) producer raises here; the exit code must stay 3
-            log.warning("producer close: %s", e)
+        except Exception as e:  # a fenced (fatal) producer raises here (KafkaException, or a SystemError
+            log.warning("producer close: %s", e)  # from the client itself); the exit code must stay 3
 
 
 class AtLeastOnceEmitter:
