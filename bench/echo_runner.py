@@ -1,6 +1,8 @@
 """A model that does no model work: what is left of a run is Kafka, Avro, batching and commits."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from inferlog.consumer.runners import Row, Runner
@@ -31,3 +33,19 @@ class EchoRunner(Runner):
 
     def finish(self, raw: list[int], prepared) -> list[dict]:
         return [{"vector": [float(n)]} for n in raw]
+
+
+class SleepRunner(EchoRunner):
+    """The echo runner with a device that costs time and no CPU: run() sleeps a fixed time per
+    batch, whatever its size, as a small model's forward on a GPU does. On a machine whose cores
+    the broker and the workers share, this is what can show whether N workers give N times one:
+    a CPU model only splits the same cores (bench/scaling_bench.py)."""
+
+    def __init__(self, batch_ms: float = 50.0, max_input_tokens: int = 512):
+        super().__init__(max_input_tokens)
+        self.info = ModelInfo(f"bench-sleep-{batch_ms:g}ms", None, None)
+        self.batch_s = batch_ms / 1000
+
+    def run(self, prepared: list[int]) -> list[int]:
+        time.sleep(self.batch_s)  # releases the GIL: the worker's other threads go on
+        return prepared

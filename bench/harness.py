@@ -146,14 +146,19 @@ class ResultMeter:
     (value -> epoch ms) it also records end-to-end latency. Contender-agnostic: the same meter
     times inferlog and its peers."""
 
-    def __init__(self, settings, topic: str, created_at=None):
+    def __init__(self, settings, topic: str, created_at=None, keep: bool = False, fetch_wait_ms: int = 10):
         self.created_at = created_at
         self.arrivals: list[float] = []
+        # keep=True: each record's value too (values[i] arrived at arrivals[i]), to decode after
+        # the run rather than spend the shared cores on it while the contenders are timed
+        self.values: list[bytes] | None = [] if keep else None
         self.latencies: list[float] = []
         self._stop = threading.Event()
         self.c = Consumer(confluent_config(settings, **{
             "group.id": f"bench-meter-{uuid.uuid4().hex}", "isolation.level": "read_committed",
-            "enable.auto.commit": False, "fetch.wait.max.ms": 10}))
+            # 10 ms stamps arrivals closely, but an idle reader costs the broker ~0.3 cores on these
+            # 2 (~0.1 at 100 ms); a meter that needs no close stamps may wait longer
+            "enable.auto.commit": False, "fetch.wait.max.ms": fetch_wait_ms}))
         parts = self.c.list_topics(topic, timeout=10).topics[topic].partitions
         # the end, resolved on the first fetch: start the meter before anything is produced
         self.c.assign([TopicPartition(topic, p, OFFSET_END) for p in parts])
@@ -167,6 +172,8 @@ class ResultMeter:
             for m in msgs:
                 if m.error() is None:
                     self.arrivals.append(now)
+                    if self.values is not None:
+                        self.values.append(m.value())
                     if self.created_at is not None:
                         self.latencies.append(now - self.created_at(m.value()))
 

@@ -32,7 +32,9 @@ STEPS = {
                  ["--sweep", "--count", "300", "--rounds", "1"]),
     "peer": ("peer_bench.py", ["--count", "1024", "--rounds", "2", "--duration", "20"],
              ["--count", "256", "--rounds", "1", "--duration", "6"]),
-    "scaling": ("scaling_bench.py", ["--count", "20000"], ["--count", "5000", "--partitions", "1,6", "--rounds", "1"]),
+    # workers joining a serving group: the sleep runner up to 4 workers and back to 3, then the CPU model 1 -> 2
+    "scaling": ("scaling_bench.py", [], ["--runner", "sleep", "--workers", "2", "--window", "8", "--settle", "4",
+                                          "--warmup", "10"]),
 }
 
 
@@ -55,7 +57,8 @@ def tables(results: Path) -> str:
         ("1b. The engine without Kafka: echo model vs the codec work alone", "engine.json", r.engine_table, None),
         ("2. Model pipeline vs offline limit and naive consumer (sweep)", "pipeline_sweep.json", r.pipeline_table, "pipeline_sweep.png"),
         ("3-4. Peer (Quix Streams): drain throughput and latency under open-loop load", "peer.json", r.peer_table, "latency.png"),
-        ("5. Scaling: worker processes and partitions (echo model)", "scaling.json", r.scaling_table, "scaling.png"),
+        ("5. Scaling: workers joining a serving group under steady traffic (sleep runner; CPU model)", "scaling.json",
+         r.scaling_table, "scaling.png"),
     ]:
         path = results / name
         if not path.exists():
