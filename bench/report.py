@@ -65,18 +65,20 @@ def peer_table(report: dict) -> str:
 
 def scaling_table(report: dict) -> str:
     """bench/scaling_bench.py: one row per step of each scenario (workers joining, then one leaving)."""
-    lines = ["| runner | step | workers | results/s | / 1 worker | / ceiling | per worker id (results/s) | high / normal /s "
-             "| mean batch | device busy (ms per batch) | cores: workers / broker / machine | balanced after s | partitions moved (between stayers) | load 1m |",
+    lines = ["| runner | step | workers | results/s | / 1 worker | / ceiling | per worker id (results/s) "
+             "| high / normal /s | mean batch | device busy (ms per batch) | cores: workers / broker / machine "
+             "| balanced after s | partitions moved (between stayers) | load 1m |",
              "|---|---|---:|---:|---:|---:|---|---|---:|---:|---|---:|---|---:|"]
     for sc in report["scenarios"]:
         for i, st in enumerate(sc["steps"]):
             per = ", ".join(f"{w} {v:.0f}" for w, v in st["per_worker"].items())
             tiers = f"{st['per_tier'].get('high', 0):.0f} / {st['per_tier'].get('normal', 0):.0f}"
             ceiling = f"{st['of_ceiling']:.0%}" if "of_ceiling" in st else "-"  # only the sleep runner has one
-            broker = f"{st['broker_cores']:.2f}" if st.get("broker_cores") is not None else "-"  # a remote broker: unseen
+            broker = f"{st['broker_cores']:.2f}" if st.get("broker_cores") is not None else "-"  # remote: unseen
             drain = f" (drain {st['drain_s']:.0f})" if st.get("drain_s") is not None else ""
             lines.append(f"| {sc['name'] if i == 0 else ''} | {st['event']} | {st['workers']} | {st['per_s']:.0f} | "
-                         f"{st['vs_one']:.2f} | {ceiling} | {per} | {tiers} | {st['mean_batch']:.1f} | {st['device_busy']:.0%} ({st['ms_per_batch']:.0f} ms) | "
+                         f"{st['vs_one']:.2f} | {ceiling} | {per} | {tiers} | {st['mean_batch']:.1f} | "
+                         f"{st['device_busy']:.0%} ({st['ms_per_batch']:.0f} ms) | "
                          f"{st['worker_cores']:.2f} / {broker} / {st['machine_cores']:.2f} | {st['rebalance_s']:.1f}{drain} | "
                          f"{st['moved']} ({st['moved_between_stayers']}) | {st['loadavg_1m']:.1f} |")
     return "\n".join(lines)

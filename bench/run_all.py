@@ -4,9 +4,9 @@
 
 One throwaway LocalKafka serves every benchmark (each makes its own topics and groups); each
 benchmark runs as a process of its own, so no torch or Kafka client state carries over. The
-full run (~14 min on 2 cores) writes bench/results/*.json|png and replaces the generated part
-of BENCHMARKS.md; --quick (~5 min) runs shorter versions into bench/results/quick/ and only
-prints the tables, so it never overwrites the full figures.
+full run (~18–20 min on 2 cores, ~6 of them scaling) writes bench/results/*.json|png and
+replaces the generated part of BENCHMARKS.md; --quick (~5 min) runs shorter versions into
+bench/results/quick/ and only prints the tables, so it never overwrites the full figures.
 """
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
@@ -212,8 +213,8 @@ def scenario(base, key: str, name: str, extra: list[str], counts: list[int], rat
             steps.append({"workers": n, "event": what, "start": t0, "rebalance_s": settled - t0,
                           "drain_s": events[-1]["exited"] - t0 if "leaves" in what else None,
                           "window": [w0, w1], "held": held, "moved": moved, "moved_between_stayers": needless,
-                          "worker_cpu_s": cpu,
-                          "bench_cores": own, "broker_cores": broker_cores, "machine_cores": machine, "loadavg_1m": os.getloadavg()[0]})
+                          "worker_cpu_s": cpu, "bench_cores": own, "broker_cores": broker_cores,
+                          "machine_cores": machine, "loadavg_1m": os.getloadavg()[0]})
             print(f"    balanced after {settled - t0:.1f} s, {moved} partitions moved ({needless} between members "
                   f"that stay): {held}", flush=True)
     finally:  # the workers first, all at once (each drains what it holds): none may outlive the run
@@ -340,10 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="scaling")
     ap.add_argument("--bootstrap-servers")
     args = ap.parse_args(argv)
+    # a SIGTERM (a stray pkill, a CI timeout) unwinds through the finally blocks: no worker or
+    # broker is left behind retrying against a broker that is gone
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with broker(args.bootstrap_servers) as base:
         report = {"machine": machine_facts(sys.argv), "partitions": args.partitions, "window_s": args.window,
-                  "settle_s": args.settle, "warmup_s": args.warmup, "max_batch_size": base.max_batch_size, "max_wait_ms": base.max_wait_ms,
-                  "max_in_flight": base.max_in_flight, "scenarios": []}
+                  "settle_s": args.settle, "warmup_s": args.warmup, "max_batch_size": base.max_batch_size,
+                  "max_wait_ms": base.max_wait_ms, "scenarios": []}
         for name in args.runner.split(","):
             if name == "sleep":
                 capacity = base.max_batch_size * 1000 / args.sleep_ms  # one worker, every batch full
