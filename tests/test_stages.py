@@ -125,6 +125,6 @@ def test_an_aborted_replay_transaction_is_a_resumable_error():
             raise CommitAborted("coordinator moved")
 
     sink = TopicSink.__new__(TopicSink)  # no broker needed: only the error mapping is under test
-    sink.emitter, sink.ck = Aborting(), SimpleNamespace(run_id="run-7")
+    sink.emitter, sink.ck, sink.tally = Aborting(), SimpleNamespace(run_id="run-7"), None
     with pytest.raises(ReplayError, match="--resume run-7"):
         sink.commit([], {("t", 0): 1})
