@@ -10,7 +10,8 @@ synchronously, checking each partition's error.
 
 An output the producer refuses for good (too large for the broker or the topic, an invalid
 record) is replaced by a small dead letter saying why (`fallback`, the ResultBuilder's
-`unwritable`) and the commit is tried once more, so one record can never stop its partition.
+`unwritable`) and the commit is tried again (a suspect alone first: the broker refuses whole
+batches), so one record can never stop its partition.
 
 A failed commit raises CommitAborted (nothing of it is visible to read_committed readers:
 the worker rewinds to its last commit and redoes the work) or FatalError (fenced: this
