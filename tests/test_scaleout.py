@@ -18,6 +18,32 @@ from inferlog.producer.sync import Producer
 from inferlog.settings import default_model_path
 from support import account, output_count, read_all, wait_until
 
+# headers the worker copies on (trace context), at their worst, on valid requests of both tiers
+HOSTILE_HEADERS = [[("traceparent", b"0" * 999_000)],
+                   [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                    ("tracestate", b"k=v," * 249_000)],
+                   [("traceparent", b"ff-garbage"), ("h" * 1000, b"v" * 500_000)]]
+
+
+def send_hostile(s, tag: str) -> int:
+    """Valid requests with the worst copied headers, on both tiers, into the running stream."""
+    from confluent_kafka import Producer as KafkaProducer
+
+    from inferlog.clients import confluent_config
+    from inferlog.codec import REQUEST
+    from inferlog.request import build_request
+
+    codec = Codec.from_settings(s)
+    p = KafkaProducer(confluent_config(s, **{"enable.idempotence": True, "acks": "all",
+                                             "message.max.bytes": 1_100_000}))
+    n = 0
+    for topic in s.request_topics:
+        for i, headers in enumerate(HOSTILE_HEADERS):
+            p.produce(topic, codec.encode(REQUEST, build_request("embed", f"hostile {tag} {i}")), headers=headers)
+            n += 1
+    assert p.flush(60) == 0
+    return n
+
 PARTITIONS = 6
 
 
@@ -89,10 +115,12 @@ def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_ti
     s = settings.with_overrides(max_batch_size=8, max_wait_ms=5)
     codec = Codec.from_settings(s)
     members: list[Member] = []
+    hostile = 0
     try:
         with Stream(s) as stream:
             for step, name in enumerate(("w1", "w2", "w3")):
                 members.append(Member(s, name))
+                hostile += send_hostile(s, name)  # while the newcomer joins
                 wait_until(lambda: balanced(s, members), timeout=90, every=0.5,
                            what=f"a balanced share of both tiers with {len(members)} members: "
                                 f"{[(m.id, sorted(m.holds(s.requests_topic)), sorted(m.holds(s.high_priority_topic))) for m in members]}")
@@ -107,13 +135,14 @@ def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_ti
             before = normal_answers(s, codec)
             wait_until(lambda: all(normal_answers(s, codec)[m.id] > before[m.id] for m in members), timeout=90,
                        every=0.5, what="the remaining members answering the normal tier")
-        wait_until(lambda: output_count(s) >= stream.sent, timeout=120, what="every request answered")
+        wait_until(lambda: output_count(s) >= stream.sent + hostile, timeout=120, what="every request answered")
     finally:
         for m in members:
             with contextlib.suppress(AssertionError):
                 m.leave()
     acc = account(s)
     acc.assert_exactly_once()
-    assert len(acc.requests) == stream.sent and not acc.dead_letters
+    assert len(acc.requests) == stream.sent + hostile and not acc.dead_letters
+    assert all(r["status"] == "OK" for r in acc.results)  # the hostile headers were dropped, not fatal
     tiers = Counter(r.topic for r in acc.requests)
     assert tiers[s.high_priority_topic] > 0 and tiers[s.requests_topic] > 0
