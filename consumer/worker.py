@@ -380,6 +380,10 @@ class Worker:
                 self.lag.forget(t, p)
         log.info("revoked %s (%d in-flight records dropped, to be redone by the next owner)",
                  _named(partitions), dropped)
+        # librdkafka keeps a partition's pause across revocation (librdkafka#1849): one given up
+        # while its tier was paused came back paused when it was assigned again (after a lost
+        # session, under KIP-848), and was never fetched. Resuming a partition not paused is a no-op.
+        consumer.resume(partitions)
         consumer.incremental_unassign(partitions)
 
 

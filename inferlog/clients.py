@@ -39,6 +39,8 @@ def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
         "security.protocol": settings.security_protocol,
         "logger": KAFKA_LOG,
     }
+    if settings.kafka_debug:
+        conf["debug"] = settings.kafka_debug
     if settings.sasl_mechanism:
         conf["sasl.mechanism"] = settings.sasl_mechanism
     if settings.sasl_username is not None:

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0)  # 0: no HTTP server
     log_level: str = "INFO"
     log_json: bool = False
+    # librdkafka's debug contexts for every client ("cgrp,fetch", "all"): its lines go to the
+    # inferlog.kafka logger, shown with log_level DEBUG
+    kafka_debug: str = ""
     otlp_endpoint: str | None = Field(
         None, validation_alias=AliasChoices("INFERLOG_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"))
 

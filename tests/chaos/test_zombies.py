@@ -41,15 +41,18 @@ def test_same_transactional_id_fences_the_older_worker(settings, tiny_bert_class
 
 
 @SIZES
+@pytest.mark.parametrize("protocol", ["consumer", "classic"])
 def test_a_paused_worker_past_its_session_is_fenced_by_the_generation(settings, tiny_bert_classifier_dir,
-                                                                     tmp_path, size):
+                                                                     tmp_path, size, protocol):
     """SIGSTOP A past its session timeout: its partitions move to B. SIGCONT: A's late commits
-    carry a stale group generation (KIP-447) and are refused; A rejoins or exits, cleanly.
+    carry a stale generation or member epoch and are refused; A rejoins or exits, cleanly.
 
-    On the classic protocol, whose generation this is. Under the consumer protocol (KIP-848,
-    the default) this run left records unanswered for 240 s in 2 of 4 runs after A came back
-    and took its partitions again: an open defect, to be found and fixed, not hidden here."""
-    fleet = Fleet(settings, tiny_bert_classifier_dir, tmp_path, INFERLOG_GROUP_PROTOCOL="classic")
+    On SIGCONT, A usually fetches the backlog that built up while it was stopped and pauses its
+    normal tier before it learns it lost its partitions. Under KIP-848 it then gets the same
+    partitions back a second later; librdkafka had kept them paused, and they were never
+    fetched again (records unanswered for 240 s in 2 of 4 runs) until the worker resumed what
+    it gives up."""
+    fleet = Fleet(settings, tiny_bert_classifier_dir, tmp_path, INFERLOG_GROUP_PROTOCOL=protocol)
     try:
         fleet.start_joined("wa", "wb")
         with Stream(settings, size["n"], size["rate"]) as stream:
