@@ -3,12 +3,8 @@
 One loop thread owns the Kafka clients (fetch, rebalance, pause/resume, commit) and drives
 the engine (consumer/engine.py), whose CPU pool and device thread do the work.
 
-Back-pressure has two levels, per tier. At most `max_in_flight` records of a tier are in the
-engine (tracked, decoded, batched, not yet committed); what is fetched past that is held
-here as it came, undecoded, and handed over as room appears. Only when the held records of a
-tier reach `max_in_flight` too are its partitions paused (resumed at half). Pausing is the
-last resort: librdkafka drops a paused partition's prefetch, and a resumed partition waited
-about a second for its next fetch with two group members (BENCHMARKS.md).
+Back-pressure, per tier, is decided in consumer/flow.py (which fetched records enter the
+engine, which are held, when a tier pauses); this loop applies it to the consumer's partitions.
 """
 from __future__ import annotations
 
@@ -16,7 +12,6 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
@@ -28,11 +23,10 @@ from inferlog.request import now_ms
 
 from .emit import CommitAborted, make_emitter
 from .engine import Engine
+from .flow import FETCH_CHUNK, FlowControl
 from .metrics import HealthServer, LagSampler, Metrics
 
 log = logging.getLogger(__name__)
-
-FETCH_CHUNK = 256  # records per consume() call and per decode task
 
 
 def group_protocol_config(s) -> dict:
@@ -51,14 +45,13 @@ class Worker:
         self.metrics = Metrics()
         self.engine = Engine(settings, runner, codec, metrics=self.metrics)
         self.on_commit = on_commit  # callback(outputs) after each successful commit (demo, tests)
-        self.paused = {"normal": False, "high": False}  # back-pressure, per tier
-        self.held: dict[str, deque] = {"normal": deque(), "high": deque()}  # fetched past max_in_flight
+        self.flow = FlowControl(settings, self.engine.pending_in)
         self.stopping = threading.Event()
         self.closing = False
         self.ready = threading.Event()  # model warm and partitions assigned (readiness)
         self.last_commit = time.monotonic()
         self.commit_interval = settings.commit_interval_ms / 1000.0
-        self.stats = {"commits": 0, "aborts": 0, "pauses": 0, "held": 0}
+        self.stats = {"commits": 0, "aborts": 0}
         self.consumer: Consumer | None = None
         self.emitter = None
         self.lag: LagSampler | None = None
@@ -83,7 +76,12 @@ class Worker:
 
     @property
     def counts(self) -> dict:
-        return {**self.engine.counts, **self.stats}
+        return {**self.engine.counts, **self.stats, **self.flow.stats}
+
+    @property
+    def paused(self) -> dict[str, bool]:
+        """Whether each tier is paused by back-pressure (tests wait for it)."""
+        return self.flow.paused
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_):
@@ -162,21 +160,19 @@ class Worker:
     # -- one turn of the loop ------------------------------------------------------------
     def _step(self) -> None:
         stopping = self.stopping.is_set()
-        if stopping and not all(self.paused.values()):
-            for tier in self.paused:  # stop fetching; what was fetched is still answered
-                self._pause(tier, True)
+        self._flow_control(stopping)  # before fetching: a stopping worker fetches no more
         self.engine.wait(0.005)
         timeout = self.engine.poll_timeout()
         if self.committing is not None:  # its end is work: the next transaction can start
             timeout = min(timeout, 0.005)
         msgs = self.consumer.consume(FETCH_CHUNK, timeout)
         if msgs:
-            self._take(list(self._records(msgs)))
-        if not stopping and (self.held["normal"] or self.held["high"]):
-            self._hand_over()
+            self.engine.accept(self.flow.take(list(self._records(msgs))))
+        if not stopping:
+            for chunk in self.flow.hand_over():
+                self.engine.accept(chunk)
         self.engine.step(flush=stopping)  # raises FatalError when the device failed
         self._commit()
-        self._flow_control()
         self.last_turn = time.monotonic()
         if self.last_turn - self.last_sample > 2.0:
             self._sample()
@@ -186,9 +182,9 @@ class Worker:
         self.last_sample = time.monotonic()
         m = self.metrics
         m.in_flight.set(self.engine.pending)
-        for tier, held in self.held.items():
+        for tier, held in self.flow.held.items():
             m.held.labels(tier).set(len(held))
-        for tier, paused in self.paused.items():
+        for tier, paused in self.flow.paused.items():
             m.paused.labels(tier).set(len(self._tier_partitions(tier)) if paused else 0)
         m.sample_device(self.runner.device)
         if self.lag is not None and self.engine.partitions:
@@ -273,7 +269,7 @@ class Worker:
             log.warning("rewind: committed offsets not readable yet (%s); retrying", why)
             time.sleep(1)
         self.engine.reset()
-        self._drop_held()  # fetched past the committed offsets: they come again after the seek
+        self.flow.drop()  # fetched past the committed offsets: they come again after the seek
         for tp in committed:
             off = tp.offset if tp.offset != OFFSET_INVALID else OFFSET_BEGINNING  # nothing committed yet
             try:
@@ -281,59 +277,14 @@ class Worker:
             except KafkaException as e:
                 raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {off}: {e}") from e
 
-    # -- back-pressure -------------------------------------------------------------------
-    def _room(self, tier: str) -> int:
-        return self.s.max_in_flight - self.engine.pending_in(self.s.tier_topic(tier))
-
-    def _take(self, msgs: list) -> None:
-        """Hand fetched records to the engine while their tier has room, hold the rest. A tier
-        that holds anything holds everything after it, so each partition stays in order."""
-        room = {tier: self._room(tier) for tier in self.held}
-        if not self.held["normal"] and not self.held["high"] and len(msgs) <= min(room.values()):
-            self.engine.accept(msgs)  # the common case: nothing held, room for all
-            return
-        take = []
-        for m in msgs:
-            tier = self.s.tier_of(m.topic())
-            if self.held[tier] or room[tier] <= 0:
-                self.held[tier].append(m)
-                self.stats["held"] += 1
-            else:
-                room[tier] -= 1
-                take.append(m)
-        if take:
-            self.engine.accept(take)
-
-    def _hand_over(self) -> None:
-        """Move held records into the engine as far as each tier's room allows."""
-        for tier, held in self.held.items():
-            n = min(len(held), self._room(tier))
-            while n > 0:
-                chunk = [held.popleft() for _ in range(min(n, FETCH_CHUNK))]  # one decode task each
-                n -= len(chunk)
-                self.engine.accept(chunk)
-
-    def _drop_held(self, gone: set | None = None) -> int:
-        """Forget held records (of `gone` partitions, or all): not tracked, never committed,
-        so they are fetched again by whoever reads from the committed offsets."""
-        dropped = 0
-        for tier, held in self.held.items():
-            keep = deque() if gone is None else deque(m for m in held if (m.topic(), m.partition()) not in gone)
-            dropped += len(held) - len(keep)
-            self.held[tier] = keep
-        return dropped
-
-    def _flow_control(self) -> None:
-        """A tier pauses when its held records reach max_in_flight as well, and resumes at
-        half: a backlog of normal requests never holds high-priority ones back."""
-        if self.stopping.is_set():
-            return
-        for tier, held in self.held.items():
-            if not self.paused[tier] and len(held) >= self.s.max_in_flight:
-                self.stats["pauses"] += 1
-                self._pause(tier, True)
-            elif self.paused[tier] and len(held) <= self.s.max_in_flight // 2:
-                self._pause(tier, False)
+    # -- back-pressure (decided in flow.py, applied here) ------------------------------------
+    def _flow_control(self, stopping: bool) -> None:
+        """Pause and resume the tiers flow.py says to, on the partitions of each."""
+        pause, resume = self.flow.decide(stopping)
+        for tier in pause:
+            self._pause(tier, True)
+        for tier in resume:
+            self._pause(tier, False)
 
     def _tier_partitions(self, tier: str) -> list[TopicPartition]:
         topic = self.s.tier_topic(tier)
@@ -343,9 +294,8 @@ class Worker:
         tps = self._tier_partitions(tier)
         if tps:
             (self.consumer.pause if pause else self.consumer.resume)(tps)
-        self.paused[tier] = pause
         log.debug("%s %d %s-tier partitions (in flight: %d, held: %d)", "paused" if pause else "resumed", len(tps),
-                  tier, self.engine.pending, len(self.held[tier]))
+                  tier, self.engine.pending, len(self.flow.held[tier]))
 
     # -- rebalance callbacks (run inside consume(), on the loop thread) -------------------
     def _on_assign(self, consumer, partitions) -> None:
@@ -353,7 +303,7 @@ class Worker:
             self.engine.assign((tp.topic, tp.partition))
         log.info("assigned %s", _named(partitions))
         consumer.incremental_assign(partitions)
-        paused = [tp for tp in partitions if self.paused[self.s.tier_of(tp.topic)]]
+        paused = [tp for tp in partitions if self.flow.paused[self.s.tier_of(tp.topic)]]
         if paused:
             consumer.pause(paused)
         if self.engine.partitions:
@@ -372,7 +322,7 @@ class Worker:
             # still ours; what is not is dropped and redone by the next owner
             self.engine.collect()
             self._commit(force=True, only=gone)
-        dropped = self.engine.revoke(gone) + self._drop_held(gone)
+        dropped = self.engine.revoke(gone) + self.flow.drop(gone)
         if not self.engine.partitions:
             self._set_ready(False)
         for t, p in gone:  # a partition no longer ours has no lag of ours
