@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field, replace
 from queue import SimpleQueue
 from typing import Any
@@ -177,7 +177,8 @@ class Pipeline:
         # runs as a future callback: an exception escaping here would be logged and lost by
         # concurrent.futures, stranding the job's records (no output, no commit past them)
         try:
-            e = fut.exception()
+            # close() cancels queued work: exception() would raise for it, dead-lettering the job
+            e = CancelledError() if fut.cancelled() else fut.exception()
             if e is not None:
                 self._fail(job, e)
             else:
