@@ -1,12 +1,12 @@
-"""The commit: outputs and consumed offsets leave the worker together, in fixed steps.
+"""Emitters: one commit of outputs (and, exactly-once, their consumed offsets), in fixed steps.
 
 Exactly-once (default), one Kafka transaction per commit:
   1. begin the transaction
   2. produce every result and dead letter
   3. send the consumed offsets with the consumer group's metadata (fences zombies, KIP-447)
   4. commit the transaction (this flushes; delivery errors surface here)
-At-least-once: 1. produce, 2. flush and confirm every delivery, 3. commit offsets
-synchronously, checking each partition's error.
+At-least-once: 1. produce, 2. flush and confirm every delivery; the offsets are committed
+afterwards by the caller, from the thread that polls the consumer (consumer/committer.py).
 
 An output the producer refuses for good (too large for the broker or the topic, an invalid
 record) is replaced by a small dead letter saying why (`fallback`, the ResultBuilder's
@@ -124,11 +124,13 @@ def _produce_all(producer: Producer, outputs: list[Out], refusals: Refusals | No
     producer.poll(0)
 
 
-def _offsets(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
+def offsets_of(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
     return [TopicPartition(t, p, off) for (t, p), off in commits.items()]
 
 
 class TransactionalEmitter:
+    transactional = True  # the offsets go in the transaction
+
     def __init__(self, settings, consumer, timeout_s: float = 30.0, fallback=None):
         self.consumer = consumer
         self.timeout = timeout_s
@@ -159,7 +161,7 @@ class TransactionalEmitter:
                 self.producer.begin_transaction()
                 _produce_all(self.producer, outputs, refusals, self.timeout)
                 if commits:
-                    self._send_offsets(_offsets(commits), group_metadata or self.consumer.consumer_group_metadata())
+                    self._send_offsets(offsets_of(commits), group_metadata or self.consumer.consumer_group_metadata())
                 self._commit_with_retry()
                 return
             except KafkaException as e:
@@ -175,12 +177,6 @@ class TransactionalEmitter:
                     if refusals.settle():
                         continue
                 self._handle(e)
-
-    # the worker's split: deliver() on its emit thread, commit_offsets() back on its loop thread
-    deliver = commit
-
-    def commit_offsets(self, commits: dict[tuple[str, int], int]) -> None:
-        """Nothing left to do: the offsets went in the transaction."""
 
     def _send_offsets(self, offsets, group_metadata) -> None:
         """send_offsets_to_transaction, bounded. librdkafka can block in it far past its timeout
@@ -259,6 +255,8 @@ class TransactionalEmitter:
 
 
 class AtLeastOnceEmitter:
+    transactional = False  # the caller commits the offsets once commit() returned
+
     def __init__(self, settings, consumer, timeout_s: float = 30.0, fallback=None):
         self.consumer = consumer
         self.timeout = timeout_s
@@ -267,11 +265,7 @@ class AtLeastOnceEmitter:
             "enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
             "partitioner": "murmur2_random"}))
 
-    def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int], group_metadata=None) -> None:
-        self.deliver(outputs, commits)
-        self.commit_offsets(commits)
-
-    def deliver(self, outputs: list[Out], commits=None, group_metadata=None) -> None:
+    def commit(self, outputs: list[Out], commits=None, group_metadata=None) -> None:
         """Produce and wait until every output is acknowledged (any thread). Outputs refused
         for good are replaced by their dead letters (at-least-once: the rest may repeat)."""
         refusals = Refusals(outputs, self.fallback)
@@ -292,18 +286,6 @@ class AtLeastOnceEmitter:
             only = refusals.settle() if refusals.tries_left(attempt) else []
             if not only:
                 raise CommitAborted(f"outputs refused: {why}")
-
-    def commit_offsets(self, commits: dict[tuple[str, int], int]) -> None:
-        """Synchronous offset commit, on the thread that polls the consumer: from another
-        thread librdkafka's synchronous commit was seen to block until the consumer closed."""
-        if commits:
-            try:
-                done = self.consumer.commit(offsets=_offsets(commits), asynchronous=False)
-            except KafkaException as e:
-                raise CommitAborted(f"offset commit failed: {e}") from e
-            bad = [tp for tp in done or () if tp.error is not None]
-            if bad:
-                raise CommitAborted(f"offset commit failed for {bad}")
 
     def close(self) -> None:
         self.producer.flush(self.timeout)

@@ -12,16 +12,14 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
-
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from inferlog.clients import confluent_config
 from inferlog.codec import Codec
 from inferlog.errors import FatalError
-from inferlog.request import now_ms
 
-from .emit import CommitAborted, make_emitter
+from .committer import Committer
+from .emit import make_emitter
 from .engine import Engine
 from .flow import FETCH_CHUNK, FlowControl
 from .metrics import HealthServer, LagSampler, Metrics
@@ -49,14 +47,9 @@ class Worker:
         self.stopping = threading.Event()
         self.closing = False
         self.ready = threading.Event()  # model warm and partitions assigned (readiness)
-        self.last_commit = time.monotonic()
-        self.commit_interval = settings.commit_interval_ms / 1000.0
-        self.stats = {"commits": 0, "aborts": 0}
         self.consumer: Consumer | None = None
-        self.emitter = None
+        self.committer: Committer | None = None
         self.lag: LagSampler | None = None
-        self.emit_thread = ThreadPoolExecutor(1, thread_name_prefix="inferlog-emit")
-        self.committing: tuple | None = None  # (future, outputs, offsets, start) of the commit in flight
         self.last_turn = time.monotonic()
         self.last_sample = 0.0
         self.http: HealthServer | None = None
@@ -76,7 +69,7 @@ class Worker:
 
     @property
     def counts(self) -> dict:
-        return {**self.engine.counts, **self.stats, **self.flow.stats}
+        return {**self.engine.counts, **(self.committer.stats if self.committer else {}), **self.flow.stats}
 
     @property
     def paused(self) -> dict[str, bool]:
@@ -111,7 +104,9 @@ class Worker:
             # (its fetch.queue.backoff.ms holds a partition's next fetch once the queue is full)
         })
         self.consumer = Consumer(conf)
-        self.emitter = make_emitter(self.s, self.consumer, fallback=self.engine.builder.unwritable)
+        emitter = make_emitter(self.s, self.consumer, fallback=self.engine.builder.unwritable)
+        self.committer = Committer(self.s, self.consumer, self.engine, emitter, self.metrics,
+                                   on_rewind=self.flow.drop, on_commit=self.on_commit)
         self.lag = LagSampler(self.s, self.metrics.lag)
         self.consumer.subscribe(list(self.s.request_topics), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -151,11 +146,8 @@ class Worker:
         self.engine.close()
         if self.lag is not None:
             self.lag.close()
-        if self.committing is not None:  # only after a fatal error: let it end before closing
-            wait([self.committing[0]], timeout=60)
-        self.emit_thread.shutdown(wait=False, cancel_futures=True)
-        if self.emitter is not None:
-            self.emitter.close()
+        if self.committer is not None:
+            self.committer.close()
 
     # -- one turn of the loop ------------------------------------------------------------
     def _step(self) -> None:
@@ -163,7 +155,7 @@ class Worker:
         self._flow_control(stopping)  # before fetching: a stopping worker fetches no more
         self.engine.wait(0.005)
         timeout = self.engine.poll_timeout()
-        if self.committing is not None:  # its end is work: the next transaction can start
+        if self.committer.busy:  # its end is work: the next commit can start
             timeout = min(timeout, 0.005)
         msgs = self.consumer.consume(FETCH_CHUNK, timeout)
         if msgs:
@@ -204,78 +196,8 @@ class Worker:
                     raise FatalError(f"consumer: {err}")
                 log.warning("consumer error: %s", err)
 
-    # -- commit --------------------------------------------------------------------------
-    # Group commit: one transaction at a time runs on the emit thread while this loop goes on
-    # fetching and batching; when it ends, the next one takes everything finished meanwhile.
-    # Under light load a result is committed as soon as it is ready; under heavy load the
-    # transactions grow instead of multiplying. commit_interval_ms sets a floor between them.
     def _commit(self, force: bool = False, only: set | None = None) -> None:
-        if self.committing is not None:
-            if not force and not self.committing[0].done():
-                return
-            if not self._commit_ended():  # aborted: everything since the last commit is redone
-                return
-        if not force and time.monotonic() - self.last_commit < self.commit_interval:
-            return
-        outputs, commits = self.engine.release(only)
-        if not commits:
-            return
-        self.last_commit = time.monotonic()
-        fut = self.emit_thread.submit(self.emitter.deliver, outputs, commits, self.consumer.consumer_group_metadata())
-        fut.add_done_callback(lambda _: self.engine.pipeline.wakeup.set())
-        self.committing = (fut, outputs, commits, time.perf_counter())
-        if force:  # shutting down or giving partitions up: the commit must be over before going on
-            self._commit_ended()
-
-    def _commit_ended(self) -> bool:
-        """Wait for the transaction in flight and account for it; False if it was aborted (the
-        worker has rewound). A fenced producer's FatalError propagates: the worker stops."""
-        fut, outputs, commits, t0 = self.committing
-        self.committing = None
-        try:
-            fut.result()
-            self.emitter.commit_offsets(commits)  # at-least-once: after delivery; exactly-once: done
-        except CommitAborted as e:
-            self.stats["aborts"] += 1
-            self.metrics.commits.labels("aborted").inc()
-            log.warning("commit aborted (%s): rewinding to the last committed offsets", e)
-            self._rewind()
-            return False
-        self.stats["commits"] += 1
-        self.metrics.committed(outputs, now_ms(), time.perf_counter() - t0)
-        if self.on_commit is not None:
-            self.on_commit(outputs)
-        return True
-
-    def _rewind(self) -> None:
-        """Forget all uncommitted work and fetch again from the committed offsets.
-
-        The committed offsets are read first (retrying while the coordinator is away, as it is
-        when a broker restarts): a partition whose offset cannot be read must not restart from
-        the beginning (duplicates), and one whose seek fails must not go on from its fetch
-        position (its uncommitted records would be skipped) - that worker stops instead."""
-        tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                committed = self.consumer.committed(tps, timeout=10) if tps else []
-                if not any(tp.error for tp in committed):
-                    break
-                why = [str(tp.error) for tp in committed if tp.error][:3]
-            except KafkaException as e:
-                why = [str(e)]
-            if time.monotonic() > deadline:
-                raise FatalError(f"cannot read the committed offsets to rewind to: {why}")
-            log.warning("rewind: committed offsets not readable yet (%s); retrying", why)
-            time.sleep(1)
-        self.engine.reset()
-        self.flow.drop()  # fetched past the committed offsets: they come again after the seek
-        for tp in committed:
-            off = tp.offset if tp.offset != OFFSET_INVALID else OFFSET_BEGINNING  # nothing committed yet
-            try:
-                self.consumer.seek(TopicPartition(tp.topic, tp.partition, off))
-            except KafkaException as e:
-                raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {off}: {e}") from e
+        self.committer.step(force, only)  # consumer/committer.py
 
     # -- back-pressure (decided in flow.py, applied here) ------------------------------------
     def _flow_control(self, stopping: bool) -> None:

@@ -1,0 +1,151 @@
+"""The live worker's commit: what the engine finished leaves it, one transaction at a time.
+
+Group commit: one commit runs on the emit thread while the worker's loop goes on fetching and
+batching; when it ends, the next one takes everything finished meanwhile. Under light load a
+result is committed as soon as it is ready; under heavy load the commits grow instead of
+multiplying. `commit_interval_ms` sets a floor between them.
+
+The emitter (consumer/emit.py) does one commit: exactly-once, a transaction carrying the
+outputs and the consumed offsets; at-least-once, the outputs delivered and confirmed, whose
+offsets this committer then commits from the loop thread (librdkafka's synchronous commit from
+another thread was seen to block until the consumer closed). A commit that aborts rewinds the
+worker to its last committed offsets; a fenced producer's FatalError stops it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, KafkaException, TopicPartition
+
+from inferlog.errors import FatalError
+from inferlog.request import now_ms
+
+from .emit import CommitAborted, offsets_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """The commit on the emit thread: its outputs and the offsets it covers."""
+    future: Future
+    outputs: list
+    commits: dict
+    t0: float
+
+
+class Committer:
+    """`on_rewind()`: the worker forgets what it fetched but has not handed to the engine
+    (held records); `on_commit(outputs)`: after each commit (demo, tests)."""
+
+    def __init__(self, settings, consumer, engine, emitter, metrics, *, on_rewind=None, on_commit=None):
+        self.consumer, self.engine, self.emitter, self.metrics = consumer, engine, emitter, metrics
+        self.on_rewind, self.on_commit = on_rewind, on_commit
+        self.interval = settings.commit_interval_ms / 1000.0
+        self.last = time.monotonic()
+        self.in_flight: InFlight | None = None
+        self.stats = {"commits": 0, "aborts": 0}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="inferlog-emit")
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight is not None
+
+    def step(self, force: bool = False, only: set | None = None) -> None:
+        """Called every turn of the loop, and `force`d before partitions are given up (`only`
+        those) or the worker stops: then the commit is over when this returns.
+
+        1. A commit in flight that has not ended is left to run, unless forced (then waited for).
+        2. An ended one is accounted for; an aborted one rewinds, and nothing more happens now.
+        3. Not forced: nothing starts before commit_interval_ms since the last start.
+        4. What the engine finished (of `only` partitions) is released and its commit starts on
+           the emit thread, with the consumer's group metadata as of now (it fences zombies).
+        5. Forced: that commit is waited for and accounted for too."""
+        if self.in_flight is not None:  # 1
+            if not force and not self.in_flight.future.done():
+                return
+            if not self._ended():  # 2
+                return
+        if not force and time.monotonic() - self.last < self.interval:  # 3
+            return
+        outputs, commits = self.engine.release(only)  # 4
+        if not commits:
+            return
+        self.last = time.monotonic()
+        fut = self.pool.submit(self.emitter.commit, outputs, commits, self.consumer.consumer_group_metadata())
+        fut.add_done_callback(lambda _: self.engine.pipeline.wakeup.set())  # its end is work for the loop
+        self.in_flight = InFlight(fut, outputs, commits, time.perf_counter())
+        if force:  # 5
+            self._ended()
+
+    def _ended(self) -> bool:
+        """Account for the commit in flight (waiting for it); False if it aborted and the
+        worker rewound. A fenced producer's FatalError propagates: the worker stops."""
+        c, self.in_flight = self.in_flight, None
+        try:
+            c.future.result()
+            if not self.emitter.transactional:  # at-least-once: the offsets after the delivery
+                self._commit_offsets(c.commits)
+        except CommitAborted as e:
+            self.stats["aborts"] += 1
+            self.metrics.commits.labels("aborted").inc()
+            log.warning("commit aborted (%s): rewinding to the last committed offsets", e)
+            self.rewind()
+            return False
+        self.stats["commits"] += 1
+        self.metrics.committed(c.outputs, now_ms(), time.perf_counter() - c.t0)
+        if self.on_commit is not None:
+            self.on_commit(c.outputs)
+        return True
+
+    def _commit_offsets(self, commits: dict) -> None:
+        """Synchronous, checking each partition's error."""
+        try:
+            done = self.consumer.commit(offsets=offsets_of(commits), asynchronous=False)
+        except KafkaException as e:
+            raise CommitAborted(f"offset commit failed: {e}") from e
+        bad = [tp for tp in done or () if tp.error is not None]
+        if bad:
+            raise CommitAborted(f"offset commit failed for {bad}")
+
+    def rewind(self) -> None:
+        """Forget all uncommitted work and fetch again from the committed offsets.
+
+        The committed offsets are read first (retrying while the coordinator is away, as it is
+        when a broker restarts): a partition whose offset cannot be read must not restart from
+        the beginning (duplicates), and one whose seek fails must not go on from its fetch
+        position (its uncommitted records would be skipped) - that worker stops instead."""
+        tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                committed = self.consumer.committed(tps, timeout=10) if tps else []
+                if not any(tp.error for tp in committed):
+                    break
+                why = [str(tp.error) for tp in committed if tp.error][:3]
+            except KafkaException as e:
+                why = [str(e)]
+            if time.monotonic() > deadline:
+                raise FatalError(f"cannot read the committed offsets to rewind to: {why}")
+            log.warning("rewind: committed offsets not readable yet (%s); retrying", why)
+            time.sleep(1)
+        self.engine.reset()
+        if self.on_rewind is not None:
+            self.on_rewind()  # fetched past the committed offsets: they come again after the seek
+        for tp in committed:
+            off = tp.offset if tp.offset != OFFSET_INVALID else OFFSET_BEGINNING  # nothing committed yet
+            try:
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, off))
+            except KafkaException as e:
+                raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {off}: {e}") from e
+
+    def close(self) -> None:
+        """After the consumer closed. A commit still in flight (only after a fatal error) may
+        end first; then the producer flushes what it holds."""
+        if self.in_flight is not None:
+            wait([self.in_flight.future], timeout=60)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.emitter.close()
