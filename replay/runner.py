@@ -508,7 +508,10 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
             sink = TopicSink(s, consumer, ck, tally=tally)
             if tally is not None:
                 ck.data["counts"] = tally.committed()
-        done_to = _done_offsets(consumer, ck)
+        # a shared run's members commit transactions back to back: a stable read of every
+        # partition at once waited minutes for a third member here; where this member starts a
+        # partition is read stable when it is assigned (GroupReader)
+        done_to = _done_offsets(consumer, ck, settings=s if shared else None)
         todo = window.rest(done_to)
         if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
             if ck.data["status"] != "done":
@@ -532,7 +535,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         if shared:  # the group assigns the partitions; each starts where the group committed
             from .shared import GroupReader
 
-            reader = GroupReader(window, consumer, engine, commits)
+            reader = GroupReader(window, consumer, engine, commits, group_admin(s), replay_group(ck.run_id))
         else:
             reader = WindowReader(s, todo, consumer=consumer)
             for r in todo.ranges:
@@ -557,13 +560,42 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
                     member=settings.worker_id if shared else "")
 
 
-def _done_offsets(consumer, ck: Checkpoint) -> dict[tuple[str, int], int]:
+def _done_offsets(consumer, ck: Checkpoint, settings=None) -> dict[tuple[str, int], int]:
     """Where each (topic, partition) of the window is done to: the run group's committed
-    offsets (topic output: they went in its transactions) or the checkpoint file's."""
+    offsets (topic output: they went in its transactions) or the checkpoint file's. With
+    `settings`, the last committed ones, not waiting for open transactions (last_committed)."""
     if ck.output["kind"] == "file":
         return ck.done_offsets()
     tps = [TopicPartition(r.topic, r.partition) for r in ck.window.ranges]
-    return {(tp.topic, tp.partition): tp.offset for tp in committed_offsets(consumer, tps) if tp.offset >= 0}
+    got = (last_committed(group_admin(settings), replay_group(ck.run_id), tps) if settings
+           else committed_offsets(consumer, tps))
+    return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
+
+
+def group_admin(settings):
+    from confluent_kafka.admin import AdminClient
+
+    from inferlog.clients import confluent_config
+
+    return AdminClient(confluent_config(settings))
+
+
+def last_committed(admin, group: str, tps: list, timeout: float = 30.0) -> list:
+    """The group's committed offsets of `tps` as of the last committed transactions, without
+    waiting for open ones (require_stable off): never ahead of what is committed, so a figure
+    of progress; where to read from is asked stable, when a partition is assigned."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)], require_stable=False,
+                                            request_timeout=timeout)[group]
+    try:
+        got = fut.result(timeout=timeout + 5).topic_partitions
+    except Exception as e:
+        raise ReplayError(f"cannot read the committed offsets of the run's group {group}: {e}") from e
+    bad = [tp for tp in got if tp.error]
+    if bad:
+        raise ReplayError(f"cannot read the committed offsets of the run's group {group}: {bad[0].error}")
+    return got
 
 
 def committed_offsets(consumer, tps: list, patience: float = 120.0) -> list:

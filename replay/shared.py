@@ -24,7 +24,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from inferlog.clients import confluent_config
 from inferlog.consumer.stages import Out
 
-from .runner import ReplayError, committed_offsets
+from .runner import ReplayError, committed_offsets, last_committed
 from .window import Window, WindowError, now_ms, read_window, resolve_window, window_consumer
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,9 @@ class GroupReader:
 
     member = True  # keeps polling when its share is read: rebalances and heartbeats go on
 
-    def __init__(self, window: Window, consumer, engine, commit):
+    def __init__(self, window: Window, consumer, engine, commit, admin, group: str):
         self.window, self.consumer, self.engine, self.commit = window, consumer, engine, commit
+        self.admin, self.group = admin, group  # for the run's progress (finished)
         self._range = {r.tp: r for r in window.ranges}
         self._end: dict[tuple[str, int], int] = {}  # ours and not yet read to the end
         self.closing = False
@@ -203,9 +204,9 @@ class GroupReader:
             return False
         self._checked = now
         tps = [TopicPartition(r.topic, r.partition) for r in self.window.ranges if r.size]
-        try:
-            got = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(tps, timeout=5)}
-        except Exception as e:  # coordinator away, an open transaction settling: ask again
+        try:  # not waiting for the other members' open transactions: never ahead of the commits
+            got = {(tp.topic, tp.partition): tp.offset for tp in last_committed(self.admin, self.group, tps, 5)}
+        except ReplayError as e:  # coordinator away: ask again
             log.debug("committed offsets: %s", e)
             return False
         done = sum(r.done(got.get(r.tp)) for r in self.window.ranges)
