@@ -93,7 +93,11 @@ def blast(settings, texts: list[str]) -> float:
     """The same records as produce_requests, encoded first and then sent as fast as the client
     goes, so a backlog appears within a fraction of a second. Returns the seconds it took."""
     enc = RequestEncoder(settings)
-    envs = [enc.envelope("embed", t, metadata={"source": "bench"}) for t in texts]
+    return send_all(settings, [enc.envelope("embed", t, metadata={"source": "bench"}) for t in texts])
+
+
+def send_all(settings, envs) -> float:
+    """Encoded requests (envelopes), sent as fast as the client goes; returns the seconds it took."""
     p = KafkaProducer(confluent_config(settings, **{"linger.ms": 5, "compression.type": "lz4",
                                                     "partitioner": "murmur2_random"}))
     t0 = time.perf_counter()

@@ -82,3 +82,20 @@ def scaling_table(report: dict) -> str:
                          f"{st['worker_cores']:.2f} / {broker} / {st['machine_cores']:.2f} | {st['rebalance_s']:.1f}{drain} | "
                          f"{st['moved']} ({st['moved_between_stayers']}) | {st['loadavg_1m']:.1f} |")
     return "\n".join(lines)
+
+
+def replay_scaling_table(report: dict) -> str:
+    """bench/replay_scaling_bench.py: one row per member count, each a shared run of its own."""
+    lines = ["| members | window | results/s (span) | / 1 member | / ceiling | all serving: results/s | / 1 member "
+             "| span s (all joined after / tail) | wall s | per member (results) | high / normal | duplicates | load 1m |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|---:|"]
+    one, one_all = report["runs"][0]["per_s"], report["runs"][0]["together_per_s"]
+    for r in report["runs"]:
+        per = ", ".join(f"{m} {v}" for m, v in r["per_member"].items())
+        tiers = f"{r['per_topic'].get(report['high_topic'], 0)} / {r['per_topic'].get(report['normal_topic'], 0)}"
+        lines.append(f"| {r['members']} | {r['window']} | {r['per_s']:.0f} | {r['per_s'] / one:.2f} | "
+                     f"{r['per_s'] / (r['members'] * report['ceiling']):.0%} | {r['together_per_s']:.0f} | "
+                     f"{r['together_per_s'] / one_all:.2f} | {r['span_s']:.1f} ({r['joined_after_s']:.1f} / "
+                     f"{r['tail_s']:.1f}) | {r['wall_s']:.1f} | {per} | {tiers} | {r['duplicates']} | "
+                     f"{r['loadavg_1m']:.1f} |")
+    return "\n".join(lines)

@@ -35,6 +35,8 @@ STEPS = {
     # workers joining a serving group: the sleep runner up to 4 workers and back to 3, then the CPU model 1 -> 2
     "scaling": ("scaling_bench.py", [], ["--runner", "sleep", "--workers", "2", "--window", "8", "--settle", "4",
                                           "--warmup", "10"]),
+    # one shared replay run over the same log per member count (1 to 4), sleep runner
+    "replay_scaling": ("replay_scaling_bench.py", [], ["--members", "1,2", "--records", "6000"]),
 }
 
 
@@ -59,6 +61,8 @@ def tables(results: Path) -> str:
         ("3-4. Peer (Quix Streams): drain throughput and latency under open-loop load", "peer.json", r.peer_table, "latency.png"),
         ("5. Scaling: workers joining a serving group under steady traffic (sleep runner; CPU model)", "scaling.json",
          r.scaling_table, "scaling.png"),
+        ("6. Sharded replay: one run over 1-4 member processes (sleep runner)", "replay_scaling.json",
+         r.replay_scaling_table, "replay_scaling.png"),
     ]:
         path = results / name
         if not path.exists():
