@@ -27,14 +27,20 @@ class Item:
     seq: int = field(default=0, compare=False)  # arrival order, set by the policy
 
 
+def padded_tokens(rows: int, longest: int, extra: int = 0) -> int:
+    """The one cost of a batch: the tokens it occupies once padded, rows x (longest input +
+    longest extra). The batching policy caps it (max_batch_tokens); runners report it."""
+    return rows * (longest + extra)
+
+
 def padded_cost(items: Iterable[Item]) -> int:
-    """Tokens a batch occupies once padded: rows x (longest input + longest extra)."""
+    """padded_tokens of a batch of items."""
     rows = longest = extra = 0
     for it in items:
         rows += it.rows
         longest = max(longest, it.length)
         extra = max(extra, it.extra)
-    return rows * (longest + extra)
+    return padded_tokens(rows, longest, extra)
 
 
 class BatchPolicy:
@@ -90,7 +96,7 @@ class BatchPolicy:
             return False
         if self._rows >= self.max_batch_size:
             return True
-        if self._rows * (self._by_len[-1][0] + max(self._extras)) >= self.max_batch_tokens:
+        if padded_tokens(self._rows, self._by_len[-1][0], max(self._extras)) >= self.max_batch_tokens:
             return True
         return now >= self.due_at()
 
@@ -117,7 +123,7 @@ class BatchPolicy:
             for _, side in sorted(cands):
                 it = entries[lo - 1][2] if side < 0 else entries[hi][2]
                 r = rows + it.rows
-                cost = r * (max(longest, it.length) + max(extra, it.extra))
+                cost = padded_tokens(r, max(longest, it.length), max(extra, it.extra))
                 if r <= self.max_batch_size and cost <= self.max_batch_tokens:
                     rows, longest, extra = r, max(longest, it.length), max(extra, it.extra)
                     chosen.append(it)

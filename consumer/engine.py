@@ -49,8 +49,8 @@ class Engine:
         self.done: SimpleQueue = SimpleQueue()
         from .runners import Row  # the runner module owns the row type
 
-        self.pipeline = Pipeline(runner, self.cpu, self.device, self.builder, self.done,
-                                 settings.default_max_new_tokens, Row, self.metrics)
+        runner.default_max_new_tokens = settings.default_max_new_tokens
+        self.pipeline = Pipeline(runner, self.cpu, self.device, self.builder, self.done, Row, self.metrics)
         self.decoding: deque[Future] = deque()
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
 
@@ -91,6 +91,21 @@ class Engine:
             self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
 
     # -- one turn --------------------------------------------------------------------------
+    def turn(self, fetch, flush: bool = False, soon: bool = False) -> None:
+        """One turn of a driver's loop, the worker's and replay's alike: wait while the pipeline
+        is full and nothing finished; fetch, blocking no longer than the work allows
+        (`fetch(timeout)` returns chunks of records, one decode task each); accept them; move
+        the work along. `soon`: something of the driver's ends soon (a commit in flight), so
+        fetching blocks 5 ms at most. `flush`: cut what is queued now. Raises FatalError once
+        the device failed."""
+        self.wait(0.005)
+        timeout = self.poll_timeout()
+        if soon:
+            timeout = min(timeout, 0.005)
+        for chunk in fetch(timeout):
+            self.accept(chunk)
+        self.step(flush=flush)
+
     def step(self, flush: bool = False) -> None:
         """Move work along without blocking: decoded -> batches -> pipeline; finished -> tracker.
         Raises FatalError once the device has failed: every driver (worker, replay) stops on it."""
@@ -115,9 +130,7 @@ class Engine:
                 elif self.honor_deadlines and is_expired(p):
                     self._complete(p, [self.builder.expired(p)])
                 else:
-                    extra = 0
-                    if self.runner.task == "GENERATE":
-                        extra = p.request.parameters.max_new_tokens or self.s.default_max_new_tokens
+                    extra = self.runner.new_tokens(p.request.parameters)  # what the runner's cost counts
                     self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra),
                                     high=p.topic == self.s.high_priority_topic)  # a tier is its topic
 

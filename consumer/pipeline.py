@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from concurrent.futures import CancelledError, Executor, Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any
 
@@ -55,13 +55,12 @@ def _is_oom(e: BaseException) -> bool:
 
 class Pipeline:
     def __init__(self, runner, cpu: Executor, device: Executor, builder: ResultBuilder,
-                 done: SimpleQueue, default_max_new_tokens: int, row_type, metrics: Metrics | None = None):
+                 done: SimpleQueue, row_type, metrics: Metrics | None = None):
         self.runner = runner
         self.cpu = cpu
         self.device = device
         self.builder = builder
         self.done = done  # receives list[(Pending, [Out])] per finished job
-        self.default_max_new_tokens = default_max_new_tokens
         self.Row = row_type
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
@@ -82,14 +81,8 @@ class Pipeline:
         self._chain(self.cpu, self._prepare, job, self._on_prepared)
 
     def _rows(self, batch: list[Pending]) -> list:
-        rows, defaulted = [], {}
-        for p in batch:
-            params = p.request.parameters
-            if params.max_new_tokens is None:
-                params = defaulted.get(params) or defaulted.setdefault(
-                    params, replace(params, max_new_tokens=self.default_max_new_tokens))
-            rows.extend(self.Row(ids, params) for ids in p.ids)
-        return rows
+        """A row per input; a generation's default length is the runner's (Runner.new_tokens)."""
+        return [self.Row(ids, p.request.parameters) for p in batch for ids in p.ids]
 
     # -- stages (each runs on its own executor) -----------------------------------------
     def _prepare(self, job: Job) -> Job:

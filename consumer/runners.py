@@ -17,6 +17,7 @@ import torch
 from inferlog.errors import ConfigError, InputTooLarge
 from inferlog.request import Parameters
 
+from .batching import padded_tokens
 from .models import (
     sentence_limit,
     ModelInfo,
@@ -31,7 +32,6 @@ from .models import (
 
 __all__ = ["Row", "ModelInfo", "Runner", "EmbedRunner", "GenerateRunner", "ClassifyRunner", "load_runner"]
 
-DEFAULT_MAX_NEW_TOKENS = 32  # settings.default_max_new_tokens; the worker may set runner.default_max_new_tokens
 _seed_source = random.SystemRandom()
 
 
@@ -46,6 +46,9 @@ class Runner(ABC):
     info: ModelInfo
     device: torch.device
     max_input_tokens: int
+    # tokens a generation adds when a request does not say (settings.default_max_new_tokens;
+    # the engine sets it): the one place this default lives
+    default_max_new_tokens: int = 32
 
     def __init__(self, model, tokenizer, info: ModelInfo, device: torch.device, max_input_tokens: int):
         self.model, self.info, self.device, self.max_input_tokens = model, info, device, max_input_tokens
@@ -77,8 +80,13 @@ class Runner(ABC):
         with self._lock:  # slow (Python) tokenizers: no promise of thread safety
             return [self.hf_tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
 
+    def new_tokens(self, p: Parameters) -> int:
+        """Tokens a row grows by on the device: none but for generation."""
+        return 0
+
     def cost(self, lengths: list[int], params: list[Parameters]) -> int:
-        return len(lengths) * max(lengths, default=0)
+        """The batch's padded tokens (batching.padded_tokens), as the batching policy counts them."""
+        return padded_tokens(len(lengths), max(lengths, default=0), max(map(self.new_tokens, params), default=0))
 
     def _check_lengths(self, rows: list[Row]) -> None:
         for r in rows:
@@ -174,20 +182,14 @@ class GenerateRunner(Runner):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self._cache_name: str | None = None  # the KV cache argument of this transformers (see _cache_kwarg)
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.hf_tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    def _limit(self, p: Parameters) -> int:
+    def new_tokens(self, p: Parameters) -> int:
         return p.max_new_tokens or self.default_max_new_tokens
-
-    def cost(self, lengths: list[int], params: list[Parameters]) -> int:
-        if not lengths:
-            return 0
-        return len(lengths) * (max(lengths) + max(self._limit(p) for p in params))
 
     def prepare(self, rows: list[Row]) -> dict:
         self._check_lengths(rows)
@@ -196,7 +198,7 @@ class GenerateRunner(Runner):
             room = self.max_input_tokens - len(r.ids)  # positions left after the prompt
             if room < 1:
                 raise InputTooLarge(f"{len(r.ids)} prompt tokens leave no room in {self.max_input_tokens} positions")
-            limits.append(min(self._limit(r.params), room))
+            limits.append(min(self.new_tokens(r.params), room))
             t = r.params.temperature or 0.0
             t = t if t >= 1e-5 else 0.0  # a vanishing temperature is greedy (and would overflow the division)
             temps.append(t)

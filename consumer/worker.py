@@ -153,21 +153,21 @@ class Worker:
     def _step(self) -> None:
         stopping = self.stopping.is_set()
         self._flow_control(stopping)  # before fetching: a stopping worker fetches no more
-        self.engine.wait(0.005)
-        timeout = self.engine.poll_timeout()
-        if self.committer.busy:  # its end is work: the next commit can start
-            timeout = min(timeout, 0.005)
-        msgs = self.consumer.consume(FETCH_CHUNK, timeout)
-        if msgs:
-            self.engine.accept(self.flow.take(list(self._records(msgs))))
-        if not stopping:
-            for chunk in self.flow.hand_over():
-                self.engine.accept(chunk)
-        self.engine.step(flush=stopping)  # raises FatalError when the device failed
+        # a commit's end is work (the next one can start): fetching blocks briefly meanwhile
+        self.engine.turn(self._fetch, flush=stopping, soon=self.committer.busy)  # FatalError: stop
         self._commit()
         self.last_turn = time.monotonic()
         if self.last_turn - self.last_sample > 2.0:
             self._sample()
+
+    def _fetch(self, timeout: float) -> list[list]:
+        """What the engine takes this turn: the fetched records it has room for, then held
+        ones that have room now (none while stopping: they are fetched again by the next owner)."""
+        msgs = self.consumer.consume(FETCH_CHUNK, timeout)
+        chunks = [self.flow.take(list(self._records(msgs)))] if msgs else []
+        if not self.stopping.is_set():
+            chunks += self.flow.hand_over()
+        return chunks
 
     def _sample(self) -> None:
         """Gauges that are read, not counted: lag, in-flight, device memory."""

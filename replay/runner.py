@@ -667,6 +667,14 @@ def _loop(s, engine, reader, commit: _Commits, window: Window, todo: Window, sto
                           dynamic_ncols=True, smoothing=0.1)
     t0 = time.monotonic()
     member = getattr(reader, "member", False)  # a group member polls on, for its rebalances
+    ending = False
+
+    def fetch(timeout: float) -> list[list]:
+        if (member or not ending) and engine.pending < s.max_in_flight:
+            return [reader.poll(timeout)]
+        if engine.busy():
+            time.sleep(min(0.005, timeout))  # at the end or full: the pools work
+        return []
 
     try:
         while True:
@@ -682,15 +690,8 @@ def _loop(s, engine, reader, commit: _Commits, window: Window, todo: Window, sto
                 time.sleep(0.005)
                 continue
             ending = reader.done()
-            engine.wait(0.005)  # returns at once unless the pipeline is full and nothing finished
-            if (member or not ending) and engine.pending < s.max_in_flight:
-                msgs = reader.poll(engine.poll_timeout())
-                if msgs:
-                    engine.accept(msgs)
-            elif engine.busy():
-                time.sleep(min(0.005, engine.poll_timeout()))  # at the end or full: the pools work
             try:
-                engine.step(flush=ending)
+                engine.turn(fetch, flush=ending)  # the worker's turn (consumer/engine.py)
             except FatalError as e:  # keep what finished, then stop: the run resumes on a healthy device
                 engine.collect()
                 commit()

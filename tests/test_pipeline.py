@@ -131,8 +131,7 @@ def make_pipeline():
     def make(runner) -> Pipeline:
         cpu, device = ThreadPoolExecutor(2, "test-cpu"), ThreadPoolExecutor(1, "test-device")
         pools.extend((cpu, device))
-        return Pipeline(runner, cpu, device, ResultBuilder(CODEC, S, runner.info), SimpleQueue(),
-                        S.default_max_new_tokens, Row)
+        return Pipeline(runner, cpu, device, ResultBuilder(CODEC, S, runner.info), SimpleQueue(), Row)
 
     yield make
     for pool in pools:
