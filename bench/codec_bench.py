@@ -20,8 +20,7 @@ from pathlib import Path
 import fastavro
 import numpy as np
 
-from inferlog.codec import REQUEST, RESULT, Codec, SchemaStore, avro_long
-from inferlog.consumer.stages import encode_embeddings, union_branch
+from inferlog.codec import REQUEST, RESULT, Codec, SchemaStore, avro_long, encode_embeddings, union_branch
 from inferlog.request import build_request
 
 OUT = Path(__file__).parent / "results" / "codec.json"
@@ -87,7 +86,7 @@ def main() -> None:
                 "encode_us": round(us_per_call(lambda: codec.encode(name, rec), n, args.repeat), 2),
                 "decode_us": round(us_per_call(lambda: codec.decode(data), n, args.repeat), 2),
             }
-    # what the worker does (consumer/stages.py ResultBuilder): trusted (no validation pass), with
+    # what the worker does (consumer/results.py ResultBuilder): trusted (no validation pass), with
     # each output's union branch named in fastavro's tuple notation (below) or left to be found
     codec, res = codecs["single-object"], embedding_result()
     named = {**res, "outputs": [("inferlog.Embedding", o) for o in res["outputs"]]}

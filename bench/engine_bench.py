@@ -22,7 +22,8 @@ from report import engine_table
 from inferlog.codec import REQUEST, Codec
 from inferlog.consumer.demo import sample_texts
 from inferlog.consumer.engine import Engine
-from inferlog.consumer.stages import BatchInfo, Pending, ResultBuilder
+from inferlog.consumer.records import BatchInfo, Pending
+from inferlog.consumer.results import ResultBuilder
 from inferlog.producer.sync import RequestEncoder
 from inferlog.request import Limits, now_ms, validate_request
 from inferlog.settings import Settings

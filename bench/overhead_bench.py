@@ -35,7 +35,8 @@ from confluent_kafka import Consumer, Producer as KafkaProducer
 from inferlog.clients import confluent_config
 from inferlog.codec import REQUEST, Codec
 from inferlog.consumer.demo import sample_texts
-from inferlog.consumer.stages import BatchInfo, Pending, ResultBuilder
+from inferlog.consumer.records import BatchInfo, Pending
+from inferlog.consumer.results import ResultBuilder
 from inferlog.request import Limits, now_ms, validate_request
 
 PIPELINES = {  # name: (max_batch_size, max_wait_ms, other settings)

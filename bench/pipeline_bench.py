@@ -31,7 +31,8 @@ from inferlog.clients import confluent_config
 from inferlog.codec import REQUEST, Codec
 from inferlog.consumer.demo import sample_texts
 from inferlog.consumer.runners import Row, load_runner
-from inferlog.consumer.stages import BatchInfo, Pending, ResultBuilder
+from inferlog.consumer.records import BatchInfo, Pending
+from inferlog.consumer.results import ResultBuilder
 from inferlog.consumer.worker import Worker
 from inferlog.request import Limits, Parameters, now_ms, validate_request
 from inferlog.settings import default_model_path

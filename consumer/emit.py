@@ -28,7 +28,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from inferlog.clients import confluent_config
 from inferlog.errors import FatalError
 
-from .stages import Out
+from .records import Out
 
 log = logging.getLogger(__name__)
 

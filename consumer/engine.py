@@ -22,7 +22,9 @@ from .batching import Item, TieredPolicy
 from .metrics import Metrics
 from .offsets import OffsetTracker
 from .pipeline import Pipeline
-from .stages import Decoder, Pending, ResultBuilder, is_expired
+from .decoding import Decoder
+from .records import Pending, is_expired
+from .results import ResultBuilder
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from inferlog.errors import ModelError, RecordError
 
 from .metrics import Metrics
-from .stages import BatchInfo, Out, Pending, ResultBuilder, new_batch_id
+from .records import BatchInfo, Out, Pending, new_batch_id
+from .results import ResultBuilder
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("inferlog.worker")

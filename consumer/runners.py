@@ -149,7 +149,7 @@ class EmbedRunner(_EncoderRunner):
 
     def finish(self, raw: torch.Tensor, prepared) -> list[dict]:
         # float32 rows as they lie in memory (no list of Python floats): the result builder
-        # writes them into the Avro record as they are (stages.encode_embeddings)
+        # writes them into the Avro record as they are (inferlog.codec.encode_embeddings)
         return [{"vector": v} for v in raw.numpy()]
 
 

@@ -25,6 +25,7 @@ from importlib.resources import files
 from typing import Any
 
 import fastavro
+import numpy as np
 from fastavro.schema import expand_schema, fingerprint as _fastavro_fingerprint, to_parsing_canonical_form
 from fastavro.validation import validate
 
@@ -365,6 +366,47 @@ _RUN9 = b"\x01" * 9
 # bits) and naming what it reports vaguely (negative vs. huge lengths). Off the hot path.
 # Ints are bounded at 64 bits like longs, as fastavro reads them: the bound must not depend
 # on whether the walk ran; request validation bounds the ints that matter.
+
+# -- the embedding splice: float32 blocks written as Avro writes them ---------------------------
+def union_branch(codec: Codec, name: str, field: str, branch: str) -> int:
+    """The index of record `branch` in the union that the array `field` of `name` holds."""
+    f = next(f for f in codec.store.latest(name)["fields"] if f["name"] == field)
+    return [b["name"] if isinstance(b, dict) else b for b in f["type"]["items"]].index(branch)
+
+
+# Below this many floats in a result the blocks gain nothing: fastavro's one pass over the whole
+# record costs as much or less than its two around them (bench/codec_bench.py, the 1x1 rows).
+SPLICE_MIN_FLOATS = 32
+
+
+def encode_embeddings(outputs: list[dict], branch: bytes, min_floats: int = 0) -> bytes | None:
+    """InferenceResult.outputs holding Embedding records, encoded as Avro writes them: the
+    item count, each item's union branch and its vector as one block of little-endian float32
+    (count, the floats, then the 0 that ends an array), and the 0 that ends the outputs.
+
+    fastavro writes a vector float by float, ~130-250 ns each here: a 384-float embedding
+    cost 50-90 µs of CPU per result, more than decoding, validating and batching its request
+    (bench/codec_bench.py). A float32 array from the model is written here as it lies in
+    memory. None, for fastavro to write them (or to say what is wrong with them), when an
+    output is not a plain {"vector": 1-D floats}, or the outputs hold fewer than `min_floats`."""
+    try:
+        if sum(len(o["vector"]) for o in outputs) < min_floats:  # checked first: cheap for short lists
+            return None
+        vectors = [np.asarray(o["vector"], dtype="<f4") for o in outputs if len(o) == 1]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(vectors) != len(outputs) or any(v.ndim != 1 for v in vectors):
+        return None
+    parts = [avro_long(len(vectors))] if vectors else []
+    for v in vectors:
+        parts.append(branch)
+        if v.size:
+            parts += (avro_long(v.size), v.tobytes())
+        parts.append(b"\x00")
+    parts.append(b"\x00")
+    return b"".join(parts)
+
+
 def _check(schema: dict, buf: bytes, pos: int) -> None:
     name = schema.get("name", "record")
     try:

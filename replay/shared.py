@@ -22,7 +22,7 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from inferlog.clients import confluent_config
-from inferlog.consumer.stages import Out
+from inferlog.consumer.records import Out
 
 from .runner import ReplayError, committed_offsets, last_committed
 from .window import Window, WindowError, now_ms, read_window, resolve_window, window_consumer

@@ -15,7 +15,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.consumer.engine import Engine
 from inferlog.consumer.runners import load_runner
-from inferlog.consumer.stages import Pending
+from inferlog.consumer.records import Pending
 from inferlog.errors import RecordError
 from inferlog.request import build_request, now_ms
 from inferlog.settings import default_model_path, load_settings

@@ -23,7 +23,8 @@ from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.consumer.engine import Engine
 from inferlog.consumer.pipeline import Pipeline
 from inferlog.consumer.runners import Row
-from inferlog.consumer.stages import Out, Pending, ResultBuilder
+from inferlog.consumer.records import Out, Pending
+from inferlog.consumer.results import ResultBuilder
 from inferlog.errors import FatalError
 from inferlog.request import Limits, build_request, now_ms, validate_request
 from inferlog.settings import load_settings

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from inferlog.codec import DEADLETTER, RESULT, Codec
-from inferlog.consumer.stages import (MAX_OUTPUT_BYTES, SPLICE_MIN_FLOATS, BatchInfo, Pending, ResultBuilder,
-                                     encode_embeddings)
+from inferlog.codec import DEADLETTER, RESULT, SPLICE_MIN_FLOATS, Codec, encode_embeddings
+from inferlog.consumer.records import BatchInfo, Pending
+from inferlog.consumer.results import MAX_OUTPUT_BYTES, ResultBuilder
 from inferlog.errors import InvalidRequest
 from inferlog.request import Limits, build_request, validate_request
 from inferlog.settings import load_settings
