@@ -96,8 +96,9 @@ class Engine:
     def turn(self, fetch, flush: bool = False, soon: bool = False) -> None:
         """One turn of a driver's loop, the worker's and replay's alike: wait while the pipeline
         is full and nothing finished; fetch, blocking no longer than the work allows
-        (`fetch(timeout)` returns chunks of records, one decode task each); accept them; move
-        the work along. `soon`: something of the driver's ends soon (a commit in flight), so
+        (`fetch(timeout)` yields chunks of records, one decode task each, and each is accepted
+        before the next is asked for: a driver's room counts what it handed over); move the
+        work along. `soon`: something of the driver's ends soon (a commit in flight), so
         fetching blocks 5 ms at most. `flush`: cut what is queued now. Raises FatalError once
         the device failed."""
         self.wait(0.005)

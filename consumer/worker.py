@@ -160,14 +160,15 @@ class Worker:
         if self.last_turn - self.last_sample > 2.0:
             self._sample()
 
-    def _fetch(self, timeout: float) -> list[list]:
+    def _fetch(self, timeout: float):
         """What the engine takes this turn: the fetched records it has room for, then held
-        ones that have room now (none while stopping: they are fetched again by the next owner)."""
+        ones that have room now (none while stopping: they are fetched again by the next owner).
+        A generator: the room for held records is weighed after the fetched ones are in."""
         msgs = self.consumer.consume(FETCH_CHUNK, timeout)
-        chunks = [self.flow.take(list(self._records(msgs)))] if msgs else []
+        if msgs:
+            yield self.flow.take(list(self._records(msgs)))
         if not self.stopping.is_set():
-            chunks += self.flow.hand_over()
-        return chunks
+            yield from self.flow.hand_over()
 
     def _sample(self) -> None:
         """Gauges that are read, not counted: lag, in-flight, device memory."""
