@@ -267,7 +267,9 @@ class AtLeastOnceEmitter:
 
     def commit(self, outputs: list[Out], commits=None, group_metadata=None) -> None:
         """Produce and wait until every output is acknowledged (any thread). Outputs refused
-        for good are replaced by their dead letters (at-least-once: the rest may repeat)."""
+        for good are replaced by their dead letters (at-least-once: the rest may repeat). The
+        offsets are not committed here: the caller commits them once this returned, from the
+        thread that polls the consumer (consumer/committer.py; `transactional` is False)."""
         refusals = Refusals(outputs, self.fallback)
         only = None  # everything, then only what was refused
         attempt = 0

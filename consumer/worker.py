@@ -69,7 +69,8 @@ class Worker:
 
     @property
     def counts(self) -> dict:
-        return {**self.engine.counts, **(self.committer.stats if self.committer else {}), **self.flow.stats}
+        commits = self.committer.stats if self.committer else {"commits": 0, "aborts": 0}
+        return {**self.engine.counts, **commits, **self.flow.stats}
 
     @property
     def paused(self) -> dict[str, bool]:
@@ -106,7 +107,7 @@ class Worker:
         self.consumer = Consumer(conf)
         emitter = make_emitter(self.s, self.consumer, fallback=self.engine.builder.unwritable)
         self.committer = Committer(self.s, self.consumer, self.engine, emitter, self.metrics,
-                                   on_rewind=self.flow.drop, on_commit=self.on_commit)
+                                   on_rewind=self.flow.drop, on_commit=self._committed)
         self.lag = LagSampler(self.s, self.metrics.lag)
         self.consumer.subscribe(list(self.s.request_topics), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -169,6 +170,10 @@ class Worker:
             yield self.flow.take(list(self._records(msgs)))
         if not self.stopping.is_set():
             yield from self.flow.hand_over()
+
+    def _committed(self, outputs) -> None:
+        if self.on_commit is not None:  # read at each commit: it may be set after start
+            self.on_commit(outputs)
 
     def _sample(self) -> None:
         """Gauges that are read, not counted: lag, in-flight, device memory."""

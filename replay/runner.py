@@ -497,7 +497,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
 
         conf.update(group_protocol_config(s))
     consumer = window_consumer(s, **conf)
-    engine = sink = reader = None
+    engine = sink = reader = admin = None
     try:
         if o["kind"] == "topic":  # first: fencing a crashed predecessor settles the offsets read next
             tally = None
@@ -511,7 +511,9 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         # a shared run's members commit transactions back to back: a stable read of every
         # partition at once waited minutes for a third member here; where this member starts a
         # partition is read stable when it is assigned (GroupReader)
-        done_to = _done_offsets(consumer, ck, settings=s if shared else None)
+        if shared:
+            admin = group_admin(s)
+        done_to = _done_offsets(consumer, ck, admin)
         todo = window.rest(done_to)
         if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
             if ck.data["status"] != "done":
@@ -535,7 +537,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         if shared:  # the group assigns the partitions; each starts where the group committed
             from .shared import GroupReader
 
-            reader = GroupReader(window, consumer, engine, commits, group_admin(s), replay_group(ck.run_id))
+            reader = GroupReader(window, consumer, engine, commits, admin, replay_group(ck.run_id))
         else:
             reader = WindowReader(s, todo, consumer=consumer)
             for r in todo.ranges:
@@ -555,19 +557,21 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
             engine.close()
         if sink is not None:
             sink.close()
+        if admin is not None:
+            admin.__exit__(None, None, None)  # its handle (threads, sockets) now, not when collected
         consumer.close()
     return _summary(settings, ck, status, commits.records, engine.counts, seconds, done_to, runner,
                     member=settings.worker_id if shared else "")
 
 
-def _done_offsets(consumer, ck: Checkpoint, settings=None) -> dict[tuple[str, int], int]:
+def _done_offsets(consumer, ck: Checkpoint, admin=None) -> dict[tuple[str, int], int]:
     """Where each (topic, partition) of the window is done to: the run group's committed
-    offsets (topic output: they went in its transactions) or the checkpoint file's. With
-    `settings`, the last committed ones, not waiting for open transactions (last_committed)."""
+    offsets (topic output: they went in its transactions) or the checkpoint file's. With an
+    `admin` client, the last committed ones, not waiting for open transactions (last_committed)."""
     if ck.output["kind"] == "file":
         return ck.done_offsets()
     tps = [TopicPartition(r.topic, r.partition) for r in ck.window.ranges]
-    got = (last_committed(group_admin(settings), replay_group(ck.run_id), tps) if settings
+    got = (last_committed(admin, replay_group(ck.run_id), tps, patience=120.0) if admin is not None
            else committed_offsets(consumer, tps))
     return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
 
@@ -580,22 +584,28 @@ def group_admin(settings):
     return AdminClient(confluent_config(settings))
 
 
-def last_committed(admin, group: str, tps: list, timeout: float = 30.0) -> list:
+def last_committed(admin, group: str, tps: list, timeout: float = 10.0, patience: float = 0.0) -> list:
     """The group's committed offsets of `tps` as of the last committed transactions, without
     waiting for open ones (require_stable off): never ahead of what is committed, so a figure
-    of progress; where to read from is asked stable, when a partition is assigned."""
+    of progress; where to read from is asked stable, when a partition is assigned. Asked again
+    for `patience` seconds while the coordinator is away (a broker restarting, say)."""
     from confluent_kafka import ConsumerGroupTopicPartitions
 
-    fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)], require_stable=False,
-                                            request_timeout=timeout)[group]
-    try:
-        got = fut.result(timeout=timeout + 5).topic_partitions
-    except Exception as e:
-        raise ReplayError(f"cannot read the committed offsets of the run's group {group}: {e}") from e
-    bad = [tp for tp in got if tp.error]
-    if bad:
-        raise ReplayError(f"cannot read the committed offsets of the run's group {group}: {bad[0].error}")
-    return got
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
+                                                    require_stable=False, request_timeout=timeout)[group]
+            got = fut.result(timeout=timeout + 5).topic_partitions
+            why = next((tp.error for tp in got if tp.error), None)
+            if why is None:
+                return got
+        except Exception as e:  # KafkaException, or the future's timeout
+            why = e
+        if time.monotonic() > deadline:
+            raise ReplayError(f"cannot read the committed offsets of the run's group {group}: {why}")
+        log.warning("the run's committed offsets are not readable yet (%s); asking again", why)
+        time.sleep(1)
 
 
 def committed_offsets(consumer, tps: list, patience: float = 120.0) -> list:

@@ -206,7 +206,7 @@ class GroupReader:
         tps = [TopicPartition(r.topic, r.partition) for r in self.window.ranges if r.size]
         try:  # not waiting for the other members' open transactions: never ahead of the commits
             got = {(tp.topic, tp.partition): tp.offset for tp in last_committed(self.admin, self.group, tps, 5)}
-        except ReplayError as e:  # coordinator away: ask again
+        except ReplayError as e:  # coordinator away: asked again in a second
             log.debug("committed offsets: %s", e)
             return False
         done = sum(r.done(got.get(r.tp)) for r in self.window.ranges)
