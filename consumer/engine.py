@@ -47,12 +47,11 @@ class Engine:
             {runner.info.name, settings.model} | ({settings.model_name} if settings.model_name else set()))
         self.decoder = Decoder(self.codec, runner, Limits.from_settings(settings), settings.max_input_tokens, names)
         self.cpu = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="inferlog-cpu")
-        self.device = ThreadPoolExecutor(1, thread_name_prefix="inferlog-device")
         self.done: SimpleQueue = SimpleQueue()
         from .runners import Row  # the runner module owns the row type
 
         runner.default_max_new_tokens = settings.default_max_new_tokens
-        self.pipeline = Pipeline(runner, self.cpu, self.device, self.builder, self.done, Row, self.metrics)
+        self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics)  # starts the device loop
         self.decoding: deque[Future] = deque()
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
 
@@ -244,6 +243,5 @@ class Engine:
         return bool(self.decoding) and self.decoding[0].done()
 
     def close(self) -> None:
-        self.pipeline.closed = True  # work still in flight is abandoned, not dead-lettered
+        self.pipeline.close()  # work still in flight is abandoned, not dead-lettered
         self.cpu.shutdown(wait=False, cancel_futures=True)
-        self.device.shutdown(wait=False, cancel_futures=True)

@@ -1,10 +1,15 @@
-"""The model stages of a batch: prepare (CPU pool) -> run (device thread) -> finish (CPU pool).
+"""The model stages of a batch: prepare (CPU pool) -> run (the device loop) -> finish (CPU pool).
 
-Stages are chained by future callbacks, so no pool thread ever blocks waiting for another
-stage (the thread-pool starvation the seed notes warn about). While the device runs batch
-k, batch k+1 is being prepared and batch k-1 finished. A batch that fails in any stage is
-split in halves and retried, down to the single request, which alone becomes a dead letter:
-one bad request never takes its batch-mates with it. A device out-of-memory error splits too.
+Each stage is a function that hands its job on explicitly: prepare puts it on the device
+queue; the device loop, one thread of its own (the model is always called from the same
+thread), takes jobs from that queue one at a time and hands each to the CPU pool to finish;
+finish delivers the outputs to the engine's `done` queue. No thread ever waits for another
+stage (the thread-pool starvation the seed notes warn about), and the engine bounds the work
+in flight to `pipeline_depth` batches, so the device queue never holds more. While the device
+runs batch k, batch k+1 is prepared and batch k-1 finished. A batch that fails in any stage
+is split in halves and retried, down to the single request, which alone becomes a dead
+letter: one bad request never takes its batch-mates with it. A device out-of-memory error
+splits too; a broken device stops the driver (`fatal`, raised by Engine.step).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any
@@ -55,11 +60,11 @@ def _is_oom(e: BaseException) -> bool:
 
 
 class Pipeline:
-    def __init__(self, runner, cpu: Executor, device: Executor, builder: ResultBuilder,
-                 done: SimpleQueue, row_type, metrics: Metrics | None = None):
+    def __init__(self, runner, cpu: Executor, builder: ResultBuilder, done: SimpleQueue, row_type,
+                 metrics: Metrics | None = None):
         self.runner = runner
         self.cpu = cpu
-        self.device = device
+        self.ready: SimpleQueue = SimpleQueue()  # (prepared job, when queued) for the device loop; None ends it
         self.builder = builder
         self.done = done  # receives list[(Pending, [Out])] per finished job
         self.Row = row_type
@@ -69,17 +74,67 @@ class Pipeline:
         self.closed = False  # set by the engine on close: late failures are shutdown, not model errors
         self.fatal: BaseException | None = None  # a device that cannot go on (read by the loop)
         self.wakeup = threading.Event()  # set whenever a job finishes
+        self._cpu_wait = self.metrics.queue_wait.labels("cpu")
+        self._device_wait = self.metrics.queue_wait.labels("device")
+        self.device = threading.Thread(target=self._device_loop, name="inferlog-device", daemon=True)
+        self.device.start()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
     def submit(self, batch: list[Pending], depth: int = 0) -> None:
-        """Called from the loop thread: everything per request happens in prepare, on the pool."""
+        """A batch into the stages (from the loop thread; a failed batch's halves from the stage
+        that failed): everything per request happens in prepare, on the pool."""
         job = Job(batch, new_batch_id(), depth=depth)
         with self._lock:
             self._in_flight += 1
-        self._chain(self.cpu, self._prepare, job, self._on_prepared)
+        self._to_cpu(self._prepare_stage, job)
+
+    def close(self) -> None:
+        """Work still in flight is abandoned, not dead-lettered: the engine is going away and its
+        uncommitted records are redone by whoever reads from the committed offsets. The device
+        loop ends after the batch it runs, if any."""
+        self.closed = True
+        self.ready.put(None)
+
+    # -- the stage loop and functions: each hands its job on, or fails it -------------------
+    def _to_cpu(self, stage, job: Job) -> None:
+        try:
+            self.cpu.submit(stage, job, time.perf_counter())
+        except RuntimeError as e:  # the pool is shut down: the worker is stopping
+            self._failed(job, e)
+
+    def _prepare_stage(self, job: Job, queued: float) -> None:
+        self._cpu_wait.observe(time.perf_counter() - queued)
+        try:
+            self._prepare(job)
+        except BaseException as e:  # noqa: BLE001 - a failing batch splits; nothing escapes a stage
+            self._failed(job, e)
+            return
+        self.ready.put((job, time.perf_counter()))
+
+    def _device_loop(self) -> None:
+        while (item := self.ready.get()) is not None:
+            job, queued = item
+            self._device_wait.observe(time.perf_counter() - queued)
+            if self.closed:
+                continue
+            try:
+                self._run(job)
+            except BaseException as e:  # noqa: BLE001
+                self._failed(job, e)
+                continue
+            self._to_cpu(self._finish_stage, job)
+
+    def _finish_stage(self, job: Job, queued: float) -> None:
+        self._cpu_wait.observe(time.perf_counter() - queued)
+        try:
+            done = self._finish(job)
+        except BaseException as e:  # noqa: BLE001
+            self._failed(job, e)
+            return
+        self._deliver(done)
 
     def _rows(self, batch: list[Pending]) -> list:
         """A row per input; a generation's default length is the runner's (Runner.new_tokens)."""
@@ -151,45 +206,16 @@ class Pipeline:
         job.prepared = job.raw = None  # free tensors before the outputs are emitted
         return done
 
-    # -- chaining ------------------------------------------------------------------------
-    def _chain(self, executor: Executor, fn, job: Job, then) -> None:
-        wait = self.metrics.queue_wait.labels("device" if executor is self.device else "cpu")
-        submitted = time.perf_counter()
-
-        def call(job):
-            wait.observe(time.perf_counter() - submitted)
-            return fn(job)
-
+    # -- the end of a job ---------------------------------------------------------------
+    def _failed(self, job: Job, e: BaseException) -> None:
+        """_fail, guarded: an error while failing a job (building its dead letters, say) still
+        ends each of its records somewhere, or they would be stranded (no output, no commit past them)."""
         try:
-            fut = executor.submit(call, job)
-        except RuntimeError as e:  # executor shut down under us: the worker is stopping
             self._fail(job, e)
-            return
-        fut.add_done_callback(lambda f: self._after(f, job, then))
-
-    def _after(self, fut: Future, job: Job, then) -> None:
-        # runs as a future callback: an exception escaping here would be logged and lost by
-        # concurrent.futures, stranding the job's records (no output, no commit past them)
-        try:
-            # close() cancels queued work: exception() would raise for it, dead-lettering the job
-            e = CancelledError() if fut.cancelled() else fut.exception()
-            if e is not None:
-                self._fail(job, e)
-            else:
-                then(job, fut.result())
-        except BaseException as e2:  # noqa: BLE001 - every record of the job must still end somewhere
-            log.exception("pipeline continuation failed for batch %s", job.batch_id)
+        except BaseException as e2:  # noqa: BLE001
+            log.exception("failing batch %s failed too", job.batch_id)
             self._deliver([(p, [self.builder.dead_letter(p, ModelError(f"{type(e2).__name__}: {e2}"))])
                            for p in job.batch])
-
-    def _on_prepared(self, job: Job, _):
-        self._chain(self.device, self._run, job, self._on_ran)
-
-    def _on_ran(self, job: Job, _):
-        self._chain(self.cpu, self._finish, job, self._on_finished)
-
-    def _on_finished(self, job: Job, done):
-        self._deliver(done)
 
     def _deliver(self, done) -> None:
         self.done.put(done)

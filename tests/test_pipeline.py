@@ -127,16 +127,19 @@ def batch(n: int) -> list[Pending]:
 
 @pytest.fixture
 def make_pipeline():
-    pools: list[ThreadPoolExecutor] = []
+    made: list[tuple[Pipeline, ThreadPoolExecutor]] = []
 
     def make(runner) -> Pipeline:
-        cpu, device = ThreadPoolExecutor(2, "test-cpu"), ThreadPoolExecutor(1, "test-device")
-        pools.extend((cpu, device))
-        return Pipeline(runner, cpu, device, ResultBuilder(CODEC, S, runner.info), SimpleQueue(), Row)
+        cpu = ThreadPoolExecutor(2, "test-cpu")
+        pipe = Pipeline(runner, cpu, ResultBuilder(CODEC, S, runner.info), SimpleQueue(), Row)
+        made.append((pipe, cpu))
+        return pipe
 
     yield make
-    for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
+    for pipe, cpu in made:
+        pipe.close()
+        cpu.shutdown(wait=True, cancel_futures=True)
+        pipe.device.join(TIMEOUT)
 
 
 def answers(pipe: Pipeline, expected: int) -> dict[int, list[Out]]:
@@ -264,8 +267,8 @@ def test_the_engine_raises_fatal_from_step_and_dead_letters_nobody():
 # -- closing -----------------------------------------------------------------------------
 def test_a_closed_engine_abandons_its_work_quietly(caplog):
     """close() promises that work still in flight is abandoned, not dead-lettered: a batch the
-    device finishes after close, batches cancelled in the pools' queues and a batch submitted
-    after close all end without an output, an error logged or a hang."""
+    device finishes after close, a batch queued for the device behind it and a batch submitted
+    after close all end without an output, an error logged or a hang, and the device loop ends."""
     runner = Gated()
     engine = Engine(S, runner)
     pipe = engine.pipeline
@@ -275,15 +278,16 @@ def test_a_closed_engine_abandons_its_work_quietly(caplog):
         assert runner.entered.wait(TIMEOUT)  # on the device, held at the gate
         pipe.submit([pending(2)])  # prepared, then queued behind it on the device
         deadline = time.monotonic() + TIMEOUT
-        while engine.device._work_queue.empty() and time.monotonic() < deadline:
+        while pipe.ready.empty() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not engine.device._work_queue.empty()  # so close has a queued batch to cancel
+        assert not pipe.ready.empty()  # so close has a batch queued for the device to abandon
         engine.close()
         runner.gate.set()  # the device batch ends after close; its finish cannot be scheduled
         pipe.submit([pending(3)])  # the pools are shut down
     finally:
         runner.gate.set()
-        engine.device.shutdown(wait=True)
         engine.cpu.shutdown(wait=True)
+        pipe.device.join(TIMEOUT)
+    assert not pipe.device.is_alive()
     assert pipe.done.empty()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
