@@ -100,16 +100,22 @@ class BatchPolicy:
             return True
         return now >= self.due_at()
 
-    def next_batch(self, now: float, flush: bool = False) -> list[Item] | None:
-        """The next batch if one is due (or anything is queued and flush is set)."""
+    def next_batch(self, now: float, flush: bool = False, base: tuple[int, int, int] | None = None) -> list[Item] | None:
+        """The next batch if one is due (or anything is queued and flush is set). `base`:
+        (rows, longest, extra) of a batch these items join (TieredPolicy's top-up): only what
+        fits in it with them is taken, the oldest first, and [] when not even that fits."""
         if not self._by_len or not (flush or self.is_due(now)):
             return None
         entries = self._by_len
         old = self.oldest()
+        rows, longest, extra = base or (0, 0, 0)
+        rows, longest, extra = rows + old.rows, max(longest, old.length), max(extra, old.extra)
+        if base is not None and (rows > self.max_batch_size
+                                 or padded_tokens(rows, longest, extra) > self.max_batch_tokens):
+            return []
         start = bisect.bisect_left(entries, (old.length, old.seq))  # the oldest item, in length order
         lo, hi = start, start + 1
         chosen = [old]
-        rows, longest, extra = old.rows, old.length, old.extra
         while True:
             # candidates on either side in length order; take the one closest in length
             cands = []
@@ -154,7 +160,12 @@ class TieredPolicy:
 
     When both tiers have a batch due, up to `weight` high batches go before one normal
     batch, so high-priority requests overtake a backlog without starving it. Each tier
-    batches by the same limits (requests of different tiers never share a batch).
+    batches by the same limits. A batch cut with room left is topped up from the other tier
+    (its oldest first, by the same limits): on a device whose cost is mostly per batch, a
+    light high tier cut every max_wait_ms took 4 of 5 device slots with a few requests each
+    while the normal backlog waited (BENCHMARKS.md, issue 14). The requests of the batch's
+    own tier are chosen first, so topping up never delays them; those of the other tier
+    only go sooner than on their own.
     """
 
     def __init__(self, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float, weight: int = 4):
@@ -178,11 +189,19 @@ class TieredPolicy:
         normal_due = len(self.normal) > 0 and (flush or self.normal.is_due(now))
         if high_due and (self._credit > 0 or not normal_due):
             self._credit -= 1
-            return self.high.next_batch(now, flush=True)
+            return self._top_up(self.high.next_batch(now, flush=True), self.normal, now)
         if normal_due:
             self._credit = self.weight
-            return self.normal.next_batch(now, flush=True)
+            return self._top_up(self.normal.next_batch(now, flush=True), self.high, now)
         return None
+
+    @staticmethod
+    def _top_up(batch: list[Item], other: BatchPolicy, now: float) -> list[Item]:
+        rows = sum(it.rows for it in batch)
+        if rows < other.max_batch_size and len(other):
+            base = (rows, max(it.length for it in batch), max(it.extra for it in batch))
+            batch += other.next_batch(now, flush=True, base=base)
+        return batch
 
     def remove(self, pred) -> list[Item]:
         return self.high.remove(pred) + self.normal.remove(pred)

@@ -108,6 +108,30 @@ def test_every_item_once_and_limits_held(specs, max_size, max_tokens):
     assert p.rows == 0
 
 
+@hsettings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 300), st.integers(1, 4), st.integers(0, 64), st.booleans()),
+             min_size=1, max_size=60),
+    st.integers(1, 16),
+    st.integers(64, 4096),
+)
+def test_tiers_with_top_up_serve_every_item_once_within_the_limits(specs, max_size, max_tokens):
+    from inferlog.consumer.batching import TieredPolicy
+
+    p = TieredPolicy(max_batch_size=max_size, max_batch_tokens=max_tokens, max_wait_ms=10)
+    for i, (length, rows, extra, high) in enumerate(specs):
+        p.add(item(i, length, t=random.random(), rows=rows, extra=extra), high=high)
+    seen = []
+    while len(p):
+        b = p.next_batch(now=100.0)
+        assert b, "a due queue must yield a batch"
+        if len(b) > 1:  # a single item may exceed the limits alone; a group never does
+            assert sum(it.rows for it in b) <= max_size
+            assert padded_cost(b) <= max_tokens
+        seen.extend(it.ref for it in b)
+    assert sorted(seen) == list(range(len(specs)))
+
+
 def test_tiers_high_goes_first_but_normal_is_not_starved():
     from inferlog.consumer.batching import TieredPolicy
 
@@ -127,10 +151,58 @@ def test_tiers_high_goes_first_but_normal_is_not_starved():
 def test_tiers_wait_for_their_own_due_time():
     from inferlog.consumer.batching import TieredPolicy
 
-    p = TieredPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=50)
+    p = TieredPolicy(max_batch_size=8, max_batch_tokens=15, max_wait_ms=50)  # no room to top up: 2 x 10 > 15
     p.add(item("h", 10, t=1.0), high=True)
     p.add(item("n", 10, t=0.99))
     assert p.due_at() == pytest.approx(1.04)
     assert p.next_batch(now=1.045)[0].ref == "n"  # only the normal one has waited long enough
     assert p.next_batch(now=1.045) is None
     assert p.next_batch(now=1.05)[0].ref == "h"
+
+
+def test_a_light_high_tier_is_topped_up_from_the_normal_backlog():
+    """A fixed-cost device must not run a batch of three while a backlog waits: the high batch
+    takes its own requests first, then the oldest normal ones that fit."""
+    from inferlog.consumer.batching import TieredPolicy
+
+    p = TieredPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=50)
+    for i in range(20):
+        p.add(item(f"n{i}", 10, t=0.5 + i / 1000))
+    for i in range(3):
+        p.add(item(f"h{i}", 10, t=1.0), high=True)
+    batch = [it.ref for it in p.next_batch(now=1.05)]
+    assert batch == ["h0", "h1", "h2", "n0", "n1", "n2", "n3", "n4"]
+    assert len(p.high) == 0 and len(p.normal) == 15
+
+
+def test_a_due_normal_batch_takes_high_requests_along_before_their_time():
+    from inferlog.consumer.batching import TieredPolicy
+
+    p = TieredPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=50)
+    p.add(item("n", 10, t=0.99))
+    p.add(item("h", 10, t=1.0), high=True)
+    assert [it.ref for it in p.next_batch(now=1.045)] == ["n", "h"]  # h was not due until 1.05
+    assert len(p) == 0 and p.next_batch(now=2.0) is None
+
+
+def test_a_top_up_keeps_to_the_token_limit():
+    """Only what fits with the batch's own requests joins: a long normal request does not, and
+    being the oldest of its tier it holds the others of its tier back (in-order by age)."""
+    from inferlog.consumer.batching import TieredPolicy, padded_cost
+
+    p = TieredPolicy(max_batch_size=8, max_batch_tokens=100, max_wait_ms=50)
+    p.add(item("long", 40, t=0.5))
+    p.add(item("short", 5, t=0.6))
+    for i in range(2):
+        p.add(item(f"h{i}", 10, t=1.0), high=True)
+    batch = p.next_batch(now=1.05)
+    assert [it.ref for it in batch] == ["h0", "h1"]  # 3 x 40 = 120 tokens would be over 100
+    assert padded_cost(batch) <= 100
+    p2 = TieredPolicy(max_batch_size=8, max_batch_tokens=100, max_wait_ms=50)
+    p2.add(item("a", 12, t=0.5))
+    p2.add(item("b", 30, t=0.6))
+    for i in range(2):
+        p2.add(item(f"h{i}", 10, t=1.0), high=True)
+    batch = p2.next_batch(now=1.05)
+    assert [it.ref for it in batch] == ["h0", "h1", "a"]  # 4 x 30 = 120 would not fit; 3 x 12 does
+    assert padded_cost(batch) <= 100
