@@ -512,7 +512,11 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         # partition at once waited minutes for a third member here; where this member starts a
         # partition is read stable when it is assigned (GroupReader)
         if shared:
-            admin = group_admin(s)
+            from confluent_kafka.admin import AdminClient
+
+            from inferlog.clients import confluent_config
+
+            admin = AdminClient(confluent_config(s))
         done_to = _done_offsets(consumer, ck, admin)
         todo = window.rest(done_to)
         if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
@@ -576,14 +580,6 @@ def _done_offsets(consumer, ck: Checkpoint, admin=None) -> dict[tuple[str, int],
     return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
 
 
-def group_admin(settings):
-    from confluent_kafka.admin import AdminClient
-
-    from inferlog.clients import confluent_config
-
-    return AdminClient(confluent_config(settings))
-
-
 def last_committed(admin, group: str, tps: list, timeout: float = 10.0, patience: float = 0.0) -> list:
     """The group's committed offsets of `tps` as of the last committed transactions, without
     waiting for open ones (require_stable off): never ahead of what is committed, so a figure
@@ -591,39 +587,37 @@ def last_committed(admin, group: str, tps: list, timeout: float = 10.0, patience
     for `patience` seconds while the coordinator is away (a broker restarting, say)."""
     from confluent_kafka import ConsumerGroupTopicPartitions
 
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
-                                                    require_stable=False, request_timeout=timeout)[group]
-            got = fut.result(timeout=timeout + 5).topic_partitions
-            why = next((tp.error for tp in got if tp.error), None)
-            if why is None:
-                return got
-        except Exception as e:  # KafkaException, or the future's timeout
-            why = e
-        if time.monotonic() > deadline:
-            raise ReplayError(f"cannot read the committed offsets of the run's group {group}: {why}")
-        log.warning("the run's committed offsets are not readable yet (%s); asking again", why)
-        time.sleep(1)
+    def read() -> list:
+        fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
+                                                require_stable=False, request_timeout=timeout)[group]
+        return fut.result(timeout=timeout + 5).topic_partitions
+
+    return _asked_again(read, patience, "the coordinator is away")
 
 
 def committed_offsets(consumer, tps: list, patience: float = 120.0) -> list:
     """The group's committed offsets of `tps`, asked again while unreadable: read_committed
     asks for stable offsets, and a transaction a crashed member left open holds them until a
     successor with its transactional id fences it, or the transaction times out (60 s)."""
+    return _asked_again(lambda: consumer.committed(tps, timeout=10), patience, "an open transaction settles first")
+
+
+def _asked_again(read, patience: float, why_wait: str) -> list:
+    """`read()` (committed offsets, TopicPartitions) until no partition has an error, for
+    `patience` seconds; then a ReplayError with the last error."""
     deadline = time.monotonic() + patience
     while True:
         try:
-            got = consumer.committed(tps, timeout=10)
-            if not any(tp.error for tp in got):
+            got = read()
+            why = next((tp.error for tp in got if tp.error), None)
+            if why is None:
                 return got
-            why = next(tp.error for tp in got if tp.error)
-        except KafkaException as e:
+        except (KafkaException, TimeoutError) as e:  # TimeoutError: the admin future
             why = e
         if time.monotonic() > deadline:
             raise ReplayError(f"cannot read the committed offsets of the run's group: {why}")
-        log.warning("committed offsets not readable yet (%s): an open transaction settles first; asking again", why)
+        log.warning("committed offsets not readable yet (%s): %s; asking again", why, why_wait)
+        time.sleep(1)
 
 
 def _mark_done(ck: Checkpoint) -> None:

@@ -86,28 +86,7 @@ def test_remove_takes_items_out():
     assert sorted(it.ref for it in p.next_batch(0.0, flush=True)) == [1, 3, 5]
 
 
-@hsettings(max_examples=200, deadline=None)
-@given(
-    st.lists(st.tuples(st.integers(1, 300), st.integers(1, 4), st.integers(0, 64)), min_size=1, max_size=60),
-    st.integers(1, 16),
-    st.integers(64, 4096),
-)
-def test_every_item_once_and_limits_held(specs, max_size, max_tokens):
-    p = BatchPolicy(max_batch_size=max_size, max_batch_tokens=max_tokens, max_wait_ms=10)
-    for i, (length, rows, extra) in enumerate(specs):
-        p.add(item(i, length, t=random.random(), rows=rows, extra=extra))
-    seen = []
-    while len(p):
-        b = p.next_batch(now=100.0)
-        assert b, "a due queue must yield a batch"
-        if len(b) > 1:  # a single item may exceed the limits alone; a group never does
-            assert sum(it.rows for it in b) <= max_size
-            assert padded_cost(b) <= max_tokens
-        seen.extend(it.ref for it in b)
-    assert sorted(seen) == list(range(len(specs)))
-    assert p.rows == 0
-
-
+@pytest.mark.parametrize("tiered", [False, True], ids=["one queue", "two tiers with top-up"])
 @hsettings(max_examples=200, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(1, 300), st.integers(1, 4), st.integers(0, 64), st.booleans()),
@@ -115,12 +94,16 @@ def test_every_item_once_and_limits_held(specs, max_size, max_tokens):
     st.integers(1, 16),
     st.integers(64, 4096),
 )
-def test_tiers_with_top_up_serve_every_item_once_within_the_limits(specs, max_size, max_tokens):
+def test_every_item_once_and_limits_held(tiered, specs, max_size, max_tokens):
     from inferlog.consumer.batching import TieredPolicy
 
-    p = TieredPolicy(max_batch_size=max_size, max_batch_tokens=max_tokens, max_wait_ms=10)
+    p = (TieredPolicy if tiered else BatchPolicy)(max_batch_size=max_size, max_batch_tokens=max_tokens, max_wait_ms=10)
     for i, (length, rows, extra, high) in enumerate(specs):
-        p.add(item(i, length, t=random.random(), rows=rows, extra=extra), high=high)
+        it = item(i, length, t=random.random(), rows=rows, extra=extra)
+        if tiered:
+            p.add(it, high=high)
+        else:
+            p.add(it)
     seen = []
     while len(p):
         b = p.next_batch(now=100.0)
@@ -130,6 +113,7 @@ def test_tiers_with_top_up_serve_every_item_once_within_the_limits(specs, max_si
             assert padded_cost(b) <= max_tokens
         seen.extend(it.ref for it in b)
     assert sorted(seen) == list(range(len(specs)))
+    assert all(q.rows == 0 for q in ((p.high, p.normal) if tiered else (p,)))
 
 
 def test_tiers_high_goes_first_but_normal_is_not_starved():
@@ -185,24 +169,20 @@ def test_a_due_normal_batch_takes_high_requests_along_before_their_time():
     assert len(p) == 0 and p.next_batch(now=2.0) is None
 
 
-def test_a_top_up_keeps_to_the_token_limit():
+@pytest.mark.parametrize("normal, expected", [
+    ([("long", 40), ("short", 5)], ["h0", "h1"]),  # 3 x 40 = 120 tokens would be over 100
+    ([("a", 12), ("b", 30)], ["h0", "h1", "a"]),  # 4 x 30 = 120 would not fit; 3 x 12 does
+])
+def test_a_top_up_keeps_to_the_token_limit(normal, expected):
     """Only what fits with the batch's own requests joins: a long normal request does not, and
     being the oldest of its tier it holds the others of its tier back (in-order by age)."""
-    from inferlog.consumer.batching import TieredPolicy, padded_cost
+    from inferlog.consumer.batching import TieredPolicy
 
     p = TieredPolicy(max_batch_size=8, max_batch_tokens=100, max_wait_ms=50)
-    p.add(item("long", 40, t=0.5))
-    p.add(item("short", 5, t=0.6))
+    for k, (ref, length) in enumerate(normal):
+        p.add(item(ref, length, t=0.5 + k / 10))
     for i in range(2):
         p.add(item(f"h{i}", 10, t=1.0), high=True)
     batch = p.next_batch(now=1.05)
-    assert [it.ref for it in batch] == ["h0", "h1"]  # 3 x 40 = 120 tokens would be over 100
-    assert padded_cost(batch) <= 100
-    p2 = TieredPolicy(max_batch_size=8, max_batch_tokens=100, max_wait_ms=50)
-    p2.add(item("a", 12, t=0.5))
-    p2.add(item("b", 30, t=0.6))
-    for i in range(2):
-        p2.add(item(f"h{i}", 10, t=1.0), high=True)
-    batch = p2.next_batch(now=1.05)
-    assert [it.ref for it in batch] == ["h0", "h1", "a"]  # 4 x 30 = 120 would not fit; 3 x 12 does
+    assert [it.ref for it in batch] == expected
     assert padded_cost(batch) <= 100
