@@ -14,7 +14,7 @@ import time
 import click
 from confluent_kafka import Consumer, TopicPartition
 
-from inferlog.clients import confluent_config
+from inferlog.clients import confluent_config, consume_ready
 from inferlog.codec import RESULT, Codec
 
 from .cli import build_runner, settings_from_flags, worker_options
@@ -57,7 +57,7 @@ class ResultTail:
 
     def poll(self, timeout: float = 0.2) -> list[dict]:
         out = []
-        for m in self.c.consume(500, timeout):
+        for m in consume_ready(self.c, 500, timeout):
             if m.error() is None:
                 out.append(self.codec.decode(m.value(), expect=RESULT))
         return out

@@ -14,7 +14,7 @@ import threading
 import time
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from inferlog.clients import confluent_config
+from inferlog.clients import confluent_config, consume_ready
 from inferlog.codec import Codec
 from inferlog.errors import FatalError
 
@@ -165,7 +165,7 @@ class Worker:
         """What the engine takes this turn: the fetched records it has room for, then held
         ones that have room now (none while stopping: they are fetched again by the next owner).
         A generator: the room for held records is weighed after the fetched ones are in."""
-        msgs = self.consumer.consume(FETCH_CHUNK, timeout)
+        msgs = consume_ready(self.consumer, FETCH_CHUNK, timeout)
         if msgs:
             yield self.flow.take(list(self._records(msgs)))
         if not self.stopping.is_set():

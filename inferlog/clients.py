@@ -57,6 +57,20 @@ def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return conf
 
 
+def consume_ready(consumer, n: int, timeout: float) -> list:
+    """Up to `n` messages, waiting at most `timeout` for the first and not at all for the rest.
+
+    confluent-kafka's consume(n, timeout) returns only when it has n messages or the timeout
+    has passed: one request reaching an idle worker waited out the whole poll timeout (100 ms
+    idle, measured: consume(256, 1.0) returned 1 s after the call, 0.8 s after the send).
+    poll() returns on the first message (and serves the same callbacks); what is queued
+    behind it is taken without waiting."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
+
+
 def aiokafka_kwargs(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for AIOKafkaProducer/AIOKafkaConsumer/AIOKafkaAdminClient."""
     kw: dict[str, Any] = {

@@ -21,7 +21,7 @@ import time
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from inferlog.clients import confluent_config
+from inferlog.clients import confluent_config, consume_ready
 from inferlog.consumer.records import Out
 
 from .runner import ReplayError, committed_offsets, last_committed
@@ -170,7 +170,7 @@ class GroupReader:
 
     def poll(self, timeout: float = 0.5) -> list:
         out = []
-        for msg in self.consumer.consume(500, timeout):
+        for msg in consume_ready(self.consumer, 500, timeout):
             key = (msg.topic(), msg.partition())
             end = self._end.get(key)
             if end is None:  # not ours to read

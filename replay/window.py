@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from inferlog.clients import confluent_config
+from inferlog.clients import confluent_config, consume_ready
 from inferlog.errors import ConfigError
 
 _RELATIVE = re.compile(r"^-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)$")
@@ -296,7 +296,7 @@ class WindowReader:
         if not self._end:
             return []
         out = []
-        for msg in self.consumer.consume(500, timeout):
+        for msg in consume_ready(self.consumer, 500, timeout):
             tp = (msg.topic(), msg.partition())
             end = self._end.get(tp)
             if end is None:
