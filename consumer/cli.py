@@ -35,6 +35,12 @@ def worker_options(f):
         click.option("--max-batch-size", type=int, help="Rows per batch at most [INFERLOG_MAX_BATCH_SIZE]."),
         click.option("--max-batch-tokens", type=int, help="Padded tokens per batch at most [INFERLOG_MAX_BATCH_TOKENS]."),
         click.option("--max-wait-ms", type=float, help="Longest a request waits for batch-mates [INFERLOG_MAX_WAIT_MS]."),
+        click.option("--batching", type=click.Choice(["adaptive", "fixed"]),
+                     help="adaptive: cut a batch when the device can take it, sized to the arrival rate; fixed: "
+                          "at --max-batch-size or after --max-wait-ms [INFERLOG_BATCHING, default adaptive]."),
+        click.option("--latency-target-ms", type=float,
+                     help="Adaptive batching holds a partial batch no longer than this leaves room for "
+                          "[INFERLOG_LATENCY_TARGET_MS, default 300]."),
         click.option("--commit-interval-ms", type=float, help="Least time between two commits; 0: back to back [INFERLOG_COMMIT_INTERVAL_MS]."),
         click.option("--delivery", type=click.Choice(["exactly-once", "at-least-once"]), help="[INFERLOG_DELIVERY]"),
         click.option("--cpu-workers", type=int, help="Threads for decode/tokenize/postprocess [INFERLOG_CPU_WORKERS]."),

@@ -19,7 +19,7 @@ from inferlog.codec import Codec
 from inferlog.errors import FatalError
 from inferlog.request import Limits, now_ms
 
-from .batching import Item, TieredPolicy
+from .batching import Item, Pace, TieredPolicy
 from .metrics import Metrics
 from .offsets import OffsetTracker
 from .pipeline import Pipeline
@@ -50,8 +50,10 @@ class Engine:
         self.runner = runner
         self.codec = codec or Codec.from_settings(settings)
         self.tracker = OffsetTracker()
+        pace = (Pace(settings.max_batch_size, settings.max_wait_ms, settings.latency_target_ms)
+                if settings.batching == "adaptive" else None)
         self.policy = TieredPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms,
-                                   settings.high_priority_weight)
+                                   settings.high_priority_weight, pace)
         self.builder = ResultBuilder(self.codec, settings, runner.info, replay_run_id)
         # any_model (replay): a request that named the live model is answered by the chosen one
         names = None if any_model else (
@@ -145,12 +147,19 @@ class Engine:
                     self._complete(p, [self.builder.expired(p)])
                 else:
                     extra = self.runner.new_tokens(p.request.parameters)  # what the runner's cost counts
-                    self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra),
+                    d = p.request.deadline
+                    deadline = None if d is None else p.arrived + (d - p.consumed_at) / 1000
+                    self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra, deadline),
                                     high=p.topic == self.s.high_priority_topic)  # a tier is its topic
 
     def _dispatch(self, flush: bool) -> None:
+        pace, costs = self.policy.pace, self.pipeline.costs
+        while not costs.empty():  # what the device's batches cost (adaptive batching's model of it)
+            rows, seconds = costs.get_nowait()
+            if pace is not None:
+                pace.ran(rows, seconds)
         while self.pipeline.in_flight < self.s.pipeline_depth:
-            items = self.policy.next_batch(time.monotonic(), flush=flush)
+            items = self.policy.next_batch(time.monotonic(), flush=flush, idle=self.pipeline.device_free)
             if not items:
                 return
             batch, now, mono = [], now_ms(), time.monotonic()
@@ -241,8 +250,9 @@ class Engine:
             return idle
         if self.pipeline.in_flight >= self.s.pipeline_depth:
             return 0.0  # the caller waits on wait() instead, which a finished job ends at once
-        due = self.policy.due_at()
-        return 0.005 if due is None else max(0.0, min(0.005, due - time.monotonic()))
+        now = time.monotonic()
+        due = self.policy.due_at(now, self.pipeline.device_free)
+        return 0.005 if due is None else max(0.0, min(0.005, due - now))
 
     def wait(self, timeout: float) -> None:
         """Block until a job or a decode finishes (or `timeout`), when the pipeline is full:

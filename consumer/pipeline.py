@@ -47,6 +47,7 @@ class Job:
     raw: Any = None
     infer_ms: float = 0.0
     depth: int = 0  # how many times this work was split
+    ahead: bool = True  # not yet past the device (prepared, queued for it, or running)
     t: dict = field(default_factory=dict)  # stage -> (start_ns, end_ns), for metrics and spans
 
 
@@ -71,6 +72,8 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._ahead = 0  # jobs not yet past the device: 0 means it can take the next batch at once
+        self.costs: SimpleQueue = SimpleQueue()  # (rows, device seconds) per batch run, for adaptive batching
         self.closed = False  # set by the engine on close: late failures are shutdown, not model errors
         self.fatal: BaseException | None = None  # a device that cannot go on (read by the loop)
         self.wakeup = threading.Event()  # set whenever a job finishes
@@ -83,12 +86,26 @@ class Pipeline:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def device_free(self) -> bool:
+        """Nothing is being prepared for the device, queued for it or running on it."""
+        return self._ahead == 0
+
+    def _passed(self, job: Job) -> None:
+        """The job is past the device (run, failed before or on it, or dropped at close)."""
+        if job.ahead:
+            job.ahead = False
+            with self._lock:
+                self._ahead -= 1
+            self.wakeup.set()  # the loop may cut the next batch now
+
     def submit(self, batch: list[Pending], depth: int = 0) -> None:
         """A batch into the stages (from the loop thread; a failed batch's halves from the stage
         that failed): everything per request happens in prepare, on the pool."""
         job = Job(batch, new_batch_id(), depth=depth)
         with self._lock:
             self._in_flight += 1
+            self._ahead += 1
         self._to_cpu(self._prepare_stage, job)
 
     def close(self) -> None:
@@ -110,6 +127,7 @@ class Pipeline:
         try:
             self._prepare(job)
         except BaseException as e:  # noqa: BLE001 - a failing batch splits; nothing escapes a stage
+            self._passed(job)
             self._failed(job, e)
             return
         self.ready.put((job, time.perf_counter()))
@@ -119,12 +137,16 @@ class Pipeline:
             job, queued = item
             self._device_wait.observe(time.perf_counter() - queued)
             if self.closed:
+                self._passed(job)
                 continue
             try:
                 self._run(job)
             except BaseException as e:  # noqa: BLE001
+                self._passed(job)
                 self._failed(job, e)
                 continue
+            self.costs.put((len(job.rows), job.infer_ms / 1000))
+            self._passed(job)
             self._to_cpu(self._finish_stage, job)
 
     def _finish_stage(self, job: Job, queued: float) -> None:

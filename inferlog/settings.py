@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(16384, ge=1)
     max_wait_ms: float = Field(20.0, ge=0)
+    # adaptive: a partial batch is cut when the device can take it and holds what the arrival
+    # rate needs, waiting at most max_wait_ms (less when latency_target_ms leaves less);
+    # fixed: cut at max_batch_size/max_batch_tokens or after max_wait_ms (consumer/batching.py)
+    batching: Literal["adaptive", "fixed"] = "adaptive"
+    latency_target_ms: float = Field(300.0, gt=0)
 
     # limits on one request (bad input becomes a dead letter, never a crash)
     max_inputs: int = Field(64, ge=1)

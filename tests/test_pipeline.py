@@ -291,3 +291,31 @@ def test_a_closed_engine_abandons_its_work_quietly(caplog):
     assert not pipe.device.is_alive()
     assert pipe.done.empty()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+# -- what adaptive batching reads of the device ------------------------------------------------
+@pytest.mark.parametrize("stage", [None, "prepare", "run"])
+def test_the_device_is_free_once_every_job_is_past_it(make_pipeline, stage):
+    """device_free is False from submit until the job ran (or failed before or on the device,
+    split halves included), and each batch run reports its rows and device time."""
+    runner = Gated() if stage is None else Faulty(stage, poisoned=(2,))
+    pipe = make_pipeline(runner)
+    assert pipe.device_free
+    sent = batch(4)
+    pipe.submit(sent)
+    if stage is None:  # (a failing job may be through all its halves before a check here)
+        assert not pipe.device_free
+        assert runner.entered.wait(TIMEOUT)
+        assert not pipe.device_free  # running
+        runner.gate.set()
+    got = answers(pipe, 4)
+    assert_answered(got, sent, dead=set() if stage is None else {2})
+    assert pipe.device_free
+    costs = []
+    while not pipe.costs.empty():
+        costs.append(pipe.costs.get())
+    rows = sum(len(p.ids) for p in sent)
+    if stage is None:
+        assert [r for r, _ in costs] == [rows] and costs[0][1] > 0
+    else:  # only the batches that ran report a cost: never the culprit's
+        assert 0 < sum(r for r, _ in costs) < rows

@@ -51,10 +51,11 @@ def submit_texts(settings, texts, task="embed", **kw) -> list[str]:
     return ids
 
 
-def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, embed_runner):
+@pytest.mark.parametrize("batching", ["adaptive", "fixed"])
+def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, embed_runner, batching):
     texts = [f"{TEXTS[i % len(TEXTS)]} (#{i})" for i in range(240)]
     ids = submit_texts(settings, texts)
-    s = settings.with_overrides(max_batch_size=16, max_wait_ms=5)
+    s = settings.with_overrides(max_batch_size=16, max_wait_ms=5, batching=batching)
     with running_worker(s, embed_runner):
         wait_until(lambda: output_count(s) >= len(ids), what="all results")
     acc = account(s)
