@@ -4,8 +4,10 @@
         [--duration 20] [--only "inferlog adaptive,inferlog fixed,quix per message,quix window 32,bound"]
 
 "The model alone" is the default model (all-MiniLM-L6-v2, CPU) called directly, no Kafka, on
-the bench's texts in arrival-order batches of 32; it is measured first, in this process, with
-the model's cost per batch size (its cost curve). Every load is a share of that rate, the
+the bench's texts in arrival-order batches of 32, with torch's default threads (one per core);
+it is measured first, in this process, with the model's cost per batch size (its cost curve),
+and again with the threads the worker gives the model (INFERLOG_TORCH_THREADS, by default the
+cores less one), against which the worker's device time per batch is compared. Every load is a share of that rate, the
 same for every contender. Then, per contender, one process on fresh topics (6 partitions), a
 warm-up of 256 requests (a fresh broker's first minute is not its steady state), the drain
 rate of a 1,024-request backlog (inferlog only: its throughput must not fall), and for each
@@ -19,8 +21,9 @@ Contenders:
   quix per message    Quix Streams, the model per message (bench/contenders.py)
   quix window 32      Quix Streams' count window of 32 (no timeout: it waits for 32)
   bound               no process: the same arrival schedule through an ideal server simulated
-                      on the measured cost curve (when the model is free it takes everything
-                      queued, up to 32; no Kafka, no decode, no commit)
+                      on the measured cost curve (the faster of the two thread counts at each
+                      size; when the model is free it takes everything queued, up to 32; no
+                      Kafka, no decode, no commit)
 
 For inferlog each point also gives the timeline of its requests (from the result's own
 timings: created -> consumed -> completed -> visible) and the worker's stage histograms over
@@ -64,8 +67,12 @@ WAITS = ("cpu", "device")
 
 
 # -- the model alone -------------------------------------------------------------------------
-def cost_curve(texts: list[str], reps: int = 5) -> dict:
-    """Seconds per batch of n (median of `reps`) and the arrival-order rate in batches of 32."""
+def cost_curve(texts: list[str], threads: int, reps: int = 5) -> dict:
+    """Seconds per batch of n (median of `reps`) and the arrival-order rate in batches of 32,
+    with `threads` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
     runner = load_runner(default_model_path())
     runner.warmup()
     params = Parameters()
@@ -88,7 +95,7 @@ def cost_curve(texts: list[str], reps: int = 5) -> dict:
         on_model_thread(embed, texts[i:i + 32])
     alone = 256 / (time.perf_counter() - t0)
     del runner
-    return {"seconds_per_batch": curve, "alone_per_s": alone}
+    return {"threads": threads, "seconds_per_batch": curve, "alone_per_s": alone}
 
 
 def batch_seconds(curve: dict, n: int) -> float:
@@ -213,8 +220,13 @@ def sla_capacity(points: list[dict], sla_ms: float) -> float | None:
 def tables(report: dict) -> str:
     sla = report["sla_ms"]
     alone = report["model_alone"]["alone_per_s"]
-    lines = [f"The model alone: {alone:.1f} req/s; cost per batch (ms): " +
-             ", ".join(f"{n}: {s * 1000:.0f}" for n, s in report["model_alone"]["seconds_per_batch"].items()), ""]
+    lines = []
+    for key in ("model_alone", "model_alone_worker_threads"):
+        m = report.get(key)
+        if m and (key == "model_alone" or m["threads"] != report["model_alone"]["threads"]):
+            lines.append(f"The model alone, {m['threads']} torch thread(s): {m['alone_per_s']:.1f} req/s; cost per batch "
+                         "(ms): " + ", ".join(f"{n}: {s * 1000:.0f}" for n, s in m["seconds_per_batch"].items()))
+    lines.append("")
     for sched in report["schedules"]:
         lines += [f"**{sched} arrivals**: p50 / p99 ms", "",
                   "| contender | " + " | ".join(f"{f:.0%} ({f * alone:.0f}/s)" for f in report["loads"]) + " |",
@@ -239,7 +251,7 @@ def tables(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(caps) + f" | {'' if d is None else f'{d:.0f} ({d / alone:.2f}x)'} |")
     lines += ["", "Timeline (inferlog; medians of each request's segments, ms; stage means from /metrics, ms)", "",
               "| contender | load | fetch | process | commit+visible | queue | wait cpu | prepare | wait device | infer | "
-              "finish | commit | batch | infer / alone |", "|---|---|" + "---:|" * 12]
+              "finish | commit | batch | infer / alone (worker's threads) |", "|---|---|" + "---:|" * 12]
     for name, c in report["contenders"].items():
         for p in c["points"]:
             if "timeline" not in p:
@@ -306,20 +318,36 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown contenders {sorted(unknown)}; choose from {list(CONTENDERS)}")
     texts = sample_texts(DRAIN)
-    print("the model alone ...", flush=True)
-    alone = cost_curve(texts)
+    import torch
+
+    from inferlog.consumer.engine import model_threads
+
+    # The loads are shares of the model alone as torch runs it by default (a thread per core);
+    # a batch's device time in the worker is compared with the same batch alone on the threads
+    # the worker gives the model (INFERLOG_TORCH_THREADS; by default the cores less one).
+    default_threads = torch.get_num_threads()
+    worker_threads = model_threads(int(extra_env.get("INFERLOG_TORCH_THREADS", os.environ.get("INFERLOG_TORCH_THREADS", "0"))))
+    curves = {}
+    for threads in dict.fromkeys((default_threads, worker_threads)):
+        print(f"the model alone, {threads} torch thread(s) ...", flush=True)
+        curves[threads] = c = cost_curve(texts, threads)
+        print(f"    {c['alone_per_s']:.1f} req/s; " + ", ".join(f"{n}: {x * 1000:.0f} ms" for n, x in c["seconds_per_batch"].items()),
+              flush=True)
+    torch.set_num_threads(default_threads)
+    alone, same = curves[default_threads], curves[worker_threads]
     rate0 = alone["alone_per_s"]
-    print(f"    {rate0:.1f} req/s; " + ", ".join(f"{n}: {s * 1000:.0f} ms" for n, s in alone["seconds_per_batch"].items()),
-          flush=True)
-    report = {"machine": machine_facts(sys.argv), "model_alone": alone, "loads": loads, "schedules": scheds,
+    report = {"machine": machine_facts(sys.argv), "model_alone": alone, "model_alone_worker_threads": same,
+              "loads": loads, "schedules": scheds,
               "duration_s": args.duration, "sla_ms": args.sla_ms, "contenders": {}}
     for name in names:
         report["contenders"][name] = {"points": []}
+    # the bound runs each batch at the model's best alone, whichever thread count gave it
+    best = {n: min(c["seconds_per_batch"][n] for c in curves.values()) for n in SIZES}
     if "bound" in names:  # the schedules through the cost curve
         for sched in scheds:
             for f in loads:
                 n = int(f * rate0 * args.duration)
-                lat = [x * 1000 for x in ideal_server(schedule(sched, f * rate0, n, seed=n), alone["seconds_per_batch"])]
+                lat = [x * 1000 for x in ideal_server(schedule(sched, f * rate0, n, seed=n), best)]
                 report["contenders"]["bound"]["points"].append({"schedule": sched, "share": f, **summary(lat, n, True)})
     live = [n for n in names if CONTENDERS[n][0] is not None]
     with broker(args.bootstrap_servers) as base:
@@ -379,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                             pt["stages"] = st = stage_means(before, scrape(r["port"]))
                             pt["timeline"] = timeline(codec, r["meter"].values[mark:], r["meter"].arrivals[mark:])
                             if st["infer_ms"] and st["batch_size"]:
-                                st["infer_vs_alone"] = st["infer_ms"] / 1000 / batch_seconds(alone["seconds_per_batch"],
+                                st["infer_vs_alone"] = st["infer_ms"] / 1000 / batch_seconds(same["seconds_per_batch"],
                                                                                              st["batch_size"])
                         report["contenders"][name]["points"].append(pt)
                         if not ok or pt["p99_ms"] > 10 * args.sla_ms:  # past its capacity: higher loads only queue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,31 @@ from .records import Pending, is_expired
 from .results import ResultBuilder
 
 log = logging.getLogger(__name__)
+
+
+def model_threads(setting: int) -> int:
+    """torch's intra-op threads for a CPU model: the setting, or one fewer than the cores this
+    process may run on (at least one)."""
+    if setting:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
+
+
+def share_cores(settings, runner) -> None:
+    """A model on the CPU gets all cores but one. With torch's default (one thread per core) its
+    parallel regions stalled whenever the loop, the CPU pool, librdkafka or a broker on the same
+    machine took a core: on 2 cores a batch ran 1.5x slower inside the worker than alone; with one
+    thread, 1.1x, and the worker drained more (BENCHMARKS.md, issue 15)."""
+    device = getattr(runner, "device", None)
+    if getattr(device, "type", None) != "cpu":
+        return
+    import torch
+
+    torch.set_num_threads(model_threads(settings.torch_threads))
 
 
 def settle_heap() -> None:
@@ -67,6 +93,7 @@ class Engine:
         self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics)  # starts the device loop
         self.decoding: deque[Future] = deque()
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
+        share_cores(settings, runner)
         settle_heap()
 
     # -- in ------------------------------------------------------------------------------

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
 
     # executors and bounded queues
     cpu_workers: int = Field(2, ge=1)
+    # torch's intra-op threads for a model on the CPU; 0: one fewer than the cores this process
+    # may use (at least 1), so the loop, the CPU pool and librdkafka keep a core (BENCHMARKS.md,
+    # issue 15). Under a Kubernetes CPU limit (not visible as cores) set it to the limit - 1.
+    torch_threads: int = Field(0, ge=0)
     # records of a tier between fetch and commit; past it fetched records are held undecoded,
     # and when as many are held the tier's partitions pause. Each resume costs a refetch
     # (librdkafka drops a paused partition's prefetch), ~1 s with two group members here:
