@@ -136,18 +136,21 @@ class Pipeline:
         while (item := self.ready.get()) is not None:
             job, queued = item
             self._device_wait.observe(time.perf_counter() - queued)
-            if self.closed:
-                self._passed(job)
-                continue
-            try:
-                self._run(job)
-            except BaseException as e:  # noqa: BLE001
-                self._passed(job)
-                self._failed(job, e)
-                continue
-            self.costs.put((len(job.rows), job.infer_ms / 1000))
+            self._device_stage(job)
+
+    def _device_stage(self, job: Job) -> None:
+        if self.closed:
             self._passed(job)
-            self._to_cpu(self._finish_stage, job)
+            return
+        try:
+            self._run(job)
+        except BaseException as e:  # noqa: BLE001
+            self._passed(job)
+            self._failed(job, e)
+            return
+        self.costs.put((len(job.rows), job.infer_ms / 1000))
+        self._passed(job)
+        self._to_cpu(self._finish_stage, job)
 
     def _finish_stage(self, job: Job, queued: float) -> None:
         self._cpu_wait.observe(time.perf_counter() - queued)
