@@ -63,6 +63,9 @@ def build_runner(settings):
 
     runner = load_runner(settings.model, task=settings.task, device=settings.device, dtype=settings.dtype,
                          name=settings.model_name)
+    from .engine import share_cores
+
+    share_cores(settings, runner)  # before the warm-up starts torch's thread pool
     from .faults import FaultyRunner, wants_faults
 
     if wants_faults(settings):

@@ -53,7 +53,9 @@ def share_cores(settings, runner) -> None:
         return
     import torch
 
-    torch.set_num_threads(model_threads(settings.torch_threads))
+    n = model_threads(settings.torch_threads)
+    if torch.get_num_threads() != n:  # the CLI sets it before warm-up; the engine for other drivers
+        torch.set_num_threads(n)
 
 
 def settle_heap() -> None:
