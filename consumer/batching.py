@@ -290,11 +290,11 @@ class TieredPolicy:
             return None  # a partial batch waits for the device: its end wakes the caller
         olds = [q.oldest() for q in (self.high, self.normal) if len(q)]
         due = min(o.arrived for o in olds) + self.pace.hold(now)
-        rows = self.high.rows + self.normal.rows
+        cost = self.pace.cost(self.high.rows + self.normal.rows)  # of the batch they would make
         for q in (self.high, self.normal):
-            for it in q.items():  # a partial batch: at most max_batch_size items
+            for it in q.items():  # a partial batch: at most max_batch_size items per tier
                 if it.deadline is not None:
-                    due = min(due, it.deadline - self.pace.cost(rows))
+                    due = min(due, it.deadline - cost)
         return due
 
     def _partial_due(self, now: float, idle: bool) -> bool:

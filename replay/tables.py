@@ -103,13 +103,12 @@ VECTORS = ("embeddings",)  # heavy (dim floats per output): only loaded when ask
 
 
 def records(settings, w: Window, progress: bool = False):
-    """The records of a window, like window.read_window, but polled briefly: consume() waits
-    out its whole timeout unless 500 records arrive, which made every small read (a lookup
-    reads one partition, or one offset) cost half a second."""
+    """The records of a window, as window.read_window reads them (each poll returns on the
+    first record or end-of-partition event: clients.consume_ready)."""
     reader = WindowReader(settings, w, progress=progress)
     try:
         while not reader.done():
-            yield from reader.poll(0.02)
+            yield from reader.poll()
     finally:
         reader.close()
 
