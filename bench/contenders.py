@@ -1,6 +1,6 @@
 """Contender processes for the benchmarks that need one (peer, latency, scaling).
 
-    python bench/contenders.py inferlog|quix --settings JSON [--echo | --sleep-ms MS] [--batch N]
+    python bench/contenders.py inferlog|quix --settings JSON [--echo | --sleep-ms MS [--shared-device LOCK]] [--batch N]
 
 Each loads and warms its model, prints READY, then serves the given topics until SIGTERM. The
 benchmark drives them from outside (producer, read_committed meter), so the same harness
@@ -23,8 +23,12 @@ from inferlog.request import Parameters
 from inferlog.settings import default_model_path, load_settings
 
 
-def model(echo: bool, sleep_ms: float | None = None):
-    if sleep_ms is not None:
+def model(echo: bool, sleep_ms: float | None = None, shared_device: str | None = None):
+    if shared_device is not None:
+        from echo_runner import SharedDeviceRunner
+
+        runner = SharedDeviceRunner(sleep_ms or 2.0, shared_device)
+    elif sleep_ms is not None:
         from echo_runner import SleepRunner
 
         runner = SleepRunner(sleep_ms)
@@ -103,11 +107,13 @@ def main() -> int:
     ap.add_argument("--settings", required=True, help="JSON of Settings fields (topics, group, batching)")
     ap.add_argument("--echo", action="store_true", help="the echo runner instead of the default model")
     ap.add_argument("--sleep-ms", type=float, help="the sleep runner: a device that sleeps this long per batch")
+    ap.add_argument("--shared-device", metavar="LOCK_FILE",
+                    help="with --sleep-ms: one device for all processes given the same lock file (batches take turns)")
     ap.add_argument("--batch", type=int, default=1, help="quix: requests per model call (count window)")
     ap.add_argument("--commit-interval", type=float, default=0.1, help="quix: seconds between checkpoints")
     args = ap.parse_args()
     s = load_settings(**json.loads(args.settings))
-    runner = model(args.echo, args.sleep_ms)
+    runner = model(args.echo, args.sleep_ms, args.shared_device)
     return run_inferlog(s, runner) if args.kind == "inferlog" else run_quix(s, runner, args.batch, args.commit_interval)
 
 

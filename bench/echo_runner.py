@@ -49,3 +49,26 @@ class SleepRunner(EchoRunner):
     def run(self, prepared: list[int]) -> list[int]:
         time.sleep(self.batch_s)  # releases the GIL: the worker's other threads go on
         return prepared
+
+
+class SharedDeviceRunner(SleepRunner):
+    """The sleep runner with one device for every process on this host: run() holds an exclusive
+    lock on `lock_path` while it sleeps, so batches from several worker processes take turns, as
+    kernels from several processes on one GPU do (time-sliced, no MPS). What it shows is whether
+    N processes feed one device more than one process can: the device time costs no CPU, the
+    worker's own work (decode, batching, result encoding, commits) costs what it does."""
+
+    def __init__(self, batch_ms: float, lock_path: str, max_input_tokens: int = 512):
+        super().__init__(batch_ms, max_input_tokens)
+        self.info = ModelInfo(f"bench-shared-{batch_ms:g}ms", None, None)
+        self._lock = open(lock_path, "a")
+
+    def run(self, prepared: list[int]) -> list[int]:
+        import fcntl
+
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # waits while another process's batch runs
+        try:
+            time.sleep(self.batch_s)
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+        return prepared

@@ -16,6 +16,10 @@ Runners (each a scenario of its own, on fresh topics):
 - sleep: bench/echo_runner.SleepRunner, whose run() sleeps --sleep-ms per batch and costs no
   CPU, as a small model's forward on a GPU. One worker tops out at max_batch_size / sleep
   (32 / 50 ms = 640 req/s, the "ceiling"); the goal is N workers at N times one (4 >= 3.5x).
+- shared: one device for all the workers (bench/echo_runner.SharedDeviceRunner: batches from
+  every process take turns on one lock, as on one GPU), --shared-ms per batch (2: 16,000 req/s,
+  more than one process's Python can feed). Processes join up to --shared-workers: does a second
+  process on the same device add what one process's GIL leaves unfed (issue 17)?
 - model: the default all-MiniLM-L6-v2 on the CPU, --model-workers (2) joining at --model-rate:
   on a 2-core machine the second worker only splits the same cores.
 
@@ -42,11 +46,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import signal
 import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from confluent_kafka import Producer as KafkaProducer
 from confluent_kafka.admin import AdminClient
@@ -169,7 +175,7 @@ def machine_busy_s() -> float:
 
 
 def scenario(base, key: str, name: str, extra: list[str], counts: list[int], rate: float, max_in_flight: int,
-             args, capacity: float | None = None) -> dict:
+             args, capacity: float | None = None, device_ms: float | None = None) -> dict:
     """One run: the offer starts, then the group goes through `counts` workers, one process joining
     or leaving (the last to join) per step."""
     s = fresh_settings(base, f"scale-{key}", args.partitions, max_in_flight=max_in_flight)
@@ -226,10 +232,11 @@ def scenario(base, key: str, name: str, extra: list[str], counts: list[int], rat
         meter.close()
     return {"name": name, "rate": rate, "offered_per_s": offered, "high_share": args.high_share,
             "max_in_flight": max_in_flight,
-            "events": events, "capacity_per_worker": capacity, **count(s, meter, steps, capacity)}
+            "events": events, "shared_device_ms": device_ms,
+            ("capacity" if device_ms else "capacity_per_worker"): capacity, **count(s, meter, steps, capacity, device_ms)}
 
 
-def count(s, meter, steps: list[dict], capacity: float | None) -> dict:
+def count(s, meter, steps: list[dict], capacity: float | None, device_ms: float | None = None) -> dict:
     """Each step's window: committed results per second per worker id and per tier, mean batch.
 
     A result counts in the window in which its worker finished it (`completed_at`; the workers run
@@ -261,6 +268,8 @@ def count(s, meter, steps: list[dict], capacity: float | None) -> dict:
         # share of the window each worker's device spent in runner.run: below 100% it waited for
         # the CPU (fetch, decode, prepare, commit on the shared cores)
         st["device_busy"] = sum(b[1] for b in batches.values()) / 1000 / secs / st["workers"]
+        if device_ms:  # one shared device: runner.run also counts the wait for its turn; its own time is the sleep
+            st["device_busy"] = len(batches) * device_ms / 1000 / secs
         st["ms_per_batch"] = sum(b[1] for b in batches.values()) / len(batches) if batches else float("nan")
         st["worker_cores"] = sum(st["worker_cpu_s"].values()) / secs  # cores the workers kept busy
         st["worker_cpu_ms_per_result"] = sum(st["worker_cpu_s"].values()) * 1000 / max(1, len(sel))
@@ -268,7 +277,7 @@ def count(s, meter, steps: list[dict], capacity: float | None) -> dict:
     for st in steps:
         st["vs_one"] = st["per_s"] / one if one else float("nan")
         if capacity:  # the sleep runner's ceiling: every batch full, the device never idle
-            st["of_ceiling"] = st["per_s"] / (capacity * st["workers"])
+            st["of_ceiling"] = st["per_s"] / (capacity if device_ms else capacity * st["workers"])
     t0 = steps[0]["start"] * 1000
     timeline = Counter((int((r[0] - t0) // 1000), r[1]) for r in rows if r[0] >= t0)  # (second, worker) -> results
     return {"steps": steps, "results": len(rows), "duplicates": len(rows) - len(sources),
@@ -307,6 +316,8 @@ def plot(report: dict, path) -> None:
         bars = bx.bar(labels, [st["per_s"] for st in sc["steps"]], color=[f"C{i}" for i in range(len(labels))])
         bx.bar_label(bars, labels=[f"{st['vs_one']:.2f}x" for st in sc["steps"]], fontsize=8)
         bx.plot(labels, [one * st["workers"] for st in sc["steps"]], "k:", marker="_", ms=20, label="N x one worker")
+        if sc.get("capacity"):  # one shared device: its ceiling does not grow with the workers
+            bx.axhline(sc["capacity"], color="r", ls="--", lw=0.8, label="the shared device's ceiling")
         if sc.get("capacity_per_worker"):
             bx.plot(labels, [sc["capacity_per_worker"] * st["workers"] for st in sc["steps"]], "r--", lw=0.8,
                     label="N x ceiling (full batches, device never idle)")
@@ -330,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, help="sleep runner: offered req/s (default 1.25x --workers' capacity)")
     ap.add_argument("--max-in-flight", type=int, default=2048,
                     help="sleep runner: the workers' max_in_flight (records per tier; ~3 s of one worker's work)")
+    ap.add_argument("--shared-ms", type=float, default=2.0,
+                    help="shared: device time per batch of the one device all workers share (2 ms: 16,000 req/s, "
+                         "about all-MiniLM-L6-v2 on a V100)")
+    ap.add_argument("--shared-workers", type=int, default=3, help="shared: processes at the top step")
+    ap.add_argument("--shared-rate", type=float, default=12000.0,
+                    help="shared: offered req/s (twice what one process drains here, within the device's capacity)")
     ap.add_argument("--model-workers", type=int, default=2)
     ap.add_argument("--model-max-in-flight", type=int, default=512, help="model runner: ~3 s of its work here")
     ap.add_argument("--model-rate", type=float, default=300.0, help="model runner: offered req/s")
@@ -354,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
                 sc = scenario(base, name, f"sleep {args.sleep_ms:g} ms/batch", ["--sleep-ms", str(args.sleep_ms)],
                               [*range(1, args.workers + 1), args.workers - 1], args.rate or 1.25 * args.workers * capacity,
                               args.max_in_flight, args, capacity)
+            elif name == "shared":  # one device that the processes take turns on: joins only
+                lock = Path(tempfile.mkdtemp(prefix="bench-shared-device-")) / "device.lock"
+                capacity = base.max_batch_size * 1000 / args.shared_ms  # the device's, whoever feeds it
+                sc = scenario(base, name, f"one shared device, {args.shared_ms:g} ms/batch",
+                              ["--sleep-ms", str(args.shared_ms), "--shared-device", str(lock)],
+                              list(range(1, args.shared_workers + 1)), args.shared_rate,
+                              args.max_in_flight, args, capacity, device_ms=args.shared_ms)
             elif name == "model":  # joins only: brief, it shows one thing
                 sc = scenario(base, name, "all-MiniLM-L6-v2 on CPU", [], list(range(1, args.model_workers + 1)),
                               args.model_rate, args.model_max_in_flight, args)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import click
 
@@ -86,20 +87,32 @@ def _gpu_count() -> int:
 
 @click.command("worker")
 @worker_options
-@click.option("--processes", default="auto", show_default=True,
-              help="Worker processes: 'auto' = one per visible GPU (1 without GPUs), or a number.")
+@click.option("--processes", envvar="INFERLOG_PROCESSES", default="auto", show_default=True,
+              help="Worker processes in this pod or host, each a group member with its own GIL: 'auto' = "
+                   "--processes-per-gpu per visible GPU (1 without GPUs), or a number (spread over the GPUs "
+                   "round-robin) [INFERLOG_PROCESSES].")
+@click.option("--processes-per-gpu", envvar="INFERLOG_PROCESSES_PER_GPU", type=click.IntRange(1), default=1,
+              show_default=True,
+              help="With --processes auto: processes sharing each GPU. One process's Python (decode, "
+                   "batching, result encoding, under one GIL) feeds a GPU ~13,000 small records/s at most; "
+                   "more processes feed it more, each with its own copy of the model [INFERLOG_PROCESSES_PER_GPU].")
 @click.option("--create-topics/--no-create-topics", default=True, show_default=True,
               help="Create the topics (idempotently) before joining the group.")
-def worker(processes: str, create_topics: bool, **flags) -> None:
+def worker(processes: str, processes_per_gpu: int, create_topics: bool, **flags) -> None:
     """Consume requests, micro-batch them through the model, emit results exactly once.
 
     Stops cleanly on SIGTERM/SIGINT: stops fetching, finishes and commits what it holds,
     leaves the group and exits 0.
     """
     settings = settings_from_flags(**flags)
-    n = _gpu_count() if processes == "auto" else int(processes)
-    if n > 1 and settings.device in ("auto", "cuda"):
-        sys.exit(_supervise(n, settings))
+    gpus = _gpu_count() if settings.device in ("auto", "cuda") else 0
+    n = process_count(processes, processes_per_gpu, gpus)
+    if n > 1:
+        if create_topics:  # once, before the members start
+            from inferlog.topics import ensure_topics
+
+            ensure_topics(settings)
+        sys.exit(_supervise(n, gpus, settings))
     # until the worker installs its own handlers it holds nothing: a stop just exits cleanly
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
@@ -122,21 +135,62 @@ def worker(processes: str, create_topics: bool, **flags) -> None:
     sys.exit(w.run())
 
 
-def _supervise(n: int, settings) -> int:
-    """One child per GPU, each seeing only its own device; signals are passed on."""
-    children = []
-    for i in range(n):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i), INFERLOG_WORKER_ID=f"{settings.worker_id}-gpu{i}")
-        if settings.metrics_port:  # one port per process: metrics_port, +1, +2, ...
-            env["INFERLOG_METRICS_PORT"] = str(settings.metrics_port + i)
-        children.append(subprocess.Popen([sys.argv[0], *sys.argv[1:], "--processes", "1"], env=env))
-    log.info("started %d worker processes, one per GPU", n)
+def process_count(processes: str, per_gpu: int, gpus: int) -> int:
+    if processes == "auto":
+        return max(1, gpus) * per_gpu if gpus else 1
+    try:
+        n = int(processes)
+    except ValueError:
+        raise click.BadParameter(f"{processes!r}: 'auto' or a number of processes", param_hint="--processes")
+    if n < 1:
+        raise click.BadParameter(f"{n}: at least 1", param_hint="--processes")
+    return n
+
+
+def child_env(i: int, n: int, gpus: int, settings) -> dict:
+    """Process i of n: its own worker id (and so transactional id) and metrics port, and, with
+    GPUs, only its own GPU (round-robin: with 2 GPUs and 4 processes, 0 1 0 1)."""
+    env = dict(os.environ, INFERLOG_WORKER_ID=f"{settings.worker_id}-p{i}", INFERLOG_PROCESSES="1")
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+    if settings.metrics_port:  # one port per process: metrics_port, +1, +2, ...
+        env["INFERLOG_METRICS_PORT"] = str(settings.metrics_port + i)
+    return env
+
+
+def _supervise(n: int, gpus: int, settings) -> int:
+    """n worker processes, each a member of the group with a GIL of its own; signals are passed
+    on. One that fails (a broken device, a fenced producer) stops the others, and the pod with
+    them, so that its orchestrator restarts the whole; one that stopped cleanly leaves the others
+    serving."""
+    # the same command line (the last of a repeated option wins), as one process each
+    argv = [sys.executable, "-m", "inferlog.cli", *sys.argv[1:], "--processes", "1", "--no-create-topics"]
+    children = [subprocess.Popen(argv, env=child_env(i, n, gpus, settings)) for i in range(n)]
+    log.info("started %d worker processes (%s)", n,
+             f"{gpus} GPU(s), {n / gpus:g} per GPU" if gpus else "no GPU")
+    stopping = False
 
     def forward(sig, _):
+        nonlocal stopping
+        stopping = True
         for c in children:
-            c.send_signal(sig)
+            if c.poll() is None:
+                c.send_signal(sig)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [c.wait() for c in children]
-    return max(codes)
+    worst = 0
+    running = list(children)
+    while running:
+        for c in list(running):
+            code = c.poll()
+            if code is None:
+                continue
+            running.remove(c)
+            if code != 0:
+                worst = worst or (code if code > 0 else 128 - code)  # killed by a signal: 128 + its number
+                if not stopping:
+                    log.error("worker process %d exited with %d: stopping the others", c.pid, code)
+                    forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return worst

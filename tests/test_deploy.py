@@ -198,6 +198,17 @@ def test_gpu_values(helm):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert "podAntiAffinity" in pod["affinity"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["INFERLOG_PROCESSES_PER_GPU"] == "1"
+
+
+def test_processes_per_gpu_count_as_consumers(helm):
+    """Two processes on each of a pod's 2 GPUs: 4 consumers per pod, so 3 pods need 12 partitions
+    (with 6 the chart refuses: test_inconsistent_values_fail_to_render)."""
+    gpu = [CHART / "ci" / "gpu-values.yaml"]
+    docs = render(helm, gpu, sets=["gpu.processesPerGpu=2", "kafka.partitions=12"])
+    env = {e["name"]: e.get("value") for e in worker_of(docs)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["INFERLOG_PROCESSES_PER_GPU"] == "2"
 
 
 def test_keda_owns_the_replica_count(helm):
@@ -276,6 +287,8 @@ SCHEMA = "don't meet the specifications of the schema"  # helm's values.schema.j
     (["workload.kind=DaemonSet"], [SCHEMA, "/workload/kind"]),
     (["replicas=7"], ["replicas (7)", "exceeds kafka.partitions (6)"]),
     (["gpu.enabled=true", "gpu.count=2", "replicas=4"], ["consumers per pod (2)", "exceeds kafka.partitions"]),
+    (["gpu.enabled=true", "gpu.count=2", "gpu.processesPerGpu=2", "replicas=2"],
+     ["consumers per pod (4)", "exceeds kafka.partitions (6)"]),
     (["keda.enabled=true", "keda.maxReplicaCount=7"], ["keda.maxReplicaCount (7)", "exceeds kafka.partitions"]),
     (["kafka.sasl.enabled=true", "kafka.sasl.existingSecret=s"], ["securityProtocol SASL_PLAINTEXT or SASL_SSL"]),
     (["kafka.securityProtocol=SASL_SSL"], ["needs kafka.sasl.enabled"]),

@@ -287,6 +287,61 @@ def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(setting
     assert {"w-a", "w-b"} <= workers or len(workers) >= 2
 
 
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def start_pod(s, worker_id: str, log_path, processes: int = 2) -> subprocess.Popen:
+    """`inferlog worker --processes N` on the CPU: one supervisor, N members of the group."""
+    return subprocess.Popen([sys.executable, "-m", "inferlog.cli", "worker", "--no-create-topics", "--device", "cpu",
+                             "--processes", str(processes)],
+                            env=worker_env(s, INFERLOG_WORKER_ID=worker_id, **HOLDING),
+                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def test_processes_share_the_group_and_one_failing_restarts_the_pod(settings, tmp_path):
+    """Several processes per pod (as several feeding one GPU): each a member with its own worker id;
+    one killed takes the pod down (exit 128+9) after the other drained; the pod started again
+    finishes the log; nothing lost or duplicated."""
+    n = 1500
+    submit_texts(settings, [f"{TEXTS[i % 5]} {i}" for i in range(n)])
+    pod = start_pod(settings, "pod", tmp_path / "pod.log")
+    pods = [pod]
+    try:
+        wait_until(lambda: {r["worker_id"] for r in read_all_results(settings)} >= {"pod-p0", "pod-p1"},
+                   timeout=180, every=1.0, what="results from both processes")
+        kids = children(pod.pid)
+        assert len(kids) == 2
+        os.kill(kids[0], signal.SIGKILL)
+        assert pod.wait(90) == 128 + signal.SIGKILL, (tmp_path / "pod.log").read_text()[-3000:]
+        assert all(not os.path.exists(f"/proc/{k}") or open(f"/proc/{k}/stat").read().split()[2] == "Z"
+                   for k in kids)  # the survivor stopped with it
+        log = (tmp_path / "pod.log").read_text()
+        assert "stopping the others" in log and "drained" in log  # the survivor drained and committed
+        again = start_pod(settings, "pod", tmp_path / "pod2.log")
+        pods.append(again)
+        wait_until(lambda: output_count(settings) >= n, timeout=300, every=1.0, what="all outputs")
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(90) == 0, (tmp_path / "pod2.log").read_text()[-3000:]
+    finally:
+        for p in pods:
+            p.kill()
+    acc = account(settings)
+    acc.assert_exactly_once()
+    assert len(acc.results) == n and not acc.dead_letters
+    assert {r["worker_id"] for r in acc.results} == {"pod-p0", "pod-p1"}
+
+
+def read_all_results(s) -> list[dict]:
+    """The committed results so far; none while a transaction holds the reader back."""
+    codec = Codec.from_settings(s)
+    try:
+        return [codec.decode(r.value, expect=RESULT) for r in read_all(s, s.results_topic, timeout=5)]
+    except TimeoutError:
+        return []
+
+
 def test_high_priority_overtakes_a_backlog_without_starving_it(settings, embed_runner):
     codec = Codec.from_settings(settings)
     normal = [codec.encode(REQUEST, build_request("embed", f"backlog request {i} {TEXTS[i % 5]}")) for i in range(600)]

@@ -43,9 +43,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository $tag -}}
 {{- end -}}
 
-{{/* Consumers per pod: `inferlog worker --processes auto` runs one per visible GPU. */}}
+{{/* Consumers per pod: `inferlog worker --processes auto` runs processesPerGpu per visible GPU. */}}
 {{- define "inferlog.consumersPerPod" -}}
-{{- if .Values.gpu.enabled }}{{ .Values.gpu.count }}{{ else }}1{{ end -}}
+{{- if .Values.gpu.enabled }}{{ mul (.Values.gpu.count | int) (.Values.gpu.processesPerGpu | default 1 | int) }}{{ else }}1{{ end -}}
 {{- end -}}
 
 {{/*
