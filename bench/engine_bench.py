@@ -6,8 +6,9 @@ Feeds pre-encoded requests (the bench's usual texts, as the SDK encodes them) to
 in chunks of 256, as the worker's loop does, steps it and releases its outputs until every
 record is answered. No broker, no transactions: what is timed is decode, validation,
 batching, offset bookkeeping, result building and encoding, and the threads between them.
-Prints records/s and CPU µs per record, the same engine with every stage on one thread (no
-CPU pool, no device loop: what the hand-offs between its threads cost under one GIL), and the codec work alone (decode + validate + build
+Prints records/s and CPU µs per record, the same engine with every stage on one thread
+(`stages = "inline"`: no CPU pool, no device loop; what the hand-offs between its threads cost
+under one GIL), and the codec work alone (decode + validate + build
 + encode, one record at a time, on one thread) for comparison. Saves bench/results/engine.json.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from concurrent.futures import Executor, Future
 
 from echo_runner import EchoRunner
 from harness import best_of, machine_facts, save
@@ -49,41 +49,8 @@ class Msg:
     def headers(self): return self._h  # noqa: E704
 
 
-class Inline(Executor):
-    """An executor that runs each task at once, on the caller's thread."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        f = Future()
-        f.set_result(fn(*args, **kwargs))
-        return f
-
-
-class InlineDevice:
-    """In place of the pipeline's device queue: the device stage runs at once, on the thread
-    that put the job."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    def put(self, item) -> None:
-        if item is not None:
-            self.pipe._device_stage(item[0])
-
-
-def one_thread(eng: Engine) -> None:
-    """Every stage of `eng` on the caller's thread: what the engine's work costs without the
-    hand-offs between its threads (the CPU pool, the device loop) under one GIL."""
-    eng.pipeline.close()
-    eng.pipeline.device.join()
-    eng.pipeline.closed = False
-    eng.cpu = eng.pipeline.cpu = Inline()
-    eng.pipeline.ready = InlineDevice(eng.pipeline)
-
-
-def run_engine(s, runner, codec, msgs: list[Msg], partitions: int, inline: bool = False) -> dict:
+def run_engine(s, runner, codec, msgs: list[Msg], partitions: int) -> dict:
     eng = Engine(s, runner, codec)
-    if inline:
-        one_thread(eng)
     for p in range(partitions):
         eng.assign((s.requests_topic, p))
     n, out, i = len(msgs), 0, 0
@@ -130,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list] = {"engine": [], "engine, one thread": [], "codec alone": []}
     for rnd in range(1, args.rounds + 1):
         runs["engine"].append(run_engine(s, runner, codec, msgs, args.partitions))
-        runs["engine, one thread"].append(run_engine(s, runner, codec, msgs, args.partitions, inline=True))
+        runs["engine, one thread"].append(run_engine(s.with_overrides(stages="inline"), runner, codec, msgs,
+                                                     args.partitions))
         runs["codec alone"].append(run_codec(s, runner, codec, msgs))
         print(f"[{rnd}] " + ", ".join(f"{k}: {v[-1]['per_s']:.0f} records/s, {v[-1]['cpu_us_per_record']:.1f} CPU µs/record"
                                       for k, v in runs.items()), flush=True)

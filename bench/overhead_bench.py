@@ -16,6 +16,7 @@ Contenders, on the same broker, the same 6-partition layout and the same records
   inferlog echo, at-least-once the same with delivery=at-least-once (flush, then commit)
   inferlog echo, batch 256    exactly-once, max_batch_size 256, max_wait_ms 5
   inferlog echo, in-flight 8192, depth 8   exactly-once, max_in_flight 8192, pipeline_depth 8
+  inferlog echo, inline stages exactly-once, stages=inline: every stage on the loop thread
 The pipeline is timed as in pipeline_bench.py (assignment -> last commit), the raw loop from
 assignment to its last delivered record. Saves bench/results/overhead.json and overhead.png.
 """
@@ -46,6 +47,8 @@ PIPELINES = {  # name: (max_batch_size, max_wait_ms, other settings)
     # the loop-cycle limits raised (BENCHMARKS.md, profile): more records between commits,
     # more batches in flight per loop turn
     "inferlog echo, in-flight 8192, depth 8": (32, 20.0, {"max_in_flight": 8192, "pipeline_depth": 8}),
+    # every stage on the loop thread (issue 17): no pool, no device loop
+    "inferlog echo, inline stages": (32, 20.0, {"stages": "inline"}),
 }
 
 

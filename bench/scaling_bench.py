@@ -19,7 +19,8 @@ Runners (each a scenario of its own, on fresh topics):
 - shared: one device for all the workers (bench/echo_runner.SharedDeviceRunner: batches from
   every process take turns on one lock, as on one GPU), --shared-ms per batch (2: 16,000 req/s,
   more than one process's Python can feed). Processes join up to --shared-workers: does a second
-  process on the same device add what one process's GIL leaves unfed (issue 17)?
+  process on the same device add what one process's GIL leaves unfed (issue 17)? shared-inline:
+  the same with every stage of each worker on its loop thread (stages=inline).
 - model: the default all-MiniLM-L6-v2 on the CPU, --model-workers (2) joining at --model-rate:
   on a 2-core machine the second worker only splits the same cores.
 
@@ -175,10 +176,10 @@ def machine_busy_s() -> float:
 
 
 def scenario(base, key: str, name: str, extra: list[str], counts: list[int], rate: float, max_in_flight: int,
-             args, capacity: float | None = None, device_ms: float | None = None) -> dict:
+             args, capacity: float | None = None, device_ms: float | None = None, **overrides) -> dict:
     """One run: the offer starts, then the group goes through `counts` workers, one process joining
     or leaving (the last to join) per step."""
-    s = fresh_settings(base, f"scale-{key}", args.partitions, max_in_flight=max_in_flight)
+    s = fresh_settings(base, f"scale-{key}", args.partitions, max_in_flight=max_in_flight, **overrides)
     # decoded after the run; counted by completion, so arrival stamps need no precision and the
     # broker is spared a fetch every 10 ms
     meter = ResultMeter(s, s.results_topic, keep=True, fetch_wait_ms=250)
@@ -335,7 +336,8 @@ def plot(report: dict, path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runner", default="sleep,model", help="comma-separated scenarios: sleep, model")
+    ap.add_argument("--runner", default="sleep,model",
+                    help="comma-separated scenarios: sleep, model, shared, shared-inline")
     ap.add_argument("--workers", type=int, default=4, help="sleep runner: workers at the top step")
     ap.add_argument("--sleep-ms", type=float, default=50.0, help="sleep runner: device time per batch")
     ap.add_argument("--rate", type=float, help="sleep runner: offered req/s (default 1.25x --workers' capacity)")
@@ -371,13 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                 sc = scenario(base, name, f"sleep {args.sleep_ms:g} ms/batch", ["--sleep-ms", str(args.sleep_ms)],
                               [*range(1, args.workers + 1), args.workers - 1], args.rate or 1.25 * args.workers * capacity,
                               args.max_in_flight, args, capacity)
-            elif name == "shared":  # one device that the processes take turns on: joins only
+            elif name in ("shared", "shared-inline"):  # one device the processes take turns on: joins only
                 lock = Path(tempfile.mkdtemp(prefix="bench-shared-device-")) / "device.lock"
                 capacity = base.max_batch_size * 1000 / args.shared_ms  # the device's, whoever feeds it
-                sc = scenario(base, name, f"one shared device, {args.shared_ms:g} ms/batch",
+                stages = "inline" if name.endswith("inline") else "threads"
+                sc = scenario(base, name, f"one shared device, {args.shared_ms:g} ms/batch, stages {stages}",
                               ["--sleep-ms", str(args.shared_ms), "--shared-device", str(lock)],
                               list(range(1, args.shared_workers + 1)), args.shared_rate,
-                              args.max_in_flight, args, capacity, device_ms=args.shared_ms)
+                              args.max_in_flight, args, capacity, device_ms=args.shared_ms, stages=stages)
             elif name == "model":  # joins only: brief, it shows one thing
                 sc = scenario(base, name, "all-MiniLM-L6-v2 on CPU", [], list(range(1, args.model_workers + 1)),
                               args.model_rate, args.model_max_in_flight, args)

@@ -45,6 +45,10 @@ def worker_options(f):
         click.option("--commit-interval-ms", type=float, help="Least time between two commits; 0: back to back [INFERLOG_COMMIT_INTERVAL_MS]."),
         click.option("--delivery", type=click.Choice(["exactly-once", "at-least-once"]), help="[INFERLOG_DELIVERY]"),
         click.option("--cpu-workers", type=int, help="Threads for decode/tokenize/postprocess [INFERLOG_CPU_WORKERS]."),
+        click.option("--stages", type=click.Choice(["threads", "inline"]),
+                     help="threads: CPU stages on the pool, the model on a device loop, overlapping; inline: every "
+                          "stage on the loop thread, for models whose work is short and holds the GIL "
+                          "[INFERLOG_STAGES, default threads]."),
         click.option("--torch-threads", type=int,
                      help="torch's threads for a model on the CPU; 0: the cores less one [INFERLOG_TORCH_THREADS, default 0]."),
         click.option("--max-in-flight", type=int, help="Records of a tier between fetch and commit; as many more are held before partitions pause [INFERLOG_MAX_IN_FLIGHT]."),

@@ -23,7 +23,7 @@ from inferlog.request import Limits, now_ms
 from .batching import Item, Pace, TieredPolicy
 from .metrics import Metrics
 from .offsets import OffsetTracker
-from .pipeline import Pipeline
+from .pipeline import InlineExecutor, Pipeline
 from .decoding import Decoder
 from .records import Pending, is_expired
 from .results import ResultBuilder
@@ -87,12 +87,15 @@ class Engine:
         names = None if any_model else (
             {runner.info.name, settings.model} | ({settings.model_name} if settings.model_name else set()))
         self.decoder = Decoder(self.codec, runner, Limits.from_settings(settings), settings.max_input_tokens, names)
-        self.cpu = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="inferlog-cpu")
+        inline = settings.stages == "inline"
+        self.cpu = InlineExecutor() if inline else ThreadPoolExecutor(settings.cpu_workers,
+                                                                      thread_name_prefix="inferlog-cpu")
         self.done: SimpleQueue = SimpleQueue()
         from .runners import Row  # the runner module owns the row type
 
         runner.default_max_new_tokens = settings.default_max_new_tokens
-        self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics)  # starts the device loop
+        self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics,
+                                 inline=inline)  # starts the device loop (unless inline)
         self.decoding: deque[Future] = deque()
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
         share_cores(settings, runner)

@@ -10,6 +10,11 @@ runs batch k, batch k+1 is prepared and batch k-1 finished. A batch that fails i
 is split in halves and retried, down to the single request, which alone becomes a dead
 letter: one bad request never takes its batch-mates with it. A device out-of-memory error
 splits too; a broken device stops the driver (`fatal`, raised by Engine.step).
+
+With `stages = "inline"` the same stage functions run one after the other on the driver's
+thread (InlineExecutor, no device loop): for a model whose work is short and holds the GIL
+(rules, lookups, a tiny CPU model), the threads only add hand-offs between cores under one GIL
+(BENCHMARKS.md, issue 17: 45 vs 75 CPU µs per record for the echo model).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any
@@ -60,9 +65,21 @@ def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
+class InlineExecutor(Executor):
+    """Runs each task at once on the caller's thread (`stages = "inline"`): no pool, no hand-off."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - as a pool's future would hold it
+            f.set_exception(e)
+        return f
+
+
 class Pipeline:
     def __init__(self, runner, cpu: Executor, builder: ResultBuilder, done: SimpleQueue, row_type,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, inline: bool = False):
         self.runner = runner
         self.cpu = cpu
         self.ready: SimpleQueue = SimpleQueue()  # (prepared job, when queued) for the device loop; None ends it
@@ -79,8 +96,12 @@ class Pipeline:
         self.wakeup = threading.Event()  # set whenever a job finishes
         self._cpu_wait = self.metrics.queue_wait.labels("cpu")
         self._device_wait = self.metrics.queue_wait.labels("device")
-        self.device = threading.Thread(target=self._device_loop, name="inferlog-device", daemon=True)
-        self.device.start()
+        # inline: the device stage runs on the thread that prepared the job (the driver's, with an
+        # InlineExecutor): for runners whose run() is short and holds the GIL anyway
+        self.device = None if inline else threading.Thread(target=self._device_loop, name="inferlog-device",
+                                                           daemon=True)
+        if self.device is not None:
+            self.device.start()
 
     @property
     def in_flight(self) -> int:
@@ -130,7 +151,10 @@ class Pipeline:
             self._passed(job)
             self._failed(job, e)
             return
-        self.ready.put((job, time.perf_counter()))
+        if self.device is None:
+            self._device_stage(job)
+        else:
+            self.ready.put((job, time.perf_counter()))
 
     def _device_loop(self) -> None:
         while (item := self.ready.get()) is not None:

@@ -96,7 +96,11 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(256, ge=1)
     default_max_new_tokens: int = Field(32, ge=1)
 
-    # executors and bounded queues
+    # executors and bounded queues. stages "threads": decode/prepare/finish on a pool of
+    # cpu_workers threads, the model on a device loop of its own, overlapping; "inline": every
+    # stage on the driver's thread, for models whose work is short and holds the GIL (the
+    # threads then only add hand-offs: BENCHMARKS.md, issue 17)
+    stages: Literal["threads", "inline"] = "threads"
     cpu_workers: int = Field(2, ge=1)
     # torch's intra-op threads for a model on the CPU; 0: one fewer than the cores this process
     # may use (at least 1), so the loop, the CPU pool and librdkafka keep a core (BENCHMARKS.md,

@@ -21,7 +21,7 @@ import pytest
 
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.consumer.engine import Engine
-from inferlog.consumer.pipeline import Pipeline
+from inferlog.consumer.pipeline import InlineExecutor, Pipeline
 from inferlog.consumer.runners import Row
 from inferlog.consumer.records import Out, Pending
 from inferlog.consumer.results import ResultBuilder
@@ -125,21 +125,25 @@ def batch(n: int) -> list[Pending]:
     return [pending(o, inputs=1 + o % 2) for o in range(n)]  # some with two inputs: outputs are sliced
 
 
-@pytest.fixture
-def make_pipeline():
-    made: list[tuple[Pipeline, ThreadPoolExecutor]] = []
+@pytest.fixture(params=["threads", "inline"])
+def make_pipeline(request):
+    """Pipelines with the stages on a pool and a device loop, or all on the caller's thread."""
+    made: list[tuple[Pipeline, object]] = []
+    inline = request.param == "inline"
 
     def make(runner) -> Pipeline:
-        cpu = ThreadPoolExecutor(2, "test-cpu")
-        pipe = Pipeline(runner, cpu, ResultBuilder(CODEC, S, runner.info), SimpleQueue(), Row)
+        cpu = InlineExecutor() if inline else ThreadPoolExecutor(2, "test-cpu")
+        pipe = Pipeline(runner, cpu, ResultBuilder(CODEC, S, runner.info), SimpleQueue(), Row, inline=inline)
         made.append((pipe, cpu))
         return pipe
 
+    make.inline = inline
     yield make
     for pipe, cpu in made:
         pipe.close()
         cpu.shutdown(wait=True, cancel_futures=True)
-        pipe.device.join(TIMEOUT)
+        if pipe.device is not None:
+            pipe.device.join(TIMEOUT)
 
 
 def answers(pipe: Pipeline, expected: int) -> dict[int, list[Out]]:
@@ -298,12 +302,13 @@ def test_a_closed_engine_abandons_its_work_quietly(caplog):
 def test_the_device_is_free_once_every_job_is_past_it(make_pipeline, stage):
     """device_free is False from submit until the job ran (or failed before or on the device,
     split halves included), and each batch run reports its rows and device time."""
-    runner = Gated() if stage is None else Faulty(stage, poisoned=(2,))
+    gated = stage is None and not make_pipeline.inline  # inline, submit returns with the job done
+    runner = Gated() if gated else Faulty(stage or "run", poisoned=() if stage is None else (2,))
     pipe = make_pipeline(runner)
     assert pipe.device_free
     sent = batch(4)
     pipe.submit(sent)
-    if stage is None:  # (a failing job may be through all its halves before a check here)
+    if gated:  # (a failing job may be through all its halves before a check here)
         assert not pipe.device_free
         assert runner.entered.wait(TIMEOUT)
         assert not pipe.device_free  # running

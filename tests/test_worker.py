@@ -51,11 +51,11 @@ def submit_texts(settings, texts, task="embed", **kw) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize("batching", ["adaptive", "fixed"])
-def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, embed_runner, batching):
+@pytest.mark.parametrize("batching, stages", [("adaptive", "threads"), ("fixed", "threads"), ("adaptive", "inline")])
+def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, embed_runner, batching, stages):
     texts = [f"{TEXTS[i % len(TEXTS)]} (#{i})" for i in range(240)]
     ids = submit_texts(settings, texts)
-    s = settings.with_overrides(max_batch_size=16, max_wait_ms=5, batching=batching)
+    s = settings.with_overrides(max_batch_size=16, max_wait_ms=5, batching=batching, stages=stages)
     with running_worker(s, embed_runner):
         wait_until(lambda: output_count(s) >= len(ids), what="all results")
     acc = account(s)
