@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -26,7 +27,8 @@ import click
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from opentelemetry import trace
@@ -39,6 +41,7 @@ from inferlog.errors import RecordError
 from inferlog.request import now_ms
 from inferlog.settings import Settings, load_settings
 
+from . import openai_api as oai
 from .aio import AsyncProducer
 from .auth import Authenticator, AuthError, IdSigner, QuotaExceeded, Quotas, retry_after_header
 from .replies import Outcome, Replies
@@ -136,6 +139,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.producer = AsyncProducer(settings, client_id="inferlog-gateway")
         self.replies = Replies(settings, self.producer.codec, on_outcome=self._answered)
+        self.tokenizer = oai.Tokenizer(settings.model)  # the OpenAI endpoints' chat template and usage
         self._lag_task: asyncio.Task | None = None
 
     def _answered(self, request_id: str) -> None:
@@ -215,9 +219,23 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.method == "POST":
-            gw.metrics.requests.labels("unknown", "-", "422").inc()
+            gw.metrics.requests.labels("unknown", "-", "422" if request.url.path not in oai.TASKS else "400").inc()
+        if request.url.path in oai.TASKS:  # OpenAI's shape and status for a body it would refuse
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())[1:])
+            return JSONResponse(oai.OpenAIError(f"{where}: {first.get('msg')}", param=where).body(), status_code=400)
         errors = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return JSONResponse({"detail": {"reason": "INVALID_REQUEST", "errors": errors}}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if request.url.path in oai.TASKS:  # e.g. a 401 from the credentials, as OpenAI clients parse it
+            kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+                exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+            detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+            return JSONResponse(oai.OpenAIError(detail, exc.status_code, kind).body(), status_code=exc.status_code,
+                                headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.post("/v1/requests", response_model=Status, status_code=202, tags=["requests"],
               responses={200: {"model": Status, "description": "the outcome, when ?wait= saw it in time"},
@@ -253,6 +271,63 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         if o is None and gw.s.retention_ms >= 0 and created < now_ms() - gw.s.retention_ms:
             raise HTTPException(404, "unknown or expired request id")
         return gw.status(request_id, o, who)
+
+    # -- OpenAI-compatible endpoints: the same path through Kafka, answered when the result is in
+    async def openai_call(url: str, body, who: str):
+        tier, code = gw.tier(0), "500"
+        try:
+            tok = gw.tokenizer
+            await asyncio.to_thread(tok.get)  # loaded on the first call, off the loop
+            fields = oai.to_request(url, body, tok)
+            sub = SubmitBody(task=fields["task"], inputs=fields["inputs"], model=fields["model"],
+                             parameters=Parameters(**fields["parameters"]) if fields.get("parameters") else None,
+                             metadata=fields["metadata"])
+            prompt_tokens = await asyncio.to_thread(tok.count, fields["inputs"])
+            st = await _submit(gw, sub, who, gw.s.gateway_max_wait_s, Response())
+            if st.status == "pending":  # not answered within the gateway's longest wait
+                raise oai.OpenAIError(f"no answer within {gw.s.gateway_max_wait_s:g} s; request {st.request_id} "
+                                      f"is still queued (GET /v1/requests/{st.request_id})", 504, "timeout",
+                                      code="timeout")
+            if st.status == "failed":
+                raise oai.failure(st.reason or "ERROR", st.detail or "")
+            answer = oai.response(st.result, fields["metadata"], prompt_tokens)
+            code = "200"
+            if getattr(body, "stream", False):
+                usage = bool((body.stream_options or {}).get("include_usage"))
+                return StreamingResponse(iter(oai.sse(oai.stream_chunks(answer, usage))),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return JSONResponse(answer)
+        except oai.OpenAIError as e:
+            code = str(e.status)
+            # a client's retry of a timed-out call would ask again: the first is still queued
+            headers = {"x-should-retry": "false"} if e.status == 504 else None
+            return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        except HTTPException as e:
+            code = str(e.status_code)
+            if e.status_code == 422:  # the SDK's validation (a record the worker would dead-letter): 400 here
+                d = e.detail if isinstance(e.detail, dict) else {"reason": "INVALID_REQUEST", "detail": str(e.detail)}
+                code = "400"
+                return JSONResponse(oai.failure(d["reason"], d["detail"]).body(), status_code=400)
+            raise
+        finally:
+            gw.metrics.requests.labels(tier, who, code).inc()
+
+    openai_errors = {400: {"model": Problem}, 404: {"model": Problem}, 504: {"model": Problem}, **ERRORS}
+
+    @app.post(oai.EMBEDDINGS, tags=["openai"], responses=openai_errors)
+    async def embeddings(body: oai.EmbeddingsBody, who: str = Depends(tenant)):
+        """OpenAI's embeddings call, answered by the workers through Kafka."""
+        return await openai_call(oai.EMBEDDINGS, body, who)
+
+    @app.post(oai.COMPLETIONS, tags=["openai"], responses=openai_errors)
+    async def completions(body: oai.CompletionsBody, who: str = Depends(tenant)):
+        """OpenAI's (legacy) completions call; `stream: true` sends the whole answer as one chunk."""
+        return await openai_call(oai.COMPLETIONS, body, who)
+
+    @app.post(oai.CHAT, tags=["openai"], responses=openai_errors)
+    async def chat_completions(body: oai.ChatBody, who: str = Depends(tenant)):
+        """OpenAI's chat completions call: the messages through the model's chat template."""
+        return await openai_call(oai.CHAT, body, who)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

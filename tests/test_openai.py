@@ -1,0 +1,182 @@
+"""The gateway's OpenAI-compatible endpoints, called with the official `openai` client, answered
+by real workers through the real broker: embeddings from the embedded MiniLM, completions and
+chat from a tiny GPT-2 given a chat template here."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from inferlog.codec import REQUEST, Codec
+from inferlog.consumer.runners import Row, load_runner
+from inferlog.request import Parameters
+from inferlog.settings import default_model_path
+from inferlog.producer.gateway import serve_in_thread
+from support import read_all, running_worker
+from test_gateway import KEYS, fresh_settings
+from tinymodels import tiny_gpt2_dir  # noqa: F401  (fixture)
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def client(url: str, key: str = "key-a") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def embed_stack(kafka):
+    runner = load_runner(default_model_path(), device="cpu")
+    s = fresh_settings(kafka.bootstrap, api_keys=KEYS, gateway_max_wait_s=30, max_wait_ms=5)
+    with running_worker(s, runner), serve_in_thread(s) as url:
+        yield s, url, runner
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_gpt2_dir, tmp_path_factory):
+    """The tiny GPT-2 with a chat template in its tokenizer (tiny_gpt2_dir itself has none)."""
+    d = tmp_path_factory.mktemp("tiny-chat") / "tiny-chat"
+    shutil.copytree(tiny_gpt2_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def gen_stack(kafka, chat_model, tiny_gpt2_dir):
+    """A generation worker on the chat model, a gateway that knows its tokenizer, and a second
+    gateway whose model (the template-less tiny GPT-2) has no chat template."""
+    runner = load_runner(str(chat_model), device="cpu")
+    s = fresh_settings(kafka.bootstrap, api_keys=KEYS, gateway_max_wait_s=30, max_wait_ms=5, model=str(chat_model))
+    bare = s.with_overrides(model=str(tiny_gpt2_dir))
+    with running_worker(s, runner), serve_in_thread(s) as url, serve_in_thread(bare) as bare_url:
+        yield s, url, bare_url, runner
+
+
+def direct_text(runner, prompt: str, max_new_tokens: int) -> tuple[str, int, str]:
+    """What the model answers alone, greedy: (text, tokens, finish_reason)."""
+    rows = [Row(ids, Parameters(max_new_tokens=max_new_tokens)) for ids in runner.tokenize([prompt])]
+    prepared = runner.prepare(rows)
+    out = runner.finish(runner.run(prepared), prepared)[0]
+    return out["text"], out["tokens"], out["finish_reason"]
+
+
+# -- embeddings ----------------------------------------------------------------------------------
+def test_embeddings_match_the_model_in_both_encodings(embed_stack):
+    s, url, runner = embed_stack
+    texts = ["the parcel arrived damaged", "refund issued within a week"]
+    rows = [Row(ids, Parameters()) for ids in runner.tokenize(texts)]
+    prepared = runner.prepare(rows)
+    want = np.stack([o["vector"] for o in runner.finish(runner.run(prepared), prepared)])
+    c = client(url)
+    got_b64 = c.embeddings.create(model="all-MiniLM-L6-v2", input=texts)  # the client asks for base64
+    got_float = c.embeddings.create(model="all-MiniLM-L6-v2", input=texts, encoding_format="float")
+    for got in (got_b64, got_float):
+        assert got.model == "all-MiniLM-L6-v2" and [d.index for d in got.data] == [0, 1]
+        np.testing.assert_allclose(np.array([d.embedding for d in got.data]), want, atol=1e-5)
+        assert got.usage.prompt_tokens == sum(len(r.ids) for r in rows) == got.usage.total_tokens
+    cut = c.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0], dimensions=64, encoding_format="float")
+    v = np.array(cut.data[0].embedding)
+    assert v.shape == (64,) and abs(np.linalg.norm(v) - 1) < 1e-5
+    np.testing.assert_allclose(v, want[0][:64] / np.linalg.norm(want[0][:64]), atol=1e-5)
+
+
+def test_the_request_on_the_log_is_the_tenants_with_the_calls_shape(embed_stack):
+    s, url, _ = embed_stack
+    client(url, "key-b").embeddings.create(model="all-MiniLM-L6-v2", input="which tenant asked", user="u1")
+    codec = Codec.from_settings(s)
+    reqs = [codec.decode(r.value, expect=REQUEST) for r in read_all(s, s.requests_topic)]
+    (req,) = [r for r in reqs if r["inputs"] == ["which tenant asked"]]
+    assert req["tenant"] == "tenant-b" and req["task"] == "EMBED" and req["model"] == "all-MiniLM-L6-v2"
+    assert req["metadata"]["openai.url"] == "/v1/embeddings"
+
+
+def test_errors_come_in_openais_shape(embed_stack):
+    _, url, _ = embed_stack
+    c = client(url)
+    with pytest.raises(openai.NotFoundError) as e:  # a dead letter UNKNOWN_MODEL from the worker
+        c.embeddings.create(model="no-such-model", input="x")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:  # the worker serves embeddings only
+        c.completions.create(model="all-MiniLM-L6-v2", prompt="x")
+    assert "UNSUPPORTED_TASK" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # MiniLM's tokenizer has no chat template
+        c.chat.completions.create(model="all-MiniLM-L6-v2", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "no_chat_template"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model="all-MiniLM-L6-v2", input=[])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model="all-MiniLM-L6-v2", input="x", extra_body={"bogus": 1})
+    assert "bogus" in e.value.message
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "wrong-key").embeddings.create(model="all-MiniLM-L6-v2", input="x")
+
+
+# -- completions and chat ------------------------------------------------------------------------
+def test_completions_are_the_models_greedy_text_one_choice_per_prompt(gen_stack):
+    s, url, _, runner = gen_stack
+    prompts = ["the quick red fox", "kafka topics carry"]
+    got = client(url).completions.create(model=runner.info.name, prompt=prompts, max_tokens=6, temperature=0)
+    assert got.object == "text_completion" and got.id.startswith("cmpl-")
+    assert [c.index for c in got.choices] == [0, 1]
+    for choice, prompt in zip(got.choices, prompts):
+        text, tokens, reason = direct_text(runner, prompt, 6)
+        assert (choice.text, choice.finish_reason) == (text, reason)
+    assert got.usage.completion_tokens == sum(direct_text(runner, p, 6)[1] for p in prompts)
+    assert got.usage.prompt_tokens == sum(len(ids) for ids in runner.tokenize(prompts))
+
+
+def test_a_stop_sequence_cuts_the_text(gen_stack):
+    _, url, _, runner = gen_stack
+    text, _, _ = direct_text(runner, "the slow cat", 12)
+    stop = next(ch for ch in text[len(text) // 2:] if ch.strip())  # a visible character of its second half
+    got = client(url).completions.create(model=runner.info.name, prompt="the slow cat", max_tokens=12, stop=[stop])
+    assert got.choices[0].text == text[: text.index(stop)] and got.choices[0].finish_reason == "stop"
+
+
+def test_chat_goes_through_the_template_and_streams_the_same_answer(gen_stack, chat_model):
+    s, url, _, runner = gen_stack
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the tiny bird"}]
+    c = client(url)
+    got = c.chat.completions.create(model=runner.info.name, messages=messages, max_completion_tokens=5)
+    prompt = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(messages, tokenize=False,
+                                                                           add_generation_prompt=True)
+    assert prompt == "<system>be brief\n<user>the tiny bird\n<assistant>"
+    text, tokens, reason = direct_text(runner, prompt, 5)
+    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert (got.choices[0].message.content, got.choices[0].finish_reason) == (text, reason)
+    assert got.usage.completion_tokens == tokens
+    codec = Codec.from_settings(s)
+    assert prompt in [codec.decode(r.value, expect=REQUEST)["inputs"][0] for r in read_all(s, s.requests_topic)]
+    chunks = list(c.chat.completions.create(model=runner.info.name, messages=messages, max_completion_tokens=5,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [reason]
+    assert chunks[-1].usage.completion_tokens == tokens
+    streamed = list(c.completions.create(model=runner.info.name, prompt="the quick red fox", max_tokens=6, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == direct_text(runner, "the quick red fox", 6)[0]
+
+
+def test_chat_without_a_template_and_unsupported_options_are_400(gen_stack):
+    _, url, bare_url, runner = gen_stack
+    with pytest.raises(openai.BadRequestError) as e:
+        client(bare_url).chat.completions.create(model=runner.info.name, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "no_chat_template" and "/v1/completions" in e.value.message
+    c = client(url)
+    for extra in ({"n": 2}, {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"logprobs": True},
+                  {"presence_penalty": 0.5}):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=runner.info.name, messages=[{"role": "user", "content": "hi"}], **extra)
+        assert next(iter(extra)) in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=runner.info.name, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x"}}]}])
+    with pytest.raises(openai.BadRequestError) as e:  # a bad sampling value the worker would refuse
+        c.completions.create(model=runner.info.name, prompt="x", temperature=5)
+    assert json.dumps(e.value.body)  # an OpenAI error body
