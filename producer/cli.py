@@ -75,6 +75,31 @@ def parse_line(line: str, defaults: dict[str, Any], key_field: str | None = None
     return {**defaults, **fields}
 
 
+class OpenAIBatch:
+    """Lines of an OpenAI Batch API input file -> Producer.submit keyword arguments: the body as
+    the gateway's endpoint takes it (producer/openai_api.py), keyed by its custom_id."""
+
+    def __init__(self, tenant: str, tokenizer_path: str | None):
+        from inferlog.settings import default_model_path
+
+        from . import openai_api as oai
+
+        self.oai, self.tenant = oai, tenant
+        self.tokenizer = oai.Tokenizer(tokenizer_path or default_model_path())
+        self.seen: set[str] = set()
+
+    def parse(self, line: str, defaults: dict, key_field: str | None = None) -> dict[str, Any]:
+        cid, url, body = self.oai.parse_batch_line(line)
+        if cid in self.seen:  # as the Batch API does: outputs are matched by it
+            raise InvalidRequest(f"custom_id {cid!r} repeats an earlier line's")
+        try:
+            fields = self.oai.to_request(url, body, self.tokenizer, custom_id=cid)
+        except self.oai.OpenAIError as e:
+            raise InvalidRequest(e.message) from None
+        self.seen.add(cid)
+        return {**fields, "tenant": self.tenant, "key": cid}
+
+
 def _lines(path: str) -> Iterator[bytes]:
     if path == "-":
         yield from click.get_binary_stream("stdin")
@@ -125,7 +150,15 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
 @click.option("--timeout", envvar="INFERLOG_PRODUCE_TIMEOUT", show_envvar=True, type=click.FloatRange(min=0.1),
               default=10, show_default=True, metavar="SECONDS",
               help="How long to wait for Kafka: to answer at the start, and to take the last records at the end.")
-def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_field, framing, timeout) -> None:
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "openai-batch"]), default="jsonl", show_default=True,
+              help="openai-batch: FILE is an OpenAI Batch API input file (custom_id, method, url, body per line); "
+                   "each line's custom_id keys its request, and `inferlog audit export --format openai-batch` "
+                   "writes the matching output file.")
+@click.option("--tokenizer", "tokenizer_path", envvar="INFERLOG_MODEL", metavar="DIR",
+              help="openai-batch: the model directory whose tokenizer's chat template renders "
+                   "/v1/chat/completions messages  [env var: INFERLOG_MODEL; default: the embedded model]")
+def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_field, framing, timeout,
+            fmt, tokenizer_path) -> None:
     """Publish inference requests from JSONL in FILE (or stdin when FILE is - or absent).
 
     \b
@@ -134,6 +167,8 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
        "priority": 0, "deadline_ms": ..., "metadata": {...}, "key": ..., "request_id": ...}
       {"text": "one input"}        (task, model, tenant from the options)
       "one input"                  (likewise)
+    or, with --format openai-batch, an OpenAI Batch API request:
+      {"custom_id": "r1", "method": "POST", "url": "/v1/embeddings", "body": {"model": ..., "input": ...}}
 
     Invalid lines are reported with their line numbers and skipped; the exit status is 1 if
     any line was invalid or any delivery failed, else 0. A cluster that does not answer, or
@@ -145,6 +180,11 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
     defaults = {"task": settings.task or "embed", "model": settings.model_name, "tenant": tenant}
+    parse = parse_line
+    if fmt == "openai-batch" and key_field:
+        raise click.UsageError("--key-field does not apply to --format openai-batch: a line's custom_id keys it")
+    if fmt == "openai-batch":
+        parse = OpenAIBatch(tenant, tokenizer_path).parse
     bucket = TokenBucket(rate) if rate else None
     invalid: list[tuple[int, str]] = []
     failures: list[tuple[str | None, str, str]] = []
@@ -165,7 +205,7 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
                 if not raw.strip():
                     continue
                 try:
-                    fields = parse_line(raw.decode("utf-8"), defaults, key_field)
+                    fields = parse(raw.decode("utf-8"), defaults, key_field)
                     if bucket:
                         bucket.acquire()
                     _submit(producer, fields, failures)

@@ -444,12 +444,33 @@ def audit_sql(query, since, until, tz, replay_topics, out, vectors, progress, **
 
 @click.command("export")
 @audit_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for requests.parquet, results.parquet, dead_letters.parquet.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="parquet: a directory for requests.parquet, results.parquet, dead_letters.parquet; "
+                   "openai-batch: the output FILE.jsonl.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "openai-batch"]), default="parquet", show_default=True,
+              help="openai-batch: the OpenAI Batch API output file of the requests `inferlog produce --format "
+                   "openai-batch` published in the window (one line per custom_id answered).")
+@click.option("--grace", default=DEFAULT_GRACE, show_default=True,
+              help="openai-batch: how long after --until results and dead letters are still looked for.")
+@click.option("--tokenizer", "tokenizer_path", envvar="INFERLOG_MODEL",
+              help="openai-batch: the model directory whose tokenizer counts usage.prompt_tokens "
+                   "[INFERLOG_MODEL; default: the embedded model].")
 @click.option("--vectors", is_flag=True, help="Include results.embeddings.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: big windows).")
-def audit_export(since, until, tz, replay_topics, out, vectors, progress, **topics):
-    """Write the window's requests, results and dead letters as Parquet files to --out."""
+def audit_export(since, until, tz, replay_topics, out, fmt, grace, tokenizer_path, vectors, progress, **topics):
+    """Write the window's requests, results and dead letters as Parquet files to --out, or
+    (--format openai-batch) the OpenAI Batch API output file of its batch requests.
+
+    \b
+    inferlog audit export --since -1d --out audit/
+    inferlog audit export --since 2026-12-01 --format openai-batch --out batch_output.jsonl
+
+    openai-batch exits 1 when some requests of the window have no outcome yet (their
+    custom_ids are listed; the file holds the others)."""
+    if fmt == "openai-batch":
+        return _export_openai_batch(since, until, tz, out, grace, tokenizer_path, progress, replay_topics, topics)
+    if out.exists() and not out.is_dir():
+        raise click.UsageError(f"--out {out}: a directory for the Parquet files (this is a file)")
     with _reported():
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
         tables = load_window(settings, since_ms, until_ms, tuple(replay_topics), vectors, progress)
@@ -457,3 +478,24 @@ def audit_export(since, until, tz, replay_topics, out, vectors, progress, **topi
     for name, t in tables.items():
         write_table(t, out / f"{name}.parquet")
         click.echo(f"{out / name}.parquet: {t.num_rows} rows", err=True)
+
+
+def _export_openai_batch(since, until, tz, out: Path, grace, tokenizer_path, progress, replay_topics, topics) -> None:
+    from inferlog.producer.openai_api import Tokenizer
+    from inferlog.settings import default_model_path
+
+    from .openai_batch import export_openai_batch
+
+    if replay_topics:
+        raise click.UsageError("--format openai-batch answers from the original results; --replay-topic does not apply")
+    with _reported():
+        _out_path(out, (".jsonl",))
+        settings, since_ms, until_ms = _setup(since, until, tz, **topics)
+        ex = export_openai_batch(settings, out, since_ms, until_ms, parse_duration(grace),
+                                 Tokenizer(tokenizer_path or default_model_path()), progress)
+    click.echo(f"{out}: {ex.written} of {ex.requests} batch requests ({ex.failed} errors)", err=True)
+    if not ex.requests:
+        raise click.ClickException(f"no batch requests (with a custom_id) {_between(since_ms, until_ms)}")
+    if ex.unanswered:
+        shown = ", ".join(ex.unanswered[:10]) + (" ..." if len(ex.unanswered) > 10 else "")
+        raise click.ClickException(f"{len(ex.unanswered)} not answered yet (not written): {shown}")

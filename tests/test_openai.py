@@ -180,3 +180,69 @@ def test_chat_without_a_template_and_unsupported_options_are_400(gen_stack):
     with pytest.raises(openai.BadRequestError) as e:  # a bad sampling value the worker would refuse
         c.completions.create(model=runner.info.name, prompt="x", temperature=5)
     assert json.dumps(e.value.body)  # an OpenAI error body
+
+
+# -- Batch API files -------------------------------------------------------------------------------
+def test_a_batch_file_goes_in_and_its_output_comes_out_by_custom_id(gen_stack, chat_model, tmp_path):
+    """produce --format openai-batch publishes each line keyed by its custom_id; once the worker
+    answered, audit export --format openai-batch writes one output line per custom_id: the
+    endpoint's response body, or the error its dead letter maps to."""
+    from click.testing import CliRunner
+
+    from inferlog.producer.cli import produce
+    from inferlog.replay.audit import audit_export
+    from support import wait_until, output_count
+
+    s, _, _, runner = gen_stack
+    name = runner.info.name
+    lines = [
+        {"custom_id": "c-1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": name, "prompt": "the quick red fox", "max_tokens": 6}},
+        {"custom_id": "c-2", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": name, "messages": [{"role": "user", "content": "the tiny bird"}], "max_tokens": 5}},
+        {"custom_id": "c-3", "method": "POST", "url": "/v1/embeddings",  # this worker generates: an error line
+         "body": {"model": name, "input": "not served here"}},
+        {"custom_id": "c-4", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "another-model", "prompt": "x"}},
+        {"custom_id": "c-5", "method": "POST", "url": "/v1/images", "body": {}},  # refused at produce
+        {"custom_id": "c-1", "method": "POST", "url": "/v1/completions", "body": {"model": name, "prompt": "y"}},
+    ]
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    before = output_count(s)
+    res = CliRunner().invoke(produce, [str(batch), "--format", "openai-batch", "--bootstrap-servers",
+                                       s.bootstrap_servers, "--topic", s.requests_topic,
+                                       "--tokenizer", str(chat_model), "--tenant", "batch-tenant"])
+    assert res.exit_code == 1, res.output  # two lines were invalid; the others went out
+    assert "sent 4 requests" in res.output
+    assert "line 5: INVALID_REQUEST: url:" in res.output and "line 6: INVALID_REQUEST: custom_id 'c-1' repeats" in res.output
+    wait_until(lambda: output_count(s) >= before + 4, timeout=120, what="the batch's outcomes")
+    codec = Codec.from_settings(s)
+    keyed = {r.key.decode(): codec.decode(r.value, expect=REQUEST) for r in read_all(s, s.requests_topic)
+             if r.key and r.key.decode().startswith("c-")}
+    assert set(keyed) == {"c-1", "c-2", "c-3", "c-4"} and {r["tenant"] for r in keyed.values()} == {"batch-tenant"}
+
+    out = tmp_path / "batch_output.jsonl"
+    res = CliRunner().invoke(audit_export, ["--format", "openai-batch", "--out", str(out), "--tokenizer",
+                                            str(chat_model), "--bootstrap-servers", s.bootstrap_servers,
+                                            "--requests-topic", s.requests_topic, "--high-priority-topic",
+                                            s.high_priority_topic, "--results-topic", s.results_topic,
+                                            "--deadletter-topic", s.deadletter_topic])
+    assert res.exit_code == 0, res.output
+    got = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert set(got) == {"c-1", "c-2", "c-3", "c-4"}
+    for cid, x in got.items():
+        assert x["id"] == f"batch_req_{keyed[cid]['request_id']}" and x["error"] is None
+        assert x["response"]["request_id"] == keyed[cid]["request_id"]
+    c1, c2 = got["c-1"]["response"], got["c-2"]["response"]
+    assert c1["status_code"] == 200 and c1["body"]["object"] == "text_completion"
+    assert c1["body"]["choices"][0]["text"] == direct_text(runner, "the quick red fox", 6)[0]
+    prompt = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(
+        [{"role": "user", "content": "the tiny bird"}], tokenize=False, add_generation_prompt=True)
+    assert c2["status_code"] == 200 and c2["body"]["object"] == "chat.completion"
+    assert c2["body"]["choices"][0]["message"]["content"] == direct_text(runner, prompt, 5)[0]
+    assert c2["body"]["usage"]["prompt_tokens"] == len(runner.tokenize([prompt])[0])
+    assert got["c-3"]["response"]["status_code"] == 400
+    assert "UNSUPPORTED_TASK" in got["c-3"]["response"]["body"]["error"]["message"]
+    assert got["c-4"]["response"]["status_code"] == 404
+    assert got["c-4"]["response"]["body"]["error"]["code"] == "model_not_found"
