@@ -98,7 +98,7 @@ def _gpu_count() -> int:
 @click.option("--processes-per-gpu", envvar="INFERLOG_PROCESSES_PER_GPU", type=click.IntRange(1), default=1,
               show_default=True,
               help="With --processes auto: processes sharing each GPU. One process's Python (decode, "
-                   "batching, result encoding, under one GIL) feeds a GPU ~13,000 small records/s at most; "
+                   "batching, result encoding, under one GIL) feeds a GPU 10,000-14,000 small records/s at most here; "
                    "more processes feed it more, each with its own copy of the model [INFERLOG_PROCESSES_PER_GPU].")
 @click.option("--create-topics/--no-create-topics", default=True, show_default=True,
               help="Create the topics (idempotently) before joining the group.")
