@@ -226,6 +226,14 @@ def held_count(log: str) -> int:
     return int(re.search(r"drained: .*'held': (\d+)", log).group(1))
 
 
+def answered_once(s, n: int):
+    """Every one of the n requests answered by exactly one result, none dead-lettered."""
+    acc = account(s)
+    acc.assert_exactly_once()
+    assert len(acc.results) == n and not acc.dead_letters
+    return acc
+
+
 def committed(s) -> dict[int, int]:
     c = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False}))
     try:
@@ -278,9 +286,7 @@ def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(setting
     finally:
         for p in procs:
             p.kill()
-    acc = account(settings)
-    acc.assert_exactly_once()
-    assert len(acc.results) == n and not acc.dead_letters
+    acc = answered_once(settings, n)
     # the survivors held records while partitions moved between them
     assert sum(held_count((tmp_path / f).read_text()) for f in ("a2.log", "b.log")) > 0
     workers = {r["worker_id"] for r in acc.results}
@@ -327,9 +333,7 @@ def test_processes_share_the_group_and_one_failing_restarts_the_pod(settings, tm
     finally:
         for p in pods:
             p.kill()
-    acc = account(settings)
-    acc.assert_exactly_once()
-    assert len(acc.results) == n and not acc.dead_letters
+    acc = answered_once(settings, n)
     assert {r["worker_id"] for r in acc.results} == {"pod-p0", "pod-p1"}
 
 
