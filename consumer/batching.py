@@ -160,6 +160,13 @@ class BatchPolicy:
         chosen.sort(key=lambda it: it.seq)
         return chosen
 
+    def take_oldest(self) -> Item:
+        """Take out the oldest item (continuous batching admits one at a time)."""
+        old = self.oldest()
+        del self._by_len[bisect.bisect_left(self._by_len, (old.length, old.seq))]
+        self._forget([old])
+        return old
+
     def remove(self, pred: Callable[[Item], bool]) -> list[Item]:
         """Take out (and return) every queued item matching `pred` (e.g. revoked partitions)."""
         gone = [e[2] for e in self._by_len if pred(e[2])]
@@ -326,6 +333,24 @@ class TieredPolicy:
             self._credit = self.weight
             return self._top_up(self.normal.next_batch(now, flush=True), self.high, now)
         return None
+
+    def admit(self, fits: Callable[[Item], bool]) -> list[Item]:
+        """Continuous batching: the queued items a running batch takes now, oldest first within a
+        tier and the tiers by weight as batches are (up to `weight` high items per normal one).
+        `fits(item)` says whether the batch has room for it (and counts it in); the first that
+        does not fit ends the admission, so no request is overtaken in its tier."""
+        taken: list[Item] = []
+        while len(self):
+            high = len(self.high) > 0 and (self._credit > 0 or not len(self.normal))
+            q = self.high if high else self.normal
+            if not fits(q.oldest()):
+                break
+            taken.append(q.take_oldest())
+            if high:
+                self._credit -= 1
+            else:
+                self._credit = self.weight
+        return taken
 
     @staticmethod
     def _top_up(batch: list[Item], other: BatchPolicy, now: float) -> list[Item]:

@@ -42,6 +42,10 @@ def worker_options(f):
         click.option("--latency-target-ms", type=float,
                      help="Adaptive batching holds a partial batch no longer than this leaves room for "
                           "[INFERLOG_LATENCY_TARGET_MS, default 300]."),
+        click.option("--generation", type=click.Choice(["continuous", "static"]),
+                     help="generate: continuous batching (rows join and leave the running batch each step; the KV "
+                          "cache holds --max-batch-tokens) or static (a batch runs until its longest row ends; "
+                          "seeded sampling gives the same text in any batch) [INFERLOG_GENERATION, default continuous]."),
         click.option("--commit-interval-ms", type=float, help="Least time between two commits; 0: back to back [INFERLOG_COMMIT_INTERVAL_MS]."),
         click.option("--delivery", type=click.Choice(["exactly-once", "at-least-once"]), help="[INFERLOG_DELIVERY]"),
         click.option("--cpu-workers", type=int, help="Threads for decode/tokenize/postprocess [INFERLOG_CPU_WORKERS]."),

@@ -78,8 +78,10 @@ class Engine:
         self.runner = runner
         self.codec = codec or Codec.from_settings(settings)
         self.tracker = OffsetTracker()
+        self.continuous = settings.generation == "continuous" and runner.task == "GENERATE" \
+            and hasattr(getattr(runner, "model", None), "init_continuous_batching")
         pace = (Pace(settings.max_batch_size, settings.max_wait_ms, settings.latency_target_ms)
-                if settings.batching == "adaptive" else None)
+                if settings.batching == "adaptive" and not self.continuous else None)
         self.policy = TieredPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms,
                                    settings.high_priority_weight, pace)
         self.builder = ResultBuilder(self.codec, settings, runner.info, replay_run_id)
@@ -94,8 +96,14 @@ class Engine:
         from .runners import Row  # the runner module owns the row type
 
         runner.default_max_new_tokens = settings.default_max_new_tokens
-        self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics,
-                                 inline=inline)  # starts the device loop (unless inline)
+        if self.continuous:  # rows join and leave the running batch: consumer/continuous.py
+            from .continuous import ContinuousPipeline
+
+            self.pipeline = ContinuousPipeline(runner, self.builder, self.done, self.metrics,
+                                               settings.max_batch_size, settings.max_batch_tokens)
+        else:
+            self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics,
+                                     inline=inline)  # starts the device loop (unless inline)
         self.decoding: deque[Future] = deque()
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
         share_cores(settings, runner)
@@ -190,8 +198,9 @@ class Engine:
             rows, seconds = costs.get_nowait()
             if pace is not None:
                 pace.ran(rows, seconds)
-        while self.pipeline.in_flight < self.s.pipeline_depth:
-            items = self.policy.next_batch(time.monotonic(), flush=flush, idle=self.pipeline.device_free)
+        while self.pipeline.has_room(self.s.pipeline_depth):
+            items = self._admit() if self.continuous else \
+                self.policy.next_batch(time.monotonic(), flush=flush, idle=self.pipeline.device_free)
             if not items:
                 return
             batch, now, mono = [], now_ms(), time.monotonic()
@@ -206,6 +215,21 @@ class Engine:
             if batch:
                 self.metrics.tokens.inc(sum(len(ids) for p in batch for ids in p.ids))
                 self.pipeline.submit(batch)
+
+    def _admit(self) -> list[Item]:
+        """Continuous batching: what the running batch has room for now, whatever its size."""
+        pipe, rows, kv = self.pipeline, 0, 0
+
+        def fits(it: Item) -> bool:
+            nonlocal rows, kv
+            need = pipe.kv_need(it.ref)
+            # an empty batch takes any request (one that can never fit the cache is a dead letter)
+            if not (pipe.fits(rows + it.rows, kv + need) or (rows == 0 and pipe.in_flight == 0)):
+                return False
+            rows, kv = rows + it.rows, kv + need
+            return True
+
+        return self.policy.admit(fits)
 
     def _collect_finished(self) -> None:
         while True:
@@ -234,6 +258,7 @@ class Engine:
         """Drop every trace of these partitions; returns the unreleased records dropped."""
         dropped = sum(self.tracker.revoke(tp) for tp in tps)
         self.policy.remove(lambda it: it.ref.tp in tps)
+        self.pipeline.cancel(lambda p: p.tp in tps)  # continuous batching: their rows leave the batch
         return dropped
 
     def reset(self) -> list:
@@ -243,6 +268,7 @@ class Engine:
             self.tracker.revoke(tp)
             self.tracker.assign(tp)  # new epoch: work still in the pipeline is ignored
         self.policy.remove(lambda it: True)
+        self.pipeline.cancel(lambda p: True)
         return tps
 
     # -- state -----------------------------------------------------------------------------
@@ -280,8 +306,10 @@ class Engine:
         cannot be sent yet waits for a slot (see wait), spinning would only take the model's CPU."""
         if not self.busy():
             return idle
-        if self.pipeline.in_flight >= self.s.pipeline_depth:
+        if not self.pipeline.has_room(self.s.pipeline_depth):
             return 0.0  # the caller waits on wait() instead, which a finished job ends at once
+        if self.continuous:  # admitted as soon as there is room: only the results are awaited
+            return 0.0 if len(self.policy) else 0.005
         now = time.monotonic()
         due = self.policy.due_at(now, self.pipeline.device_free)
         return 0.005 if due is None else max(0.0, min(0.005, due - now))
@@ -289,7 +317,7 @@ class Engine:
     def wait(self, timeout: float) -> None:
         """Block until a job or a decode finishes (or `timeout`), when the pipeline is full:
         reacting at once to a free slot, instead of after a fixed poll interval."""
-        if self.pipeline.in_flight >= self.s.pipeline_depth and not self.decoding_done():
+        if not self.pipeline.has_room(self.s.pipeline_depth) and not self.decoding_done():
             self.pipeline.wakeup.wait(timeout)
         self.pipeline.wakeup.clear()
 

@@ -107,6 +107,14 @@ class Pipeline:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def has_room(self, depth: int) -> bool:
+        """Another batch may go in: fewer than `depth` (pipeline_depth) are in flight."""
+        return self._in_flight < depth
+
+    def cancel(self, pred) -> int:
+        """Batches run to their end here: what is revoked is dropped by the tracker's epochs."""
+        return 0
+
     @property
     def device_free(self) -> bool:
         """Nothing is being prepared for the device, queued for it or running on it."""

@@ -198,7 +198,7 @@ class GenerateRunner(Runner):
             room = self.max_input_tokens - len(r.ids)  # positions left after the prompt
             if room < 1:
                 raise InputTooLarge(f"{len(r.ids)} prompt tokens leave no room in {self.max_input_tokens} positions")
-            limits.append(min(self.new_tokens(r.params), room))
+            limits.append(self.limit(r.ids, r.params))
             t = r.params.temperature or 0.0
             t = t if t >= 1e-5 else 0.0  # a vanishing temperature is greedy (and would overflow the division)
             temps.append(t)
@@ -279,17 +279,22 @@ class GenerateRunner(Runner):
         return {self._cache_name: getattr(res, self._cache_name)}
 
     def finish(self, raw: torch.Tensor, prepared) -> list[dict]:
-        results = []
-        for row, limit in zip(raw.tolist(), prepared["limits"]):
-            toks, reason = row[:limit], "length"
-            for i, t in enumerate(toks):
-                if t in self.eos_token_ids:
-                    toks, reason = toks[: i + 1], "stop"  # the eos counts as generated, never as text
-                    break
-            text_ids = toks[:-1] if reason == "stop" else toks
-            text = self.hf_tokenizer.decode(text_ids, skip_special_tokens=True)
-            results.append({"text": text, "tokens": len(toks), "finish_reason": reason})
-        return results
+        return [self.output(row, limit) for row, limit in zip(raw.tolist(), prepared["limits"])]
+
+    def limit(self, ids: list[int], p: Parameters) -> int:
+        """New tokens a row may add: what it asks (or the default), within the model's positions."""
+        return min(self.new_tokens(p), self.max_input_tokens - len(ids))
+
+    def output(self, tokens: list[int], limit: int) -> dict:
+        """A row's generated tokens as its output: an eos ends it, counts as generated, never as text."""
+        toks, reason = list(tokens[:limit]), "length"
+        for i, t in enumerate(toks):
+            if t in self.eos_token_ids:
+                toks, reason = toks[: i + 1], "stop"
+                break
+        text_ids = toks[:-1] if reason == "stop" else toks
+        return {"text": self.hf_tokenizer.decode(text_ids, skip_special_tokens=True), "tokens": len(toks),
+                "finish_reason": reason}
 
 
 _RUNNERS = {"EMBED": EmbedRunner, "GENERATE": GenerateRunner, "CLASSIFY": ClassifyRunner}

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     # fixed: cut at max_batch_size/max_batch_tokens or after max_wait_ms (consumer/batching.py)
     batching: Literal["adaptive", "fixed"] = "adaptive"
     latency_target_ms: float = Field(300.0, gt=0)
+    # generate: "continuous" batching (rows join and leave the running batch each step; the KV
+    # cache holds max_batch_tokens) or "static" (a batch runs until its longest row ends;
+    # seeded sampling gives the same text in any batch)
+    generation: Literal["continuous", "static"] = "continuous"
 
     # limits on one request (bad input becomes a dead letter, never a crash)
     max_inputs: int = Field(64, ge=1)

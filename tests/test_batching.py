@@ -337,3 +337,47 @@ def test_adaptive_high_requests_overtake_a_backlog_while_the_device_is_busy():
     feed(q, [0.0] * 40, high=True)
     tiers = ["n" if any(it.ref == 500 for it in q.next_batch(0.0, idle=False)) else "h" for _ in range(5)]
     assert tiers == ["h", "h", "h", "h", "n"]
+
+
+# -- continuous batching's admission -----------------------------------------------------------
+def test_admission_takes_what_fits_oldest_first_with_the_tiers_by_weight():
+    from inferlog.consumer.batching import TieredPolicy
+
+    p = TieredPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=20, weight=2)
+    for i in range(4):
+        p.add(item(f"n{i}", 30 - i, t=float(i)))  # lengths do not matter here: arrival does
+    for i in range(4):
+        p.add(item(f"h{i}", 5 + i, t=10.0 + i), high=True)
+    room = [5]
+
+    def fits(it):
+        if room[0] < it.rows:
+            return False
+        room[0] -= it.rows
+        return True
+
+    assert [it.ref for it in p.admit(fits)] == ["h0", "h1", "n0", "h2", "h3"]
+    assert [it.ref for it in p.admit(fits)] == []  # full: nothing is taken, nothing is lost
+    room[0] = 10
+    assert [it.ref for it in p.admit(fits)] == ["n1", "n2", "n3"]
+    assert len(p) == 0 and p.high.rows == p.normal.rows == 0
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.booleans()), min_size=1, max_size=40), st.integers(1, 6))
+def test_admission_serves_every_item_once_in_arrival_order_per_tier(specs, per_round):
+    from inferlog.consumer.batching import TieredPolicy
+
+    p = TieredPolicy(max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=20)
+    for i, (rows, high) in enumerate(specs):
+        p.add(item(i, 10, t=float(i), rows=rows), high=high)
+    seen = []
+    while len(p):
+        budget = [per_round]
+        got = p.admit(lambda it: budget[0] > 0 and not budget.__setitem__(0, budget[0] - 1))
+        assert got, "a non-empty queue admits while there is room"
+        seen += [it.ref for it in got]
+    assert sorted(seen) == list(range(len(specs)))
+    for high in (True, False):
+        tier = [i for i in seen if specs[i][1] == high]
+        assert tier == sorted(tier)  # nobody overtaken within a tier

@@ -155,13 +155,14 @@ def test_a_model_fault_only_fails_the_faulty_requests(settings, embed_runner):
     assert all(r["status"] == "OK" for r in acc.results)
 
 
-def test_generation_through_the_worker(settings, tiny_gpt2_dir):
+@pytest.mark.parametrize("generation", ["continuous", "static"])
+def test_generation_through_the_worker(settings, tiny_gpt2_dir, generation):
     runner = load_runner(str(tiny_gpt2_dir), device="cpu")
     prompts = ["the quick fox", "kafka topics carry records", "a", "the tiny cat sat on the mat"] * 5
     limits = [1 + i % 7 for i in range(len(prompts))]
     with Producer(settings) as p:
         ids = [p.submit("generate", t, parameters={"max_new_tokens": n}) for t, n in zip(prompts, limits)]
-    with running_worker(settings.with_overrides(max_batch_size=8), runner):
+    with running_worker(settings.with_overrides(max_batch_size=8, generation=generation), runner):
         wait_until(lambda: output_count(settings) >= len(ids), what="all generations")
     acc = account(settings)
     acc.assert_exactly_once()

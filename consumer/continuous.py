@@ -1,0 +1,210 @@
+"""Generation by continuous batching: requests join the running batch as they come and leave
+as they finish, on transformers' ContinuousBatchingManager (paged KV cache, its own scheduler
+and generation thread).
+
+The engine's contract is the static Pipeline's (submit, has_room, in_flight, done, fatal,
+close) plus cancel(): the engine admits decoded requests while the running batch has room
+(`max_batch_size` rows, `max_batch_tokens` of KV cache: prompt plus new tokens), each input
+becomes one manager request, and a request's result goes to the engine's `done` queue the
+moment its last input finished, out of order, into the same offset bookkeeping. Revoked
+partitions' rows are cancelled in the manager (their results would be stale anyway: the
+tracker's epochs drop them). A request that can never fit the cache is a dead letter
+(INPUT_TOO_LARGE); one the manager fails alone is a dead letter (MODEL_ERROR); a generation
+loop that dies is fatal for the driver, as a broken device is.
+
+Sampling: the manager samples every row from one generator, so a seeded request's text
+depends on its batch-mates; `generation = "static"` keeps the deterministic per-row
+generators. Greedy rows (no temperature) run at a temperature of 1e-6: argmax, except
+between tokens whose logits are within ~1e-5 of each other (the manager's do_sample is one
+switch for the whole batch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from itertools import count
+from queue import SimpleQueue
+
+from inferlog.errors import InputTooLarge, ModelError
+
+from .metrics import Metrics
+from .records import BatchInfo, Pending, new_batch_id
+from .results import ResultBuilder
+
+log = logging.getLogger(__name__)
+
+GREEDY = 1e-6  # the temperature a greedy row samples at (see the module doc)
+PAGE = 32  # KV cache tokens per page
+
+
+class _Request:
+    """One Pending on its way through the manager: its inputs' outputs fill in as they finish."""
+
+    __slots__ = ("p", "info", "outs", "left", "kv", "start")
+
+    def __init__(self, p: Pending, info: BatchInfo, n: int, kv: int):
+        self.p, self.info, self.outs, self.left, self.kv = p, info, [None] * n, n, kv
+        self.start = time.perf_counter()
+
+
+class ContinuousPipeline:
+    continuous = True
+
+    def __init__(self, runner, builder: ResultBuilder, done: SimpleQueue, metrics: Metrics | None = None,
+                 max_rows: int = 32, kv_tokens: int = 16384):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        self.runner, self.builder, self.done = runner, builder, done
+        self.metrics = metrics or Metrics()
+        self.max_rows, self.kv_tokens = max_rows, kv_tokens
+        self.costs: SimpleQueue = SimpleQueue()  # the static pipeline's; nothing reads batch costs here
+        self.wakeup = threading.Event()
+        self.fatal: BaseException | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+        self._rows = 0  # manager requests admitted and not finished
+        self._kv = 0  # their KV cache budget (prompt + new tokens each)
+        self._open: dict[str, tuple[_Request, int]] = {}  # manager request id -> (its request, input index)
+        self._requests: dict[int, _Request] = {}  # id(Pending) -> request, while in flight
+        self._ids = count()
+        self.cancelled = 0  # rows cancelled in the manager (revocations, resets)
+        eos = sorted(runner.eos_token_ids)
+        gen = GenerationConfig(
+            do_sample=True, temperature=0.5, top_p=1 - 1e-6,  # != the defaults: CB builds per-request processors
+            max_new_tokens=runner.default_max_new_tokens, eos_token_id=eos or -1, pad_token_id=runner.pad_id)
+        cfg = ContinuousBatchingConfig(
+            page_size=PAGE, num_blocks=math.ceil(kv_tokens / PAGE) + max_rows,  # a partial page per row of slack
+            max_batch_tokens=4096, max_requests_per_batch=max_rows, per_request_processors=True,
+            allow_block_sharing=False)
+        self.manager = runner.model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
+        self.manager.start()
+        self._collector = threading.Thread(target=self._collect, name="inferlog-cb-results", daemon=True)
+        self._collector.start()
+
+    # -- what the engine asks ------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    @property
+    def device_free(self) -> bool:
+        return self.has_room()
+
+    def has_room(self, depth: int | None = None) -> bool:
+        """The running batch can take another row (`depth`, the static pipeline's bound, does not apply)."""
+        return self._rows < self.max_rows and self._kv < self.kv_tokens
+
+    def fits(self, rows: int, kv: int) -> bool:
+        """Admitting `rows` more rows that need `kv` cache tokens keeps the batch within its limits."""
+        return self._rows + rows <= self.max_rows and self._kv + kv <= self.kv_tokens
+
+    def kv_need(self, p: Pending) -> int:
+        return sum(len(ids) + self._limit(ids, p) for ids in p.ids)
+
+    def _limit(self, ids: list[int], p: Pending) -> int:
+        return max(1, self.runner.limit(ids, p.request.parameters))
+
+    # -- in ------------------------------------------------------------------------------------
+    def submit(self, batch: list[Pending], depth: int = 0) -> None:
+        """Admit the requests to the running batch (from the loop thread)."""
+        info = BatchInfo(new_batch_id(), len(batch), sum(self.kv_need(p) for p in batch))
+        for p in batch:
+            try:
+                self._admit(p, info)
+            except InputTooLarge as e:
+                self.done.put([(p, [self.builder.dead_letter(p, e)])])
+                self.wakeup.set()
+
+    def _admit(self, p: Pending, info: BatchInfo) -> None:
+        prm = p.request.parameters
+        for ids in p.ids:
+            if len(ids) >= self.runner.max_input_tokens:
+                raise InputTooLarge(f"{len(ids)} prompt tokens leave no room in {self.runner.max_input_tokens} positions")
+        kv = self.kv_need(p)
+        if kv > self.kv_tokens:
+            raise InputTooLarge(f"prompt and new tokens need {kv} KV cache tokens; the cache holds {self.kv_tokens} "
+                                "(max_batch_tokens)")
+        req = _Request(p, info, len(p.ids), kv)
+        t = prm.temperature or 0.0
+        sampling = {"temperature": float(t) if t >= 1e-5 else GREEDY, "top_p": float(prm.top_p or 1.0)}
+        with self._lock:
+            self._requests[id(p)] = req
+            self._rows += len(p.ids)
+            self._kv += kv
+            rids = [f"r{next(self._ids)}" for _ in p.ids]
+            for i, rid in enumerate(rids):
+                self._open[rid] = (req, i)
+        for rid, ids in zip(rids, p.ids):
+            self.manager.add_request(list(ids), request_id=rid, max_new_tokens=self._limit(ids, p), **sampling)
+        self.metrics.batch_tokens.observe(kv)
+
+    def cancel(self, pred) -> int:
+        """Cancel the running rows of the requests matching `pred` (revoked partitions, a reset)."""
+        with self._lock:
+            gone = [(rid, req) for rid, (req, _) in self._open.items() if pred(req.p)]
+            for rid, req in gone:
+                del self._open[rid]
+                self._release_locked(req, rows=1)
+            for req in {id(r): r for _, r in gone}.values():
+                self._requests.pop(id(req.p), None)
+        for rid, _ in gone:
+            self.manager.cancel_request(rid)
+        self.cancelled += len(gone)
+        self.wakeup.set()
+        return len(gone)
+
+    def _release_locked(self, req: _Request, rows: int) -> None:
+        self._rows -= rows
+        req.left -= rows
+        if req.left <= 0:
+            self._kv -= req.kv
+
+    # -- out: the collector thread -------------------------------------------------------------
+    def _collect(self) -> None:
+        m = self.manager
+        while not self.closed:
+            out = m.get_result(timeout=0.1)
+            if out is None:
+                err = m.background_thread_status.fatal_error
+                if err is not None and not self.closed:
+                    self.fatal = err if isinstance(err, BaseException) else RuntimeError(str(err))
+                    self.wakeup.set()
+                    return
+                continue
+            if out.is_finished():
+                self._finished(out)
+
+    def _finished(self, out) -> None:
+        with self._lock:
+            entry = self._open.pop(out.request_id, None)
+            if entry is None:  # cancelled
+                return
+            req, i = entry
+            self._release_locked(req, rows=1)
+            req.outs[i] = out
+            if req.left > 0:
+                return
+            self._requests.pop(id(req.p), None)
+        p = req.p
+        infer_ms = (time.perf_counter() - req.start) * 1000
+        failed = next((o.error for o in req.outs if o.error), None)
+        if failed:
+            log.warning("request %s failed in the model: %s", p.request.request_id, failed,
+                        extra={"request_id": p.request.request_id})
+            outs = [self.builder.dead_letter(p, ModelError(str(failed)))]
+        else:
+            texts = [self.runner.output(o.generated_tokens, self._limit(ids, p)) for o, ids in zip(req.outs, p.ids)]
+            outs = [self.builder.result(p, "OK", texts, req.info, infer_ms)]
+        self.metrics.stage.labels("infer").observe(infer_ms / 1000)
+        self.done.put([(p, outs)])
+        self.wakeup.set()
+
+    def close(self) -> None:
+        """Abandon what runs (its records stay uncommitted, redone by whoever comes next)."""
+        self.closed = True
+        try:
+            self.manager.stop(block=True, timeout=10, hard_stop=True)
+        except Exception:  # noqa: BLE001 - going away regardless
+            log.debug("stopping the continuous batching manager", exc_info=True)
