@@ -78,8 +78,7 @@ class Engine:
         self.runner = runner
         self.codec = codec or Codec.from_settings(settings)
         self.tracker = OffsetTracker()
-        self.continuous = settings.generation == "continuous" and runner.task == "GENERATE" \
-            and hasattr(getattr(runner, "model", None), "init_continuous_batching")
+        self.continuous = settings.generation == "continuous" and getattr(runner, "supports_continuous", False)
         pace = (Pace(settings.max_batch_size, settings.max_wait_ms, settings.latency_target_ms)
                 if settings.batching == "adaptive" and not self.continuous else None)
         self.policy = TieredPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms,

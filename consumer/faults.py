@@ -45,6 +45,9 @@ class FaultyRunner:
         return cls(inner, s.fault_marker, rate=s.fault_rate, seed=s.fault_seed, slow_ms=s.fault_slow_ms,
                    slow_rate=s.fault_slow_rate)
 
+    # faults are injected in prepare/run of the static stages: a faulty generator runs static
+    supports_continuous = False
+
     def __getattr__(self, name):
         return getattr(self.inner, name)
 

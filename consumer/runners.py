@@ -49,6 +49,7 @@ class Runner(ABC):
     # tokens a generation adds when a request does not say (settings.default_max_new_tokens;
     # the engine sets it): the one place this default lives
     default_max_new_tokens: int = 32
+    supports_continuous = False  # can run under consumer/continuous.py (generation only)
 
     def __init__(self, model, tokenizer, info: ModelInfo, device: torch.device, max_input_tokens: int):
         self.model, self.info, self.device, self.max_input_tokens = model, info, device, max_input_tokens
@@ -179,6 +180,7 @@ class ClassifyRunner(_EncoderRunner):
 
 class GenerateRunner(Runner):
     task = "GENERATE"
+    supports_continuous = True
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
