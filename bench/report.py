@@ -99,3 +99,18 @@ def replay_scaling_table(report: dict) -> str:
                      f"{r['tail_s']:.1f}) | {r['wall_s']:.1f} | {per} | {tiers} | {r['duplicates']} | "
                      f"{r['loadavg_1m']:.1f} |")
     return "\n".join(lines)
+
+
+def generation_table(report: dict) -> str:
+    """bench/generation_bench.py: static vs continuous batching, drain and open loop."""
+    lines = ["| mode | drain: tokens/s (requests/s) | / static | open loop p50 / p90 ms: short (<= 32 tokens) "
+             "| mid | long (>= 128) | answered |",
+             "|---|---:|---:|---|---|---|---:|"]
+    static = next(r for r in report["runs"] if r["mode"] == "static")["drain"]["tokens_per_s"]
+    for r in report["runs"]:
+        d, o = r["drain"], r["open_loop"]
+        cell = lambda k: f"{o[k]['p50_ms']:,.0f} / {o[k]['p90_ms']:,.0f} (n {o[k]['n']})"  # noqa: E731
+        lines.append(f"| {r['mode']} | {d['tokens_per_s']:,.0f} ({d['requests_per_s']:.2f}) | "
+                     f"{d['tokens_per_s'] / static:.2f} | {cell('short')} | {cell('mid')} | {cell('long')} | "
+                     f"{o['answered']} / {o['offered']} |")
+    return "\n".join(lines)

@@ -37,6 +37,8 @@ STEPS = {
                                           "--warmup", "10"]),
     # one shared replay run over the same log per member count (1 to 4), sleep runner
     "replay_scaling": ("replay_scaling_bench.py", [], ["--members", "1,2", "--records", "6000"]),
+    # generation through the worker: static vs continuous batching, a built GPT-2-shaped model
+    "generation": ("generation_bench.py", [], ["--requests", "24", "--seconds", "15", "--rate", "1"]),
 }
 
 
@@ -63,6 +65,8 @@ def tables(results: Path) -> str:
          r.scaling_table, "scaling.png"),
         ("6. Sharded replay: one run over 1-4 member processes (sleep runner)", "replay_scaling.json",
          r.replay_scaling_table, "replay_scaling.png"),
+        ("7. Generation: static vs continuous batching through the worker", "generation.json",
+         r.generation_table, "generation.png"),
     ]:
         path = results / name
         if not path.exists():
