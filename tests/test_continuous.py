@@ -146,11 +146,14 @@ def test_sampling_parameters_reach_the_rows(gen):
 
 # -- real workers, real broker ----------------------------------------------------------------
 def test_a_revocation_mid_generation_loses_and_duplicates_nothing(settings, tiny_gpt2_dir):
-    """A worker generating long rows; a second joins and takes partitions whose rows were in the
-    first's running batch: those are cancelled there and redone by the new owner, once."""
+    """A worker generating rows of 4 and 40 tokens; a second joins and takes partitions with work
+    in the first's engine: that work is dropped there (running rows cancelled) and redone by the
+    new owner, once. In every batch admitted together the short rows left before the long ones."""
     texts = [f"{PROMPTS[i % 4]} {i % 9}" for i in range(1200)]
+    lengths = [4 if i % 2 else 40 for i in range(len(texts))]
     with Producer(settings) as p:
-        ids = [p.submit("generate", t, parameters={"max_new_tokens": 40}, key=str(i)) for i, t in enumerate(texts)]
+        ids = [p.submit("generate", t, parameters={"max_new_tokens": n}, key=str(i))
+               for i, (t, n) in enumerate(zip(texts, lengths))]
     s = settings.with_overrides(max_batch_size=16, max_in_flight=512)
     first, second = load_runner(str(tiny_gpt2_dir), device="cpu"), load_runner(str(tiny_gpt2_dir), device="cpu")
     dropped: list[int] = []
@@ -168,7 +171,18 @@ def test_a_revocation_mid_generation_loses_and_duplicates_nothing(settings, tiny
     # the join took partitions with work in flight: queued requests, and running rows when the
     # running batch held some of them (the engine test above cancels running rows for certain)
     assert dropped and dropped[0] > 0, f"the join dropped nothing in flight ({dropped}; {cancelled} rows cancelled)"
-    want = {t: alone(first, t, 40)["text"] for t in set(texts)}
-    texts_by_id = dict(zip(ids, texts))
+    want = {(t, n): alone(first, t, n)["text"] for t, n in set(zip(texts, lengths))}
+    asked = {rid: (t, n) for rid, t, n in zip(ids, texts, lengths)}
+    groups: dict[tuple, dict[int, list[float]]] = {}
     for r in acc.results:
-        assert r["outputs"][0]["text"] == want[texts_by_id[r["request_id"]]]
+        assert r["outputs"][0]["text"] == want[asked[r["request_id"]]]
+        made = r["outputs"][0]["tokens"]  # what it generated: an end-of-sequence token ends a row early
+        kind = "short" if made <= 4 else "long" if made >= 30 else None
+        done = r["timings"]["completed_at"]
+        if kind:
+            groups.setdefault((r["worker_id"], r["batch"]["batch_id"]), {}).setdefault(kind, []).append(
+                done.timestamp() if hasattr(done, "timestamp") else done / 1000)
+    mixed = [g for g in groups.values() if len(g) == 2]
+    assert mixed, "no batch admitted rows of both lengths together"
+    bad = [(sorted(g["short"]), sorted(g["long"])) for g in mixed if not max(g["short"]) < min(g["long"])]
+    assert not bad, f"a short row waited for a long one: {bad[:3]} of {len(mixed)}"
