@@ -143,12 +143,17 @@ VALUE_SETS = [pytest.param([], id="defaults")] + [pytest.param([f], id=f.stem) f
 
 @pytest.mark.parametrize("values", VALUE_SETS)
 def test_chart_lints_and_renders_valid_kubernetes_objects(helm, k8s_validate, crd_schemas, values):
-    import jsonschema
-
     lint = run_helm(helm, "lint", "--strict", values=values)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     docs = render(helm, values)
     assert docs
+    assert_valid(docs, k8s_validate, crd_schemas)
+
+
+def assert_valid(docs: list[dict], k8s_validate, crd_schemas) -> None:
+    """Every rendered object against its Kubernetes (or CRD) schema."""
+    import jsonschema
+
     for doc in docs:
         key = (doc["apiVersion"], doc["kind"])
         if key in crd_schemas:  # custom resources: their CRD's structural schema
@@ -202,13 +207,23 @@ def test_gpu_values(helm):
     assert env["INFERLOG_PROCESSES_PER_GPU"] == "1"
 
 
-def test_processes_per_gpu_count_as_consumers(helm):
+def test_processes_per_gpu_count_as_consumers(helm, k8s_validate, crd_schemas):
     """Two processes on each of a pod's 2 GPUs: 4 consumers per pod, so 3 pods need 12 partitions
     (with 6 the chart refuses: test_inconsistent_values_fail_to_render)."""
     gpu = [CHART / "ci" / "gpu-values.yaml"]
-    docs = render(helm, gpu, sets=["gpu.processesPerGpu=2", "kafka.partitions=12"])
-    env = {e["name"]: e.get("value") for e in worker_of(docs)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    docs = render(helm, gpu, sets=["gpu.processesPerGpu=2", "kafka.partitions=12", "serviceMonitor.enabled=true"])
+    assert_valid(docs, k8s_validate, crd_schemas)
+    container = worker_of(docs)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["INFERLOG_PROCESSES_PER_GPU"] == "2"
+    # each process serves its metrics on metricsPort + i, and each is exposed and scraped
+    port = int(env["INFERLOG_METRICS_PORT"])
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == \
+        [("metrics", port)] + [(f"metrics-{i}", port + i) for i in range(1, 4)]
+    (svc,) = [d for d in by_kind(docs, "Service") if not d["metadata"]["name"].endswith("-headless")]
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["metrics", "metrics-1", "metrics-2", "metrics-3"]
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics", "metrics-1", "metrics-2", "metrics-3"]
 
 
 def test_keda_owns_the_replica_count(helm):
