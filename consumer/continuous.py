@@ -9,8 +9,13 @@ becomes one manager request, and a request's result goes to the engine's `done` 
 moment its last input finished, out of order, into the same offset bookkeeping. Revoked
 partitions' rows are cancelled in the manager (their results would be stale anyway: the
 tracker's epochs drop them). A request that can never fit the cache is a dead letter
-(INPUT_TOO_LARGE); one the manager fails alone is a dead letter (MODEL_ERROR); a generation
-loop that dies is fatal for the driver, as a broken device is.
+(INPUT_TOO_LARGE).
+
+A model error in a step ends the manager's generation loop, and with it every row running.
+So that one bad request never takes its batch-mates with it (as the static pipeline's split
+promises), the failed requests are retried one at a time, each alone on a new manager once
+the batch has drained; one that fails alone is a dead letter (MODEL_ERROR), and the batch
+fills again. A broken CUDA context is fatal for the driver, as in the static pipeline.
 
 Sampling: the manager samples every row from one generator, so a seeded request's text
 depends on its batch-mates; `generation = "static"` keeps the deterministic per-row
@@ -24,12 +29,14 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from itertools import count
 from queue import SimpleQueue
 
 from inferlog.errors import InputTooLarge, ModelError
 
 from .metrics import Metrics
+from .pipeline import _is_device_broken
 from .records import BatchInfo, Pending, new_batch_id
 from .results import ResultBuilder
 
@@ -42,11 +49,12 @@ PAGE = 32  # KV cache tokens per page
 class _Request:
     """One Pending on its way through the manager: its inputs' outputs fill in as they finish."""
 
-    __slots__ = ("p", "info", "outs", "left", "kv", "start")
+    __slots__ = ("p", "info", "outs", "left", "kv", "start", "solo")
 
-    def __init__(self, p: Pending, info: BatchInfo, n: int, kv: int):
+    def __init__(self, p: Pending, info: BatchInfo, n: int, kv: int, solo: bool = False):
         self.p, self.info, self.outs, self.left, self.kv = p, info, [None] * n, n, kv
         self.start = time.perf_counter()
+        self.solo = solo  # a retry, running alone: a failure is its own
 
 
 class ContinuousPipeline:
@@ -70,30 +78,43 @@ class ContinuousPipeline:
         self._requests: dict[int, _Request] = {}  # id(Pending) -> request, while in flight
         self._ids = count()
         self.cancelled = 0  # rows cancelled in the manager (revocations, resets)
+        self.restarts = 0  # managers started again after a model error
+        self._retry: deque[Pending] = deque()  # failed in a batch: to run again, alone
+        self._solo = False  # a retry runs alone now
+        self._crashed: BaseException | None = None  # the manager's loop died of this
         eos = sorted(runner.eos_token_ids)
-        gen = GenerationConfig(
+        self._gen = GenerationConfig(
             do_sample=True, temperature=0.5, top_p=1 - 1e-6,  # != the defaults: CB builds per-request processors
             max_new_tokens=runner.default_max_new_tokens, eos_token_id=eos or -1, pad_token_id=runner.pad_id)
-        cfg = ContinuousBatchingConfig(
+        self._cfg = lambda: ContinuousBatchingConfig(
             page_size=PAGE, num_blocks=math.ceil(kv_tokens / PAGE) + max_rows,  # a partial page per row of slack
-            max_batch_tokens=4096, max_requests_per_batch=max_rows, per_request_processors=True,
+            max_batch_tokens=min(kv_tokens, 4096), max_requests_per_batch=max_rows, per_request_processors=True,
             allow_block_sharing=False)
-        self.manager = runner.model.init_continuous_batching(generation_config=gen, continuous_batching_config=cfg)
-        self.manager.start()
+        self.manager = self._new_manager()
         self._collector = threading.Thread(target=self._collect, name="inferlog-cb-results", daemon=True)
         self._collector.start()
+
+    def _new_manager(self):
+        m = self.runner.model.init_continuous_batching(generation_config=self._gen,
+                                                        continuous_batching_config=self._cfg())
+        m.start()
+        return m
 
     # -- what the engine asks ------------------------------------------------------------------
     @property
     def in_flight(self) -> int:
-        return len(self._requests)
+        return len(self._requests) + len(self._retry)
 
     @property
     def device_free(self) -> bool:
         return self.has_room()
 
     def has_room(self, depth: int | None = None) -> bool:
-        """The running batch can take another row (`depth`, the static pipeline's bound, does not apply)."""
+        """The running batch can take another row (`depth`, the static pipeline's bound, does not
+        apply). Not while retries wait: the batch drains so that each can run alone."""
+        self.pump()
+        if self._retry or self._solo or self._crashed is not None:
+            return False
         return self._rows < self.max_rows and self._kv < self.kv_tokens
 
     def fits(self, rows: int, kv: int) -> bool:
@@ -107,17 +128,53 @@ class ContinuousPipeline:
         return max(1, self.runner.limit(ids, p.request.parameters))
 
     # -- in ------------------------------------------------------------------------------------
-    def submit(self, batch: list[Pending], depth: int = 0) -> None:
+    def submit(self, batch: list[Pending], depth: int = 0, solo: bool = False) -> None:
         """Admit the requests to the running batch (from the loop thread)."""
         info = BatchInfo(new_batch_id(), len(batch), sum(self.kv_need(p) for p in batch))
         for p in batch:
             try:
-                self._admit(p, info)
+                self._admit(p, info, solo)
             except InputTooLarge as e:
+                self._solo = self._solo and not solo
                 self.done.put([(p, [self.builder.dead_letter(p, e)])])
                 self.wakeup.set()
 
-    def _admit(self, p: Pending, info: BatchInfo) -> None:
+    def pump(self) -> None:
+        """From the loop thread: a manager whose loop died is replaced, its unanswered rows
+        failed with it, and a retry starts alone when nothing else runs."""
+        if self._crashed is not None:
+            with self._lock:
+                for rid, (req, _) in list(self._open.items()):  # rows it never answered
+                    del self._open[rid]
+                    self._release_locked(req, rows=1)
+                    if req.left <= 0:
+                        self._requests.pop(id(req.p), None)
+                        self._retry_or_fail(req, f"the generation loop died: {self._crashed}")
+            log.warning("continuous batching: the generation loop died (%s: %s); starting it again, and "
+                        "retrying the %d requests it held one at a time", type(self._crashed).__name__,
+                        self._crashed, len(self._retry))
+            try:
+                self.manager.stop(block=True, timeout=10, hard_stop=True)
+            except Exception:  # noqa: BLE001 - it is dead already
+                pass
+            self.manager, self._crashed = self._new_manager(), None
+            self.restarts += 1
+        if self._retry and not self._solo and self._rows == 0:
+            self._solo = True
+            self.submit([self._retry.popleft()], solo=True)
+
+    def _retry_or_fail(self, req: _Request, why: str) -> None:
+        """A request whose rows failed: again alone, or (alone already) a dead letter. Lock held."""
+        if not req.solo:
+            self._retry.append(req.p)
+            return
+        self._solo = False
+        log.warning("request %s failed alone in the model: %s", req.p.request.request_id, why,
+                    extra={"request_id": req.p.request.request_id})
+        self.done.put([(req.p, [self.builder.dead_letter(req.p, ModelError(why))])])
+        self.wakeup.set()
+
+    def _admit(self, p: Pending, info: BatchInfo, solo: bool = False) -> None:
         prm = p.request.parameters
         for ids in p.ids:
             if len(ids) >= self.runner.max_input_tokens:
@@ -126,7 +183,7 @@ class ContinuousPipeline:
         if kv > self.kv_tokens:
             raise InputTooLarge(f"prompt and new tokens need {kv} KV cache tokens; the cache holds {self.kv_tokens} "
                                 "(max_batch_tokens)")
-        req = _Request(p, info, len(p.ids), kv)
+        req = _Request(p, info, len(p.ids), kv, solo)
         t = prm.temperature or 0.0
         sampling = {"temperature": float(t) if t >= 1e-5 else GREEDY, "top_p": float(prm.top_p or 1.0)}
         with self._lock:
@@ -137,6 +194,7 @@ class ContinuousPipeline:
             for i, rid in enumerate(rids):
                 self._open[rid] = (req, i)
         for rid, ids in zip(rids, p.ids):
+            # refused (None) when its loop has died: pump() then fails the row with it
             self.manager.add_request(list(ids), request_id=rid, max_new_tokens=self._limit(ids, p), **sampling)
         self.metrics.batch_tokens.observe(kv)
 
@@ -149,6 +207,8 @@ class ContinuousPipeline:
                 self._release_locked(req, rows=1)
             for req in {id(r): r for _, r in gone}.values():
                 self._requests.pop(id(req.p), None)
+                self._solo = self._solo and not req.solo
+            self._retry = deque(p for p in self._retry if not pred(p))
         for rid, _ in gone:
             self.manager.cancel_request(rid)
         self.cancelled += len(gone)
@@ -163,15 +223,19 @@ class ContinuousPipeline:
 
     # -- out: the collector thread -------------------------------------------------------------
     def _collect(self) -> None:
-        m = self.manager
         while not self.closed:
+            m = self.manager  # replaced by pump() after a crash
             out = m.get_result(timeout=0.1)
             if out is None:
                 err = m.background_thread_status.fatal_error
-                if err is not None and not self.closed:
-                    self.fatal = err if isinstance(err, BaseException) else RuntimeError(str(err))
+                if err is not None and not self.closed and self._crashed is None and m is self.manager:
+                    err = err if isinstance(err, BaseException) else RuntimeError(str(err))
+                    if _is_device_broken(err):  # every later step would fail too: stop the driver
+                        self.fatal = err
+                        self.wakeup.set()
+                        return
+                    self._crashed = err  # the loop thread starts a new manager (pump)
                     self.wakeup.set()
-                    return
                 continue
             if out.is_finished():
                 self._finished(out)
@@ -187,16 +251,15 @@ class ContinuousPipeline:
             if req.left > 0:
                 return
             self._requests.pop(id(req.p), None)
+            failed = next((o.error for o in req.outs if o.error), None)
+            if failed:
+                self._retry_or_fail(req, str(failed))
+                return
+            self._solo = self._solo and not req.solo
         p = req.p
         infer_ms = (time.perf_counter() - req.start) * 1000
-        failed = next((o.error for o in req.outs if o.error), None)
-        if failed:
-            log.warning("request %s failed in the model: %s", p.request.request_id, failed,
-                        extra={"request_id": p.request.request_id})
-            outs = [self.builder.dead_letter(p, ModelError(str(failed)))]
-        else:
-            texts = [self.runner.output(o.generated_tokens, self._limit(ids, p)) for o, ids in zip(req.outs, p.ids)]
-            outs = [self.builder.result(p, "OK", texts, req.info, infer_ms)]
+        texts = [self.runner.output(o.generated_tokens, self._limit(ids, p)) for o, ids in zip(req.outs, p.ids)]
+        outs = [self.builder.result(p, "OK", texts, req.info, infer_ms)]
         self.metrics.stage.labels("infer").observe(infer_ms / 1000)
         self.done.put([(p, outs)])
         self.wakeup.set()

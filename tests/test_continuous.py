@@ -186,3 +186,42 @@ def test_a_revocation_mid_generation_loses_and_duplicates_nothing(settings, tiny
     assert mixed, "no batch admitted rows of both lengths together"
     bad = [(sorted(g["short"]), sorted(g["long"])) for g in mixed if not max(g["short"]) < min(g["long"])]
     assert not bad, f"a short row waited for a long one: {bad[:3]} of {len(mixed)}"
+
+
+def test_a_request_that_breaks_the_model_is_isolated_and_its_batch_mates_answered(tiny_gpt2_dir):
+    """A model error ends the manager's loop and every row running with it: the pipeline starts
+    a new one, runs each failed request again alone, and only the one that fails alone becomes a
+    dead letter (MODEL_ERROR); the others get the text they give alone."""
+    runner = load_runner(str(tiny_gpt2_dir), device="cpu")
+    poison = "the loud horse jumps over the happy dog number 7."
+    marker = runner.tokenize([poison])[0][1:4]  # three tokens in a row: only its prefill holds them
+    forward = runner.model.forward
+
+    def faulty_forward(*a, **kw):  # a fault in the model, as FaultyRunner injects in the static stages
+        ids = kw.get("input_ids", a[0] if a else None)
+        flat = ids.reshape(-1).tolist() if ids is not None else []
+        if any(flat[i:i + 3] == marker for i in range(len(flat) - 2)):
+            raise RuntimeError("injected: this prompt breaks the model")
+        return forward(*a, **kw)
+
+    engine = Engine(S.with_overrides(max_batch_size=8), runner)
+    try:
+        runner.model.forward = faulty_forward
+        engine.assign(("t", 0))
+        texts = [PROMPTS[i % 4] for i in range(6)]
+        texts.insert(3, poison)
+        engine.accept([message(i, t, 12) for i, t in enumerate(texts)])
+        got = {r["source"]["offset"]: r for r in drain(engine, len(texts), timeout=120)}
+        assert engine.pipeline.restarts >= 2  # the batch's crash, then the poison alone
+        assert got[3]["dead"] and got[3]["reason"] == "MODEL_ERROR" and "injected" in got[3]["detail"]
+        runner.model.forward = forward
+        for i, t in enumerate(texts):
+            if i != 3:
+                assert not got[i]["dead"] and got[i]["outputs"][0] == alone(runner, t, 12), i
+        # and the batch fills again afterwards
+        engine.accept([message(len(texts) + i, PROMPTS[i], 6) for i in range(4)])
+        later = drain(engine, 4)
+        assert all(not r["dead"] for r in later) and len({r["batch"]["batch_id"] for r in later}) <= 2
+    finally:
+        runner.model.forward = forward
+        engine.close()
