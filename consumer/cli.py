@@ -140,7 +140,17 @@ def worker(processes: str, processes_per_gpu: int, create_topics: bool, **flags)
         log.info("exporting traces to %s", settings.otlp_endpoint)
     w = Worker(settings, runner)
     w.install_signal_handlers()
-    sys.exit(w.run())
+    code = w.run()
+    if code != 0:
+        # A worker that must stop (fenced, a broken device) has given up what it held, which the
+        # next owner redoes: it leaves at once. Tearing the interpreter down after a fatal
+        # producer error sometimes aborted instead (std::terminate, exit -6, in the fencing
+        # chaos test), which an orchestrator reads as a crash, not as "fenced" (3).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def process_count(processes: str, per_gpu: int, gpus: int) -> int:

@@ -307,8 +307,8 @@ class Engine:
             return idle
         if not self.pipeline.has_room(self.s.pipeline_depth):
             return 0.0  # the caller waits on wait() instead, which a finished job ends at once
-        if self.continuous:  # admitted as soon as there is room: only the results are awaited
-            return 0.0 if len(self.policy) else 0.005
+        if self.continuous:  # each turn admits what has room; the rest waits for a row to finish
+            return 0.005  # (not 0 while requests wait for cache room: that loop would starve generation)
         now = time.monotonic()
         due = self.policy.due_at(now, self.pipeline.device_free)
         return 0.005 if due is None else max(0.0, min(0.005, due - now))
