@@ -3,6 +3,7 @@ ContinuousBatchingManager): the engine alone with the tiny GPT-2, then real work
 broker with a revocation in the middle of generation."""
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -188,28 +189,36 @@ def test_a_revocation_mid_generation_loses_and_duplicates_nothing(settings, tiny
     assert not bad, f"a short row waited for a long one: {bad[:3]} of {len(mixed)}"
 
 
-def test_a_request_that_breaks_the_model_is_isolated_and_its_batch_mates_answered(tiny_gpt2_dir):
-    """A model error ends the manager's loop and every row running with it: the pipeline starts
-    a new one, runs each failed request again alone, and only the one that fails alone becomes a
-    dead letter (MODEL_ERROR); the others get the text they give alone."""
-    runner = load_runner(str(tiny_gpt2_dir), device="cpu")
-    poison = "the loud horse jumps over the happy dog number 7."
-    marker = runner.tokenize([poison])[0][1:4]  # three tokens in a row: only its prefill holds them
-    forward = runner.model.forward
+POISON = "the loud horse jumps over the happy dog number 7."
 
-    def faulty_forward(*a, **kw):  # a fault in the model, as FaultyRunner injects in the static stages
+
+def break_on(runner, prompt: str) -> None:
+    """The model raises in any step that prefills `prompt` (three of its tokens in a row: only its
+    prefill holds them): a fault in the model, as FaultyRunner injects in the static stages."""
+    marker, forward = runner.tokenize([prompt])[0][1:4], runner.model.forward
+
+    def faulty_forward(*a, **kw):
         ids = kw.get("input_ids", a[0] if a else None)
         flat = ids.reshape(-1).tolist() if ids is not None else []
         if any(flat[i:i + 3] == marker for i in range(len(flat) - 2)):
             raise RuntimeError("injected: this prompt breaks the model")
         return forward(*a, **kw)
 
+    runner.model.forward = faulty_forward
+
+
+def test_a_request_that_breaks_the_model_is_isolated_and_its_batch_mates_answered(tiny_gpt2_dir):
+    """A model error ends the manager's loop and every row running with it: the pipeline starts
+    a new one, runs each failed request again alone, and only the one that fails alone becomes a
+    dead letter (MODEL_ERROR); the others get the text they give alone."""
+    runner = load_runner(str(tiny_gpt2_dir), device="cpu")
+    forward = runner.model.forward
     engine = Engine(S.with_overrides(max_batch_size=8), runner)
     try:
-        runner.model.forward = faulty_forward
+        break_on(runner, POISON)
         engine.assign(("t", 0))
         texts = [PROMPTS[i % 4] for i in range(6)]
-        texts.insert(3, poison)
+        texts.insert(3, POISON)
         engine.accept([message(i, t, 12) for i, t in enumerate(texts)])
         got = {r["source"]["offset"]: r for r in drain(engine, len(texts), timeout=120)}
         assert engine.pipeline.restarts >= 2  # the batch's crash, then the poison alone
@@ -225,3 +234,70 @@ def test_a_request_that_breaks_the_model_is_isolated_and_its_batch_mates_answere
     finally:
         runner.model.forward = forward
         engine.close()
+
+
+def test_the_users_mode_steady_stream_both_tiers_a_joining_worker_and_hostile_clients(settings, tiny_gpt2_dir):
+    """Continuous batching as users run it: a steady stream on both tiers to a worker that already
+    serves, a second worker joining mid-stream, and among the requests garbage, a request the
+    cache can never hold, one too long for the model, one that breaks the model and one with
+    the largest and strangest headers. Every offset of both topics ends as exactly one result
+    or one dead letter with its reason."""
+    from confluent_kafka import Producer as KafkaProducer
+
+    from inferlog.clients import confluent_config
+
+    s = settings.with_overrides(max_batch_size=8, max_batch_tokens=60, max_in_flight=64)
+    runners = [load_runner(str(tiny_gpt2_dir), device="cpu") for _ in range(2)]
+    for r in runners:
+        break_on(r, POISON)
+    codec = Codec.from_settings(s)
+    raw = KafkaProducer(confluent_config(s, **{"enable.idempotence": True}))
+    hostile = [  # (topic, value, headers, what it must end as)
+        (s.requests_topic, b"\x17 not avro at all", None, "UNDECODABLE"),
+        (s.high_priority_topic, b"", None, "UNDECODABLE"),
+        (s.requests_topic, CODEC.encode(REQUEST, build_request("generate", PROMPTS[0], parameters={
+            "max_new_tokens": 58})), None, "INPUT_TOO_LARGE"),  # ~5 + 58 cache tokens > 60
+        (s.high_priority_topic, CODEC.encode(REQUEST, build_request("generate", "word " * 200)), None,
+         "INPUT_TOO_LARGE"),  # more tokens than the model's 64 positions
+        (s.requests_topic, CODEC.encode(REQUEST, build_request("generate", POISON, parameters={
+            "max_new_tokens": 8})), None, "MODEL_ERROR"),
+        (s.high_priority_topic, CODEC.encode(REQUEST, build_request("generate", PROMPTS[1], parameters={
+            "max_new_tokens": 8}, metadata={"k" * 200: "v" * 4000})),
+         [("traceparent", b"\xff" * 4096), ("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"),
+          ("x-junk", b"\x00" * 65536), ("", b"")], "OK"),
+    ]
+    stop, sent = threading.Event(), []
+
+    def stream():  # ~25 requests/s, every third on the high tier, until stopped
+        with Producer(s) as p:
+            i = 0
+            while not stop.is_set():
+                high = i % 3 == 0
+                sent.append(p.submit("generate", f"{PROMPTS[i % 4]} {i}", parameters={"max_new_tokens": 4 + i % 9},
+                                     priority=s.high_priority if high else 0))
+                if i == 20:  # the hostile ones in the middle of the stream
+                    for topic, value, headers, _ in hostile:
+                        raw.produce(topic, value, headers=headers)
+                    assert raw.flush(30) == 0
+                i += 1
+                time.sleep(0.04)
+
+    t = threading.Thread(target=stream, daemon=True)
+    with running_worker(s, runners[0]):
+        t.start()
+        wait_until(lambda: output_count(s) >= 30, timeout=120, what="the first worker serving")
+        with running_worker(s.with_overrides(worker_id=f"{s.worker_id}-b"), runners[1]):
+            wait_until(lambda: output_count(s) >= 120, timeout=180, every=0.5, what="both serving")
+            stop.set()
+            t.join(30)
+            total = len(sent) + len(hostile)
+            wait_until(lambda: output_count(s) >= total, timeout=180, every=0.5, what="every request answered")
+    acc = account(s, codec)
+    acc.assert_exactly_once()
+    assert len(acc.requests) == total
+    reasons = acc.reasons()
+    assert reasons == {"UNDECODABLE": 2, "INPUT_TOO_LARGE": 2, "MODEL_ERROR": 1}, reasons
+    assert len(acc.results) == total - 5 and all(r["status"] == "OK" for r in acc.results)
+    by_tier = {r["source"]["topic"] for r in acc.results}
+    assert by_tier == {s.requests_topic, s.high_priority_topic}
+    assert {r["worker_id"] for r in acc.results} == {s.worker_id, f"{s.worker_id}-b"}

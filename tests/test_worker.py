@@ -83,7 +83,8 @@ def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, 
     assert max(sizes) > 1, "requests were never batched together"
 
 
-def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embed_runner):
+@pytest.mark.parametrize("stages", ["threads", "inline"])
+def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embed_runner, stages):
     codec = Codec.from_settings(settings)
     good = build_request("embed", "a perfectly fine request")
 
@@ -118,7 +119,7 @@ def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embe
     for v, _ in cases:
         values += [(b"k", v), (None, req())]
     produce_raw(settings, values)
-    with running_worker(settings, embed_runner) as w:
+    with running_worker(settings.with_overrides(stages=stages), embed_runner) as w:
         wait_until(lambda: output_count(settings) >= len(values), what="every offset answered")
         # the worker is still alive and serving
         produce_raw(settings, [(None, req())])
