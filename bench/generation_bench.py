@@ -22,16 +22,15 @@ Saves bench/results/generation.json and generation.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from harness import RESULTS, _epoch_ms, broker, fresh_settings, machine_facts, percentile, read_results, save
+from harness import (RESULTS, _epoch_ms, broker, fresh_settings, machine_facts, percentile, read_results, save,
+                     serving)
 from report import generation_table
 
 from inferlog.codec import Codec
@@ -73,23 +72,10 @@ def workload(n: int, seed: int, words: list[str]) -> list[tuple[str, int]]:
     return out
 
 
-@contextlib.contextmanager
 def worker(s, model_dir: str):
     from inferlog.consumer.runners import load_runner
-    from inferlog.consumer.worker import Worker
 
-    runner = load_runner(model_dir, device="cpu")
-    runner.warmup()
-    w = Worker(s, runner)
-    t = threading.Thread(target=w.run, daemon=True)
-    t.start()
-    if not w.ready.wait(90):
-        raise RuntimeError("the worker got no partitions")
-    try:
-        yield w
-    finally:
-        w.stop()
-        t.join(300)
+    return serving(s, load_runner(model_dir, device="cpu"), timeout=90)  # run() warms the model up
 
 
 def wait_results(s, n: int, timeout: float) -> list[dict]:
@@ -105,13 +91,14 @@ def measure(base, mode: str, model_dir: str, reqs: list[tuple[str, int]], stream
             args) -> dict:
     s = fresh_settings(base, f"gen-{mode}", generation=mode, max_batch_size=args.batch,
                        max_batch_tokens=args.kv_tokens, max_in_flight=512, max_wait_ms=20,
-                       max_new_tokens_limit=256, max_input_tokens=512)
+                       max_new_tokens_limit=256, max_input_tokens=512,
+                       torch_threads=1)  # the worker's own setting on 2 cores, pinned for other machines
     # drain: the backlog first, then the worker
     with Producer(s) as p:
         drain_ids = {p.submit("generate", t, parameters={"max_new_tokens": n}): n for t, n in reqs}
     print(f"[{mode}] draining {len(reqs)} requests ...", flush=True)
     with worker(s, model_dir):
-        got = wait_results(s, len(drain_ids), timeout=args.timeout)
+        wait_results(s, len(drain_ids), timeout=args.timeout)
         # open loop on the same worker: Poisson arrivals
         print(f"[{mode}] open loop at {args.rate:g} req/s for {args.seconds:g} s ...", flush=True)
         open_ids = {}
@@ -186,9 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="generation")
     ap.add_argument("--bootstrap-servers")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)  # what the worker sets for a CPU model on 2 cores (share_cores)
     words = " ".join(sample_texts(500)).split()
     reqs = workload(args.requests, args.seed, words)
     rng = random.Random(args.seed + 1)

@@ -211,6 +211,24 @@ class ResultMeter:
         self.c.close()
 
 
+@contextlib.contextmanager
+def serving(settings, runner, timeout: float = 120, **worker_kw):
+    """A Worker on a thread of this process, assigned on entry (its run() warms the model),
+    stopped (drained, committed) and joined on exit."""
+    from inferlog.consumer.worker import Worker
+
+    w = Worker(settings, runner, **worker_kw)
+    th = threading.Thread(target=w.run, name="bench-worker", daemon=True)
+    th.start()
+    if not w.ready.wait(timeout):
+        raise RuntimeError(f"the worker got no partitions within {timeout:g} s")
+    try:
+        yield w
+    finally:
+        w.stop()
+        th.join(300)
+
+
 def percentile(xs, q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from report import pipeline_table
 from harness import (PARTITIONS, RESULTS, best_of, broker, fresh_settings, machine_facts, on_model_thread,
-                     plot_bars, produce_requests, rates, read_results, save)
+                     plot_bars, produce_requests, rates, read_results, save, serving)
 
 from confluent_kafka import Consumer, Producer as KafkaProducer
 
@@ -33,7 +33,6 @@ from inferlog.consumer.demo import sample_texts
 from inferlog.consumer.runners import Row, load_runner
 from inferlog.consumer.records import BatchInfo, Pending
 from inferlog.consumer.results import ResultBuilder
-from inferlog.consumer.worker import Worker
 from inferlog.request import Limits, Parameters, now_ms, validate_request
 from inferlog.settings import default_model_path
 
@@ -80,17 +79,11 @@ def bench_pipeline(base, runner, codec, texts: list[str], batch_size: int, wait_
             t_end[0] = time.perf_counter()
             done.set()
 
-    w = Worker(s, runner, codec=codec, on_commit=on_commit)
-    th = threading.Thread(target=w.run, name="bench-worker", daemon=True)
-    th.start()  # run() warms the (already warm) model, then joins the group
-    if not w.ready.wait(120):
-        raise RuntimeError("the worker got no partitions within 120 s")
-    t0, c0 = time.perf_counter(), time.process_time()
-    if not done.wait(max(120.0, n / 5)):
-        raise RuntimeError(f"only {committed[0]} of {n} outputs committed in time")
-    elapsed, cpu = t_end[0] - t0, time.process_time() - c0  # cpu: up to the check, a few ms late
-    w.stop()
-    th.join(60)
+    with serving(s, runner, codec=codec, on_commit=on_commit) as w:  # run() warms the (already warm) model
+        t0, c0 = time.perf_counter(), time.process_time()
+        if not done.wait(max(120.0, n / 5)):
+            raise RuntimeError(f"only {committed[0]} of {n} outputs committed in time")
+        elapsed, cpu = t_end[0] - t0, time.process_time() - c0  # cpu: up to the check, a few ms late
     results = read_results(s, codec)
     if len(results) != n or w.counts["dead_letters"]:
         raise RuntimeError(f"{len(results)} committed results and {w.counts['dead_letters']} dead letters for {n} requests")

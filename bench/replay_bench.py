@@ -33,14 +33,13 @@ import torch
 
 from inferlog.consumer.demo import sample_texts
 from inferlog.consumer.runners import load_runner
-from inferlog.consumer.worker import Worker
 from inferlog.localkafka import LocalKafka
 from inferlog.producer.sync import Producer
 from inferlog.replay import runner as rr
 from inferlog.replay.window import resolve_window
 from inferlog.settings import default_model_path, load_settings
 from inferlog.topics import ensure_topics
-from harness import free_port  # noqa: E402  (bench/ is on sys.path as the script's dir)
+from harness import free_port, serving  # noqa: E402  (bench/ is on sys.path as the script's dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "replay.json"
@@ -61,17 +60,11 @@ def live(s, runner, n: int) -> dict:
             t_end[0] = time.perf_counter()
             done.set()
 
-    w = Worker(s, runner, on_commit=on_commit)
-    th = threading.Thread(target=w.run, daemon=True)
-    th.start()
-    if not w.ready.wait(120):
-        raise RuntimeError("the worker got no partitions")
-    t0, c0 = time.perf_counter(), time.process_time()
-    if not done.wait(max(120.0, n / 5)):
-        raise RuntimeError(f"only {committed[0]} of {n} committed in time")
-    wall, cpu = t_end[0] - t0, time.process_time() - c0
-    w.stop()
-    th.join(60)
+    with serving(s, runner, on_commit=on_commit) as w:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if not done.wait(max(120.0, n / 5)):
+            raise RuntimeError(f"only {committed[0]} of {n} committed in time")
+        wall, cpu = t_end[0] - t0, time.process_time() - c0
     return {"seconds": wall, "per_s": n / wall, "cpu_ms_per_record": cpu * 1000 / n, "commits": w.counts["commits"]}
 
 

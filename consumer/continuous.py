@@ -3,7 +3,7 @@ as they finish, on transformers' ContinuousBatchingManager (paged KV cache, its 
 and generation thread).
 
 The engine's contract is the static Pipeline's (submit, has_room, in_flight, done, fatal,
-close) plus cancel(): the engine admits decoded requests while the running batch has room
+close, cancel, pump): the engine admits decoded requests while the running batch has room
 (`max_batch_size` rows, `max_batch_tokens` of KV cache: prompt plus new tokens), each input
 becomes one manager request, and a request's result goes to the engine's `done` queue the
 moment its last input finished, out of order, into the same offset bookkeeping. Revoked
@@ -38,6 +38,7 @@ from inferlog.errors import InputTooLarge, ModelError
 from .metrics import Metrics
 from .pipeline import _is_device_broken
 from .records import BatchInfo, Pending, new_batch_id
+from .runners import sampling_temperature
 from .results import ResultBuilder
 
 log = logging.getLogger(__name__)
@@ -49,17 +50,16 @@ PAGE = 32  # KV cache tokens per page
 class _Request:
     """One Pending on its way through the manager: its inputs' outputs fill in as they finish."""
 
-    __slots__ = ("p", "info", "outs", "left", "kv", "start", "solo")
+    __slots__ = ("p", "info", "outs", "left", "limits", "kv", "start", "solo")
 
-    def __init__(self, p: Pending, info: BatchInfo, n: int, kv: int, solo: bool = False):
-        self.p, self.info, self.outs, self.left, self.kv = p, info, [None] * n, n, kv
+    def __init__(self, p: Pending, info: BatchInfo, limits: list[int], kv: int, solo: bool = False):
+        self.p, self.info, self.outs, self.left = p, info, [None] * len(limits), len(limits)
+        self.limits, self.kv = limits, kv  # new tokens per input, and the cache they need with the prompts
         self.start = time.perf_counter()
         self.solo = solo  # a retry, running alone: a failure is its own
 
 
 class ContinuousPipeline:
-    continuous = True
-
     def __init__(self, runner, builder: ResultBuilder, done: SimpleQueue, metrics: Metrics | None = None,
                  max_rows: int = 32, kv_tokens: int = 16384):
         from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -72,7 +72,6 @@ class ContinuousPipeline:
         self.fatal: BaseException | None = None
         self.closed = False
         self._lock = threading.Lock()
-        self._rows = 0  # manager requests admitted and not finished
         self._kv = 0  # their KV cache budget (prompt + new tokens each)
         self._open: dict[str, tuple[_Request, int]] = {}  # manager request id -> (its request, input index)
         self._requests: dict[int, _Request] = {}  # id(Pending) -> request, while in flight
@@ -106,13 +105,13 @@ class ContinuousPipeline:
         return len(self._requests) + len(self._retry)
 
     @property
-    def device_free(self) -> bool:
-        return self.has_room()
+    def _rows(self) -> int:
+        """Manager requests (one per input) admitted and not finished."""
+        return len(self._open)
 
     def has_room(self, depth: int | None = None) -> bool:
         """The running batch can take another row (`depth`, the static pipeline's bound, does not
         apply). Not while retries wait: the batch drains so that each can run alone."""
-        self.pump()
         if self._retry or self._solo or self._crashed is not None:
             return False
         return self._rows < self.max_rows and self._kv < self.kv_tokens
@@ -122,10 +121,9 @@ class ContinuousPipeline:
         return self._rows + rows <= self.max_rows and self._kv + kv <= self.kv_tokens
 
     def kv_need(self, p: Pending) -> int:
-        return sum(len(ids) + self._limit(ids, p) for ids in p.ids)
-
-    def _limit(self, ids: list[int], p: Pending) -> int:
-        return max(1, self.runner.limit(ids, p.request.parameters))
+        """Cache tokens the request needs: each prompt and the new tokens it may add (0 new tokens
+        for a prompt with no room left: _admit dead-letters it)."""
+        return sum(len(ids) + max(0, self.runner.limit(ids, p.request.parameters)) for ids in p.ids)
 
     # -- in ------------------------------------------------------------------------------------
     def submit(self, batch: list[Pending], depth: int = 0, solo: bool = False) -> None:
@@ -134,14 +132,17 @@ class ContinuousPipeline:
         for p in batch:
             try:
                 self._admit(p, info, solo)
-            except InputTooLarge as e:
-                self._solo = self._solo and not solo
-                self.done.put([(p, [self.builder.dead_letter(p, e)])])
+            except Exception as e:  # noqa: BLE001 - this request alone; the rest of the batch goes on
+                err = e if isinstance(e, InputTooLarge) else ModelError(f"{type(e).__name__}: {e}")
+                with self._lock:
+                    self._solo = self._solo and not solo
+                self.done.put([(p, [self.builder.dead_letter(p, err)])])
                 self.wakeup.set()
 
     def pump(self) -> None:
-        """From the loop thread: a manager whose loop died is replaced, its unanswered rows
-        failed with it, and a retry starts alone when nothing else runs."""
+        """Once per turn of the loop thread (Engine._dispatch): a manager whose loop died is
+        replaced, its unanswered rows failed with it, and a retry starts alone when nothing
+        else runs."""
         if self._crashed is not None:
             with self._lock:
                 for rid, (req, _) in list(self._open.items()):  # rows it never answered
@@ -159,9 +160,11 @@ class ContinuousPipeline:
                 pass
             self.manager, self._crashed = self._new_manager(), None
             self.restarts += 1
-        if self._retry and not self._solo and self._rows == 0:
-            self._solo = True
-            self.submit([self._retry.popleft()], solo=True)
+        with self._lock:
+            retry = self._retry.popleft() if self._retry and not self._solo and not self._open else None
+            self._solo = self._solo or retry is not None
+        if retry is not None:
+            self.submit([retry], solo=True)
 
     def _retry_or_fail(self, req: _Request, why: str) -> None:
         """A request whose rows failed: again alone, or (alone already) a dead letter. Lock held."""
@@ -176,26 +179,27 @@ class ContinuousPipeline:
 
     def _admit(self, p: Pending, info: BatchInfo, solo: bool = False) -> None:
         prm = p.request.parameters
-        for ids in p.ids:
-            if len(ids) >= self.runner.max_input_tokens:
-                raise InputTooLarge(f"{len(ids)} prompt tokens leave no room in {self.runner.max_input_tokens} positions")
-        kv = self.kv_need(p)
+        limits = [self.runner.room(ids, prm) for ids in p.ids]  # InputTooLarge: no room for a new token
+        kv = sum(len(ids) + n for ids, n in zip(p.ids, limits))
         if kv > self.kv_tokens:
             raise InputTooLarge(f"prompt and new tokens need {kv} KV cache tokens; the cache holds {self.kv_tokens} "
                                 "(max_batch_tokens)")
-        req = _Request(p, info, len(p.ids), kv, solo)
-        t = prm.temperature or 0.0
-        sampling = {"temperature": float(t) if t >= 1e-5 else GREEDY, "top_p": float(prm.top_p or 1.0)}
+        req = _Request(p, info, limits, kv, solo)
+        t = sampling_temperature(prm)
+        sampling = {"temperature": t or GREEDY, "top_p": float(prm.top_p or 1.0)}
         with self._lock:
             self._requests[id(p)] = req
-            self._rows += len(p.ids)
             self._kv += kv
             rids = [f"r{next(self._ids)}" for _ in p.ids]
             for i, rid in enumerate(rids):
                 self._open[rid] = (req, i)
-        for rid, ids in zip(rids, p.ids):
-            # refused (None) when its loop has died: pump() then fails the row with it
-            self.manager.add_request(list(ids), request_id=rid, max_new_tokens=self._limit(ids, p), **sampling)
+        try:
+            for rid, ids, n in zip(rids, p.ids, limits):
+                # refused (None) when its loop has died: pump() then fails the row with it
+                self.manager.add_request(list(ids), request_id=rid, max_new_tokens=n, **sampling)
+        except BaseException:
+            self.cancel(lambda q: q is p)  # nothing of it stays in the batch's accounting
+            raise
         self.metrics.batch_tokens.observe(kv)
 
     def cancel(self, pred) -> int:
@@ -216,7 +220,7 @@ class ContinuousPipeline:
         return len(gone)
 
     def _release_locked(self, req: _Request, rows: int) -> None:
-        self._rows -= rows
+        """The request's rows left the batch (finished, failed or cancelled): its cache with the last."""
         req.left -= rows
         if req.left <= 0:
             self._kv -= req.kv
@@ -258,7 +262,7 @@ class ContinuousPipeline:
             self._solo = self._solo and not req.solo
         p = req.p
         infer_ms = (time.perf_counter() - req.start) * 1000
-        texts = [self.runner.output(o.generated_tokens, self._limit(ids, p)) for o, ids in zip(req.outs, p.ids)]
+        texts = [self.runner.output(o.generated_tokens, n) for o, n in zip(req.outs, req.limits)]
         outs = [self.builder.result(p, "OK", texts, req.info, infer_ms)]
         self.metrics.stage.labels("infer").observe(infer_ms / 1000)
         self.done.put([(p, outs)])

@@ -192,6 +192,7 @@ class Engine:
                                     high=p.topic == self.s.high_priority_topic)  # a tier is its topic
 
     def _dispatch(self, flush: bool) -> None:
+        self.pipeline.pump()
         pace, costs = self.policy.pace, self.pipeline.costs
         while not costs.empty():  # what the device's batches cost (adaptive batching's model of it)
             rows, seconds = costs.get_nowait()

@@ -115,6 +115,9 @@ class Pipeline:
         """Batches run to their end here: what is revoked is dropped by the tracker's epochs."""
         return 0
 
+    def pump(self) -> None:
+        """Nothing to move along from the loop thread here (the continuous pipeline has)."""
+
     @property
     def device_free(self) -> bool:
         """Nothing is being prepared for the device, queued for it or running on it."""

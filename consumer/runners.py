@@ -35,6 +35,13 @@ __all__ = ["Row", "ModelInfo", "Runner", "EmbedRunner", "GenerateRunner", "Class
 _seed_source = random.SystemRandom()
 
 
+def sampling_temperature(p: Parameters) -> float:
+    """The temperature a row samples at; 0.0 is greedy (no temperature, or one so small that
+    dividing the logits by it would overflow)."""
+    t = p.temperature or 0.0
+    return t if t >= 1e-5 else 0.0
+
+
 @dataclass(slots=True)
 class Row:
     ids: list[int]  # token ids from Runner.tokenize (special tokens included)
@@ -197,12 +204,8 @@ class GenerateRunner(Runner):
         self._check_lengths(rows)
         limits, temps, top_ps, seeds = [], [], [], []
         for r in rows:
-            room = self.max_input_tokens - len(r.ids)  # positions left after the prompt
-            if room < 1:
-                raise InputTooLarge(f"{len(r.ids)} prompt tokens leave no room in {self.max_input_tokens} positions")
-            limits.append(self.limit(r.ids, r.params))
-            t = r.params.temperature or 0.0
-            t = t if t >= 1e-5 else 0.0  # a vanishing temperature is greedy (and would overflow the division)
+            limits.append(self.room(r.ids, r.params))
+            t = sampling_temperature(r.params)
             temps.append(t)
             top_ps.append(r.params.top_p or 1.0)
             # a row that samples without a seed still gets its own generator, freshly seeded
@@ -286,6 +289,12 @@ class GenerateRunner(Runner):
     def limit(self, ids: list[int], p: Parameters) -> int:
         """New tokens a row may add: what it asks (or the default), within the model's positions."""
         return min(self.new_tokens(p), self.max_input_tokens - len(ids))
+
+    def room(self, ids: list[int], p: Parameters) -> int:
+        """limit(), or InputTooLarge when the prompt leaves no position for a new token."""
+        if len(ids) >= self.max_input_tokens:
+            raise InputTooLarge(f"{len(ids)} prompt tokens leave no room in {self.max_input_tokens} positions")
+        return self.limit(ids, p)
 
     def output(self, tokens: list[int], limit: int) -> dict:
         """A row's generated tokens as its output: an eos ends it, counts as generated, never as text."""

@@ -79,13 +79,11 @@ class OpenAIBatch:
     """Lines of an OpenAI Batch API input file -> Producer.submit keyword arguments: the body as
     the gateway's endpoint takes it (producer/openai_api.py), keyed by its custom_id."""
 
-    def __init__(self, tenant: str, tokenizer_path: str | None):
-        from inferlog.settings import default_model_path
-
+    def __init__(self, tenant: str, tokenizer_path: str):
         from . import openai_api as oai
 
         self.oai, self.tenant = oai, tenant
-        self.tokenizer = oai.Tokenizer(tokenizer_path or default_model_path())
+        self.tokenizer = oai.Tokenizer(tokenizer_path)
         self.seen: set[str] = set()
 
     def parse(self, line: str, defaults: dict, key_field: str | None = None) -> dict[str, Any]:
@@ -184,7 +182,7 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
     if fmt == "openai-batch" and key_field:
         raise click.UsageError("--key-field does not apply to --format openai-batch: a line's custom_id keys it")
     if fmt == "openai-batch":
-        parse = OpenAIBatch(tenant, tokenizer_path).parse
+        parse = OpenAIBatch(tenant, tokenizer_path or settings.model).parse  # INFERLOG_MODEL, else the embedded one
     bucket = TokenBucket(rate) if rate else None
     invalid: list[tuple[int, str]] = []
     failures: list[tuple[str | None, str, str]] = []

@@ -218,12 +218,11 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        openai = request.url.path in oai.TASKS  # OpenAI's shape and status for a body it would refuse
         if request.method == "POST":
-            gw.metrics.requests.labels("unknown", "-", "422" if request.url.path not in oai.TASKS else "400").inc()
-        if request.url.path in oai.TASKS:  # OpenAI's shape and status for a body it would refuse
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())[1:])
-            return JSONResponse(oai.OpenAIError(f"{where}: {first.get('msg')}", param=where).body(), status_code=400)
+            gw.metrics.requests.labels("unknown", "-", "400" if openai else "422").inc()
+        if openai:
+            return JSONResponse(oai.invalid(exc.errors(), skip=1).body(), status_code=400)
         errors = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return JSONResponse({"detail": {"reason": "INVALID_REQUEST", "errors": errors}}, status_code=422)
 

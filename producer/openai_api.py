@@ -119,14 +119,20 @@ class ChatBody(_Generation):
 BODIES = {EMBEDDINGS: EmbeddingsBody, COMPLETIONS: CompletionsBody, CHAT: ChatBody}
 
 
+def invalid(errors: list[dict], skip: int = 0) -> OpenAIError:
+    """The first of pydantic's validation errors as OpenAI's 400 (`skip`: leading parts of its
+    location that are not the body's, e.g. FastAPI's "body")."""
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ())[skip:])
+    return OpenAIError(f"{where}: {first.get('msg')}", param=where)
+
+
 def parse_body(url: str, raw: Any) -> BaseModel:
     """A JSON body of endpoint `url`, validated (a batch file's lines; the gateway lets FastAPI do it)."""
     try:
         return BODIES[url].model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise OpenAIError(f"{where}: {first['msg']}", param=where) from None
+        raise invalid(e.errors()) from None
 
 
 def _refuse_unsupported(body: _Generation) -> None:

@@ -482,7 +482,6 @@ def audit_export(since, until, tz, replay_topics, out, fmt, grace, tokenizer_pat
 
 def _export_openai_batch(since, until, tz, out: Path, grace, tokenizer_path, progress, replay_topics, topics) -> None:
     from inferlog.producer.openai_api import Tokenizer
-    from inferlog.settings import default_model_path
 
     from .openai_batch import export_openai_batch
 
@@ -492,7 +491,7 @@ def _export_openai_batch(since, until, tz, out: Path, grace, tokenizer_path, pro
         _out_path(out, (".jsonl",))
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
         ex = export_openai_batch(settings, out, since_ms, until_ms, parse_duration(grace),
-                                 Tokenizer(tokenizer_path or default_model_path()), progress)
+                                 Tokenizer(tokenizer_path or settings.model), progress)
     click.echo(f"{out}: {ex.written} of {ex.requests} batch requests ({ex.failed} errors)", err=True)
     if not ex.requests:
         raise click.ClickException(f"no batch requests (with a custom_id) {_between(since_ms, until_ms)}")
