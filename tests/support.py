@@ -150,3 +150,30 @@ def cli_env(settings) -> dict[str, str]:
     if settings.sasl_password is not None:
         env["INFERLOG_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()
     return env
+
+
+class Stream:
+    """A steady stream on both tiers (every 4th request high priority) from a thread."""
+
+    def __init__(self, settings, rate: float = 25.0):
+        self.s, self.every = settings, 1.0 / rate
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from inferlog.producer.sync import Producer as Submitter
+
+        with Submitter(self.s) as p:
+            while not self.stop.is_set():
+                p.submit("embed", f"steady request {self.sent}", priority=5 if self.sent % 4 == 3 else 0)
+                self.sent += 1
+                time.sleep(self.every)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)

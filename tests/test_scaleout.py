@@ -1,7 +1,9 @@
 """Scale-out as users do it: workers join a group that is already serving a steady stream on
 both tiers, one at a time, and one leaves. After each step every member holds a balanced
 share of *each* request topic (the consumer group protocol's range assignor, KIP-848) and
-answers requests of the normal tier; at the end every offset is answered exactly once."""
+answers requests of the normal tier; at the end every offset is answered exactly once. The
+second member runs its stages inline (one thread) among threaded ones, as a group does while
+that setting rolls out."""
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +16,8 @@ import pytest
 from inferlog.codec import RESULT, Codec
 from inferlog.consumer.runners import load_runner
 from inferlog.consumer.worker import Worker
-from inferlog.producer.sync import Producer
 from inferlog.settings import default_model_path
-from support import account, output_count, read_all, wait_until
+from support import Stream, account, output_count, read_all, wait_until
 
 # headers the worker copies on (trace context), at their worst, on valid requests of both tiers
 HOSTILE_HEADERS = [[("traceparent", b"0" * 999_000)],
@@ -47,37 +48,13 @@ def send_hostile(s, tag: str) -> int:
 PARTITIONS = 6
 
 
-class Stream:
-    """A steady stream on both tiers (every 4th request high priority) from a thread."""
-
-    def __init__(self, settings, rate: float = 25.0):
-        self.s, self.every = settings, 1.0 / rate
-        self.sent = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with Producer(self.s) as p:
-            while not self.stop.is_set():
-                p.submit("embed", f"steady request {self.sent}", priority=5 if self.sent % 4 == 3 else 0)
-                self.sent += 1
-                time.sleep(self.every)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(30)
-
-
 class Member:
     """One worker of the group, on its own thread, with its own runner."""
 
-    def __init__(self, settings, name: str):
+    def __init__(self, settings, name: str, stages: str = "threads"):
         self.id = f"{settings.group_id}.{name}"
-        self.worker = Worker(settings.with_overrides(worker_id=self.id), load_runner(default_model_path(), device="cpu"))
+        self.worker = Worker(settings.with_overrides(worker_id=self.id, stages=stages),
+                             load_runner(default_model_path(), device="cpu"))
         self.code: list[int] = []
         self.thread = threading.Thread(target=lambda: self.code.append(self.worker.run()), daemon=True)
         self.thread.start()
@@ -118,8 +95,9 @@ def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_ti
     hostile = 0
     try:
         with Stream(s) as stream:
-            for step, name in enumerate(("w1", "w2", "w3")):
-                members.append(Member(s, name))
+            # w2 runs its stages inline, as in a rolling change of that setting: a group may mix them
+            for step, (name, stages) in enumerate((("w1", "threads"), ("w2", "inline"), ("w3", "threads"))):
+                members.append(Member(s, name, stages))
                 hostile += send_hostile(s, name)  # while the newcomer joins
                 wait_until(lambda: balanced(s, members), timeout=90, every=0.5,
                            what=f"a balanced share of both tiers with {len(members)} members: "
@@ -146,3 +124,5 @@ def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_ti
     assert all(r["status"] == "OK" for r in acc.results)  # the hostile headers were dropped, not fatal
     tiers = Counter(r.topic for r in acc.requests)
     assert tiers[s.high_priority_topic] > 0 and tiers[s.requests_topic] > 0
+    answered = Counter((r["worker_id"], r["source"]["topic"]) for r in acc.results)
+    assert all(answered[(f"{s.group_id}.w2", t)] > 0 for t in s.request_topics), answered  # inline, both tiers

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from inferlog.consumer.runners import Row, load_runner
 from inferlog.producer.sync import Producer
 from inferlog.request import Parameters, build_request, now_ms
 from inferlog.settings import default_model_path
-from support import account, output_count, produce_raw, read_all, running_worker, wait_until
+from support import Stream, account, output_count, produce_raw, read_all, running_worker, wait_until
 from tinymodels import tiny_gpt2_dir  # noqa: F401  (fixture)
 
 TEXTS = [
@@ -204,6 +205,7 @@ def worker_env(s, **extra) -> dict:
     env = dict(os.environ)
     env.update({
         "INFERLOG_BOOTSTRAP_SERVERS": s.bootstrap_servers, "INFERLOG_REQUESTS_TOPIC": s.requests_topic,
+        "INFERLOG_HIGH_PRIORITY_TOPIC": s.high_priority_topic,
         "INFERLOG_RESULTS_TOPIC": s.results_topic, "INFERLOG_DEADLETTER_TOPIC": s.deadletter_topic,
         "INFERLOG_GROUP_ID": s.group_id, "INFERLOG_MAX_WAIT_MS": "10", "INFERLOG_SESSION_TIMEOUT_MS": "6000",
         "INFERLOG_CPU_WORKERS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -300,43 +302,50 @@ def children(pid: int) -> list[int]:
         return [int(c) for c in f.read().split()]
 
 
-def start_pod(s, worker_id: str, log_path, processes: int = 2) -> subprocess.Popen:
+def start_pod(s, worker_id: str, log_path, processes: int = 2, *flags: str) -> subprocess.Popen:
     """`inferlog worker --processes N` on the CPU: one supervisor, N members of the group."""
     return subprocess.Popen([sys.executable, "-m", "inferlog.cli", "worker", "--no-create-topics", "--device", "cpu",
-                             "--processes", str(processes)],
+                             "--processes", str(processes), *flags],
                             env=worker_env(s, INFERLOG_WORKER_ID=worker_id, **HOLDING),
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
 def test_processes_share_the_group_and_one_failing_restarts_the_pod(settings, tmp_path):
-    """Several processes per pod (as several feeding one GPU): each a member with its own worker id;
-    one killed takes the pod down (exit 128+9) after the other drained; the pod started again
-    finishes the log; nothing lost or duplicated."""
+    """Several processes per pod (as several feeding one GPU), in the user's mode: a backlog and a
+    steady stream on both tiers. Each process is a member with its own worker id; one killed takes
+    the pod down (exit 128+9) after the other drained; the pod started again (with its stages
+    inline, a changed setting) finishes the log; nothing lost or duplicated on either tier."""
     n = 1500
     submit_texts(settings, [f"{TEXTS[i % 5]} {i}" for i in range(n)])
-    pod = start_pod(settings, "pod", tmp_path / "pod.log")
-    pods = [pod]
+    pods = []
     try:
-        wait_until(lambda: {r["worker_id"] for r in read_all_results(settings)} >= {"pod-p0", "pod-p1"},
-                   timeout=180, every=1.0, what="results from both processes")
-        kids = children(pod.pid)
-        assert len(kids) == 2
-        os.kill(kids[0], signal.SIGKILL)
-        assert pod.wait(90) == 128 + signal.SIGKILL, (tmp_path / "pod.log").read_text()[-3000:]
-        assert all(not os.path.exists(f"/proc/{k}") or open(f"/proc/{k}/stat").read().split()[2] == "Z"
-                   for k in kids)  # the survivor stopped with it
-        log = (tmp_path / "pod.log").read_text()
-        assert "stopping the others" in log and "drained" in log  # the survivor drained and committed
-        again = start_pod(settings, "pod", tmp_path / "pod2.log")
-        pods.append(again)
-        wait_until(lambda: output_count(settings) >= n, timeout=300, every=1.0, what="all outputs")
+        with Stream(settings, rate=20) as stream:
+            pod = start_pod(settings, "pod", tmp_path / "pod.log")
+            pods.append(pod)
+            wait_until(lambda: {r["worker_id"] for r in read_all_results(settings)} >= {"pod-p0", "pod-p1"},
+                       timeout=180, every=1.0, what="results from both processes")
+            kids = children(pod.pid)
+            assert len(kids) == 2
+            os.kill(kids[0], signal.SIGKILL)
+            assert pod.wait(90) == 128 + signal.SIGKILL, (tmp_path / "pod.log").read_text()[-3000:]
+            assert all(not os.path.exists(f"/proc/{k}") or open(f"/proc/{k}/stat").read().split()[2] == "Z"
+                       for k in kids)  # the survivor stopped with it
+            log = (tmp_path / "pod.log").read_text()
+            assert "stopping the others" in log and "drained" in log  # the survivor drained and committed
+            again = start_pod(settings, "pod", tmp_path / "pod2.log", 2, "--stages", "inline")
+            pods.append(again)
+            wait_until(lambda: output_count(settings) >= n, timeout=300, every=1.0, what="the backlog answered")
+        total = n + stream.sent
+        wait_until(lambda: output_count(settings) >= total, timeout=120, every=1.0, what="all outputs")
         again.send_signal(signal.SIGTERM)
         assert again.wait(90) == 0, (tmp_path / "pod2.log").read_text()[-3000:]
     finally:
         for p in pods:
             p.kill()
-    acc = answered_once(settings, n)
+    acc = answered_once(settings, total)
     assert {r["worker_id"] for r in acc.results} == {"pod-p0", "pod-p1"}
+    tiers = Counter(r["source"]["topic"] for r in acc.results)
+    assert tiers[settings.high_priority_topic] > 0 and tiers[settings.requests_topic] > n, tiers
 
 
 def read_all_results(s) -> list[dict]:
