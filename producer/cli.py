@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from typing import Any, Callable, Iterator
 
 import click
@@ -79,10 +80,10 @@ class OpenAIBatch:
     """Lines of an OpenAI Batch API input file -> Producer.submit keyword arguments: the body as
     the gateway's endpoint takes it (producer/openai_api.py), keyed by its custom_id."""
 
-    def __init__(self, tenant: str, tokenizer_path: str):
+    def __init__(self, tenant: str, tokenizer_path: str, high_priority: int):
         from . import openai_api as oai
 
-        self.oai, self.tenant = oai, tenant
+        self.oai, self.tenant, self.high_priority = oai, tenant, high_priority
         self.tokenizer = oai.Tokenizer(tokenizer_path)
         self.seen: set[str] = set()
 
@@ -91,7 +92,7 @@ class OpenAIBatch:
         if cid in self.seen:  # as the Batch API does: outputs are matched by it
             raise InvalidRequest(f"custom_id {cid!r} repeats an earlier line's")
         try:
-            fields = self.oai.to_request(url, body, self.tokenizer, custom_id=cid)
+            fields = self.oai.to_request(url, body, self.tokenizer, custom_id=cid, high_priority=self.high_priority)
         except self.oai.OpenAIError as e:
             raise InvalidRequest(e.message) from None
         self.seen.add(cid)
@@ -130,6 +131,10 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
 @click.option("--bootstrap-servers", metavar="HOST:PORT[,...]",
               help="Kafka brokers.  [env var: INFERLOG_BOOTSTRAP_SERVERS; default: 127.0.0.1:9092]")
 @click.option("--topic", help="Topic to publish to.  [env var: INFERLOG_REQUESTS_TOPIC; default: inferlog.requests]")
+@click.option("--high-priority-topic", metavar="TOPIC",
+              help="Topic of the requests at or above the high-priority threshold (a line's \"priority\", "
+                   "an OpenAI body's service_tier \"priority\").  "
+                   "[env var: INFERLOG_HIGH_PRIORITY_TOPIC; default: inferlog.requests.high]")
 @click.option("--task", type=click.Choice(["embed", "generate", "classify"], case_sensitive=False),
               help="Task of lines that name none.  [env var: INFERLOG_TASK; default: embed]")
 @click.option("--model", help="Model of lines that name none.  [env var: INFERLOG_MODEL_NAME; default: the worker's]")
@@ -155,8 +160,8 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
 @click.option("--tokenizer", "tokenizer_path", envvar="INFERLOG_MODEL", metavar="DIR",
               help="openai-batch: the model directory whose tokenizer's chat template renders "
                    "/v1/chat/completions messages  [env var: INFERLOG_MODEL; default: the embedded model]")
-def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_field, framing, timeout,
-            fmt, tokenizer_path) -> None:
+def produce(file: str, bootstrap_servers, topic, high_priority_topic, task, model, tenant, rate, key_field, framing,
+            timeout, fmt, tokenizer_path) -> None:
     """Publish inference requests from JSONL in FILE (or stdin when FILE is - or absent).
 
     \b
@@ -167,13 +172,16 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
       "one input"                  (likewise)
     or, with --format openai-batch, an OpenAI Batch API request:
       {"custom_id": "r1", "method": "POST", "url": "/v1/embeddings", "body": {"model": ..., "input": ...}}
+    A request's priority picks its topic: at or above the threshold (INFERLOG_HIGH_PRIORITY, 1),
+    or with service_tier "priority" in an OpenAI body, the high tier's.
 
     Invalid lines are reported with their line numbers and skipped; the exit status is 1 if
     any line was invalid or any delivery failed, else 0. A cluster that does not answer, or
     refuses the credentials, ends the command at once with one line and status 1.
     """
     try:
-        settings = load_settings(bootstrap_servers=bootstrap_servers, requests_topic=topic, framing=framing,
+        settings = load_settings(bootstrap_servers=bootstrap_servers, requests_topic=topic,
+                                 high_priority_topic=high_priority_topic, framing=framing,
                                  task=task.lower() if task else None, model_name=model)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
@@ -182,11 +190,13 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
     if fmt == "openai-batch" and key_field:
         raise click.UsageError("--key-field does not apply to --format openai-batch: a line's custom_id keys it")
     if fmt == "openai-batch":
-        parse = OpenAIBatch(tenant, tokenizer_path or settings.model).parse  # INFERLOG_MODEL, else the embedded one
+        # the tokenizer: --tokenizer, else INFERLOG_MODEL, else the embedded model
+        parse = OpenAIBatch(tenant, tokenizer_path or settings.model, settings.high_priority).parse
     bucket = TokenBucket(rate) if rate else None
     invalid: list[tuple[int, str]] = []
     failures: list[tuple[str | None, str, str]] = []
     interrupted = False
+    topics: Counter[str] = Counter()  # submitted per topic (a request's priority picks its tier)
     started = time.monotonic()
     producer = Producer(settings)
     try:
@@ -207,6 +217,7 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
                     if bucket:
                         bucket.acquire()
                     _submit(producer, fields, failures)
+                    topics[settings.topic_for_priority(fields.get("priority") or 0)] += 1
                 except UnicodeDecodeError as e:
                     invalid.append((n, f"INVALID_REQUEST: not UTF-8 ({e.reason} at byte {e.start})"))
                 except RecordError as e:
@@ -219,16 +230,18 @@ def produce(file: str, bootstrap_servers, topic, task, model, tenant, rate, key_
         except ProduceError as e:
             failures.extend(e.failures or [(None, e.reason, str(e))])
     elapsed = time.monotonic() - started
-    _summary(settings.requests_topic, producer.ledger.delivered, elapsed, invalid, failures)
+    _summary(topics or Counter([settings.requests_topic]), producer.ledger.delivered, elapsed, invalid, failures)
     if interrupted:
         sys.exit(130)
     if invalid or failures:
         sys.exit(1)
 
 
-def _summary(topic: str, sent: int, elapsed: float, invalid: list, failures: list) -> None:
+def _summary(topics: Counter, sent: int, elapsed: float, invalid: list, failures: list) -> None:
     say = lambda s: click.echo(s, err=True)  # noqa: E731 - stdout stays free for pipes
-    say(f"sent {sent} requests to {topic} in {elapsed:.2f} s ({sent / max(elapsed, 1e-9):,.0f} records/s)")
+    where = (f"to {next(iter(topics))}" if len(topics) == 1
+             else "(" + ", ".join(f"{n} to {t}" for t, n in sorted(topics.items())) + ")")
+    say(f"sent {sent} requests {where} in {elapsed:.2f} s ({sent / max(elapsed, 1e-9):,.0f} records/s)")
     say(f"invalid: {len(invalid)} line(s)" + (" (skipped)" if invalid else ""))
     for n, reason in invalid[:SHOWN_INVALID]:
         say(f"  line {n}: {reason}")

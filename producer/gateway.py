@@ -277,10 +277,11 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         try:
             tok = gw.tokenizer
             await asyncio.to_thread(tok.get)  # loaded on the first call, off the loop
-            fields = oai.to_request(url, body, tok)
+            fields = oai.to_request(url, body, tok, high_priority=gw.s.high_priority)
+            tier = gw.tier(fields.get("priority", 0))
             sub = SubmitBody(task=fields["task"], inputs=fields["inputs"], model=fields["model"],
                              parameters=Parameters(**fields["parameters"]) if fields.get("parameters") else None,
-                             metadata=fields["metadata"])
+                             priority=fields.get("priority", 0), metadata=fields["metadata"])
             prompt_tokens = await asyncio.to_thread(tok.count, fields["inputs"])
             st = await _submit(gw, sub, who, gw.s.gateway_max_wait_s, Response())
             if st.status == "pending":  # not answered within the gateway's longest wait

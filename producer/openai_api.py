@@ -32,6 +32,11 @@ TASKS = {EMBEDDINGS: "embed", COMPLETIONS: "generate", CHAT: "generate"}
 # metadata keys of a request made from OpenAI's shape
 META_URL, META_CUSTOM_ID, META_STOP = "openai.url", "openai.custom_id", "openai.stop"
 META_ENCODING, META_DIMENSIONS = "openai.encoding", "openai.dimensions"
+META_TIER = "openai.service_tier"
+# OpenAI's service tiers: "priority" (and its alias "fast") is the high tier's topic; every other
+# one the normal tier. An answer names the tier that served it: "priority" or "default".
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast")
+PRIORITY_TIERS = ("priority", "fast")
 
 
 class OpenAIError(Exception):
@@ -69,6 +74,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256)
     user: str | None = None
+    service_tier: Literal[SERVICE_TIERS] | None = Field(
+        None, description='"priority" or "fast": published to the high tier\'s topic; the others: the normal tier')
 
 
 class EmbeddingsBody(_Body):
@@ -220,8 +227,18 @@ class Tokenizer:
 
 
 # -- request: body -> Producer.submit fields -----------------------------------------------
-def to_request(url: str, body: BaseModel, tokenizer: Tokenizer | None, custom_id: str | None = None) -> dict:
-    """submit() keyword arguments (task, inputs, model, parameters, metadata) for a body of `url`."""
+def to_request(url: str, body: BaseModel, tokenizer: Tokenizer | None, custom_id: str | None = None,
+               high_priority: int = 1) -> dict:
+    """submit() keyword arguments (task, inputs, model, parameters, priority, metadata) for a body
+    of `url`. service_tier "priority" gives the request `high_priority` (the high tier's threshold)."""
+    fields = _fields(url, body, tokenizer, custom_id)
+    if body.service_tier in PRIORITY_TIERS:
+        fields["priority"] = high_priority
+        fields["metadata"][META_TIER] = "priority"
+    return fields
+
+
+def _fields(url: str, body: BaseModel, tokenizer: Tokenizer | None, custom_id: str | None) -> dict:
     meta = {META_URL: url}
     if custom_id is not None:
         meta[META_CUSTOM_ID] = custom_id
@@ -298,11 +315,12 @@ def response(result: dict, metadata: dict, prompt_tokens: int = 0) -> dict:
             choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                             "logprobs": None, "finish_reason": reason})
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+    tier = metadata.get(META_TIER, "default")  # the tier that served it, as OpenAI's answers say
     if url == COMPLETIONS:
         return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": usage}
+                "choices": choices, "usage": usage, "service_tier": tier}
     return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage}
+            "choices": choices, "usage": usage, "service_tier": tier}
 
 
 def _seconds(ts) -> int:
@@ -314,9 +332,11 @@ def _seconds(ts) -> int:
 def stream_chunks(body: dict, include_usage: bool = False) -> list[dict]:
     """A whole answer as the chunks of a stream (the worker answers whole: one content chunk)."""
     if body["object"] == "text_completion":
-        chunks = [{**{k: body[k] for k in ("id", "object", "created", "model")}, "choices": body["choices"]}]
+        chunks = [{**{k: body[k] for k in ("id", "object", "created", "model", "service_tier")},
+                   "choices": body["choices"]}]
     else:
-        head = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"]}
+        head = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"],
+                "service_tier": body["service_tier"]}
         chunks = []
         for c in body["choices"]:
             i = c["index"]
@@ -327,7 +347,8 @@ def stream_chunks(body: dict, include_usage: bool = False) -> list[dict]:
                        {**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                              "finish_reason": c["finish_reason"]}]}]
     if include_usage:
-        chunks.append({**{k: chunks[-1][k] for k in ("id", "object", "created", "model")}, "choices": [],
+        same = ("id", "object", "created", "model", "service_tier")
+        chunks.append({**{k: chunks[-1][k] for k in same}, "choices": [],
                        "usage": body["usage"]})
     return chunks
 

@@ -163,6 +163,30 @@ def test_chat_goes_through_the_template_and_streams_the_same_answer(gen_stack, c
     assert "".join(ch.choices[0].text for ch in streamed) == direct_text(runner, "the quick red fox", 6)[0]
 
 
+def test_service_tier_priority_goes_to_the_high_tier_and_is_echoed(gen_stack):
+    """OpenAI's service_tier picks the tier: "priority" publishes on the high tier's topic, every
+    other value (or none) on the normal one; the answer says which served it, as OpenAI's do."""
+    s, url, _, runner = gen_stack
+    c, codec = client(url), Codec.from_settings(s)
+    messages = [{"role": "user", "content": "the urgent owl"}]
+    fast = c.chat.completions.create(model=runner.info.name, messages=messages, max_completion_tokens=4,
+                                     service_tier="priority")
+    plain = c.chat.completions.create(model=runner.info.name, messages=messages, max_completion_tokens=4,
+                                      service_tier="flex")
+    assert (fast.service_tier, plain.service_tier) == ("priority", "default")
+    assert fast.choices[0].message.content == plain.choices[0].message.content  # the same model, greedy
+    streamed = list(c.completions.create(model=runner.info.name, prompt="the urgent owl", max_tokens=4, stream=True,
+                                         extra_body={"service_tier": "priority"}))
+    assert {ch.service_tier for ch in streamed} == {"priority"}
+    high = {codec.decode(r.value, expect=REQUEST)["request_id"] for r in read_all(s, s.high_priority_topic)}
+    normal = {codec.decode(r.value, expect=REQUEST)["request_id"] for r in read_all(s, s.requests_topic)}
+    assert fast.id.removeprefix("chatcmpl-") in high and plain.id.removeprefix("chatcmpl-") in normal
+    assert streamed[0].id.removeprefix("cmpl-") in high
+    with pytest.raises(openai.BadRequestError) as e:
+        c.embeddings.create(model=runner.info.name, input="x", extra_body={"service_tier": "gold"})
+    assert "service_tier" in e.value.message
+
+
 def test_chat_without_a_template_and_unsupported_options_are_400(gen_stack):
     _, url, bare_url, runner = gen_stack
     with pytest.raises(openai.BadRequestError) as e:
@@ -199,7 +223,8 @@ def test_a_batch_file_goes_in_and_its_output_comes_out_by_custom_id(gen_stack, c
         {"custom_id": "c-1", "method": "POST", "url": "/v1/completions",
          "body": {"model": name, "prompt": "the quick red fox", "max_tokens": 6}},
         {"custom_id": "c-2", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": name, "messages": [{"role": "user", "content": "the tiny bird"}], "max_tokens": 5}},
+         "body": {"model": name, "messages": [{"role": "user", "content": "the tiny bird"}], "max_tokens": 5,
+                  "service_tier": "priority"}},
         {"custom_id": "c-3", "method": "POST", "url": "/v1/embeddings",  # this worker generates: an error line
          "body": {"model": name, "input": "not served here"}},
         {"custom_id": "c-4", "method": "POST", "url": "/v1/completions",
@@ -212,15 +237,18 @@ def test_a_batch_file_goes_in_and_its_output_comes_out_by_custom_id(gen_stack, c
     before = output_count(s)
     res = CliRunner().invoke(produce, [str(batch), "--format", "openai-batch", "--bootstrap-servers",
                                        s.bootstrap_servers, "--topic", s.requests_topic,
+                                       "--high-priority-topic", s.high_priority_topic,
                                        "--tokenizer", str(chat_model), "--tenant", "batch-tenant"])
     assert res.exit_code == 1, res.output  # two lines were invalid; the others went out
-    assert "sent 4 requests" in res.output
+    assert f"sent 4 requests (3 to {s.requests_topic}, 1 to {s.high_priority_topic})" in res.output
     assert "line 5: INVALID_REQUEST: url:" in res.output and "line 6: INVALID_REQUEST: custom_id 'c-1' repeats" in res.output
     wait_until(lambda: output_count(s) >= before + 4, timeout=120, what="the batch's outcomes")
     codec = Codec.from_settings(s)
-    keyed = {r.key.decode(): codec.decode(r.value, expect=REQUEST) for r in read_all(s, s.requests_topic)
+    keyed = {r.key.decode(): codec.decode(r.value, expect=REQUEST)
+             for r in read_all(s, s.requests_topic) + read_all(s, s.high_priority_topic)
              if r.key and r.key.decode().startswith("c-")}
     assert set(keyed) == {"c-1", "c-2", "c-3", "c-4"} and {r["tenant"] for r in keyed.values()} == {"batch-tenant"}
+    assert [r.key for r in read_all(s, s.high_priority_topic) if r.key and r.key.startswith(b"c-")] == [b"c-2"]
 
     out = tmp_path / "batch_output.jsonl"
     res = CliRunner().invoke(audit_export, ["--format", "openai-batch", "--out", str(out), "--tokenizer",
@@ -240,6 +268,7 @@ def test_a_batch_file_goes_in_and_its_output_comes_out_by_custom_id(gen_stack, c
     prompt = AutoTokenizer.from_pretrained(chat_model).apply_chat_template(
         [{"role": "user", "content": "the tiny bird"}], tokenize=False, add_generation_prompt=True)
     assert c2["status_code"] == 200 and c2["body"]["object"] == "chat.completion"
+    assert (c1["body"]["service_tier"], c2["body"]["service_tier"]) == ("default", "priority")
     assert c2["body"]["choices"][0]["message"]["content"] == direct_text(runner, prompt, 5)[0]
     assert c2["body"]["usage"]["prompt_tokens"] == len(runner.tokenize([prompt])[0])
     assert got["c-3"]["response"]["status_code"] == 400
