@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
-from inferlog.errors import DecodeError
 from inferlog.producer import openai_api as oai
 
-from .tables import PROGRESS_MIN, identify, in_window, records
+from .tables import decoded
 from .window import resolve_window, window_consumer
 
 
@@ -43,14 +42,7 @@ def export_openai_batch(settings, out: Path, since_ms: int | None, until_ms: int
         c.close()
 
     def read(w, expect: str, until: int | None):
-        show = w.total >= PROGRESS_MIN if progress is None else progress and w.total > 0
-        for m in records(settings, w, show):
-            if not in_window(m.timestamp()[1], since_ms, until):
-                continue
-            try:
-                yield identify(codec.decode(m.value() or b"", expect=expect), codec)
-            except DecodeError:
-                continue
+        return (rec for _, rec in decoded(settings, w, expect, codec, since_ms, until, progress))
 
     wanted: dict[str, tuple[str, dict, list[str]]] = {}  # request_id -> (custom_id, metadata, inputs)
     for w in req_ws:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -127,6 +127,20 @@ def identify(rec: dict, codec: Codec) -> dict:
 
 def in_window(ts: int, since_ms: int | None, until_ms: int | None) -> bool:
     return (since_ms is None or ts >= since_ms) and (until_ms is None or ts < until_ms)
+
+
+def decoded(settings, w: Window, expect: str, codec: Codec, since_ms: int | None, until_ms: int | None,
+            progress: bool | None = None) -> Iterator[tuple[object, dict]]:
+    """(message, record) for each record of the window stamped in [since, until) that decodes as
+    `expect`, identified; the others are skipped. progress None: a bar only for big windows."""
+    show = w.total >= PROGRESS_MIN if progress is None else progress and w.total > 0
+    for m in records(settings, w, show):
+        if not in_window(m.timestamp()[1], since_ms, until_ms):
+            continue
+        try:
+            yield m, identify(codec.decode(m.value() or b"", expect=expect), codec)
+        except DecodeError:
+            continue
 
 
 class TableBuilder:
