@@ -52,12 +52,19 @@ class DeliveryLedger:
     submit or flush, so that the hot path never checks per message."""
 
     def __init__(self) -> None:
+        self.enqueued = 0  # records the client took
         self.delivered = 0
         self.failed = 0
         self._failures: list[tuple[str | None, str, str]] = []
 
     def ok(self) -> None:
         self.delivered += 1
+
+    @property
+    def undelivered(self) -> int:
+        """Records taken but with no delivery report yet. The client's own queue length is not
+        this: it also counts its requests and events in flight (two for one record, seen)."""
+        return self.enqueued - self.delivered - self.failed
 
     def fail(self, request_id: str | None, reason: str, detail: str) -> None:
         if request_id is not None:  # None: a client-level error, not one record
@@ -243,6 +250,7 @@ class Producer:
         while True:
             try:
                 self._producer.produce(env.topic, env.value, env.key, headers=env.headers, on_delivery=cb)
+                self.ledger.enqueued += 1
                 return
             except BufferError:
                 # The local queue is full: let deliveries drain it, then try again.
@@ -314,7 +322,8 @@ class Producer:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             step = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
-            left = self._producer.flush(step)
+            self._producer.flush(step)
+            left = self.ledger.undelivered
             if not left or self.ledger.client_failure is not None:
                 break
             if deadline is not None and time.monotonic() >= deadline:
@@ -355,7 +364,7 @@ class Producer:
 
     def __len__(self) -> int:
         """Records enqueued but not yet delivered."""
-        return len(self._producer)
+        return self.ledger.undelivered
 
     # -- delivery reports ----------------------------------------------------------------
     def _on_delivery(self, request_id: str, err: KafkaError | None, _msg: Any) -> None:
