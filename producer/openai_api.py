@@ -329,14 +329,15 @@ def _seconds(ts) -> int:
     return int(ts) // 1000
 
 
+CHUNK_HEAD = ("id", "object", "created", "model", "service_tier")  # what every chunk of a stream repeats
+
+
 def stream_chunks(body: dict, include_usage: bool = False) -> list[dict]:
     """A whole answer as the chunks of a stream (the worker answers whole: one content chunk)."""
     if body["object"] == "text_completion":
-        chunks = [{**{k: body[k] for k in ("id", "object", "created", "model", "service_tier")},
-                   "choices": body["choices"]}]
+        chunks = [{**{k: body[k] for k in CHUNK_HEAD}, "choices": body["choices"]}]
     else:
-        head = {"id": body["id"], "object": "chat.completion.chunk", "created": body["created"], "model": body["model"],
-                "service_tier": body["service_tier"]}
+        head = {**{k: body[k] for k in CHUNK_HEAD}, "object": "chat.completion.chunk"}
         chunks = []
         for c in body["choices"]:
             i = c["index"]
@@ -347,8 +348,7 @@ def stream_chunks(body: dict, include_usage: bool = False) -> list[dict]:
                        {**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                              "finish_reason": c["finish_reason"]}]}]
     if include_usage:
-        same = ("id", "object", "created", "model", "service_tier")
-        chunks.append({**{k: chunks[-1][k] for k in same}, "choices": [],
+        chunks.append({**{k: chunks[-1][k] for k in CHUNK_HEAD}, "choices": [],
                        "usage": body["usage"]})
     return chunks
 

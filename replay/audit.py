@@ -33,8 +33,8 @@ from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.errors import DecodeError, InferlogError
 from inferlog.settings import load_settings
 
-from .tables import (DEAD_LETTERS, PROGRESS_MIN, REQUESTS, RESULTS, SPECS, VECTORS, TableBuilder, identify,
-                     in_window, load_tables, records)
+from .tables import (DEAD_LETTERS, REQUESTS, RESULTS, SPECS, VECTORS, TableBuilder, identify,
+                     in_window, load_tables, records, show_progress)
 from .window import Window, parse_time, resolve_window, window_consumer
 
 DEFAULT_GRACE = "1h"
@@ -139,7 +139,7 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
 
     def scan(w: Window, expect: str, since: int | None, until: int | None, first: bool = False) -> list[Hit]:
         hits = []
-        for m in records(settings, w, w.total >= PROGRESS_MIN):
+        for m in records(settings, w, show_progress(w, None)):
             out.read[m.topic()] += 1
             value, ts = m.value() or b"", m.timestamp()[1]
             # the id is a plain Avro string inside the value: skip the decode of other records

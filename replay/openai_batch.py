@@ -42,7 +42,7 @@ def export_openai_batch(settings, out: Path, since_ms: int | None, until_ms: int
         c.close()
 
     def read(w, expect: str, until: int | None):
-        return (rec for _, rec in decoded(settings, w, expect, codec, since_ms, until, progress))
+        return decoded(settings, w, expect, codec, since_ms, until, progress)
 
     wanted: dict[str, tuple[str, dict, list[str]]] = {}  # request_id -> (custom_id, metadata, inputs)
     for w in req_ws:

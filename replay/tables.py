@@ -129,16 +129,20 @@ def in_window(ts: int, since_ms: int | None, until_ms: int | None) -> bool:
     return (since_ms is None or ts >= since_ms) and (until_ms is None or ts < until_ms)
 
 
+def show_progress(w: Window, progress: bool | None) -> bool:
+    """A bar for this window: None, only for a big one; True, for any that is not empty."""
+    return w.total >= PROGRESS_MIN if progress is None else progress and w.total > 0
+
+
 def decoded(settings, w: Window, expect: str, codec: Codec, since_ms: int | None, until_ms: int | None,
-            progress: bool | None = None) -> Iterator[tuple[object, dict]]:
-    """(message, record) for each record of the window stamped in [since, until) that decodes as
-    `expect`, identified; the others are skipped. progress None: a bar only for big windows."""
-    show = w.total >= PROGRESS_MIN if progress is None else progress and w.total > 0
-    for m in records(settings, w, show):
+            progress: bool | None = None) -> Iterator[dict]:
+    """The records of the window stamped in [since, until) that decode as `expect`, identified;
+    the others are skipped."""
+    for m in records(settings, w, show_progress(w, progress)):
         if not in_window(m.timestamp()[1], since_ms, until_ms):
             continue
         try:
-            yield m, identify(codec.decode(m.value() or b"", expect=expect), codec)
+            yield identify(codec.decode(m.value() or b"", expect=expect), codec)
         except DecodeError:
             continue
 
@@ -207,7 +211,6 @@ def load_tables(settings, sources: list[tuple[TableSpec, list[str]]], since_ms: 
     builders = {spec.name: TableBuilder(spec, codec, drop, settings.tier_of) for spec, _ in sources}
     for spec, w in windows:
         b = builders[spec.name]
-        show = w.total >= PROGRESS_MIN if progress is None else progress and w.total > 0
-        for msg in records(settings, w, show):
+        for msg in records(settings, w, show_progress(w, progress)):
             b.add(msg, since_ms, until_ms)
     return builders
