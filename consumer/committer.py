@@ -18,8 +18,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
+from inferlog.committed import committed_offsets, start_positions
 from inferlog.errors import FatalError
 from inferlog.request import now_ms
 
@@ -114,33 +115,20 @@ class Committer:
     def rewind(self) -> None:
         """Forget all uncommitted work and fetch again from the committed offsets.
 
-        The committed offsets are read first (retrying while the coordinator is away, as it is
-        when a broker restarts): a partition whose offset cannot be read must not restart from
-        the beginning (duplicates), and one whose seek fails must not go on from its fetch
-        position (its uncommitted records would be skipped) - that worker stops instead."""
-        tps = [TopicPartition(t, p) for t, p in self.engine.partitions]
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                committed = self.consumer.committed(tps, timeout=10) if tps else []
-                if not any(tp.error for tp in committed):
-                    break
-                why = [str(tp.error) for tp in committed if tp.error][:3]
-            except KafkaException as e:
-                why = [str(e)]
-            if time.monotonic() > deadline:
-                raise FatalError(f"cannot read the committed offsets to rewind to: {why}")
-            log.warning("rewind: committed offsets not readable yet (%s); retrying", why)
-            time.sleep(1)
+        The committed offsets are read first, stable (inferlog/committed.py: asked again while a
+        transaction settles or the coordinator is away, as when a broker restarts): a partition
+        whose offset cannot be read must not restart from a policy (duplicates), and one whose
+        seek fails must not go on from its fetch position (its uncommitted records would be
+        skipped) - that worker stops instead."""
+        starts = start_positions(committed_offsets(self.consumer, [TopicPartition(*tp) for tp in self.engine.partitions]))
         self.engine.reset()
         if self.on_rewind is not None:
             self.on_rewind()  # fetched past the committed offsets: they come again after the seek
-        for tp in committed:
-            off = tp.offset if tp.offset != OFFSET_INVALID else OFFSET_BEGINNING  # nothing committed yet
+        for tp in starts:
             try:
-                self.consumer.seek(TopicPartition(tp.topic, tp.partition, off))
+                self.consumer.seek(tp)
             except KafkaException as e:
-                raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {off}: {e}") from e
+                raise FatalError(f"cannot rewind {tp.topic}[{tp.partition}] to {tp.offset}: {e}") from e
 
     def close(self) -> None:
         """After the consumer closed. A commit still in flight (only after a fatal error) may

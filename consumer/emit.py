@@ -26,7 +26,7 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from inferlog.clients import confluent_config
-from inferlog.errors import FatalError
+from inferlog.errors import FatalError, RestartRequired
 
 from .records import Out
 
@@ -131,9 +131,11 @@ def offsets_of(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
 class TransactionalEmitter:
     transactional = True  # the offsets go in the transaction
 
-    def __init__(self, settings, consumer, timeout_s: float = 30.0, fallback=None):
+    def __init__(self, settings, consumer, timeout_s: float | None = None, fallback=None):
         self.consumer = consumer
-        self.timeout = timeout_s
+        # each call bounded well inside the transaction's own timeout: a commit that cannot end
+        # in time aborts and is redone, before the coordinator aborts it under us
+        self.timeout = timeout_s if timeout_s is not None else settings.transaction_timeout_ms / 3000
         self.fallback = fallback  # (Out, why) -> a small dead letter for an output that cannot be written
         conf = confluent_config(settings, **{
             "transactional.id": f"inferlog-{settings.group_id}-{settings.worker_id}",
@@ -141,12 +143,13 @@ class TransactionalEmitter:
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
-            "transaction.timeout.ms": 60000,
+            "transaction.timeout.ms": settings.transaction_timeout_ms,
             "partitioner": "murmur2_random",  # Java-compatible: audit finds a result's partition from its key
         })
         self.conf = conf
+        self.stuck = False  # a call never returned: nothing more is asked of this producer
         self.producer = Producer(conf)
-        self.producer.init_transactions(timeout_s)
+        self._init_transactions()
 
     def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int], group_metadata=None) -> None:
         """`group_metadata`: the consumer's, taken when the offsets were released (the caller
@@ -180,10 +183,16 @@ class TransactionalEmitter:
 
     def _send_offsets(self, offsets, group_metadata) -> None:
         """send_offsets_to_transaction, bounded. librdkafka can block in it far past its timeout
-        when the group coordinator went away mid-transaction (librdkafka #5456; seen here when
-        the broker restarts): then the stuck producer is left to its thread and a new one with
-        the same transactional.id takes over, whose init_transactions fences the old one and
-        aborts its open transaction, so the worker rewinds and redoes the work."""
+        when the group coordinator went away mid-transaction (librdkafka#5456, #5511; seen here
+        when the broker restarts), and the request it holds may still go out later.
+
+        A stuck producer is never replaced in the process: a new one with the same
+        transactional.id has the same producer id, and the old one's late TxnOffsetCommit (or a
+        late produce) would then be taken into the new one's next transaction - offsets of
+        aborted answers committed (records lost), or an aborted answer committed twice. Issue 24
+        saw both after such a replacement. So the process starts again (RestartRequired): its end
+        ends every request of the stuck client, and init_transactions at the start aborts the
+        open transaction; the partitions are redone from the committed offsets."""
         box: list = []
         producer = self.producer
 
@@ -198,19 +207,32 @@ class TransactionalEmitter:
         t.start()
         t.join(self.timeout + 5)
         if t.is_alive():
-            log.error("send_offsets_to_transaction stuck for %.0fs: replacing the transactional producer",
-                      self.timeout + 5)
-            self._replace_producer()
-            raise CommitAborted("send_offsets_to_transaction did not return; producer replaced")
+            self.stuck = True
+            raise RestartRequired(f"send_offsets_to_transaction did not return in {self.timeout + 5:.0f}s "
+                                  "(librdkafka#5456): the process starts again to end that producer")
         if box[0] is not None:
             raise box[0]
 
+    def _init_transactions(self, patience: float = 180.0) -> None:
+        """Fences any earlier producer of this transactional.id and aborts what it left open;
+        asked again while the coordinator is away or loading (a worker restarted while its
+        broker restarts too), then a clear error."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self.producer.init_transactions(self.timeout)
+                return
+            except KafkaException as e:
+                err = e.args[0]
+                if not err.retriable() or time.monotonic() > deadline:
+                    raise FatalError(f"the transactional producer could not start: {err}") from e
+                log.warning("init_transactions: %s; retrying", err)
+
     def _replace_producer(self) -> None:
+        """Only after a completed abort (a refused record broke librdkafka's sequence numbers):
+        the old producer has nothing in flight, so nothing of it can reach the new one's epoch."""
         self.producer = Producer(self.conf)
-        try:
-            self.producer.init_transactions(self.timeout)
-        except KafkaException as e:
-            raise FatalError(f"a new transactional producer could not start: {e}") from e
+        self._init_transactions()
 
     def _commit_with_retry(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -248,6 +270,8 @@ class TransactionalEmitter:
                 log.warning("abort_transaction: %s; retrying", err)
 
     def close(self) -> None:
+        if self.stuck:  # flushing would wait on the stuck call; the process ends (or restarts)
+            return
         try:
             self.producer.flush(self.timeout)
         except Exception as e:  # a fenced (fatal) producer raises here (KafkaException, or a SystemError

@@ -14,7 +14,8 @@ import threading
 import time
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from inferlog.clients import confluent_config, consume_ready
+from inferlog.clients import confluent_config, consume_ready, group_protocol_config
+from inferlog.committed import committed_offsets, start_positions
 from inferlog.codec import Codec
 from inferlog.errors import FatalError
 
@@ -25,15 +26,6 @@ from .flow import FETCH_CHUNK, FlowControl
 from .metrics import HealthServer, LagSampler, Metrics
 
 log = logging.getLogger(__name__)
-
-
-def group_protocol_config(s) -> dict:
-    """How the group assigns. KIP-848's broker-side range assignor balances each request topic
-    on its own (cooperative-sticky balanced the total: a worker joining a serving group took all
-    of one tier and none of the other); its rebalances are incremental, as cooperative ones were."""
-    if s.group_protocol == "consumer":
-        return {"group.protocol": "consumer", "group.remote.assignor": s.group_assignor}
-    return {"partition.assignment.strategy": "cooperative-sticky", "session.timeout.ms": s.session_timeout_ms}
 
 
 class Worker:
@@ -93,7 +85,9 @@ class Worker:
             "client.id": f"inferlog-{self.s.worker_id}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
+            # never a policy: every partition starts where the group committed, read by the
+            # worker itself (_on_assign); an offset that is out of range stops it loudly
+            "auto.offset.reset": "error",
             "isolation.level": "read_committed",
             **group_protocol_config(self.s),
             "max.poll.interval.ms": 300000,
@@ -130,7 +124,7 @@ class Worker:
             return 0
         except FatalError as e:
             log.error("fatal: %s", e)
-            return 3
+            return e.exit_code  # 3; RestartRequired: 75, the CLI starts the process again
         finally:
             self._close()
 
@@ -197,6 +191,9 @@ class Worker:
             err = m.error()
             if err is None:
                 yield m
+            elif err.code() == KafkaError._AUTO_OFFSET_RESET:
+                raise FatalError(f"consumer: {err} (the committed offset of {m.topic()}[{m.partition()}] is "
+                                 "not in the log any more: records were deleted before they were answered)")
             elif err.code() != KafkaError._PARTITION_EOF:
                 if err.fatal():
                     raise FatalError(f"consumer: {err}")
@@ -227,10 +224,13 @@ class Worker:
 
     # -- rebalance callbacks (run inside consume(), on the loop thread) -------------------
     def _on_assign(self, consumer, partitions) -> None:
+        # where each starts: the group's committed offset, read stable (a transaction the
+        # previous owner left open settles first), never librdkafka's guess (inferlog/committed.py)
+        starts = start_positions(committed_offsets(consumer, partitions))
         for tp in partitions:
             self.engine.assign((tp.topic, tp.partition))
-        log.info("assigned %s", _named(partitions))
-        consumer.incremental_assign(partitions)
+        log.info("assigned %s", _named(starts))
+        consumer.incremental_assign(starts)
         paused = [tp for tp in partitions if self.flow.paused[self.s.tier_of(tp.topic)]]
         if paused:
             consumer.pause(paused)

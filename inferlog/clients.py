@@ -57,6 +57,16 @@ def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return conf
 
 
+def group_protocol_config(s: Settings) -> dict[str, Any]:
+    """How a group of workers (or a shared replay's members) assigns. KIP-848's broker-side
+    range assignor balances each request topic on its own (cooperative-sticky balanced the total:
+    a worker joining a serving group took all of one tier and none of the other); its rebalances
+    are incremental, as cooperative ones were."""
+    if s.group_protocol == "consumer":
+        return {"group.protocol": "consumer", "group.remote.assignor": s.group_assignor}
+    return {"partition.assignment.strategy": "cooperative-sticky", "session.timeout.ms": s.session_timeout_ms}
+
+
 def consume_ready(consumer, n: int, timeout: float) -> list:
     """Up to `n` messages, waiting at most `timeout` for the first and not at all for the rest.
 

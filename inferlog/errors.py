@@ -18,6 +18,15 @@ class ConfigError(InferlogError):
 class FatalError(InferlogError):
     """The worker must stop (e.g. its transactional producer was fenced)."""
 
+    exit_code = 3
+
+
+class RestartRequired(FatalError):
+    """The process must start again (same worker id) before it can go on safely: a Kafka client
+    of it is stuck in a call, and only the end of the process ends what that client may still send."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
 
 class RecordError(InferlogError):
     """One record cannot be answered; it becomes a dead letter with `reason`."""

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # the worker commits one transaction at a time, each with everything finished meanwhile;
     # this is the least time between two (0: the next starts as soon as the last ends)
     commit_interval_ms: float = Field(0.0, ge=0)
+    # the longest one commit's transaction may stay open; also how long the partitions of a worker
+    # killed mid-transaction wait before a successor under another worker id may start them (one
+    # with the same id, e.g. a StatefulSet pod restarted, aborts it at once). Each Kafka call of a
+    # commit is bounded by a third of it.
+    transaction_timeout_ms: int = Field(30000, ge=3000)
     # How the group assigns partitions. "consumer" (KIP-848, Kafka 4): the broker's range
     # assignor gives every member a balanced share of *each* request topic, whatever the order
     # in which members join, and rebalances are incremental; session and heartbeat are the

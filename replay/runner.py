@@ -34,9 +34,11 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from inferlog.clients import group_protocol_config
 from inferlog.codec import DEADLETTER, RESULT, Codec
 from inferlog.consumer.emit import CommitAborted
-from inferlog.errors import FatalError, InferlogError
+from inferlog.committed import committed_offsets, last_committed
+from inferlog.errors import FatalError, InferlogError, RestartRequired
 
 from .window import Window, WindowReader, now_ms, window_consumer
 
@@ -300,7 +302,7 @@ class TopicSink:
                                      "dead_letters": c["dead_letters"] + dead})]
         try:
             self.emitter.commit(outputs + tally, commits)
-        except CommitAborted as e:  # nothing of it is visible; the checkpoint is where it was
+        except (CommitAborted, RestartRequired) as e:  # nothing of it is visible; the checkpoint is where it was
             raise ReplayError(f"a transaction was aborted ({e}); continue with --resume {self.ck.run_id}") from e
         # the committed offsets in Kafka are the checkpoint; the file keeps the run's totals for
         # the summary (after a crash they may miss the last transactions, never the records)
@@ -492,10 +494,8 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
     # emitter commits inside each transaction; file output: a throwaway group, never used.
     # A shared run's members join that group as the live workers join theirs.
     conf = {"group.id": replay_group(ck.run_id)} if o["kind"] == "topic" else {}
-    if shared:
-        from inferlog.consumer.worker import group_protocol_config
-
-        conf.update(group_protocol_config(s))
+    if shared:  # its members start where the group committed (GroupReader), never from a policy
+        conf.update(group_protocol_config(s), **{"auto.offset.reset": "error"})
     consumer = window_consumer(s, **conf)
     engine = sink = reader = admin = None
     try:
@@ -578,46 +578,6 @@ def _done_offsets(consumer, ck: Checkpoint, admin=None) -> dict[tuple[str, int],
     got = (last_committed(admin, replay_group(ck.run_id), tps, patience=120.0) if admin is not None
            else committed_offsets(consumer, tps))
     return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
-
-
-def last_committed(admin, group: str, tps: list, timeout: float = 10.0, patience: float = 0.0) -> list:
-    """The group's committed offsets of `tps` as of the last committed transactions, without
-    waiting for open ones (require_stable off): never ahead of what is committed, so a figure
-    of progress; where to read from is asked stable, when a partition is assigned. Asked again
-    for `patience` seconds while the coordinator is away (a broker restarting, say)."""
-    from confluent_kafka import ConsumerGroupTopicPartitions
-
-    def read() -> list:
-        fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
-                                                require_stable=False, request_timeout=timeout)[group]
-        return fut.result(timeout=timeout + 5).topic_partitions
-
-    return _asked_again(read, patience, "the coordinator is away")
-
-
-def committed_offsets(consumer, tps: list, patience: float = 120.0) -> list:
-    """The group's committed offsets of `tps`, asked again while unreadable: read_committed
-    asks for stable offsets, and a transaction a crashed member left open holds them until a
-    successor with its transactional id fences it, or the transaction times out (60 s)."""
-    return _asked_again(lambda: consumer.committed(tps, timeout=10), patience, "an open transaction settles first")
-
-
-def _asked_again(read, patience: float, why_wait: str) -> list:
-    """`read()` (committed offsets, TopicPartitions) until no partition has an error, for
-    `patience` seconds; then a ReplayError with the last error."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            got = read()
-            why = next((tp.error for tp in got if tp.error), None)
-            if why is None:
-                return got
-        except (KafkaException, TimeoutError) as e:  # TimeoutError: the admin future
-            why = e
-        if time.monotonic() > deadline:
-            raise ReplayError(f"cannot read the committed offsets of the run's group: {why}")
-        log.warning("committed offsets not readable yet (%s): %s; asking again", why, why_wait)
-        time.sleep(1)
 
 
 def _mark_done(ck: Checkpoint) -> None:

@@ -22,9 +22,10 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from inferlog.clients import confluent_config, consume_ready
+from inferlog.committed import OffsetsUnreadable, committed_offsets, last_committed
 from inferlog.consumer.records import Out
 
-from .runner import ReplayError, committed_offsets, last_committed
+from .runner import ReplayError
 from .window import Window, WindowError, now_ms, read_window, resolve_window, window_consumer
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class GroupReader:
         tps = [TopicPartition(r.topic, r.partition) for r in self.window.ranges if r.size]
         try:  # not waiting for the other members' open transactions: never ahead of the commits
             got = {(tp.topic, tp.partition): tp.offset for tp in last_committed(self.admin, self.group, tps, 5)}
-        except ReplayError as e:  # coordinator away: asked again in a second
+        except OffsetsUnreadable as e:  # coordinator away: asked again in a second
             log.debug("committed offsets: %s", e)
             return False
         done = sum(r.done(got.get(r.tp)) for r in self.window.ranges)
