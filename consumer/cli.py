@@ -160,11 +160,13 @@ def _restart(settings) -> None:
     or a test sees one worker that went on) under the same worker id, whose init_transactions
     aborts what the old producer left open. Nothing of the old process survives an exec:
     threads, librdkafka's sockets (close-on-exec) and any request a stuck client still held."""
-    log.warning("restarting worker %s (same id, same process slot)", settings.worker_id)
+    log.warning("restarting worker %s (same id, same process slot; restart %d)", settings.worker_id,
+                settings.restarts + 1)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    env = dict(os.environ, INFERLOG_WORKER_ID=settings.worker_id)  # a default id names the pid: keep it
+    # a default worker id names the pid: keep it as it was
+    env = dict(os.environ, INFERLOG_WORKER_ID=settings.worker_id, INFERLOG_RESTARTS=str(settings.restarts + 1))
     os.execve(sys.executable, [sys.executable, "-m", "inferlog.cli", *sys.argv[1:], "--no-create-topics"], env)
 
 

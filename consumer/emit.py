@@ -148,6 +148,9 @@ class TransactionalEmitter:
         })
         self.conf = conf
         self.stuck = False  # a call never returned: nothing more is asked of this producer
+        self.commits = 0
+        # fault injection (tests): this commit's send_offsets hangs, in the first process only
+        self.stuck_at = settings.fault_stuck_commit if settings.restarts == 0 else 0
         self.producer = Producer(conf)
         self._init_transactions()
 
@@ -195,9 +198,13 @@ class TransactionalEmitter:
         open transaction; the partitions are redone from the committed offsets."""
         box: list = []
         producer = self.producer
+        self.commits += 1
+        hang = self.commits == self.stuck_at
 
         def call():
             try:
+                if hang:
+                    threading.Event().wait()  # the injected fault: stuck until the process ends
                 producer.send_offsets_to_transaction(offsets, group_metadata, self.timeout)
                 box.append(None)
             except BaseException as e:  # handed to the loop thread below

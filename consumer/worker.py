@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from inferlog.clients import confluent_config, consume_ready, group_protocol_config
 from inferlog.committed import committed_offsets, start_positions
 from inferlog.codec import Codec
-from inferlog.errors import FatalError
+from inferlog.errors import FatalError, RestartRequired
 
 from .committer import Committer
 from .emit import make_emitter
@@ -123,8 +123,11 @@ class Worker:
             log.info("drained: %s", self.counts)
             return 0
         except FatalError as e:
-            log.error("fatal: %s", e)
-            return e.exit_code  # 3; RestartRequired: 75, the CLI starts the process again
+            if isinstance(e, RestartRequired):  # 75: the CLI starts the process again
+                log.warning("restart needed: %s", e)
+            else:
+                log.error("fatal: %s", e)
+            return e.exit_code
         finally:
             self._close()
 
@@ -226,10 +229,14 @@ class Worker:
     def _on_assign(self, consumer, partitions) -> None:
         # where each starts: the group's committed offset, read stable (a transaction the
         # previous owner left open settles first), never librdkafka's guess (inferlog/committed.py)
+        t0 = time.monotonic()
         starts = start_positions(committed_offsets(consumer, partitions))
+        waited = time.monotonic() - t0
         for tp in partitions:
             self.engine.assign((tp.topic, tp.partition))
-        log.info("assigned %s", _named(starts))
+        if partitions:  # the consumer protocol also calls with none
+            log.info("assigned %s%s", _named(starts),
+                     f" (their committed offsets settled after {waited:.1f}s)" if waited >= 1.0 else "")
         consumer.incremental_assign(starts)
         paused = [tp for tp in partitions if self.flow.paused[self.s.tier_of(tp.topic)]]
         if paused:

@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     fault_seed: int = 0
     fault_slow_ms: float = Field(0.0, ge=0)
     fault_slow_rate: float = Field(0.1, ge=0, le=1)
+    # the Nth commit's send_offsets_to_transaction never returns, as librdkafka#5456 does when the
+    # group coordinator goes away; only before the process restarted itself (see `restarts`)
+    fault_stuck_commit: int = Field(0, ge=0)
+    # how often this worker's process started itself again (set by that restart; in its logs)
+    restarts: int = Field(0, ge=0)
 
     # observability
     metrics_port: int = Field(0, ge=0)  # 0: no HTTP server

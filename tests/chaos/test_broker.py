@@ -10,25 +10,11 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port, unique
-from inferlog.localkafka import LocalKafka
+from conftest import unique
 from inferlog.settings import load_settings
 from inferlog.topics import ensure_topics
 
 from .harness import Fleet, Stream, check_exactly_once, wait_all_answered
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    version = load_settings().kafka_version
-    broker = LocalKafka(libs_dir=REPO / ".kafka" / "libs" / version, data_dir=tmp_path / "kafka",
-                        port=free_port(), controller_port=free_port(), version=version)
-    broker.fetch()
-    broker.start(timeout=180)
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.mark.parametrize("size", [
