@@ -60,6 +60,9 @@ def cli(log_level: str, log_json: bool) -> None:
 
 
 def main() -> None:
+    from .quiet import quiet_exit
+
+    quiet_exit()  # first, so that its handler runs last at exit
     try:
         cli.main(standalone_mode=True)
     except (ConfigError, InferlogError) as e:  # raised outside click's own handling

@@ -26,8 +26,11 @@ hypothesis_settings.register_profile("inferlog", deadline=None, suppress_health_
 hypothesis_settings.load_profile("inferlog")
 
 from inferlog.localkafka import LocalKafka
+from inferlog.quiet import quiet_exit
 from inferlog.settings import Settings, load_settings
 from inferlog.topics import ensure_topics
+
+quiet_exit()  # the engines the tests start freeze the heap, as the CLI's do
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_FIXTURES = {"kafka", "settings", "topic_factory"}
