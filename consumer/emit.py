@@ -20,8 +20,11 @@ worker must stop; its successor owns the partitions now).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
@@ -124,6 +127,33 @@ def _produce_all(producer: Producer, outputs: list[Out], refusals: Refusals | No
     producer.poll(0)
 
 
+class BoundedCalls:
+    """Calls run on one long-lived daemon thread, each waited for at most a given time: a call
+    that does not return in time is left running there, and the caller is told (TimeoutError).
+    Daemon, so a call stuck in a client never holds up the end of the process."""
+
+    def __init__(self, name: str):
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            fn, fut = self.calls.get()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # handed to the caller
+                    fut.set_exception(e)
+
+    def run(self, fn, timeout: float):
+        fut: Future = Future()
+        self.calls.put((fn, fut))
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError from None
+
+
 def offsets_of(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
     return [TopicPartition(t, p, off) for (t, p), off in commits.items()]
 
@@ -148,6 +178,7 @@ class TransactionalEmitter:
         })
         self.conf = conf
         self.stuck = False  # a call never returned: nothing more is asked of this producer
+        self.bounded = BoundedCalls("inferlog-send-offsets")
         self.commits = 0
         # fault injection (tests): this commit's send_offsets hangs, in the first process only
         self.stuck_at = settings.fault_stuck_commit if settings.restarts == 0 else 0
@@ -196,29 +227,21 @@ class TransactionalEmitter:
         saw both after such a replacement. So the process starts again (RestartRequired): its end
         ends every request of the stuck client, and init_transactions at the start aborts the
         open transaction; the partitions are redone from the committed offsets."""
-        box: list = []
-        producer = self.producer
         self.commits += 1
         hang = self.commits == self.stuck_at
+        producer = self.producer
 
         def call():
-            try:
-                if hang:
-                    threading.Event().wait()  # the injected fault: stuck until the process ends
-                producer.send_offsets_to_transaction(offsets, group_metadata, self.timeout)
-                box.append(None)
-            except BaseException as e:  # handed to the loop thread below
-                box.append(e)
+            if hang:
+                threading.Event().wait()  # the injected fault: stuck until the process ends
+            producer.send_offsets_to_transaction(offsets, group_metadata, self.timeout)
 
-        t = threading.Thread(target=call, name="inferlog-send-offsets", daemon=True)
-        t.start()
-        t.join(self.timeout + 5)
-        if t.is_alive():
+        try:
+            self.bounded.run(call, self.timeout + 5)
+        except TimeoutError:
             self.stuck = True
             raise RestartRequired(f"send_offsets_to_transaction did not return in {self.timeout + 5:.0f}s "
-                                  "(librdkafka#5456): the process starts again to end that producer")
-        if box[0] is not None:
-            raise box[0]
+                                  "(librdkafka#5456): the process starts again to end that producer") from None
 
     def _init_transactions(self, patience: float = 180.0) -> None:
         """Fences any earlier producer of this transactional.id and aborts what it left open;
