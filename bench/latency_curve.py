@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = sample_texts(DRAIN)
     import torch
 
-    from inferlog.consumer.engine import model_threads
+    from inferlog.consumer.runners import model_threads
 
     # The loads are shares of the model alone as torch runs it by default (a thread per core);
     # a batch's device time in the worker is compared with the same batch alone on the threads

@@ -67,23 +67,6 @@ def settings_from_flags(**flags):
     return load_settings(**{k: v for k, v in flags.items() if v is not None})
 
 
-def build_runner(settings):
-    from .runners import load_runner
-
-    runner = load_runner(settings.model, task=settings.task, device=settings.device, dtype=settings.dtype,
-                         name=settings.model_name)
-    from .engine import share_cores
-
-    share_cores(settings, runner)  # before the warm-up starts torch's thread pool
-    from .faults import FaultyRunner, wants_faults
-
-    if wants_faults(settings):
-        log.warning("fault injection is ON (marker %r, rate %s, slow %s ms): for tests and chaos runs only",
-                    settings.fault_marker, settings.fault_rate, settings.fault_slow_ms)
-        runner = FaultyRunner.from_settings(runner, settings)
-    return runner
-
-
 def _gpu_count() -> int:
     try:
         import torch
@@ -128,6 +111,7 @@ def worker(processes: str, processes_per_gpu: int, create_topics: bool, **flags)
         from inferlog.topics import ensure_topics
 
         ensure_topics(settings)
+    from .runners import build_runner
     from .worker import Worker
 
     try:

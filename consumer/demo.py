@@ -17,7 +17,8 @@ from confluent_kafka import Consumer, TopicPartition
 from inferlog.clients import confluent_config, consume_ready
 from inferlog.codec import RESULT, Codec
 
-from .cli import build_runner, settings_from_flags, worker_options
+from .cli import settings_from_flags, worker_options
+from .runners import build_runner
 
 SUBJECTS = ["The payment service", "A customer in Lisbon", "Our nightly batch job", "The fraud model",
             "An auditor", "The search index", "A delivery driver", "The support team", "Kafka", "The GPU"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,35 +26,9 @@ from .pipeline import InlineExecutor, Pipeline
 from .decoding import Decoder
 from .records import Pending, is_expired
 from .results import ResultBuilder
+from .runners import share_cores
 
 log = logging.getLogger(__name__)
-
-
-def model_threads(setting: int) -> int:
-    """torch's intra-op threads for a CPU model: the setting, or one fewer than the cores this
-    process may run on (at least one)."""
-    if setting:
-        return setting
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 2
-    return max(1, cores - 1)
-
-
-def share_cores(settings, runner) -> None:
-    """A model on the CPU gets all cores but one. With torch's default (one thread per core) its
-    parallel regions stalled whenever the loop, the CPU pool, librdkafka or a broker on the same
-    machine took a core: on 2 cores a batch ran 1.5x slower inside the worker than alone; with one
-    thread, 1.1x, and the worker drained more (BENCHMARKS.md, issue 15)."""
-    device = getattr(runner, "device", None)
-    if getattr(device, "type", None) != "cpu":
-        return
-    import torch
-
-    n = model_threads(settings.torch_threads)
-    if torch.get_num_threads() != n:  # the CLI sets it before warm-up; the engine for other drivers
-        torch.set_num_threads(n)
 
 
 def settle_heap() -> None:

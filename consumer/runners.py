@@ -6,6 +6,8 @@ safe to call concurrently and must not touch the device.
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
 import threading
 from abc import ABC, abstractmethod
@@ -18,6 +20,7 @@ from inferlog.errors import ConfigError, InputTooLarge
 from inferlog.request import Parameters
 
 from .batching import padded_tokens
+from .faults import FaultyRunner, wants_faults
 from .models import (
     sentence_limit,
     ModelInfo,
@@ -34,6 +37,8 @@ __all__ = ["Row", "ModelInfo", "Runner", "EmbedRunner", "GenerateRunner", "Class
 
 _seed_source = random.SystemRandom()
 
+
+log = logging.getLogger(__name__)
 
 def sampling_temperature(p: Parameters) -> float:
     """The temperature a row samples at; 0.0 is greedy (no temperature, or one so small that
@@ -340,3 +345,41 @@ def load_runner(
     if task == "EMBED" and (trained := sentence_limit(directory)):
         limit = min(limit, trained)
     return _RUNNERS[task](net, tokenizer, info, dev, limit)
+
+
+def model_threads(setting: int) -> int:
+    """torch's intra-op threads for a CPU model: the setting, or one fewer than the cores this
+    process may run on (at least one)."""
+    if setting:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, cores - 1)
+
+
+def share_cores(settings, runner) -> None:
+    """A model on the CPU gets all cores but one. With torch's default (one thread per core) its
+    parallel regions stalled whenever the loop, the CPU pool, librdkafka or a broker on the same
+    machine took a core: on 2 cores a batch ran 1.5x slower inside the worker than alone; with one
+    thread, 1.1x, and the worker drained more (BENCHMARKS.md, issue 15)."""
+    device = getattr(runner, "device", None)
+    if getattr(device, "type", None) != "cpu":
+        return
+    n = model_threads(settings.torch_threads)
+    if torch.get_num_threads() != n:  # the CLI sets it before warm-up; the engine for other drivers
+        torch.set_num_threads(n)
+
+
+def build_runner(settings):
+    """The runner a worker or a replay serves: the model of the settings, its CPU threads set
+    before the warm-up starts torch's thread pool, and fault injection when the settings ask."""
+    runner = load_runner(settings.model, task=settings.task, device=settings.device, dtype=settings.dtype,
+                         name=settings.model_name)
+    share_cores(settings, runner)
+    if wants_faults(settings):
+        log.warning("fault injection is ON (marker %r, rate %s, slow %s ms): for tests and chaos runs only",
+                    settings.fault_marker, settings.fault_rate, settings.fault_slow_ms)
+        runner = FaultyRunner.from_settings(runner, settings)
+    return runner

@@ -173,7 +173,7 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
             if window.total == 0:
                 raise rr.ReplayError(f"the window of {', '.join(window.topics)} is empty: nothing to replay, "
                                      f"nothing written")
-            from inferlog.consumer.cli import build_runner
+            from inferlog.consumer.runners import build_runner
 
             runner = build_runner(settings)
             _warn_other_model(settings, window, runner.info.name)

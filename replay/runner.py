@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 
 from inferlog.clients import group_protocol_config
 from inferlog.codec import DEADLETTER, RESULT, Codec
@@ -410,7 +410,7 @@ def start(settings, window: Window, output: dict, *, run_id: str | None = None, 
     if output["kind"] == "file" and Path(output["path"]).exists() and not force:
         raise ReplayError(f"{output['path']} exists; remove it or pass --force")
     if runner is None:
-        from inferlog.consumer.cli import build_runner
+        from inferlog.consumer.runners import build_runner
 
         runner = build_runner(settings)  # ConfigError for an unknown model: nothing written yet
     shaping = {k: getattr(settings, k) for k in SHAPING}
@@ -524,7 +524,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
                 (FileSink(ck, Codec.from_settings(s)).finish() if o["kind"] == "file" else _mark_done(ck))
             return _summary(settings, ck, "done", 0, {"results": 0, "dead_letters": 0}, 0.0, done_to, runner)
         if runner is None:
-            from inferlog.consumer.cli import build_runner
+            from inferlog.consumer.runners import build_runner
 
             runner = build_runner(s)
         if runner.info.name != ck.data.get("model_name", runner.info.name):

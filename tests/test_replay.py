@@ -417,12 +417,12 @@ def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, mo
     assert [r.tp for r in ck.window.ranges] == [(s.requests_topic, p)]
     ck.path.write_text(json.dumps({**ck.data, "version": 1, "offsets": {str(p): 2}, "window": {
         "topic": s.requests_topic, "since_ms": None, "until_ms": None, "ranges": [[p, 0, 2]]}}))
-    import inferlog.consumer.cli as worker_cli
+    import inferlog.consumer.runners as runners
 
     def no_model(_):
         raise AssertionError("the model was loaded with nothing left to do")
 
-    monkeypatch.setattr(worker_cli, "build_runner", no_model)
+    monkeypatch.setattr(runners, "build_runner", no_model)
     again = rr.resume(s, "cut", state_dir=state)
     assert again.status == "done" and again.records == 0 and again.done == 2 and again.counts["results"] == 2
     assert again.topics == {s.requests_topic: (2, 2)}
