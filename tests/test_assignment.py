@@ -61,8 +61,9 @@ def test_a_partition_held_by_an_open_transaction_starts_at_its_committed_offset(
 
     expected = s.partitions * (PER_PARTITION - COMMITTED)
     # the first worker waits for the open transaction; the second joins meanwhile (the
-    # assignment changes while the first asks); the transaction ends 8 s in
-    threading.Timer(8.0, lambda: txn.abort_transaction(30)).start()
+    # assignment changes while the first asks); the transaction ends 20 s in (the reproduction
+    # sees partitions 0 and 1 read from 0 while it is still open)
+    threading.Timer(20.0, lambda: txn.abort_transaction(30)).start()
     workers = [Worker(s, classifier)]
     threads = [threading.Thread(target=workers[0].run, daemon=True)]
     threads[0].start()
