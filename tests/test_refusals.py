@@ -1,0 +1,185 @@
+"""Outputs the producer refuses for good (consumer/emit.py `Refusals`), and one commit through
+`TransactionalEmitter` on a real broker whose results topic refuses an output.
+
+`Refusals` is pure: delivery reports in, a decision out. A record refused within a batch is only a
+suspect (the broker refuses a whole batch for one record too large), produced alone next time;
+one refused alone is replaced by its small dead letter. tests/test_hostile.py sends every result
+of a worker over a topic's limit; here one output among good ones, straight through the emitter.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+from inferlog.clients import confluent_config
+from inferlog.codec import DEADLETTER, Codec
+from inferlog.consumer.emit import REFUSED, Refusals, TransactionalEmitter
+from inferlog.consumer.models import ModelInfo
+from inferlog.consumer.records import Out
+from inferlog.consumer.results import ResultBuilder
+from support import read_all
+
+TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+WHY = f"{TOO_LARGE.name()}: {TOO_LARGE.str()}"
+
+
+def out(i: int, source: bool = True) -> Out:
+    return Out("results", f"key-{i}".encode(), f"value-{i}".encode(), [], "OK",
+               source=("requests", 0, 100 + i) if source else None)
+
+
+def report(o: Out) -> Message:
+    """The message a delivery report names: what was produced of `o`."""
+    return Message(topic=o.topic, partition=0, key=o.key, value=o.value)
+
+
+class Fallback:
+    """Records each replacement asked for; the replacement is a distinct dead letter."""
+
+    def __init__(self):
+        self.asked: list[tuple[Out, str]] = []
+
+    def __call__(self, o: Out, why: str) -> Out:
+        self.asked.append((o, why))
+        return o._replace(topic="deadletter", value=b"dead:" + o.value, dead=True, label="OUTPUT_UNWRITABLE")
+
+
+def refuse(r: Refusals, *indices: int) -> None:
+    for i in indices:
+        r.on_delivery(TOO_LARGE, report(r.outputs[i]))
+
+
+# -- delivery reports ------------------------------------------------------------------------
+@pytest.mark.parametrize("code", sorted(REFUSED))
+def test_a_refusal_for_good_is_recorded_with_its_name_and_not_as_an_error(code):
+    r = Refusals([out(0)], Fallback())
+    err = KafkaError(code)
+    r.on_delivery(err, report(r.outputs[0]))
+    assert r.errors == []
+    assert len(r.refused) == 1 and r.refused[0][1] == f"{err.name()}: {err.str()}"
+
+
+@pytest.mark.parametrize("code", [KafkaError._MSG_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION,
+                                  KafkaError._PURGE_QUEUE, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                  KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER])
+def test_any_other_delivery_error_is_an_error_not_a_refusal(code):
+    """Those may pass on a retry or are the commit's failure: never a reason to replace an output."""
+    r = Refusals([out(0)], Fallback())
+    r.on_delivery(KafkaError(code), report(r.outputs[0]))
+    assert r.refused == [] and [e.code() for e in r.errors] == [code]
+    assert r.settle() == []  # nothing was refused: nothing to produce again, nothing replaced
+
+
+def test_a_delivered_message_records_nothing():
+    r = Refusals([out(0)], Fallback())
+    r.on_delivery(None, report(r.outputs[0]))
+    assert r.refused == [] and r.errors == []
+
+
+# -- settle ----------------------------------------------------------------------------------
+def test_refused_within_a_batch_is_a_suspect_then_replaced_only_if_refused_alone():
+    """A batch of three refused: all three are produced again, each alone, none replaced. Then
+    only the one refused alone is replaced by its fallback, carrying the refusal's reason."""
+    fb = Fallback()
+    r = Refusals([out(0), out(1), out(2)], fb)
+    original = list(r.outputs)
+    refuse(r, 0, 1, 2)
+    r.on_delivery(KafkaError(KafkaError._PURGE_QUEUE), report(original[2]))  # an error beside them
+    assert r.settle() == [0, 1, 2]
+    assert r.alone == {0, 1, 2} and r.outputs == original and fb.asked == []
+    assert r.refused == [] and r.errors == []  # each attempt starts with none
+
+    refuse(r, 1)  # the next attempt: each alone, and only the culprit refused
+    assert r.settle() == [1]
+    assert fb.asked == [(original[1], f"the output could not be written: {WHY}")]
+    assert r.outputs[1].topic == "deadletter" and r.outputs[1].value == b"dead:value-1"
+    assert [r.outputs[0], r.outputs[2]] == [original[0], original[2]]
+    assert r.alone == {0, 2}  # the replacement goes with the others; the suspects stay alone
+
+
+def test_refused_by_produce_itself_is_replaced_at_once():
+    """librdkafka refuses a record too large for it at produce(): _produce_all marks it alone and
+    names it by index, so one settle replaces it."""
+    fb = Fallback()
+    r = Refusals([out(0), out(1)], fb)
+    r.alone.add(1)
+    r.refused.append((1, WHY))
+    assert r.settle() == [1]
+    assert r.outputs[1].dead and r.outputs[0] == out(0) and len(fb.asked) == 1 and r.alone == set()
+
+
+@pytest.mark.parametrize("why", ["no fallback", "an output without a source", "a report naming no output"])
+def test_when_nothing_can_be_done_settle_returns_nothing_and_changes_nothing(why):
+    """[]: the caller fails the commit as it would without Refusals; no output is replaced and
+    no suspect is made."""
+    fb = Fallback()
+    outputs = [out(0), out(1, source=why != "an output without a source")]
+    r = Refusals(outputs, None if why == "no fallback" else fb)
+    original = list(outputs)
+    if why == "a report naming no output":
+        r.on_delivery(TOO_LARGE, Message(topic="results", key=b"other", value=b"other"))
+    refuse(r, 0, 1)
+    r.alone.add(0)  # produced alone already: would be replaced if anything could be done
+    assert r.settle() == []
+    assert r.outputs == original and r.alone == {0} and fb.asked == []
+    assert r.refused == []
+
+
+def test_tries_left_covers_the_worst_case_and_no_more():
+    """Worst case in a transaction: all n outputs refused as one batch, then one suspect refused
+    alone per attempt (the first refusal ends an attempt). Each failed attempt has a try left,
+    the attempt after the last replacement is the last one allowed."""
+    n = 4
+    fb = Fallback()
+    r = Refusals([out(i) for i in range(n)], fb)
+    refuse(r, *range(n))  # attempt 1
+    assert r.settle() == list(range(n)) and r.tries_left(1)
+    for attempt in range(2, n + 2):  # attempts 2..n+1: one suspect refused alone each
+        culprit = attempt - 2
+        refuse(r, culprit)
+        assert r.tries_left(attempt) and r.settle() == [culprit]
+    assert len(fb.asked) == n and all(o.dead for o in r.outputs)  # attempt n+2 writes only dead letters
+    assert not r.tries_left(n + 2)  # and should that fail too, the commit fails
+
+
+# -- through the emitter, on the broker -----------------------------------------------------
+def test_an_output_over_the_topics_limit_becomes_a_dead_letter_and_the_rest_commit(settings):
+    """The results topic takes records of at most 1 kB. One commit carries five small results
+    and, among them on the same partition (one batch), one of 4 kB: the committed results are
+    the five, the big one is one small OUTPUT_UNWRITABLE dead letter naming its source and the
+    refusal, nothing is written twice, and the offsets are committed with them."""
+    admin = AdminClient(confluent_config(settings))
+    res = ConfigResource(ConfigResource.Type.TOPIC, settings.results_topic,
+                         incremental_configs=[ConfigEntry("max.message.bytes", "1024",
+                                                          incremental_operation=AlterConfigOpType.SET)])
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(30)
+    codec = Codec.from_settings(settings)
+    builder = ResultBuilder(codec, settings, ModelInfo("m", None, None))
+    req_topic = settings.requests_topic
+
+    def result(offset: int, size: int) -> Out:  # random bytes: lz4 cannot shrink them under the limit
+        return Out(settings.results_topic, b"one-key", os.urandom(size), [], "OK", source=(req_topic, 0, offset))
+
+    outputs = [result(0, 100), result(1, 100), result(2, 4000), result(3, 100), result(4, 100), result(5, 100)]
+    small = [o.value for i, o in enumerate(outputs) if i != 2]
+    consumer = Consumer(confluent_config(settings, **{"group.id": settings.group_id, "enable.auto.commit": False,
+                                                      "isolation.level": "read_committed"}))
+    emitter = TransactionalEmitter(settings, consumer, fallback=builder.unwritable)
+    try:
+        emitter.commit(list(outputs), {(req_topic, 0): 6, (req_topic, 1): 3}, consumer.consumer_group_metadata())
+        committed = consumer.committed([TopicPartition(req_topic, 0), TopicPartition(req_topic, 1)], timeout=30)
+    finally:
+        emitter.close()
+        consumer.close()
+    results = read_all(settings, settings.results_topic)
+    assert sorted(r.value for r in results) == sorted(small)  # each once: aborted attempts are invisible
+    dead = [codec.decode(r.value, expect=DEADLETTER) for r in read_all(settings, settings.deadletter_topic)]
+    assert len(dead) == 1
+    d = dead[0]
+    assert d["reason"] == "OUTPUT_UNWRITABLE" and d["source"] == {"topic": req_topic, "partition": 0, "offset": 2}
+    assert "MSG_SIZE_TOO_LARGE" in d["detail"] and d["value"] is None
+    assert [(tp.partition, tp.offset) for tp in committed] == [(0, 6), (1, 3)]
