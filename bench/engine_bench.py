@@ -23,7 +23,7 @@ from report import engine_table
 
 from inferlog.codec import REQUEST, Codec
 from inferlog.consumer.demo import sample_texts
-from inferlog.consumer.engine import Engine
+from inferlog.consumer.engine import Engine, start_up
 from inferlog.consumer.records import BatchInfo, Pending
 from inferlog.consumer.results import ResultBuilder
 from inferlog.producer.sync import RequestEncoder
@@ -51,6 +51,7 @@ class Msg:
 
 def run_engine(s, runner, codec, msgs: list[Msg], partitions: int) -> dict:
     eng = Engine(s, runner, codec)
+    start_up(s, runner)  # as a driver does: the model's threads, the warm-up, the settled heap
     for p in range(partitions):
         eng.assign((s.requests_topic, p))
     n, out, i = len(msgs), 0, 0

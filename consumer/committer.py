@@ -77,7 +77,7 @@ class Committer:
             return
         self.last = time.monotonic()
         fut = self.pool.submit(self.emitter.commit, outputs, commits, self.consumer.consumer_group_metadata())
-        fut.add_done_callback(lambda _: self.engine.pipeline.wakeup.set())  # its end is work for the loop
+        fut.add_done_callback(self.engine.wake)  # its end is work for the loop
         self.in_flight = InFlight(fut, outputs, commits, time.perf_counter())
         if force:  # 5
             self._ended()

@@ -61,14 +61,14 @@ class _Request:
 
 class ContinuousPipeline:
     def __init__(self, runner, builder: ResultBuilder, done: SimpleQueue, metrics: Metrics | None = None,
-                 max_rows: int = 32, kv_tokens: int = 16384):
+                 max_rows: int = 32, kv_tokens: int = 16384, wakeup: threading.Event | None = None):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         self.runner, self.builder, self.done = runner, builder, done
         self.metrics = metrics or Metrics()
         self.max_rows, self.kv_tokens = max_rows, kv_tokens
         self.costs: SimpleQueue = SimpleQueue()  # the static pipeline's; nothing reads batch costs here
-        self.wakeup = threading.Event()
+        self.wakeup = wakeup or threading.Event()  # the engine's
         self.fatal: BaseException | None = None
         self.closed = False
         self._lock = threading.Lock()

@@ -93,6 +93,19 @@ class Refusals:
                 self.alone.add(i)
         return sorted({i for i, _ in found})
 
+    def replace(self, i: int, why: str) -> bool:
+        """An output produce() refused itself (too large for the client): it is its own refusal,
+        so its dead letter replaces it at once. Nothing else changes: delivery reports already
+        recorded this attempt stay for the attempt's end (settling here cleared them, and an
+        at-least-once commit then went on as if they had been delivered). False if it cannot be
+        replaced (no fallback, no source)."""
+        if self.fallback is None or self.outputs[i].source is None:
+            return False
+        log.warning("the output for %s[%d]@%d was refused (%s): written as a dead letter", *self.outputs[i].source, why)
+        self.outputs[i] = self.fallback(self.outputs[i], f"the output could not be written: {why}")
+        self.alone.discard(i)
+        return True
+
     def tries_left(self, attempt: int) -> bool:
         """Batched, then the suspects alone, then with the replacements. In a transaction the
         first refusal ends an attempt, so each attempt after the first replaces one at least."""
@@ -117,9 +130,7 @@ def _produce_all(producer: Producer, outputs: list[Out], refusals: Refusals | No
                 err = e.args[0]
                 if refusals is None or err.code() not in REFUSED:
                     raise
-                refusals.alone.add(i)
-                refusals.refused.append((i, f"{err.name()}: {err.str()}"))
-                if not refusals.settle():
+                if not refusals.replace(i, f"{err.name()}: {err.str()}"):
                     raise
                 o = outputs[i]
         if i in alone:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,14 @@ from .results import ResultBuilder
 from .runners import share_cores
 
 log = logging.getLogger(__name__)
+
+
+def start_up(settings, runner) -> None:
+    """What a driver does once, before it joins or reads: the model's CPU threads, its warm-up,
+    then the heap settled (process-wide, so never in an Engine's constructor)."""
+    share_cores(settings, runner)
+    runner.warmup()
+    settle_heap()
 
 
 def settle_heap() -> None:
@@ -65,6 +74,9 @@ class Engine:
         self.cpu = InlineExecutor() if inline else ThreadPoolExecutor(settings.cpu_workers,
                                                                       thread_name_prefix="inferlog-cpu")
         self.done: SimpleQueue = SimpleQueue()
+        # set by whatever ends work the loop waits for (a job, a decode, the driver's commit);
+        # waited on and cleared by the loop only (wait())
+        self.wakeup = threading.Event()
         from .runners import Row  # the runner module owns the row type
 
         runner.default_max_new_tokens = settings.default_max_new_tokens
@@ -72,14 +84,12 @@ class Engine:
             from .continuous import ContinuousPipeline
 
             self.pipeline = ContinuousPipeline(runner, self.builder, self.done, self.metrics,
-                                               settings.max_batch_size, settings.max_batch_tokens)
+                                               settings.max_batch_size, settings.max_batch_tokens, self.wakeup)
         else:
             self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics,
-                                     inline=inline)  # starts the device loop (unless inline)
+                                     inline=inline, wakeup=self.wakeup)  # starts the device loop (unless inline)
         self.decoding: deque[Future] = deque()
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
-        share_cores(settings, runner)
-        settle_heap()
 
     # -- in ------------------------------------------------------------------------------
     def accept(self, msgs) -> int:
@@ -104,7 +114,7 @@ class Engine:
             self.counts["consumed"] += len(chunk)
             self.metrics.consumed.inc(len(chunk))
             fut = self.cpu.submit(self._decode, chunk, now, mono, time.perf_counter())
-            fut.add_done_callback(lambda _: self.pipeline.wakeup.set())
+            fut.add_done_callback(self.wake)
             self.decoding.append(fut)
         return len(chunk)
 
@@ -291,8 +301,12 @@ class Engine:
         """Block until a job or a decode finishes (or `timeout`), when the pipeline is full:
         reacting at once to a free slot, instead of after a fixed poll interval."""
         if not self.pipeline.has_room(self.s.pipeline_depth) and not self.decoding_done():
-            self.pipeline.wakeup.wait(timeout)
-        self.pipeline.wakeup.clear()
+            self.wakeup.wait(timeout)
+        self.wakeup.clear()
+
+    def wake(self, *_) -> None:
+        """Something the loop waits for ended (also a future's done callback)."""
+        self.wakeup.set()
 
     def decoding_done(self) -> bool:
         return bool(self.decoding) and self.decoding[0].done()

@@ -79,7 +79,7 @@ class InlineExecutor(Executor):
 
 class Pipeline:
     def __init__(self, runner, cpu: Executor, builder: ResultBuilder, done: SimpleQueue, row_type,
-                 metrics: Metrics | None = None, inline: bool = False):
+                 metrics: Metrics | None = None, inline: bool = False, wakeup: threading.Event | None = None):
         self.runner = runner
         self.cpu = cpu
         self.ready: SimpleQueue = SimpleQueue()  # (prepared job, when queued) for the device loop; None ends it
@@ -93,7 +93,7 @@ class Pipeline:
         self.costs: SimpleQueue = SimpleQueue()  # (rows, device seconds) per batch run, for adaptive batching
         self.closed = False  # set by the engine on close: late failures are shutdown, not model errors
         self.fatal: BaseException | None = None  # a device that cannot go on (read by the loop)
-        self.wakeup = threading.Event()  # set whenever a job finishes
+        self.wakeup = wakeup or threading.Event()  # the engine's: set whenever a job finishes
         self._cpu_wait = self.metrics.queue_wait.labels("cpu")
         self._device_wait = self.metrics.queue_wait.labels("device")
         # inline: the device stage runs on the thread that prepared the job (the driver's, with an

@@ -21,7 +21,7 @@ from inferlog.errors import FatalError, RestartRequired
 
 from .committer import Committer
 from .emit import make_emitter
-from .engine import Engine
+from .engine import Engine, start_up
 from .flow import FETCH_CHUNK, FlowControl
 from .metrics import HealthServer, LagSampler, Metrics
 
@@ -110,7 +110,7 @@ class Worker:
         """Serve until stopped. Returns the process exit code."""
         log.info("warming up model %s on %s", self.runner.info.name, self.runner.device)
         self.last_turn = time.monotonic()
-        self.runner.warmup()
+        start_up(self.s, self.runner)
         try:
             self._connect()
             log.info("worker %s joined group %s on %s and %s (delivery %s)", self.s.worker_id, self.s.group_id,

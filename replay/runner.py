@@ -485,7 +485,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
     `stop_after`: return right after the first commit that brings this invocation past
     that many records, leaving the rest unfinished, as a crash would (for tests).
     A failed device raises ReplayError after committing what finished: the run resumes."""
-    from inferlog.consumer.engine import Engine
+    from inferlog.consumer.engine import Engine, start_up
 
     s = run_settings(settings, ck)
     window, o = ck.window, ck.output
@@ -536,7 +536,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
             sink = FileSink(ck, engine.codec)
         else:  # an output the producer refuses for good becomes its dead letter
             sink.emitter.fallback = engine.builder.unwritable
-        runner.warmup()
+        start_up(s, runner)
         commits = _Commits(engine, sink, {r.tp: r.start for r in todo.ranges})
         if shared:  # the group assigns the partitions; each starts where the group committed
             from .shared import GroupReader

@@ -100,15 +100,20 @@ def test_refused_within_a_batch_is_a_suspect_then_replaced_only_if_refused_alone
     assert r.alone == {0, 2}  # the replacement goes with the others; the suspects stay alone
 
 
-def test_refused_by_produce_itself_is_replaced_at_once():
-    """librdkafka refuses a record too large for it at produce(): _produce_all marks it alone and
-    names it by index, so one settle replaces it."""
+def test_refused_by_produce_itself_is_replaced_at_once_and_keeps_the_attempts_reports():
+    """librdkafka refuses a record too large for it at produce(): that output's dead letter
+    replaces it at once. Delivery reports recorded earlier in the same attempt (a refusal of
+    another output, an error) are kept for the attempt's end: clearing them there let an
+    at-least-once commit go on as if those outputs had been delivered."""
     fb = Fallback()
-    r = Refusals([out(0), out(1)], fb)
-    r.alone.add(1)
-    r.refused.append((1, WHY))
-    assert r.settle() == [1]
-    assert r.outputs[1].dead and r.outputs[0] == out(0) and len(fb.asked) == 1 and r.alone == set()
+    r = Refusals([out(0), out(1), out(2)], fb)
+    r.on_delivery(TOO_LARGE, Message(topic="results", key=out(0).key, value=out(0).value))
+    r.on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), None)
+    assert r.replace(1, WHY)
+    assert r.outputs[1].dead and len(fb.asked) == 1 and 1 not in r.alone
+    assert r.outputs[0] == out(0) and r.outputs[2] == out(2)
+    assert len(r.refused) == 1 and len(r.errors) == 1  # still there for the attempt's end
+    assert not Refusals([out(0)], None).replace(0, WHY)  # no fallback: the caller fails as before
 
 
 @pytest.mark.parametrize("why", ["no fallback", "an output without a source", "a report naming no output"])
