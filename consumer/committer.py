@@ -1,4 +1,5 @@
-"""The live worker's commit: what the engine finished leaves it, one transaction at a time.
+"""The one commit path of every driver (the live worker, replay): what the engine finished
+leaves it through a sink, one commit at a time.
 
 Group commit: one commit runs on the emit thread while the worker's loop goes on fetching and
 batching; when it ends, the next one takes everything finished meanwhile. Under light load a
@@ -25,6 +26,7 @@ from inferlog.errors import FatalError
 from inferlog.request import now_ms
 
 from .emit import CommitAborted, offsets_of
+from .pipeline import InlineExecutor
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +41,27 @@ class InFlight:
 
 
 class Committer:
-    """`on_rewind()`: the worker forgets what it fetched but has not handed to the engine
-    (held records); `on_commit(outputs)`: after each commit (demo, tests)."""
+    """`sink`: where a commit goes - the worker's emitter (consumer/emit.py) or a replay's topic
+    or file sink (replay/sinks.py): `commit(outputs, commits, group_metadata)`, and
+    `transactional` (True: the sink keeps the offsets with the outputs; False: the committer
+    commits them to the group once the outputs are delivered).
+    `on_rewind()`: the driver forgets what it fetched but has not handed to the engine (held
+    records); `on_commit(outputs, commits)`: after each commit (progress, demo, tests).
+    `interval`: the least seconds between two commit starts (default commit_interval_ms);
+    `inline`: each commit runs on the caller's thread (replay) instead of the emit thread.
+    A sink that raises CommitAborted rewinds the driver to its last committed offsets; any
+    other error (a fenced producer, a replay's ReplayError) comes out of step()."""
 
-    def __init__(self, settings, consumer, engine, emitter, metrics, *, on_rewind=None, on_commit=None):
-        self.consumer, self.engine, self.emitter, self.metrics = consumer, engine, emitter, metrics
+    def __init__(self, settings, consumer, engine, sink, metrics, *, on_rewind=None, on_commit=None,
+                 interval: float | None = None, inline: bool = False):
+        self.consumer, self.engine, self.sink, self.metrics = consumer, engine, sink, metrics
         self.on_rewind, self.on_commit = on_rewind, on_commit
-        self.interval = settings.commit_interval_ms / 1000.0
+        self.interval = settings.commit_interval_ms / 1000.0 if interval is None else interval
         self.last = time.monotonic()
         self.in_flight: InFlight | None = None
         self.stats = {"commits": 0, "aborts": 0}
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="inferlog-emit")
+        self.inline = inline
+        self.pool = InlineExecutor() if inline else ThreadPoolExecutor(1, thread_name_prefix="inferlog-emit")
 
     @property
     def busy(self) -> bool:
@@ -64,7 +76,7 @@ class Committer:
         3. Not forced: nothing starts before commit_interval_ms since the last start.
         4. What the engine finished (of `only` partitions) is released and its commit starts on
            the emit thread, with the consumer's group metadata as of now (it fences zombies).
-        5. Forced: that commit is waited for and accounted for too."""
+        5. Forced (or run inline): that commit is waited for and accounted for too."""
         if self.in_flight is not None:  # 1
             if not force and not self.in_flight.future.done():
                 return
@@ -76,10 +88,10 @@ class Committer:
         if not commits:
             return
         self.last = time.monotonic()
-        fut = self.pool.submit(self.emitter.commit, outputs, commits, self.consumer.consumer_group_metadata())
+        fut = self.pool.submit(self.sink.commit, outputs, commits, self.consumer.consumer_group_metadata())
         fut.add_done_callback(self.engine.wake)  # its end is work for the loop
         self.in_flight = InFlight(fut, outputs, commits, time.perf_counter())
-        if force:  # 5
+        if force or self.inline:  # 5
             self._ended()
 
     def _ended(self) -> bool:
@@ -88,7 +100,7 @@ class Committer:
         c, self.in_flight = self.in_flight, None
         try:
             c.future.result()
-            if not self.emitter.transactional:  # at-least-once: the offsets after the delivery
+            if not self.sink.transactional:  # at-least-once: the offsets after the delivery
                 self._commit_offsets(c.commits)
         except CommitAborted as e:
             self.stats["aborts"] += 1
@@ -99,7 +111,7 @@ class Committer:
         self.stats["commits"] += 1
         self.metrics.committed(c.outputs, now_ms(), time.perf_counter() - c.t0)
         if self.on_commit is not None:
-            self.on_commit(c.outputs)
+            self.on_commit(c.outputs, c.commits)
         return True
 
     def _commit_offsets(self, commits: dict) -> None:
@@ -136,4 +148,4 @@ class Committer:
         if self.in_flight is not None:
             wait([self.in_flight.future], timeout=60)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.emitter.close()
+        self.sink.close()

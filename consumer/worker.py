@@ -23,6 +23,7 @@ from .committer import Committer
 from .emit import make_emitter
 from .engine import Engine, start_up
 from .flow import FETCH_CHUNK, FlowControl
+from .membership import let_go
 from .metrics import HealthServer, LagSampler, Metrics
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class Worker:
         if not self.stopping.is_set():
             yield from self.flow.hand_over()
 
-    def _committed(self, outputs) -> None:
+    def _committed(self, outputs, _commits) -> None:
         if self.on_commit is not None:  # read at each commit: it may be set after start
             self.on_commit(outputs)
 
@@ -251,13 +252,9 @@ class Worker:
         self._give_up(consumer, partitions, commit_first=False)
 
     def _give_up(self, consumer, partitions, commit_first: bool) -> None:
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        if commit_first and not self.closing:
-            # what is finished for these partitions is committed while the generation is
-            # still ours; what is not is dropped and redone by the next owner
-            self.engine.collect()
-            self._commit(force=True, only=gone)
-        dropped = self.engine.revoke(gone) + self.flow.drop(gone)
+        gone, dropped = let_go(consumer, partitions, self.engine, self.committer, commit_first=commit_first,
+                               closing=self.closing)
+        dropped += self.flow.drop(gone)
         if not self.engine.partitions:
             self._set_ready(False)
         for t, p in gone:  # a partition no longer ours has no lag of ours
@@ -265,11 +262,6 @@ class Worker:
                 self.lag.forget(t, p)
         log.info("revoked %s (%d in-flight records dropped, to be redone by the next owner)",
                  _named(partitions), dropped)
-        # librdkafka keeps a partition's pause across revocation (librdkafka#1849): one given up
-        # while its tier was paused came back paused when it was assigned again (after a lost
-        # session, under KIP-848), and was never fetched. Resuming a partition not paused is a no-op.
-        consumer.resume(partitions)
-        consumer.incremental_unassign(partitions)
 
 
 def _named(partitions) -> str:

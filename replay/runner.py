@@ -36,6 +36,7 @@ from confluent_kafka import TopicPartition
 
 from inferlog.clients import group_protocol_config
 from inferlog.codec import DEADLETTER, RESULT, Codec
+from inferlog.consumer.committer import Committer
 from inferlog.consumer.emit import CommitAborted
 from inferlog.committed import committed_offsets, last_committed
 from inferlog.errors import FatalError, InferlogError, RestartRequired
@@ -228,6 +229,10 @@ def read_rows(path: Path) -> list[dict]:
 
 # -- sinks: where a commit goes ---------------------------------------------------------------
 class FileSink:
+    """Each commit one part file, then the checkpoint that lists it and moves the offsets."""
+
+    transactional = True  # the offsets are kept with the outputs: in the checkpoint
+
     def __init__(self, ck: Checkpoint, codec: Codec):
         self.ck, self.codec = ck, codec
         self.fmt = ck.output["format"]
@@ -238,7 +243,7 @@ class FileSink:
             if stray.name not in listed:
                 stray.unlink()
 
-    def commit(self, outputs, commits: dict) -> None:
+    def commit(self, outputs, commits: dict, group_metadata=None) -> None:
         rows = [dead_letter_row(self.codec.decode(o.value, expect=DEADLETTER)) if o.dead
                 else result_row(self.codec.decode(o.value, expect=RESULT)) for o in outputs]
         data = self.ck.data
@@ -285,6 +290,10 @@ class FileSink:
 
 
 class TopicSink:
+    """Each commit one transaction of the worker's emitter: outputs and the run group's offsets."""
+
+    transactional = True
+
     def __init__(self, settings, consumer, ck: Checkpoint, fallback=None, tally=None):
         from inferlog.consumer.emit import TransactionalEmitter
 
@@ -293,7 +302,7 @@ class TopicSink:
         # so the committed offsets read next are final
         self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback)
 
-    def commit(self, outputs, commits: dict) -> None:
+    def commit(self, outputs, commits: dict, group_metadata=None) -> None:
         dead = sum(o.dead for o in outputs)
         tally = []
         if self.tally is not None:  # the member's totals after this commit, in its transaction
@@ -301,7 +310,7 @@ class TopicSink:
             tally = [self.tally.out({"results": c["results"] + len(outputs) - dead,
                                      "dead_letters": c["dead_letters"] + dead})]
         try:
-            self.emitter.commit(outputs + tally, commits)
+            self.emitter.commit(outputs + tally, commits, group_metadata)
         except (CommitAborted, RestartRequired) as e:  # nothing of it is visible; the checkpoint is where it was
             raise ReplayError(f"a transaction was aborted ({e}); continue with --resume {self.ck.run_id}") from e
         # the committed offsets in Kafka are the checkpoint; the file keeps the run's totals for
@@ -537,23 +546,27 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         else:  # an output the producer refuses for good becomes its dead letter
             sink.emitter.fallback = engine.builder.unwritable
         start_up(s, runner)
-        commits = _Commits(engine, sink, {r.tp: r.start for r in todo.ranges})
+        tally = Progress({r.tp: r.start for r in todo.ranges})
+        every = checkpoint_s if checkpoint_s is not None else (
+            max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
+        # the worker's commit path (consumer/committer.py), each commit on this thread; an
+        # aborted transaction is the sink's ReplayError (resume), never a rewind
+        committer = Committer(s, consumer, engine, sink, engine.metrics, on_commit=tally.committed,
+                              interval=every, inline=True)
         if shared:  # the group assigns the partitions; each starts where the group committed
             from .shared import GroupReader
 
-            reader = GroupReader(window, consumer, engine, commits, admin, replay_group(ck.run_id))
+            reader = GroupReader(window, consumer, engine, committer, tally, admin, replay_group(ck.run_id))
         else:
             reader = WindowReader(s, todo, consumer=consumer)
             for r in todo.ranges:
                 engine.assign(r.tp)
-        every = checkpoint_s if checkpoint_s is not None else (
-            max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
-        status, seconds = _loop(s, engine, reader, commits, window, todo, stop or threading.Event(), stop_after,
-                                every, progress, ck.run_id)
+        status, seconds = _loop(s, engine, reader, committer, tally, window, todo, stop or threading.Event(),
+                                stop_after, progress, ck.run_id)
         if status == "done":
             sink.finish()
         # a shared run's progress is the group's, all members together
-        done_to = _done_offsets(consumer, ck) if shared else {**done_to, **commits.position}
+        done_to = _done_offsets(consumer, ck) if shared else {**done_to, **tally.position}
     finally:
         if reader is not None:
             reader.close()
@@ -564,7 +577,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         if admin is not None:
             admin.__exit__(None, None, None)  # its handle (threads, sockets) now, not when collected
         consumer.close()
-    return _summary(settings, ck, status, commits.records, engine.counts, seconds, done_to, runner,
+    return _summary(settings, ck, status, tally.records, engine.counts, seconds, done_to, runner,
                     member=settings.worker_id if shared else "")
 
 
@@ -599,36 +612,30 @@ def _summary(settings, ck: Checkpoint, status, records, counts, seconds, done_to
                    totals, records_done(ck, done_to), w.total, topic_progress(w, done_to), member)
 
 
-class _Commits:
-    """Commits what the engine has finished (of `only` partitions, or all) through the sink,
-    and counts the records each commit covers: `position` {(topic, partition): first offset
-    not committed by this invocation}."""
+class Progress:
+    """What this invocation's commits covered: `position` {(topic, partition): first offset not
+    committed by it}, the records, and the progress bar (on a terminal)."""
 
-    def __init__(self, engine, sink, position: dict):
-        self.engine, self.sink, self.position = engine, sink, position
+    def __init__(self, position: dict):
+        self.position = position
         self.records = 0
-        self.last = time.monotonic()
         self.bar = None
 
-    def __call__(self, only: set | None = None) -> None:
-        outputs, commits = self.engine.release(only)
-        self.last = time.monotonic()
-        if commits:
-            self.sink.commit(outputs, commits)
-            n = sum(off - self.position[tp] for tp, off in commits.items())
-            self.position.update(commits)
-            self.records += n
-            if self.bar is not None:
-                self.bar.update(n)
+    def committed(self, _outputs, commits: dict) -> None:
+        n = sum(off - self.position[tp] for tp, off in commits.items())
+        self.position.update(commits)
+        self.records += n
+        if self.bar is not None:
+            self.bar.update(n)
 
 
-def _loop(s, engine, reader, commit: _Commits, window: Window, todo: Window, stop, stop_after, every, progress,
-          run_id):
+def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Window, todo: Window, stop, stop_after,
+          progress, run_id):
     if progress:
         from tqdm import tqdm
 
-        commit.bar = tqdm(total=window.total, initial=window.total - todo.total, unit="rec", desc=f"replay {run_id}",
-                          dynamic_ncols=True, smoothing=0.1)
+        tally.bar = tqdm(total=window.total, initial=window.total - todo.total, unit="rec", desc=f"replay {run_id}",
+                         dynamic_ncols=True, smoothing=0.1)
     t0 = time.monotonic()
     member = getattr(reader, "member", False)  # a group member polls on, for its rebalances
     ending = False
@@ -649,7 +656,7 @@ def _loop(s, engine, reader, commit: _Commits, window: Window, todo: Window, sto
                 engine.collect()
                 engine.drop_queued()
                 if not engine.running():
-                    commit()
+                    committer.step(force=True)
                     return "interrupted", time.monotonic() - t0
                 time.sleep(0.005)
                 continue
@@ -658,17 +665,15 @@ def _loop(s, engine, reader, commit: _Commits, window: Window, todo: Window, sto
                 engine.turn(fetch, flush=ending)  # the worker's turn (consumer/engine.py)
             except FatalError as e:  # keep what finished, then stop: the run resumes on a healthy device
                 engine.collect()
-                commit()
-                raise ReplayError(f"{e}; {commit.records} records of this run are checkpointed; "
+                committer.step(force=True)
+                raise ReplayError(f"{e}; {tally.records} records of this run are checkpointed; "
                                   f"continue with --resume {run_id}") from e
-            # at the end, commit as soon as all that was fetched is answered
-            finished = ending and engine.tracker.ready_count() == engine.pending
-            if finished or time.monotonic() - commit.last >= every:
-                commit()
-                if stop_after is not None and commit.records >= stop_after:
-                    return "interrupted", time.monotonic() - t0
+            # at the end, commit as soon as all that was fetched is answered; else at the cadence
+            committer.step(force=ending and engine.tracker.ready_count() == engine.pending)
+            if stop_after is not None and tally.records >= stop_after:
+                return "interrupted", time.monotonic() - t0
             if ending and engine.drained() and (not member or reader.finished()):
                 return "done", time.monotonic() - t0
     finally:
-        if commit.bar is not None:
-            commit.bar.close()
+        if tally.bar is not None:
+            tally.bar.close()

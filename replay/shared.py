@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from inferlog.clients import confluent_config, consume_ready
 from inferlog.committed import OffsetsUnreadable, committed_offsets, last_committed
+from inferlog.consumer.membership import let_go
 from inferlog.consumer.records import Out
 
 from .runner import ReplayError
@@ -104,14 +105,15 @@ class GroupReader:
     """The records of a shared run that this member's share of the group holds, in offset
     order per partition; the same interface as WindowReader, for replay's loop.
 
-    `commit(only)` commits what is finished of those partitions (the loop's _Commits):
-    on revocation it runs while the partitions are still ours, and the rest is dropped for
-    the next owner to redo, as the live worker does."""
+    On revocation `committer` (the run's, consumer/committer.py) commits what is finished of
+    those partitions while they are still ours, and the rest is dropped for the next owner to
+    redo, as the live worker does (consumer/membership.py)."""
 
     member = True  # keeps polling when its share is read: rebalances and heartbeats go on
 
-    def __init__(self, window: Window, consumer, engine, commit, admin, group: str):
-        self.window, self.consumer, self.engine, self.commit = window, consumer, engine, commit
+    def __init__(self, window: Window, consumer, engine, committer, progress, admin, group: str):
+        self.window, self.consumer, self.engine, self.committer = window, consumer, engine, committer
+        self.progress = progress  # the run's Progress: where this member's share of a partition starts
         self.admin, self.group = admin, group  # for the run's progress (finished)
         self._range = {r.tp: r for r in window.ranges}
         self._end: dict[tuple[str, int], int] = {}  # ours and not yet read to the end
@@ -135,7 +137,7 @@ class GroupReader:
                 idle.append(TopicPartition(tp.topic, tp.partition))
                 continue
             self._end[key] = r.end
-            self.commit.position[key] = start  # where this member's share of it starts
+            self.progress.position[key] = start  # where this member's share of it starts
             self.engine.assign(key)
             read.append(TopicPartition(tp.topic, tp.partition, start))
         consumer.incremental_assign(read + idle)
@@ -153,16 +155,10 @@ class GroupReader:
         self._give_up(consumer, partitions, commit_first=False)  # not ours any more: a commit is fenced
 
     def _give_up(self, consumer, partitions, commit_first: bool) -> None:
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        ours = gone & set(self.engine.partitions)
-        if ours and not self.closing:
-            if commit_first:
-                self.engine.collect()
-                self.commit(ours)
-            self.engine.revoke(ours)
+        gone, _ = let_go(consumer, partitions, self.engine, self.committer, commit_first=commit_first,
+                         closing=self.closing)
         for key in gone:
             self._end.pop(key, None)
-        consumer.incremental_unassign(partitions)
 
     # -- reading ---------------------------------------------------------------------------
     def done(self) -> bool:

@@ -100,7 +100,7 @@ class Harness:
         self.rewinds, self.committed = 0, []
         self.emitter = emitter
         self.c = Committer(settings, consumer, self.engine, emitter, self.metrics,
-                           on_rewind=self._rewound, on_commit=self.committed.append)
+                           on_rewind=self._rewound, on_commit=lambda outputs, _: self.committed.append(outputs))
 
     def _rewound(self):
         self.rewinds += 1
