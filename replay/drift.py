@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
 
-from .window import Window, read_window, resolve_window
+from .sinks import read_rows, row_result
+from .window import Window, WindowReader, now_ms, read_window, resolve_window, settle
 
 CLOSE = 1e-4  # largest absolute difference of an embedding component still called "close"
 ONE = 1e-6  # cosine within this of 1 counts as "== 1" (float32 vectors never sum exactly)
@@ -38,29 +38,6 @@ def read_results(settings, topic: str, *, since_ms: int | None = None, until_ms:
         if name == RESULT:
             out.append(rec)
     return out
-
-
-def settle(settings, topic: str, timeout: float = 15.0) -> None:
-    """Wait until read_committed readers see the whole topic as it is now. A commit returns
-    before the transaction markers are written, and until they are, the last stable offset
-    (the end a read_committed window snapshots) stops short of the just-committed records."""
-    from confluent_kafka import TopicPartition
-
-    from .window import window_consumer
-
-    raw, stable = window_consumer(settings, **{"isolation.level": "read_uncommitted"}), window_consumer(settings)
-    try:
-        parts = raw.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {p: raw.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1] for p in parts}
-        deadline = time.monotonic() + timeout
-        while ends and time.monotonic() < deadline:
-            ends = {p: e for p, e in ends.items()
-                    if stable.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1] < e}
-            if ends:
-                time.sleep(0.05)
-    finally:
-        raw.close()
-        stable.close()
 
 
 def read_dead_letters(settings, topic: str) -> list[dict]:
@@ -86,14 +63,12 @@ def originals(settings, window: Window, replayed: list[dict], margin_ms: int = 1
 
 
 def _now() -> int:
-    from .window import now_ms
 
     return now_ms()
 
 
 def original_models(settings, window: Window, sample: int = 200) -> Counter:
     """Model names of up to `sample` live results for this window (the warning check)."""
-    from .window import WindowReader
 
     names: Counter = Counter()
     try:
@@ -368,7 +343,6 @@ def replayed(settings, ck) -> tuple[list[dict], list[dict]]:
     """(results, dead letters) a replay run wrote, from its file (or its committed parts) or topic."""
     from pathlib import Path
 
-    from .runner import read_rows, row_result
 
     o = ck.output
     if o["kind"] == "file":

@@ -2,50 +2,43 @@
 
 A run is bounded (the window's end offsets are snapshotted when it starts), reads by
 manual assignment (no consumer group of the live workers moves) and is resumable from a
-checkpoint, without reprocessing or skipping a record:
-
-  topic output  results, dead letters and the consumed offsets of the run's own group
-                `inferlog-replay-<run_id>` go in one Kafka transaction (the worker's own
-                TransactionalEmitter), so the committed offsets are the checkpoint.
-  file output   each commit writes one part file (fsync, rename), then replaces the
-                checkpoint JSON atomically with the offsets and the part list; a part the
-                checkpoint does not list is ignored and overwritten. When the window is
-                done the parts are merged into the output file (written aside, renamed).
+checkpoint, without reprocessing or skipping a record. This module is the run's life (start,
+resume, join, the loop, the summary); its parts are the checkpoint (checkpoint.py), the sinks
+(sinks.py: a topic, each commit one transaction of the worker's emitter whose committed
+offsets are the checkpoint; or a file, part files and the checkpoint JSON, merged at the end)
+and, for a run shared by several processes, its group membership (shared.py). Commits go
+through the worker's Committer, and give-up on revocation through its membership path.
 
 Every run keeps <state_dir>/<run_id>/checkpoint.json with everything --resume needs: the
 window (by default both tiers' request topics), the settings that shape results (model,
 batching, limits) and the output. Progress is kept per (topic, partition).
-
-A shared run (topic output only) is the same, spread over processes or hosts: its
-definition is on a Kafka topic and its members join its group by subscribing (shared.py).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from inferlog.clients import group_protocol_config
-from inferlog.codec import DEADLETTER, RESULT, Codec
-from inferlog.consumer.committer import Committer
-from inferlog.consumer.emit import CommitAborted
+from inferlog.clients import confluent_config, group_protocol_config
+from inferlog.codec import Codec
 from inferlog.committed import committed_offsets, last_committed
-from inferlog.errors import FatalError, InferlogError, RestartRequired
+from inferlog.consumer.committer import Committer
+from inferlog.consumer.engine import Engine, start_up
+from inferlog.errors import FatalError
+from inferlog.settings import default_model_path
+from inferlog.topics import ensure_topics
 
-from .window import Window, WindowReader, now_ms, window_consumer
+from .checkpoint import VERSION, Checkpoint, ReplayError, default_state_dir, new_run_id, replay_group
+from .shared import GroupReader, MemberTally, publish_definition, read_run, run_totals
+from .sinks import FileSink, TopicSink
+from .window import Window, WindowReader, window_consumer
 
 log = logging.getLogger(__name__)
-
-VERSION = 2  # of checkpoint.json; 1: one topic, offsets keyed by partition; 2: by topic, then partition
 
 # settings that change what a replayed result says: stored in the checkpoint, restored on resume
 SHAPING = ("model", "model_name", "task", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms",
@@ -53,275 +46,6 @@ SHAPING = ("model", "model_name", "task", "device", "dtype", "max_batch_size", "
            "framing", "requests_topic", "high_priority_topic", "results_topic", "cpu_workers", "max_in_flight",
            "pipeline_depth")
 FILE_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
-
-
-class ReplayError(InferlogError):
-    """A replay that cannot start or go on; the message says what to do."""
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("INFERLOG_REPLAY_DIR", ".inferlog/replays"))
-
-
-def new_run_id() -> str:
-    return time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-
-
-def replay_group(run_id: str) -> str:
-    return f"inferlog-replay-{run_id}"
-
-
-# -- checkpoint ------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write aside, fsync, rename over, fsync the directory: the old or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    data: dict
-
-    @property
-    def run_id(self) -> str:
-        return self.data["run_id"]
-
-    @property
-    def dir(self) -> Path:
-        return self.path.parent
-
-    @property
-    def window(self) -> Window:
-        return Window.from_dict(self.data["window"])
-
-    @property
-    def output(self) -> dict:
-        return self.data["output"]
-
-    def done_offsets(self) -> dict[tuple[str, int], int]:
-        """{(topic, partition): first offset not done}, as the file says (a file output's progress)."""
-        return {(t, int(p)): off for t, parts in self.data["offsets"].items() for p, off in parts.items()}
-
-    def advance(self, commits: dict, results: int, dead_letters: int) -> None:
-        """Move the offsets past a commit's records, add its outputs to the totals, save."""
-        for (t, p), off in commits.items():
-            self.data["offsets"].setdefault(t, {})[str(p)] = off
-        self.data["counts"]["results"] += results
-        self.data["counts"]["dead_letters"] += dead_letters
-        self.save()
-
-    def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=1).encode())
-
-    @classmethod
-    def create(cls, state_dir: Path, run_id: str, **data) -> "Checkpoint":
-        if not _RUN_ID.match(run_id):
-            raise ReplayError(f"run id {run_id!r}: use letters, digits, '.', '_' or '-'")
-        d = Path(state_dir) / run_id
-        if (d / "checkpoint.json").exists():
-            raise ReplayError(f"replay run {run_id!r} exists in {state_dir}; continue it with --resume {run_id}")
-        d.mkdir(parents=True, exist_ok=True)
-        ck = cls(d / "checkpoint.json", {"version": VERSION, "run_id": run_id, "created_at": now_ms(),
-                                         "status": "running", "offsets": {}, "parts": [],
-                                         "counts": {"results": 0, "dead_letters": 0}, **data})
-        ck.save()
-        return ck
-
-    @classmethod
-    def load(cls, state_dir: Path, run_id: str) -> "Checkpoint":
-        path = Path(state_dir) / run_id / "checkpoint.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ReplayError(f"no replay run {run_id!r} in {state_dir} (set --state-dir or INFERLOG_REPLAY_DIR)") from None
-        if data.get("version", 1) == 1:  # one topic: its offsets were keyed by partition alone
-            topic = data["window"]["topic"]
-            data["offsets"] = {topic: data["offsets"]} if data["offsets"] else {}
-            data["window"] = Window.from_dict(data["window"]).to_dict()
-            data["version"] = VERSION  # written so on the next save
-        return cls(path, data)
-
-
-# -- file rows -------------------------------------------------------------------------------
-ROW_FIELDS = ("kind", "request_id", "tenant", "task", "status", "reason", "error", "model", "model_revision",
-              "model_digest", "source_topic", "source_partition", "source_offset", "created_at", "completed_at",
-              "infer_ms", "batch_id", "batch_size", "worker_id", "replay_run_id", "outputs")
-
-
-def result_row(r: dict) -> dict:
-    """A flat row of a result; `outputs` is the Avro outputs as JSON text (lossless: float32 -> double)."""
-    m, s, t, b = r["model"], r["source"], r["timings"], r["batch"]
-    return {"kind": "result", "request_id": r["request_id"], "tenant": r["tenant"], "task": r["task"],
-            "status": r["status"], "reason": None, "error": r["error"], "model": m["name"],
-            "model_revision": m["revision"], "model_digest": m["digest"], "source_topic": s["topic"],
-            "source_partition": s["partition"], "source_offset": s["offset"], "created_at": t["created_at"],
-            "completed_at": t["completed_at"], "infer_ms": t["infer_ms"], "batch_id": b["batch_id"],
-            "batch_size": b["size"], "worker_id": r["worker_id"], "replay_run_id": r["replay_run_id"],
-            "outputs": json.dumps(r["outputs"], separators=(",", ":"))}
-
-
-def dead_letter_row(d: dict) -> dict:
-    """A dead letter as a row; its raw key/value stay on the request topic at source_*."""
-    s = d["source"]
-    return {**dict.fromkeys(ROW_FIELDS), "kind": "deadletter", "request_id": d["request_id"], "tenant": d["tenant"],
-            "reason": d["reason"], "error": d["detail"], "source_topic": s["topic"], "source_partition": s["partition"],
-            "source_offset": s["offset"], "completed_at": d["failed_at"], "worker_id": d["worker_id"],
-            "replay_run_id": d["replay_run_id"]}
-
-
-def row_result(row: dict) -> dict:
-    """Back from a result row to the shape of a decoded result (what drift compares)."""
-    return {"request_id": row["request_id"], "task": row["task"], "status": row["status"],
-            "outputs": json.loads(row["outputs"]) if row["outputs"] else [],
-            "model": {"name": row["model"], "revision": row["model_revision"], "digest": row["model_digest"]},
-            "source": {"topic": row["source_topic"], "partition": row["source_partition"], "offset": row["source_offset"]},
-            "timings": {"created_at": row["created_at"]}, "replay_run_id": row["replay_run_id"]}
-
-
-def _arrow_schema():
-    import pyarrow as pa
-
-    types = {"source_partition": pa.int32(), "source_offset": pa.int64(), "created_at": pa.int64(),
-             "completed_at": pa.int64(), "infer_ms": pa.float32(), "batch_size": pa.int32()}
-    return pa.schema([(f, types.get(f, pa.string())) for f in ROW_FIELDS])
-
-
-def write_rows(path: Path, fmt: str, rows: list[dict]) -> None:
-    if fmt == "jsonl":
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows, schema=_arrow_schema()), path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a replay output file (.jsonl or .parquet)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-# -- sinks: where a commit goes ---------------------------------------------------------------
-class FileSink:
-    """Each commit one part file, then the checkpoint that lists it and moves the offsets."""
-
-    transactional = True  # the offsets are kept with the outputs: in the checkpoint
-
-    def __init__(self, ck: Checkpoint, codec: Codec):
-        self.ck, self.codec = ck, codec
-        self.fmt = ck.output["format"]
-        self.parts = ck.dir / "parts"
-        self.parts.mkdir(exist_ok=True)
-        listed = set(ck.data["parts"])
-        for stray in self.parts.iterdir():  # written after the last checkpoint: not part of the run
-            if stray.name not in listed:
-                stray.unlink()
-
-    def commit(self, outputs, commits: dict, group_metadata=None) -> None:
-        rows = [dead_letter_row(self.codec.decode(o.value, expect=DEADLETTER)) if o.dead
-                else result_row(self.codec.decode(o.value, expect=RESULT)) for o in outputs]
-        data = self.ck.data
-        if rows:  # 1. the part is durable under its final name ...
-            name = f"part-{len(data['parts']) + 1:05d}.{self.fmt}"
-            tmp = self.parts / f".{name}.tmp"
-            write_rows(tmp, self.fmt, rows)
-            os.replace(tmp, self.parts / name)
-            _fsync_dir(self.parts)
-            data["parts"].append(name)
-        # 2. ... before the checkpoint that lists it and moves the offsets past its records
-        dead = sum(r["kind"] == "deadletter" for r in rows)
-        self.ck.advance(commits, len(rows) - dead, dead)
-
-    def finish(self) -> None:
-        """Merge the listed parts into the output file, then forget the parts."""
-        out = Path(self.ck.output["path"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{self.ck.run_id}.tmp")
-        parts = [self.parts / n for n in self.ck.data["parts"]]
-        if self.fmt == "jsonl":
-            with open(tmp, "wb") as f:
-                for p in parts:
-                    with open(p, "rb") as src:
-                        shutil.copyfileobj(src, f)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            import pyarrow.parquet as pq
-
-            with pq.ParquetWriter(tmp, _arrow_schema()) as w:
-                for p in parts:
-                    w.write_table(pq.read_table(p, schema=_arrow_schema()))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-        self.ck.data["status"] = "done"
-        self.ck.save()
-        shutil.rmtree(self.parts, ignore_errors=True)
-
-    def close(self) -> None:
-        pass
-
-
-class TopicSink:
-    """Each commit one transaction of the worker's emitter: outputs and the run group's offsets."""
-
-    transactional = True
-
-    def __init__(self, settings, consumer, ck: Checkpoint, fallback=None, tally=None):
-        from inferlog.consumer.emit import TransactionalEmitter
-
-        self.consumer, self.ck, self.tally = consumer, ck, tally  # tally: a shared run member's totals
-        # init_transactions fences a crashed run's producer and aborts its open transaction,
-        # so the committed offsets read next are final
-        self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback)
-
-    def commit(self, outputs, commits: dict, group_metadata=None) -> None:
-        dead = sum(o.dead for o in outputs)
-        tally = []
-        if self.tally is not None:  # the member's totals after this commit, in its transaction
-            c = self.ck.data["counts"]
-            tally = [self.tally.out({"results": c["results"] + len(outputs) - dead,
-                                     "dead_letters": c["dead_letters"] + dead})]
-        try:
-            self.emitter.commit(outputs + tally, commits, group_metadata)
-        except (CommitAborted, RestartRequired) as e:  # nothing of it is visible; the checkpoint is where it was
-            raise ReplayError(f"a transaction was aborted ({e}); continue with --resume {self.ck.run_id}") from e
-        # the committed offsets in Kafka are the checkpoint; the file keeps the run's totals for
-        # the summary (after a crash they may miss the last transactions, never the records)
-        self.ck.advance(commits, len(outputs) - dead, dead)
-
-    def finish(self) -> None:
-        _mark_done(self.ck)
-
-    def close(self) -> None:
-        self.emitter.close()
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -424,15 +148,9 @@ def start(settings, window: Window, output: dict, *, run_id: str | None = None, 
         runner = build_runner(settings)  # ConfigError for an unknown model: nothing written yet
     shaping = {k: getattr(settings, k) for k in SHAPING}
     if output["kind"] == "topic":
-        from inferlog.topics import ensure_topics
-
         ensure_topics(settings, [output["topic"], output["deadletter_topic"]])
     data = dict(window=window.to_dict(), settings=shaping, output=output, model_name=runner.info.name)
     if shared:
-        from inferlog.settings import default_model_path
-
-        from .shared import publish_definition
-
         if shaping["model"] == default_model_path():  # the embedded model lives elsewhere on each host
             shaping["model"] = None
         data["shared"] = True
@@ -451,8 +169,6 @@ def load_run(settings, run_id: str, state_dir: Path | None = None, host: dict | 
     local = Checkpoint.load(state_dir, run_id) if (state_dir / run_id / "checkpoint.json").exists() else None
     if local is not None and not local.data.get("shared"):
         return local
-    from .shared import read_run
-
     definition = read_run(settings, run_id)[0]
     if definition is None:
         if local is not None:
@@ -494,7 +210,6 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
     `stop_after`: return right after the first commit that brings this invocation past
     that many records, leaving the rest unfinished, as a crash would (for tests).
     A failed device raises ReplayError after committing what finished: the run resumes."""
-    from inferlog.consumer.engine import Engine, start_up
 
     s = run_settings(settings, ck)
     window, o = ck.window, ck.output
@@ -511,8 +226,6 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         if o["kind"] == "topic":  # first: fencing a crashed predecessor settles the offsets read next
             tally = None
             if shared:
-                from .shared import MemberTally
-
                 tally = MemberTally(s, ck.run_id, settings.worker_id)
             sink = TopicSink(s, consumer, ck, tally=tally)
             if tally is not None:
@@ -521,16 +234,12 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         # partition at once waited minutes for a third member here; where this member starts a
         # partition is read stable when it is assigned (GroupReader)
         if shared:
-            from confluent_kafka.admin import AdminClient
-
-            from inferlog.clients import confluent_config
-
             admin = AdminClient(confluent_config(s))
         done_to = _done_offsets(consumer, ck, admin)
         todo = window.rest(done_to)
         if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
             if ck.data["status"] != "done":
-                (FileSink(ck, Codec.from_settings(s)).finish() if o["kind"] == "file" else _mark_done(ck))
+                (FileSink(ck, Codec.from_settings(s)).finish() if o["kind"] == "file" else ck.mark_done())
             return _summary(settings, ck, "done", 0, {"results": 0, "dead_letters": 0}, 0.0, done_to, runner)
         if runner is None:
             from inferlog.consumer.runners import build_runner
@@ -554,8 +263,6 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         committer = Committer(s, consumer, engine, sink, engine.metrics, on_commit=tally.committed,
                               interval=every, inline=True)
         if shared:  # the group assigns the partitions; each starts where the group committed
-            from .shared import GroupReader
-
             reader = GroupReader(window, consumer, engine, committer, tally, admin, replay_group(ck.run_id))
         else:
             reader = WindowReader(s, todo, consumer=consumer)
@@ -593,17 +300,10 @@ def _done_offsets(consumer, ck: Checkpoint, admin=None) -> dict[tuple[str, int],
     return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
 
 
-def _mark_done(ck: Checkpoint) -> None:
-    ck.data["status"] = "done"
-    ck.save()
-
-
 def _summary(settings, ck: Checkpoint, status, records, counts, seconds, done_to, runner,
              member: str = "") -> Summary:
     w = ck.window
     if ck.data.get("shared") and status != "defined":
-        from .shared import run_totals
-
         totals = run_totals(settings, ck.run_id)  # every member's, not only this one's
     else:
         totals = dict(ck.data["counts"])

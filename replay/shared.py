@@ -26,8 +26,8 @@ from inferlog.committed import OffsetsUnreadable, committed_offsets, last_commit
 from inferlog.consumer.membership import let_go
 from inferlog.consumer.records import Out
 
-from .runner import ReplayError
-from .window import Window, WindowError, now_ms, read_window, resolve_window, window_consumer
+from .checkpoint import ReplayError
+from .window import Window, WindowError, now_ms, read_window, resolve_window, settle, window_consumer
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ def read_run(settings, run_id: str, committed: bool = False) -> tuple[dict | Non
     definition is written plainly, and is read uncommitted: an open transaction of another
     run's member must not hide it. The totals are read `committed`, once settled: they are
     written in the members' transactions."""
-    from .drift import settle
-
     level = "read_committed" if committed else "read_uncommitted"
     try:
         if committed:

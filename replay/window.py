@@ -346,3 +346,22 @@ def read_window(settings, window: Window, *, consumer_conf: dict | None = None,
         yield from reader
     finally:
         reader.close()
+
+
+def settle(settings, topic: str, timeout: float = 15.0) -> None:
+    """Wait until read_committed readers see the whole topic as it is now. A commit returns
+    before the transaction markers are written, and until they are, the last stable offset
+    (the end a read_committed window snapshots) stops short of the just-committed records."""
+    raw, stable = window_consumer(settings, **{"isolation.level": "read_uncommitted"}), window_consumer(settings)
+    try:
+        parts = raw.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: raw.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1] for p in parts}
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            ends = {p: e for p, e in ends.items()
+                    if stable.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1] < e}
+            if ends:
+                time.sleep(0.05)
+    finally:
+        raw.close()
+        stable.close()

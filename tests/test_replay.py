@@ -22,7 +22,7 @@ from inferlog.clients import confluent_config
 from inferlog.codec import RESULT, Codec
 from inferlog.consumer.runners import load_runner
 from inferlog.producer.sync import Producer
-from inferlog.replay import drift, runner as rr
+from inferlog.replay import drift, runner as rr, sinks
 from inferlog.replay.window import WindowError, parse_time, resolve_window
 from inferlog.settings import default_model_path, load_settings
 from inferlog.topics import ensure_topics, partition_counts
@@ -141,10 +141,10 @@ def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed
         summary = rr.start(s, window, rr.output_spec(str(tmp_path / name), None, None), runner=embed_runner,
                            state_dir=tmp_path / "state")
         assert summary.status == "done" and summary.records == window.total
-        rows = rr.read_rows(tmp_path / name)
+        rows = sinks.read_rows(tmp_path / name)
         assert {r["replay_run_id"] for r in rows} == {summary.run_id}
         assert Counter(r["source_topic"] for r in rows) == {s.high_priority_topic: 4, s.requests_topic: 8}
-        assert_reproduces(log, vectors(rr.row_result(r) for r in rows))
+        assert_reproduces(log, vectors(sinks.row_result(r) for r in rows))
 
     target = unique("replayed")
     summary = rr.start(s, window, rr.output_spec(None, target, None), runner=embed_runner,
@@ -269,7 +269,7 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
         assert second.done == second.total == window.total
         assert second.counts == {"results": window.total, "dead_letters": 0}, "the whole run's totals"
     if kind == "file":
-        ids = [r["request_id"] for r in rr.read_rows(tmp_path / "all.jsonl")]
+        ids = [r["request_id"] for r in sinks.read_rows(tmp_path / "all.jsonl")]
     else:
         got = committed_results(s, target, window.total)
         ids = [r["request_id"] for r in got if r["replay_run_id"] == "cut"]
@@ -362,7 +362,7 @@ def test_a_device_failure_stops_replay_with_a_resumable_checkpoint(log, embed_ru
     assert second.status == "done" and second.done == window.total
     assert second.counts == {"results": window.total, "dead_letters": 0}
     if kind == "file":
-        ids = [r["request_id"] for r in rr.read_rows(tmp_path / "all.jsonl")]
+        ids = [r["request_id"] for r in sinks.read_rows(tmp_path / "all.jsonl")]
     else:
         ids = [r["request_id"] for r in committed_results(s, target, window.total)]
     assert Counter(ids) == Counter(rid for g in log.groups for rid in g), "each request exactly once"
@@ -399,7 +399,7 @@ def test_sigint_mid_replay_stops_soon_keeps_what_finished_and_resume_reports_the
     assert f"replay ctrlc done: {window.total:,} of {window.total:,} records" in res.stderr
     assert f"{window.total:,} results, 0 dead letters in all" in res.stderr
     assert f"this run {window.total - done_first:,} records" in res.stderr
-    ids = [r["request_id"] for r in rr.read_rows(out)]
+    ids = [r["request_id"] for r in sinks.read_rows(out)]
     assert Counter(ids) == Counter(rid for g in log.groups for rid in g), "each request exactly once"
 
 
@@ -428,4 +428,4 @@ def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, mo
     assert again.topics == {s.requests_topic: (2, 2)}
     saved = json.loads(ck.path.read_text())
     assert (saved["version"], saved["offsets"]) == (2, {s.requests_topic: {str(p): 2}}), "saved as version 2"
-    assert len(rr.read_rows(tmp_path / "two.jsonl")) == 2
+    assert len(sinks.read_rows(tmp_path / "two.jsonl")) == 2

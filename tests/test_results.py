@@ -118,10 +118,11 @@ def test_a_small_dead_letter_carries_the_original():
 def test_an_aborted_replay_transaction_is_a_resumable_error():
     """The replay's topic sink turns an aborted transaction into a ReplayError naming --resume."""
     from inferlog.consumer.emit import CommitAborted
-    from inferlog.replay.runner import ReplayError, TopicSink
+    from inferlog.replay.checkpoint import ReplayError
+    from inferlog.replay.sinks import TopicSink
 
     class Aborting:
-        def commit(self, outputs, commits):
+        def commit(self, outputs, commits, group_metadata=None):
             raise CommitAborted("coordinator moved")
 
     sink = TopicSink.__new__(TopicSink)  # no broker needed: only the error mapping is under test
