@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException
 
 from .settings import Settings
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _SECRET_KEYS = ("password", "secret", "token", "ssl_context")
 
@@ -79,6 +86,43 @@ def consume_ready(consumer, n: int, timeout: float) -> list:
     if first is None:
         return []
     return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
+
+
+# Kafka's "not yet": a controller or leader not there yet, a topic or partition whose
+# metadata has not reached this client, a broker that stalled or left the metadata for a
+# moment (librdkafka then drops its handle: _DESTROY_BROKER). librdkafka flags few errors
+# retriable itself, and none of the admin API's or get_watermark_offsets'.
+NOT_YET = frozenset({
+    KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._DESTROY_BROKER,
+    KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError._WAIT_COORD,
+    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.BROKER_NOT_AVAILABLE, KafkaError.NOT_CONTROLLER,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+})
+
+
+def retriable(err: KafkaError) -> bool:
+    return err.retriable() or err.code() in NOT_YET
+
+
+def retry(call: Callable[[], T], what: str, tries: int = 8) -> T:
+    """call(), again while it fails with a KafkaException that is retriable (NOT_YET), after
+    a pause that doubles from 0.25 s up to 5 s (18 s of pauses over 8 tries): enough for a
+    broker to elect, propagate metadata or come back from a stall. The budget is tries, not a
+    clock: each try waits for the broker as long as the call's own timeout says. Any other
+    error, or the last try's, is raised as it is."""
+    pause = 0.25
+    for n in range(1, tries):
+        try:
+            return call()
+        except KafkaException as e:
+            err = e.args[0]
+            if not isinstance(err, KafkaError) or not retriable(err):
+                raise
+            log.debug("%s: %s; try %d of %d in %.2fs", what, err.str(), n + 1, tries, pause)
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
+    return call()  # the last try: whatever it raises is the caller's
 
 
 def aiokafka_kwargs(settings: Settings) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import time
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .clients import confluent_config
+from .clients import confluent_config, retriable, retry
 from .errors import InferlogError
 from .settings import Settings
 
@@ -32,35 +32,79 @@ def ensure_topics(settings: Settings, names: list[str] | None = None, partitions
     rf = replication_factor or settings.replication_factor
     retention = settings.retention_ms if retention_ms is None else retention_ms
     admin = _admin(settings)
-    futures = admin.create_topics(
-        [NewTopic(n, num_partitions=partitions, replication_factor=rf, config={"retention.ms": str(retention), **(config or {})})
-         for n in names], operation_timeout=timeout, request_timeout=timeout)
+    wanted = {n: NewTopic(n, num_partitions=partitions, replication_factor=rf,
+                          config={"retention.ms": str(retention), **(config or {})}) for n in names}
     created: dict[str, bool] = {}
-    for name, fut in futures.items():
-        try:
-            fut.result()
-            created[name] = True
-        except KafkaException as e:
-            err = e.args[0]
-            if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise TopicError(f"cannot create topic {name!r} on {settings.bootstrap_servers}: {err.str()}") from e
-            created[name] = False
-    _wait_for_leaders(admin, [n for n, new in created.items() if new], time.monotonic() + timeout)
-    return created
+    unsure: set[str] = set()  # a try failed without saying whether the topic was made
+
+    def create_rest() -> None:
+        # One try for the topics not settled yet: what it settles stays settled, the first
+        # retriable error (a controller not ready, a timeout) is raised for retry() to judge.
+        futures = admin.create_topics([t for n, t in wanted.items() if n not in created],
+                                      operation_timeout=timeout, request_timeout=timeout)
+        again = None
+        for name, fut in futures.items():
+            try:
+                fut.result()
+                created[name] = True
+            except KafkaException as e:
+                err = e.args[0]
+                if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    created[name] = name in unsure  # made by an earlier try whose answer was lost
+                elif retriable(err):
+                    unsure.add(name)
+                    again = again or e
+                else:
+                    raise TopicError(f"cannot create topic {name!r} on {settings.bootstrap_servers}: {err.str()}") from e
+        if again:
+            raise again
+
+    try:
+        # Each try waits up to `timeout` for the controller: three before giving up on a cluster
+        # that never answers.
+        retry(create_rest, "create topics", tries=3)
+    except KafkaException as e:
+        raise TopicError(f"cannot create topics {sorted(set(names) - set(created))} on "
+                         f"{settings.bootstrap_servers}: {e.args[0].str()}") from e
+    _wait_for_leaders(admin, [n for n, new in created.items() if new], timeout)
+    return {n: created[n] for n in names}
 
 
-def _wait_for_leaders(admin: AdminClient, names: list[str], deadline: float) -> None:
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> None:
     # The controller acknowledges a new topic before every broker has its metadata; wait
-    # so that a producer started right after does not see UNKNOWN_TOPIC_OR_PARTITION.
+    # so that a producer started right after does not see UNKNOWN_TOPIC_OR_PARTITION. The
+    # wait follows progress: `timeout` runs from the last topic that got its leaders.
     pending = set(names)
+    deadline = time.monotonic() + timeout
     while pending:
-        md = admin.list_topics(timeout=5).topics
-        pending = {n for n in pending if n not in md or md[n].error is not None
-                   or not md[n].partitions or any(p.leader < 0 for p in md[n].partitions.values())}
+        md = retry(lambda: admin.list_topics(timeout=5).topics, "topic metadata")
+        left = {n for n in pending if n not in md or md[n].error is not None
+                or not md[n].partitions or any(p.leader < 0 for p in md[n].partitions.values())}
+        if len(left) < len(pending):
+            deadline = time.monotonic() + timeout
+        pending = left
         if pending and time.monotonic() > deadline:
             raise TopicError(f"topics without leaders after creation: {sorted(pending)}")
         if pending:
             time.sleep(0.1)
+
+
+def delete_topics(settings: Settings, names: list[str], timeout: float = 30) -> list[str]:
+    """Delete the named topics that exist; returns those deleted. Raises TopicError."""
+    if not names:
+        return []
+    admin = _admin(settings)
+    futures = admin.delete_topics(list(names), operation_timeout=timeout, request_timeout=timeout)
+    deleted = []
+    for name, fut in futures.items():
+        try:
+            fut.result()
+            deleted.append(name)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise TopicError(f"cannot delete topic {name!r} on {settings.bootstrap_servers}: "
+                                 f"{e.args[0].str()}") from e
+    return deleted
 
 
 def partition_counts(settings: Settings, names: list[str] | None = None, timeout: float = 10) -> dict[str, int]:

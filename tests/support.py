@@ -7,9 +7,9 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from inferlog.clients import confluent_config
+from inferlog.clients import confluent_config, retry
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 
 
@@ -28,17 +28,21 @@ def read_all(settings, topic: str, timeout: float = 30.0) -> list[Record]:
     c = Consumer(confluent_config(settings, **{"group.id": f"reader-{time.time_ns()}",
                                                "isolation.level": "read_committed", "enable.auto.commit": False}))
     try:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        # Right after a topic is made (or while the broker catches up) its metadata and offsets
+        # may not be there yet: Kafka's "not yet" errors are retried, not failures.
+        parts = retry(lambda: _partitions(c, topic), f"metadata of {topic}")
         ends, tps = {}, []
         for p in parts:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low, high = retry(lambda p=p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10),
+                              f"offsets of {topic}[{p}]")
             if high > low:
                 ends[p] = high
                 tps.append(TopicPartition(topic, p, low))
         c.assign(tps)
         out, deadline = [], time.monotonic() + timeout
         position = {p: -1 for p in ends}
-        # with read_committed the end may be a transaction marker: stop when positions reach it
+        # with read_committed the end may be a transaction marker: stop when positions reach it;
+        # `timeout` counts from the last record read, so a slow broker that delivers is waited for
         while any(c.position([TopicPartition(topic, p)])[0].offset < ends[p] for p in ends):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic}: positions {position} short of {ends}")
@@ -46,9 +50,20 @@ def read_all(settings, topic: str, timeout: float = 30.0) -> list[Record]:
                 if m.error() is None:
                     out.append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers() or []))
                     position[m.partition()] = m.offset()
+                    deadline = time.monotonic() + timeout
         return out
     finally:
         c.close()
+
+
+def _partitions(c: Consumer, topic: str) -> list[int]:
+    """The topic's partitions once each has a leader; KafkaException (retriable) until then."""
+    md = c.list_topics(topic, timeout=10).topics[topic]
+    if md.error is not None:
+        raise KafkaException(md.error)
+    if not md.partitions or any(p.leader < 0 for p in md.partitions.values()):
+        raise KafkaException(KafkaError(KafkaError.LEADER_NOT_AVAILABLE, f"{topic} has partitions without a leader"))
+    return list(md.partitions)
 
 
 def produce_raw(settings, values: list[tuple[bytes | None, bytes | None]], topic: str | None = None) -> None:
