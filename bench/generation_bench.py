@@ -162,7 +162,7 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=96, help="the drained backlog")
-    ap.add_argument("--rate", type=float, default=1.4, help="open loop: Poisson requests/s (~80% of what static drains here)")
+    ap.add_argument("--rate", type=float, default=1.4, help="open loop: Poisson requests/s (~80%% of what static drains here)")
     ap.add_argument("--seconds", type=float, default=45.0, help="open loop: how long it offers")
     ap.add_argument("--batch", type=int, default=16, help="max_batch_size (static rows per batch; continuous rows running)")
     ap.add_argument("--kv-tokens", type=int, default=16384, help="max_batch_tokens (continuous: the KV cache)")

@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/pipeline_bench.py [--count 2000] [--max-batch-size 32] [--max-wait-ms 20]
                                              [--bootstrap-servers HOST:PORT] [--sweep] [--rounds R]
-                                             [--device cuda --dtype float16] [--no-naive]
+                                             [--device cuda --dtype float16] [--no-naive] [--replay]
 
 Three contenders on the same sample texts and the same default model (all-MiniLM-L6-v2):
   offline   the runner called directly in batches (tokenize -> prepare -> run -> finish), no Kafka
   pipeline  N requests produced first, then a Worker drains them: from partition assignment
             until the last result is committed (exactly-once transactions)
   naive     one request at a time: poll, decode, model, produce + flush, synchronous commit
+and with --replay two more, at --max-batch-size / --max-wait-ms: `replay` of the whole requests
+topic (the same backlog) to a new topic (exactly-once transactions) and to a Parquet file
+(parts + checkpoints, merged at the end), timed over the run's loop (window resolved, model
+warm); `wall_per_s` in the JSON adds resolving, topic creation and the file's final merge.
 Model load and warm-up are outside every timing. Each contender gets its own topics and
 consumer group, so nothing is shared between runs. Prints a markdown table and saves JSON
 to bench/results/pipeline.json.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -142,6 +147,28 @@ def bench_naive(base, runner, codec, texts: list[str]) -> dict:
     return rates(n, elapsed, cpu)
 
 
+def bench_replay(base, runner, texts: list[str], batch_size: int, wait_ms: float, kind: str) -> dict:
+    """`replay` of the whole requests topic to a new topic or a Parquet file: the worker's
+    engine over a bounded window instead of a group's partitions."""
+    from inferlog.replay import runner as rr
+    from inferlog.replay.window import resolve_window
+
+    s = fresh_settings(base, f"replay-{kind}", max_batch_size=batch_size, max_wait_ms=wait_ms)
+    produce_requests(s, texts)
+    with tempfile.TemporaryDirectory(prefix="inferlog-replay-bench-") as tmp:  # checkpoints, parts, the file
+        state = Path(tmp)
+        t0, c0 = time.perf_counter(), time.process_time()
+        window = resolve_window(s, s.requests_topic)
+        out = (rr.output_spec(str(state / "out.parquet"), None, None) if kind == "file"
+               else rr.output_spec(None, f"{s.requests_topic}.replay", None))
+        summary = rr.start(s, window, out, runner=runner, state_dir=state)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if summary.status != "done" or summary.results != len(texts):
+        raise RuntimeError(f"replay to a {kind}: {summary.line()}")
+    return {"output": kind, "max_batch_size": batch_size, "max_wait_ms": wait_ms,
+            **rates(len(texts), summary.seconds, cpu), "wall_seconds": wall, "wall_per_s": len(texts) / wall}
+
+
 # -- main ------------------------------------------------------------------------------------
 def plot(report: dict, path: Path) -> None:
     """Throughput of every contender, offline figures next to the pipeline at the same batch size."""
@@ -152,6 +179,9 @@ def plot(report: dict, path: Path) -> None:
     for p in report["pipeline"]:
         labels.append(f"inferlog b{p['max_batch_size']}/{p['max_wait_ms']:g}ms")
         values.append(p["per_s"])
+    for r in report.get("replay", []):
+        labels.append(f"replay to {r['output']} b{r['max_batch_size']}/{r['max_wait_ms']:g}ms")
+        values.append(r["per_s"])
     if report.get("naive"):
         labels.append("naive 1-at-a-time")
         values.append(report["naive"]["per_s"])
@@ -172,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda (bench/gpu_bench.py sets cuda)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--no-naive", action="store_true", help="leave out the one-at-a-time consumer")
+    ap.add_argument("--replay", action="store_true", help="add `replay` of the backlog to a topic and to a Parquet file")
     ap.add_argument("--out", type=Path, help=f"JSON to write in bench/results (default: {OUT.name}, or pipeline_sweep.json with --sweep)")
     args = ap.parse_args(argv)
     args.out = RESULTS / (args.out.name if args.out else "pipeline_sweep.json" if args.sweep else OUT.name)
@@ -183,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.warmup()
         codec = Codec.from_settings(base)
         texts = sample_texts(args.count)
-        sizes = sorted({b for b, _ in settings_list})
+        sizes = sorted({b for b, _ in settings_list} | ({args.max_batch_size} if args.replay else set()))
         for bs in sizes:
             on_model_thread(bench_offline, runner, texts[:2 * bs], bs)  # warm the allocator and kernels at real shapes
         report = {"machine": machine_facts(sys.argv), "model": runner.info.name, "device": str(runner.device),
@@ -203,10 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_naive:
                 print(f"[{rnd}] naive consumer ...", flush=True)
                 runs.setdefault("naive", []).append(on_model_thread(bench_naive, base, runner, codec, texts))
+            for kind in ("topic", "file") if args.replay else ():
+                print(f"[{rnd}] replay to a {kind}, batch {args.max_batch_size}, wait {args.max_wait_ms:g} ms ...", flush=True)
+                runs.setdefault(f"replay {kind}", []).append(
+                    bench_replay(base, runner, texts, args.max_batch_size, args.max_wait_ms, kind))
         best = best_of(runs)
         report["offline"] = [v for k, v in best.items() if k.startswith("offline")]
         report["pipeline"] = [v for k, v in best.items() if k.startswith("pipeline")]
         report["naive"] = best.get("naive")
+        if args.replay:
+            report["replay"] = [v for k, v in best.items() if k.startswith("replay")]
     save(report, args.out.name)
     plot(report, args.out.with_suffix(".png"))  # next to the JSON
     m = report["machine"]

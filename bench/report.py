@@ -45,6 +45,8 @@ def pipeline_table(report: dict) -> str:
     for p in report["pipeline"]:
         row("inferlog pipeline", f"{p['max_batch_size']} / {p['max_wait_ms']:g}", p, p["max_batch_size"],
             f"{p['mean_batch_size']:.1f}", f"{p['device_busy']:.0%}")
+    for r in report.get("replay", []):  # pipeline_bench.py --replay
+        row(f"replay to a {r['output']}", f"{r['max_batch_size']} / {r['max_wait_ms']:g}", r, r["max_batch_size"], "-", "-")
     if report.get("naive"):
         row("naive, 1 at a time", "1 / -", report["naive"], min(b for b, _ in off), 1, "-")
     return "\n".join(lines)
