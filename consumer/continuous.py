@@ -67,7 +67,6 @@ class ContinuousPipeline:
         self.runner, self.builder, self.done = runner, builder, done
         self.metrics = metrics or Metrics()
         self.max_rows, self.kv_tokens = max_rows, kv_tokens
-        self.costs: SimpleQueue = SimpleQueue()  # the static pipeline's; nothing reads batch costs here
         self.wakeup = wakeup or threading.Event()  # the engine's
         self.fatal: BaseException | None = None
         self.closed = False

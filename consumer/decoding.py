@@ -2,6 +2,11 @@
 error that makes the record a dead letter."""
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+
 from inferlog.codec import REQUEST, Codec
 from inferlog.errors import DecodeError, InputTooLarge, InvalidRequest, RecordError, UnknownModel, UnsupportedTask
 from inferlog.request import Limits, validate_request
@@ -59,3 +64,42 @@ class Decoder:
                 if longest > self.max_tokens:
                     p.error = InputTooLarge(f"an input is {longest} tokens, more than the limit of {self.max_tokens}")
         return chunk
+
+
+class DecodeStage:
+    """Decoding as a stage like the others: each chunk of fetched records is one task on the CPU
+    pool (inline: done at once), decoded into Pendings; the loop takes finished chunks in the
+    order they were fetched. `wake` is called as each chunk ends (the engine's wakeup)."""
+
+    def __init__(self, decoder: Decoder, cpu: Executor, metrics, wake: Callable):
+        self.decoder, self.cpu, self.wake = decoder, cpu, wake
+        self.chunks: deque[Future] = deque()
+        self._wait = metrics.queue_wait.labels("cpu")
+        self._took = metrics.stage.labels("decode")
+
+    def submit(self, chunk: list, now: int, mono: float) -> None:
+        """`chunk`: (confluent Message, epoch) pairs, consumed at `now` (ms) / `mono`."""
+        fut = self.cpu.submit(self._decode, chunk, now, mono, time.perf_counter())
+        fut.add_done_callback(self.wake)
+        self.chunks.append(fut)
+
+    def _decode(self, chunk: list, now: int, mono: float, submitted: float) -> list[Pending]:
+        t0 = time.perf_counter()
+        self._wait.observe(t0 - submitted)
+        try:
+            return self.decoder([Pending(m.topic(), m.partition(), m.offset(), epoch, m.key(), m.value(), m.headers(),
+                                         now, mono) for m, epoch in chunk])
+        finally:
+            self._took.observe(time.perf_counter() - t0)
+
+    def ready(self) -> Iterator[Pending]:
+        """The decoded records of every finished chunk at the head, in fetch order."""
+        while self.chunks and self.chunks[0].done():
+            yield from self.chunks.popleft().result()
+
+    @property
+    def head_done(self) -> bool:
+        return bool(self.chunks) and self.chunks[0].done()
+
+    def __len__(self) -> int:
+        return len(self.chunks)

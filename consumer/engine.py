@@ -12,8 +12,8 @@ import gc
 import logging
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 
 from inferlog.codec import Codec
@@ -23,8 +23,8 @@ from inferlog.request import Limits, now_ms
 from .batching import Item, Pace, TieredPolicy
 from .metrics import Metrics
 from .offsets import OffsetTracker
-from .pipeline import InlineExecutor, Pipeline
-from .decoding import Decoder
+from .pipeline import InlineExecutor, Pipeline, Stages
+from .decoding import DecodeStage, Decoder
 from .records import Pending, is_expired
 from .results import ResultBuilder
 from .runners import share_cores
@@ -48,6 +48,21 @@ def settle_heap() -> None:
     collected as usual."""
     gc.collect()
     gc.freeze()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineState:
+    pending: int  # records tracked and not yet released for commit
+    running: bool  # work on the CPU pool or the device, or finished and not yet collected
+    queued: int  # decoded records waiting in the batching queue
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.pending or self.queued)
+
+    @property
+    def drained(self) -> bool:
+        return not self.busy
 
 
 class Engine:
@@ -77,18 +92,22 @@ class Engine:
         # set by whatever ends work the loop waits for (a job, a decode, the driver's commit);
         # waited on and cleared by the loop only (wait())
         self.wakeup = threading.Event()
+        self.costs: SimpleQueue = SimpleQueue()  # (rows, device seconds) per static batch, for `pace`
         from .runners import Row  # the runner module owns the row type
 
         runner.default_max_new_tokens = settings.default_max_new_tokens
+        # the engine asks both pipelines what Stages says; the rest only of the one that has it
+        # (continuous: pump, cancel, fits, kv_need; static: device_free, and its costs)
+        self.pipeline: Stages
         if self.continuous:  # rows join and leave the running batch: consumer/continuous.py
             from .continuous import ContinuousPipeline
 
             self.pipeline = ContinuousPipeline(runner, self.builder, self.done, self.metrics,
                                                settings.max_batch_size, settings.max_batch_tokens, self.wakeup)
         else:
-            self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics,
-                                     inline=inline, wakeup=self.wakeup)  # starts the device loop (unless inline)
-        self.decoding: deque[Future] = deque()
+            self.pipeline = Pipeline(runner, self.cpu, self.builder, self.done, Row, self.metrics, inline=inline,
+                                     wakeup=self.wakeup, costs=self.costs)  # starts the device loop (unless inline)
+        self.decoding = DecodeStage(self.decoder, self.cpu, self.metrics, self.wake)
         self.counts = {"consumed": 0, "results": 0, "dead_letters": 0}
 
     # -- in ------------------------------------------------------------------------------
@@ -113,19 +132,8 @@ class Engine:
         if chunk:
             self.counts["consumed"] += len(chunk)
             self.metrics.consumed.inc(len(chunk))
-            fut = self.cpu.submit(self._decode, chunk, now, mono, time.perf_counter())
-            fut.add_done_callback(self.wake)
-            self.decoding.append(fut)
+            self.decoding.submit(chunk, now, mono)
         return len(chunk)
-
-    def _decode(self, chunk: list, now: int, mono: float, submitted: float) -> list[Pending]:
-        t0 = time.perf_counter()
-        self.metrics.queue_wait.labels("cpu").observe(t0 - submitted)
-        try:
-            return self.decoder([Pending(m.topic(), m.partition(), m.offset(), epoch, m.key(), m.value(), m.headers(),
-                                         now, mono) for m, epoch in chunk])
-        finally:
-            self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
 
     # -- one turn --------------------------------------------------------------------------
     def turn(self, fetch, flush: bool = False, soon: bool = False) -> None:
@@ -159,26 +167,26 @@ class Engine:
         self._collect_finished()
 
     def _collect_decoded(self) -> None:
-        while self.decoding and self.decoding[0].done():
-            for p in self.decoding.popleft().result():
-                if not self.tracker.owns(p.tp, p.epoch):
-                    continue
-                if p.error is not None:
-                    self._complete(p, [self.builder.dead_letter(p, p.error)])
-                elif self.honor_deadlines and is_expired(p):
-                    self._complete(p, [self.builder.expired(p)])
-                else:
-                    extra = self.runner.new_tokens(p.request.parameters)  # what the runner's cost counts
-                    d = p.request.deadline
-                    deadline = None if d is None else p.arrived + (d - p.consumed_at) / 1000
-                    self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra, deadline),
-                                    high=p.topic == self.s.high_priority_topic)  # a tier is its topic
+        for p in self.decoding.ready():
+            if not self.tracker.owns(p.tp, p.epoch):
+                continue
+            if p.error is not None:
+                self._complete(p, [self.builder.dead_letter(p, p.error)])
+            elif self.honor_deadlines and is_expired(p):
+                self._complete(p, [self.builder.expired(p)])
+            else:
+                extra = self.runner.new_tokens(p.request.parameters)  # what the runner's cost counts
+                d = p.request.deadline
+                deadline = None if d is None else p.arrived + (d - p.consumed_at) / 1000
+                self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra, deadline),
+                                high=p.topic == self.s.high_priority_topic)  # a tier is its topic
 
     def _dispatch(self, flush: bool) -> None:
-        self.pipeline.pump()
-        pace, costs = self.policy.pace, self.pipeline.costs
-        while not costs.empty():  # what the device's batches cost (adaptive batching's model of it)
-            rows, seconds = costs.get_nowait()
+        if self.continuous:
+            self.pipeline.pump()  # admits retries and collects what the manager finished
+        pace = self.policy.pace
+        while not self.costs.empty():  # what the device's batches cost (adaptive batching's model of it)
+            rows, seconds = self.costs.get_nowait()
             if pace is not None:
                 pace.ran(rows, seconds)
         while self.pipeline.has_room(self.s.pipeline_depth):
@@ -241,7 +249,8 @@ class Engine:
         """Drop every trace of these partitions; returns the unreleased records dropped."""
         dropped = sum(self.tracker.revoke(tp) for tp in tps)
         self.policy.remove(lambda it: it.ref.tp in tps)
-        self.pipeline.cancel(lambda p: p.tp in tps)  # continuous batching: their rows leave the batch
+        if self.continuous:  # their rows leave the running batch (static batches run to their
+            self.pipeline.cancel(lambda p: p.tp in tps)  # end: the tracker's epochs drop them)
         return dropped
 
     def reset(self) -> list:
@@ -251,7 +260,8 @@ class Engine:
             self.tracker.revoke(tp)
             self.tracker.assign(tp)  # new epoch: work still in the pipeline is ignored
         self.policy.remove(lambda it: True)
-        self.pipeline.cancel(lambda p: True)
+        if self.continuous:
+            self.pipeline.cancel(lambda p: True)
         return tps
 
     # -- state -----------------------------------------------------------------------------
@@ -266,16 +276,14 @@ class Engine:
     def partitions(self) -> list:
         return self.tracker.partitions
 
-    def busy(self) -> bool:
-        return bool(self.decoding or self.pipeline.in_flight or not self.done.empty() or self.tracker.pending
-                    or len(self.policy))
+    def state(self) -> "EngineState":
+        """What the drivers read to decide (fetch more, commit, stop): one snapshot."""
+        running = bool(self.decoding or self.pipeline.in_flight or not self.done.empty())
+        return EngineState(self.tracker.pending, running, len(self.policy))
 
-    def drained(self) -> bool:
-        return not self.busy()
-
-    def running(self) -> bool:
-        """Work on a pool or the device, or finished and not yet collected."""
-        return bool(self.decoding or self.pipeline.in_flight or not self.done.empty())
+    def all_ready(self) -> bool:
+        """Every tracked record finished in order: one commit would release them all."""
+        return self.tracker.ready_count() == self.tracker.pending
 
     def drop_queued(self) -> int:
         """Forget the batching queue (a driver that stops soon): those records stay tracked and
@@ -287,7 +295,7 @@ class Engine:
 
         Zero only when a batch is due and the pipeline has room for it; a due batch that
         cannot be sent yet waits for a slot (see wait), spinning would only take the model's CPU."""
-        if not self.busy():
+        if not self.state().busy:
             return idle
         if not self.pipeline.has_room(self.s.pipeline_depth):
             return 0.0  # the caller waits on wait() instead, which a finished job ends at once
@@ -300,7 +308,7 @@ class Engine:
     def wait(self, timeout: float) -> None:
         """Block until a job or a decode finishes (or `timeout`), when the pipeline is full:
         reacting at once to a free slot, instead of after a fixed poll interval."""
-        if not self.pipeline.has_room(self.s.pipeline_depth) and not self.decoding_done():
+        if not self.pipeline.has_room(self.s.pipeline_depth) and not self.decoding.head_done:
             self.wakeup.wait(timeout)
         self.wakeup.clear()
 
@@ -308,8 +316,6 @@ class Engine:
         """Something the loop waits for ended (also a future's done callback)."""
         self.wakeup.set()
 
-    def decoding_done(self) -> bool:
-        return bool(self.decoding) and self.decoding[0].done()
 
     def close(self) -> None:
         self.pipeline.close()  # work still in flight is abandoned, not dead-lettered

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import Link
@@ -77,9 +77,28 @@ class InlineExecutor(Executor):
         return f
 
 
+class Stages(Protocol):
+    """What the engine asks of either pipeline, static (Pipeline, here) or continuous
+    (consumer/continuous.py ContinuousPipeline); what only one of them does, the engine asks
+    of it alone. Both put (Pending, [Out]) per finished request on the engine's `done` queue
+    and set its wakeup when something ended."""
+
+    fatal: BaseException | None  # a device that cannot go on: the engine raises FatalError
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def has_room(self, depth: int) -> bool: ...
+
+    def submit(self, batch: list[Pending], depth: int = 0) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Pipeline:
     def __init__(self, runner, cpu: Executor, builder: ResultBuilder, done: SimpleQueue, row_type,
-                 metrics: Metrics | None = None, inline: bool = False, wakeup: threading.Event | None = None):
+                 metrics: Metrics | None = None, inline: bool = False, wakeup: threading.Event | None = None,
+                 costs: SimpleQueue | None = None):
         self.runner = runner
         self.cpu = cpu
         self.ready: SimpleQueue = SimpleQueue()  # (prepared job, when queued) for the device loop; None ends it
@@ -90,7 +109,8 @@ class Pipeline:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._ahead = 0  # jobs not yet past the device: 0 means it can take the next batch at once
-        self.costs: SimpleQueue = SimpleQueue()  # (rows, device seconds) per batch run, for adaptive batching
+        # (rows, device seconds) per batch run: the engine's model of the device (adaptive batching)
+        self.costs: SimpleQueue = costs if costs is not None else SimpleQueue()
         self.closed = False  # set by the engine on close: late failures are shutdown, not model errors
         self.fatal: BaseException | None = None  # a device that cannot go on (read by the loop)
         self.wakeup = wakeup or threading.Event()  # the engine's: set whenever a job finishes
@@ -110,13 +130,6 @@ class Pipeline:
     def has_room(self, depth: int) -> bool:
         """Another batch may go in: fewer than `depth` (pipeline_depth) are in flight."""
         return self._in_flight < depth
-
-    def cancel(self, pred) -> int:
-        """Batches run to their end here: what is revoked is dropped by the tracker's epochs."""
-        return 0
-
-    def pump(self) -> None:
-        """Nothing to move along from the loop thread here (the continuous pipeline has)."""
 
     @property
     def device_free(self) -> bool:

@@ -118,7 +118,7 @@ class Worker:
                      self.s.requests_topic, self.s.high_priority_topic, self.s.delivery)
             while True:
                 self._step()
-                if self.stopping.is_set() and self.engine.drained():
+                if self.stopping.is_set() and self.engine.state().drained:
                     break
             self._commit(force=True)
             log.info("drained: %s", self.counts)

@@ -343,7 +343,7 @@ def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Wind
     def fetch(timeout: float) -> list[list]:
         if (member or not ending) and engine.pending < s.max_in_flight:
             return [reader.poll(timeout)]
-        if engine.busy():
+        if engine.state().busy:
             time.sleep(min(0.005, timeout))  # at the end or full: the pools work
         return []
 
@@ -355,7 +355,7 @@ def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Wind
                 # on the device finish and what is finished in order is committed
                 engine.collect()
                 engine.drop_queued()
-                if not engine.running():
+                if not engine.state().running:
                     committer.step(force=True)
                     return "interrupted", time.monotonic() - t0
                 time.sleep(0.005)
@@ -369,10 +369,10 @@ def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Wind
                 raise ReplayError(f"{e}; {tally.records} records of this run are checkpointed; "
                                   f"continue with --resume {run_id}") from e
             # at the end, commit as soon as all that was fetched is answered; else at the cadence
-            committer.step(force=ending and engine.tracker.ready_count() == engine.pending)
+            committer.step(force=ending and engine.all_ready())
             if stop_after is not None and tally.records >= stop_after:
                 return "interrupted", time.monotonic() - t0
-            if ending and engine.drained() and (not member or reader.finished()):
+            if ending and engine.state().drained and (not member or reader.finished()):
                 return "done", time.monotonic() - t0
     finally:
         if tally.bar is not None:
