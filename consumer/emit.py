@@ -322,8 +322,7 @@ class TransactionalEmitter:
 class AtLeastOnceEmitter:
     transactional = False  # the caller commits the offsets once commit() returned
 
-    def __init__(self, settings, consumer, timeout_s: float = 30.0, fallback=None):
-        self.consumer = consumer
+    def __init__(self, settings, timeout_s: float = 30.0, fallback=None):
         self.timeout = timeout_s
         self.fallback = fallback
         self.producer = Producer(confluent_config(settings, **{
@@ -359,5 +358,7 @@ class AtLeastOnceEmitter:
 
 
 def make_emitter(settings, consumer, fallback=None):
-    kind = TransactionalEmitter if settings.delivery == "exactly-once" else AtLeastOnceEmitter
-    return kind(settings, consumer, fallback=fallback)
+    """The emitter of settings.delivery; only a transaction sends offsets, so only it takes the consumer."""
+    if settings.delivery == "exactly-once":
+        return TransactionalEmitter(settings, consumer, fallback=fallback)
+    return AtLeastOnceEmitter(settings, fallback=fallback)

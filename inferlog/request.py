@@ -6,13 +6,14 @@ sending, exactly what a worker would dead-letter.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import uuid
 from datetime import datetime
 from dataclasses import dataclass, field
-from collections.abc import Mapping, Sequence  # not typing's: its isinstance is ~10x slower
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence  # not typing's: its isinstance is ~10x slower
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from .errors import InvalidRequest, InputTooLarge
 
@@ -142,33 +143,74 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+class RequestOptions(TypedDict, total=False):
+    """The keywords of a request, declared once: build_request and the SDKs' submit() and
+    infer() take them as `**options: Unpack[RequestOptions]`. One left out means its
+    REQUEST_DEFAULTS value."""
+
+    model: str | None  # None: the worker's default model
+    tenant: str
+    parameters: Mapping[str, Any] | None  # max_new_tokens, temperature, top_p, seed
+    priority: int  # the tier: settings.high_priority and above go to the high topic
+    deadline_ms: int | None  # epoch ms; a request still waiting past it is answered EXPIRED
+    metadata: Mapping[str, str] | None
+    request_id: str | None  # None: a new uuid4
+
+
+REQUEST_DEFAULTS: RequestOptions = {"model": None, "tenant": "default", "parameters": None, "priority": 0,
+                                    "deadline_ms": None, "metadata": None, "request_id": None}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def spelled_out(options: type, defaults: Mapping[str, Any]) -> Callable[[_F], _F]:
+    """Show a function's `**options: Unpack[<options>]` as the keyword parameters they are to
+    help() and inspect.signature (type checkers and IDEs read the Unpack itself). Changes
+    nothing at call time: the function checks the keywords it gets (check_options)."""
+    def apply(fn: _F) -> _F:
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        for name, hint in options.__annotations__.items():
+            hint = getattr(hint, "__forward_arg__", hint)  # as written, like the function's own
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name],
+                                            annotation=hint))
+        fn.__signature__ = sig.replace(parameters=params)
+        return fn
+    return apply
+
+
+def check_options(options: Mapping[str, Any], allowed: Mapping[str, Any] = REQUEST_DEFAULTS) -> None:
+    """TypeError for a keyword that is not a request's, as Python raises for any function."""
+    if unknown := options.keys() - allowed.keys():
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, sorted(unknown)))}; "
+                        f"a request takes {', '.join(allowed)}")
+
+
+@spelled_out(RequestOptions, REQUEST_DEFAULTS)
 def build_request(
     task: str,
     inputs: str | Sequence[str],
     *,
-    model: str | None = None,
-    tenant: str = "default",
-    parameters: Mapping[str, Any] | None = None,
-    priority: int = 0,
-    deadline_ms: int | None = None,
-    metadata: Mapping[str, str] | None = None,
-    request_id: str | None = None,
     limits: Limits = Limits(),
+    **options: Unpack[RequestOptions],
 ) -> dict:
     """A validated Avro-ready request record (a dict matching InferenceRequest v2)."""
+    check_options(options)
+    o = {**REQUEST_DEFAULTS, **options}
+    parameters = o["parameters"] or {}
     rec = {
-        "request_id": request_id or str(uuid.uuid4()),
-        "tenant": tenant,
+        "request_id": o["request_id"] or str(uuid.uuid4()),
+        "tenant": o["tenant"],
         "task": str(task).upper(),
-        "model": model,
+        "model": o["model"],
         "inputs": [inputs] if isinstance(inputs, str) else list(inputs),
-        "parameters": {k: (parameters or {}).get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
+        "parameters": {k: parameters.get(k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
         "created_at": now_ms(),
-        "priority": priority,
-        "deadline": deadline_ms,
-        "metadata": dict(metadata or {}),
+        "priority": o["priority"],
+        "deadline": o["deadline_ms"],
+        "metadata": dict(o["metadata"] or {}),
     }
-    unknown = set(parameters or {}) - set(rec["parameters"])
+    unknown = set(parameters) - set(rec["parameters"])
     if unknown:
         raise InvalidRequest(f"unknown parameters: {', '.join(sorted(unknown))}")
     validate_request(rec, limits)

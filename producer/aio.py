@@ -10,17 +10,18 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Unpack
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
 
 from inferlog.clients import aiokafka_kwargs
 from inferlog.errors import InferlogError
+from inferlog.request import spelled_out
 from inferlog.settings import Settings
 
 from .replies import Replies
-from .sync import DeliveryLedger, Envelope, ProduceError, RequestEncoder, split_settings
+from .sync import SUBMIT_DEFAULTS, DeliveryLedger, Envelope, ProduceError, RequestEncoder, SubmitOptions, split_settings
 
 log = logging.getLogger(__name__)
 
@@ -99,42 +100,29 @@ class AsyncProducer:
                 raise
             log.exception("stopping the producer while handling another error")
 
-    async def submit(
-        self,
-        task: str,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        tenant: str = "default",
-        parameters: Mapping[str, Any] | None = None,
-        priority: int = 0,
-        deadline_ms: int | None = None,
-        metadata: Mapping[str, str] | None = None,
-        key: str | bytes | None = None,
-        request_id: str | None = None,
-        acked: bool = False,
-    ) -> str:
+    @spelled_out(SubmitOptions, SUBMIT_DEFAULTS)
+    async def submit(self, task: str, inputs: str | Sequence[str], *, acked: bool = False,
+                     **options: Unpack[SubmitOptions]) -> str:
         """Validate, encode and enqueue one request; returns its request_id (see Producer.submit).
 
         acked=True waits for the broker's ack of this record and raises ProduceError for it
         alone, here (the gateway: one caller's failure is not another's)."""
         self._check()
-        env = self._encoder.envelope(
-            task, inputs, model=model, tenant=tenant, parameters=parameters, priority=priority,
-            deadline_ms=deadline_ms, metadata=metadata, key=key, request_id=request_id,
-        )
+        env = self._encoder.envelope(task, inputs, **options)
         if acked:
             await self._send_acked(env)
         else:
             await self._send(env)
         return env.request_id
 
-    async def infer(self, task: str, inputs: str | Sequence[str], *, timeout: float = 30, **fields: Any) -> dict:
+    @spelled_out(SubmitOptions, SUBMIT_DEFAULTS)
+    async def infer(self, task: str, inputs: str | Sequence[str], *, timeout: float = 30,
+                    **options: Unpack[SubmitOptions]) -> dict:
         """Submit one request and wait for its result record (see Producer.infer): RequestFailed
         for a dead letter, TimeoutError when nothing comes within `timeout` seconds."""
         self._check()
         replies = await self.replies()
-        env = self._encoder.envelope(task, inputs, **fields)
+        env = self._encoder.envelope(task, inputs, **options)
         fut = replies.expect(env.request_id)  # before sending: the outcome cannot be missed
         try:
             await self._send_acked(env)

@@ -14,7 +14,7 @@ import time
 import uuid
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from functools import partial
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Unpack
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer as _KafkaProducer, TopicPartition
 from opentelemetry import propagate
@@ -22,7 +22,7 @@ from opentelemetry import propagate
 from inferlog.clients import confluent_config
 from inferlog.codec import REQUEST, Codec
 from inferlog.errors import InferlogError, InvalidRequest, RecordError
-from inferlog.request import Limits, build_request
+from inferlog.request import REQUEST_DEFAULTS, Limits, RequestOptions, build_request, check_options, spelled_out
 from inferlog.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,16 @@ CLIENT_FAILURES = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENT
                              KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.TOPIC_AUTHORIZATION_FAILED,
                              KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED})
 
-SUBMIT_FIELDS = frozenset(
-    {"task", "inputs", "model", "tenant", "parameters", "priority", "deadline_ms", "metadata", "key", "request_id"}
-)
+
+class SubmitOptions(RequestOptions, total=False):
+    """A request's keywords, and the SDKs' own: `key` pins related requests to one partition
+    (ordering, affinity); without it the request_id is the key."""
+
+    key: str | bytes | None
+
+
+SUBMIT_DEFAULTS: SubmitOptions = {**REQUEST_DEFAULTS, "key": None}
+SUBMIT_FIELDS = frozenset({"task", "inputs", *SUBMIT_DEFAULTS})  # of a submit_many entry, or a JSONL line
 
 
 class ProduceError(InferlogError):
@@ -114,32 +121,19 @@ class RequestEncoder:
             f"application/vnd.apache.avro+binary; schema={REQUEST}; framing={settings.framing}".encode()
         )
 
-    def envelope(
-        self,
-        task: str,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        tenant: str = "default",
-        parameters: Mapping[str, Any] | None = None,
-        priority: int = 0,
-        deadline_ms: int | None = None,
-        metadata: Mapping[str, str] | None = None,
-        key: str | bytes | None = None,
-        request_id: str | None = None,
-    ) -> Envelope:
+    def envelope(self, task: str, inputs: str | Sequence[str], *, key: str | bytes | None = None,
+                 **options: Unpack[RequestOptions]) -> Envelope:
+        check_options(options, SUBMIT_DEFAULTS)  # a misspelt keyword is a TypeError, as for any call
         try:
-            rec = build_request(
-                task, inputs, model=model, tenant=tenant, parameters=parameters, priority=priority,
-                deadline_ms=deadline_ms, metadata=metadata, request_id=request_id, limits=self.limits,
-            )
+            rec = build_request(task, inputs, limits=self.limits, **options)
         except (TypeError, ValueError, AttributeError) as e:
             # build_request assumes the types it does not check (a str deadline, say).
             raise InvalidRequest(f"not a valid request: {type(e).__name__}: {e}") from None
         # The encoder refuses what build_request lets through but Avro cannot hold
         # (a non-string metadata value, say), as InvalidRequest too.
         value = self.codec.encode(REQUEST, rec)
-        return Envelope(rec["request_id"], self.topic(priority), _key(key, rec["request_id"]), value, self.headers())
+        return Envelope(rec["request_id"], self.topic(rec["priority"]), _key(key, rec["request_id"]), value,
+                        self.headers())
 
     def topic(self, priority: int) -> str:
         """Priority tiers are topics: workers serve the high tier first (weighted)."""
@@ -209,20 +203,8 @@ class Producer:
         self._producer = _KafkaProducer(confluent_config(self.settings, **conf))
 
     # -- sending -------------------------------------------------------------------------
-    def submit(
-        self,
-        task: str,
-        inputs: str | Sequence[str],
-        *,
-        model: str | None = None,
-        tenant: str = "default",
-        parameters: Mapping[str, Any] | None = None,
-        priority: int = 0,
-        deadline_ms: int | None = None,
-        metadata: Mapping[str, str] | None = None,
-        key: str | bytes | None = None,
-        request_id: str | None = None,
-    ) -> str:
+    @spelled_out(SubmitOptions, SUBMIT_DEFAULTS)
+    def submit(self, task: str, inputs: str | Sequence[str], **options: Unpack[SubmitOptions]) -> str:
         """Validate, encode and enqueue one request; returns its request_id.
 
         `key` pins related requests to one partition (ordering, affinity); without it the
@@ -230,10 +212,7 @@ class Producer:
         ProduceError for an earlier request whose delivery failed.
         """
         self._check()
-        env = self._encoder.envelope(
-            task, inputs, model=model, tenant=tenant, parameters=parameters, priority=priority,
-            deadline_ms=deadline_ms, metadata=metadata, key=key, request_id=request_id,
-        )
+        env = self._encoder.envelope(task, inputs, **options)
         self._send(env)
         return env.request_id
 
@@ -256,15 +235,17 @@ class Producer:
                 # The local queue is full: let deliveries drain it, then try again.
                 self._producer.poll(0.05)
 
-    def infer(self, task: str, inputs: str | Sequence[str], *, timeout: float = 30, **fields: Any) -> dict:
+    @spelled_out(SubmitOptions, SUBMIT_DEFAULTS)
+    def infer(self, task: str, inputs: str | Sequence[str], *, timeout: float = 30,
+              **options: Unpack[SubmitOptions]) -> dict:
         """Submit one request and wait for its result record (request-reply over Kafka).
 
-        `fields` are submit()'s. Raises RequestFailed (reason, detail) when the request ends
+        The keywords are submit()'s. Raises RequestFailed (reason, detail) when the request ends
         as a dead letter, TimeoutError when no outcome comes within `timeout` seconds. A result
         with status EXPIRED (its deadline passed) is returned like any result.
         """
         reader = self._results_reader()
-        env = self._encoder.envelope(task, inputs, **fields)
+        env = self._encoder.envelope(task, inputs, **options)
         fut = reader.expect(env.request_id)  # before sending: the outcome cannot be missed
         try:
             self._check()

@@ -15,11 +15,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -32,14 +31,13 @@ from confluent_kafka import KafkaException
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.errors import DecodeError, InferlogError
 from inferlog.settings import load_settings
+from inferlog.timefmt import iso_ms, parse_duration as duration_ms
 
 from .tables import (DEAD_LETTERS, REQUESTS, RESULTS, SPECS, VECTORS, TableBuilder, identify,
                      in_window, load_tables, records, show_progress)
 from .window import Window, parse_time, resolve_window, window_consumer
 
 DEFAULT_GRACE = "1h"
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 class AuditError(click.ClickException):
@@ -55,10 +53,11 @@ def partition_for(key: bytes, partitions: int) -> int:
 
 
 def parse_duration(text: str) -> int:
-    m = _DURATION.fullmatch(text.strip().lower())
-    if not m:
-        raise AuditError(f"cannot read duration {text!r}: use e.g. 90s, 10m, 1h, 2d")
-    return int(float(m[1]) * _UNIT_MS[m[2] or "ms"])
+    """inferlog.timefmt.parse_duration (a bare number is ms), refused as a command-line error (exit 2)."""
+    try:
+        return duration_ms(text)
+    except ValueError as e:
+        raise AuditError(str(e)) from None
 
 
 def replay_deadletter_topics(settings, replay_topics) -> list[str]:
@@ -190,13 +189,9 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
     return out
 
 
-def _iso(ms: int | None) -> str:
-    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _between(since_ms: int | None, until_ms: int | None) -> str:
-    return (f"between {'the beginning' if since_ms is None else _iso(since_ms)} and "
-            f"{'now' if until_ms is None else _iso(until_ms)}")
+    return (f"between {'the beginning' if since_ms is None else iso_ms(since_ms)} and "
+            f"{'now' if until_ms is None else iso_ms(until_ms)}")
 
 
 def _pos(topic: str, partition: int, offset: int) -> str:
@@ -225,10 +220,10 @@ def render(found: Lookup) -> str:
     if (h := found.request) is not None:
         r, p = h.record, h.record["parameters"]
         params = ", ".join(f"{k}={v}" for k, v in p.items() if v is not None) or "defaults"
-        lines += [f"request {found.request_id}   {_pos(h.topic, h.partition, h.offset)}   kafka time {_iso(h.kafka_ts)}",
+        lines += [f"request {found.request_id}   {_pos(h.topic, h.partition, h.offset)}   kafka time {iso_ms(h.kafka_ts)}",
                   f"  tenant     {r['tenant']}   task {r['task']}   model {r['model'] or '(the worker default)'}"
                   f"   priority {r['priority']}",
-                  f"  created    {_iso(r['created_at'])}   deadline {_iso(r['deadline'])}   parameters {params}",
+                  f"  created    {iso_ms(r['created_at'])}   deadline {iso_ms(r['deadline'])}   parameters {params}",
                   f"  inputs     {len(r['inputs'])}: " + ", ".join(_short(t, 40) for t in r["inputs"][:3])
                   + (" …" if len(r["inputs"]) > 3 else "")]
     else:
@@ -237,21 +232,21 @@ def render(found: Lookup) -> str:
         r, t, b, m, s = h.record, h.record["timings"], h.record["batch"], h.record["model"], h.record["source"]
         kind = f"replay {r['replay_run_id']}" if r["replay_run_id"] else "original"
         lines += [f"result {i}/{len(found.results)} ({kind})   {_pos(h.topic, h.partition, h.offset)}"
-                  f"   kafka time {_iso(h.kafka_ts)}",
+                  f"   kafka time {iso_ms(h.kafka_ts)}",
                   f"  status     {r['status']}" + (f"   error {r['error']}" if r["error"] else ""),
                   f"  model      {m['name']}   revision {m['revision'] or '-'}   digest {m['digest'] or '-'}",
                   f"  source     {_pos(s['topic'], s['partition'], s['offset'])}",
-                  f"  timings    created {_iso(t['created_at'])}   consumed +{t['consumed_at'] - t['created_at']} ms"
+                  f"  timings    created {iso_ms(t['created_at'])}   consumed +{t['consumed_at'] - t['created_at']} ms"
                   f"   completed +{t['completed_at'] - t['created_at']} ms   infer {t['infer_ms']:.1f} ms",
                   f"  batch      {b['batch_id'] or '-'}   size {b['size']}   tokens {b['tokens']}",
                   f"  worker     {r['worker_id']}",
                   f"  outputs    {_outputs(r)}"]
     for h in found.dead_letters:
         r, s = h.record, h.record["source"]
-        lines += [f"dead letter   {_pos(h.topic, h.partition, h.offset)}   kafka time {_iso(h.kafka_ts)}",
+        lines += [f"dead letter   {_pos(h.topic, h.partition, h.offset)}   kafka time {iso_ms(h.kafka_ts)}",
                   f"  reason     {r['reason']}: {r['detail']}",
                   f"  source     {_pos(s['topic'], s['partition'], s['offset'])}",
-                  f"  failed     {_iso(r['failed_at'])}   worker {r['worker_id']}"
+                  f"  failed     {iso_ms(r['failed_at'])}   worker {r['worker_id']}"
                   + (f"   replay {r['replay_run_id']}" if r["replay_run_id"] else "")]
     if not found.results and not found.dead_letters:
         lines.append("no result and no dead letter yet")

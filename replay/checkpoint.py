@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inferlog.errors import InferlogError
+from inferlog.request import now_ms
 
-from .window import Window, now_ms
+from .window import Window
 
 VERSION = 2  # of checkpoint.json; 1: one topic, offsets keyed by partition; 2: by topic, then partition
 

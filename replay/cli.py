@@ -12,6 +12,7 @@ import click
 
 from inferlog.errors import ConfigError, InferlogError
 from inferlog.settings import load_settings
+from inferlog.timefmt import parse_duration
 
 SETTINGS_FLAGS = ("bootstrap_servers", "requests_topic", "high_priority_topic", "results_topic", "model", "model_name",
                   "task", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms", "max_input_tokens",
@@ -81,9 +82,10 @@ def state_dir_option(f):
 
 
 def _margin_ms(text: str) -> int:
-    from .window import now_ms, parse_time
-
-    return now_ms() - parse_time(f"-{text.lstrip('-')}")
+    try:
+        return parse_duration(text.lstrip("-"), bare=None)  # "15m"; "-15m" reads the same
+    except ValueError as e:
+        raise ConfigError(f"--margin: {e}") from None
 
 
 @click.group("replay", invoke_without_command=True)

@@ -15,9 +15,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
+from inferlog.request import now_ms
 
 from .sinks import read_rows, row_result
-from .window import Window, WindowReader, now_ms, read_window, resolve_window, settle
+from .window import Window, WindowReader, read_window, resolve_window, settle
 
 CLOSE = 1e-4  # largest absolute difference of an embedding component still called "close"
 ONE = 1e-6  # cosine within this of 1 counts as "== 1" (float32 vectors never sum exactly)

@@ -25,9 +25,10 @@ from inferlog.clients import confluent_config, consume_ready
 from inferlog.committed import OffsetsUnreadable, committed_offsets, last_committed
 from inferlog.consumer.membership import let_go
 from inferlog.consumer.records import Out
+from inferlog.request import now_ms
 
 from .checkpoint import ReplayError
-from .window import Window, WindowError, now_ms, read_window, resolve_window, settle, window_consumer
+from .window import Window, WindowError, read_window, resolve_window, settle, window_consumer
 
 log = logging.getLogger(__name__)
 

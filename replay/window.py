@@ -19,9 +19,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from inferlog.clients import confluent_config, consume_ready
 from inferlog.errors import ConfigError
+from inferlog.request import now_ms
+from inferlog.timefmt import iso_ms, parse_duration
 
-_RELATIVE = re.compile(r"^-\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _TIMEOUT = 10.0
 # a partition's leader is elected or moving (a topic just created, a broker restarting): the
 # answer is a moment's state, asked again; the client flags few of these as retriable itself
@@ -89,31 +89,34 @@ class Window:
                    d.get("until_ms"))
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def parse_time(text: str, tz: str | None = None) -> int:
     """Epoch milliseconds from ISO 8601 (with an offset, or naive in `tz`, default UTC),
     a relative "-2h"/"-30m"/"-1d", "now", or bare epoch milliseconds."""
     s = text.strip()
     if s.lower() == "now":
         return now_ms()
-    if m := _RELATIVE.match(s.lower()):
-        return now_ms() - int(float(m[1]) * _UNIT_MS[m[2]])
+    if s.startswith("-"):  # relative: no ISO 8601 date starts with a minus
+        try:
+            return now_ms() - parse_duration(s[1:], bare=None)
+        except ValueError:
+            raise _unreadable(text) from None
     if s.isdigit() and len(s) >= 11:  # epoch ms; shorter digit runs are more likely typos
         return int(s)
     try:
         dt = datetime.fromisoformat(s)
     except ValueError:
-        raise WindowError(f"cannot read time {text!r}: use ISO 8601 (2026-11-23T10:00:00+01:00), "
-                          f"a relative time (-2h, -30m, -1d), 'now' or epoch milliseconds") from None
+        raise _unreadable(text) from None
     if dt.tzinfo is None:
         try:
             dt = dt.replace(tzinfo=ZoneInfo(tz) if tz else timezone.utc)
         except (ZoneInfoNotFoundError, ValueError):
             raise WindowError(f"unknown time zone {tz!r} (use an IANA name like Europe/Berlin)") from None
     return int(dt.timestamp() * 1000)
+
+
+def _unreadable(text: str) -> WindowError:
+    return WindowError(f"cannot read time {text!r}: use ISO 8601 (2026-11-23T10:00:00+01:00), "
+                       f"a relative time (-2h, -30m, -1d), 'now' or epoch milliseconds")
 
 
 def parse_offsets(spec: str, topics: Sequence[str]) -> dict[tuple[str, int], tuple[int | None, int | None]]:
@@ -186,9 +189,9 @@ def resolve_window(settings, topics: str | Sequence[str], *, since: str | int | 
     until_ms = until if isinstance(until, int) or until is None else parse_time(until, tz)
     now = now_ms()
     if since_ms is not None and since_ms > now:
-        raise WindowError(f"--since {_iso(since_ms)} is in the future (now is {_iso(now)})")
+        raise WindowError(f"--since {iso_ms(since_ms)} is in the future (now is {iso_ms(now)})")
     if since_ms is not None and until_ms is not None and since_ms > until_ms:
-        raise WindowError(f"--since {_iso(since_ms)} is after --until {_iso(until_ms)}")
+        raise WindowError(f"--since {iso_ms(since_ms)} is after --until {iso_ms(until_ms)}")
     wanted = parse_offsets(offsets, topics) if offsets else {}
     if wanted:
         topics = tuple(t for t in topics if any(k[0] == t for k in wanted))
@@ -244,7 +247,7 @@ def _offsets_for_time(consumer: Consumer, topic: str, parts: list[int], ts: int)
             raise KafkaException(err)
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
-    return _patiently(ask, f"the offsets of {topic} at {_iso(ts)}")
+    return _patiently(ask, f"the offsets of {topic} at {iso_ms(ts)}")
 
 
 def _patiently(call, what: str, timeout: float = _TIMEOUT):
@@ -258,10 +261,6 @@ def _patiently(call, what: str, timeout: float = _TIMEOUT):
             if not isinstance(err, KafkaError) or err.code() not in _TRANSIENT or time.monotonic() > deadline:
                 raise WindowError(f"cannot read {what}: {err}") from e
         time.sleep(0.1)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
 
 
 class WindowReader:

@@ -57,3 +57,21 @@ def test_validation_only_ever_raises_record_errors(rec):
         validate_request(rec)
     except RecordError:
         pass
+
+
+def test_the_request_keywords_are_declared_once_and_shown_everywhere():
+    """RequestOptions is the one declaration: help() and inspect show each keyword with its
+    default on build_request and on every SDK call, and a misspelt one is a TypeError."""
+    import inspect
+
+    from inferlog.producer.aio import AsyncProducer
+    from inferlog.producer.sync import Producer
+    from inferlog.request import REQUEST_DEFAULTS
+
+    for fn in (build_request, Producer.submit, Producer.infer, AsyncProducer.submit, AsyncProducer.infer):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in REQUEST_DEFAULTS} == REQUEST_DEFAULTS, fn.__qualname__
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert inspect.iscoroutinefunction(AsyncProducer.submit)
+    with pytest.raises(TypeError, match="'tenat'"):
+        build_request("embed", ["x"], tenat="acme")
