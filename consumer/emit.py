@@ -29,6 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from inferlog.clients import confluent_config
+from inferlog.committed import PATIENCE_S
 from inferlog.errors import FatalError, RestartRequired
 
 from .records import Out
@@ -275,17 +276,26 @@ class TransactionalEmitter:
         self.producer = Producer(self.conf)
         self._init_transactions()
 
-    def _commit_with_retry(self) -> None:
-        deadline = time.monotonic() + self.timeout
+    def _commit_with_retry(self, patience: float = PATIENCE_S) -> None:
+        """commit_transaction until it gives an answer. A call that timed out is resumed by
+        calling it again (librdkafka: "retry call to resume"); an abort is refused meanwhile
+        (_CONFLICT: a commit is in progress), so giving up on it there left the worker spinning
+        on abort_transaction until it stopped. The coordinator itself ends a transaction older
+        than transaction.timeout.ms, so an answer comes; past `patience` (a client that never
+        answers) the process starts again, which aborts the transaction at its start."""
+        deadline = time.monotonic() + patience
         while True:
             try:
                 self.producer.commit_transaction(self.timeout)
                 return
             except KafkaException as e:
                 err = e.args[0]
-                if err.retriable() and not err.txn_requires_abort() and time.monotonic() < deadline:
-                    continue
-                raise
+                if not err.retriable() or err.txn_requires_abort():
+                    raise
+                if time.monotonic() > deadline:
+                    self.stuck = True
+                    raise RestartRequired(f"commit_transaction gave no answer in {patience:.0f}s: {err}") from e
+                log.warning("commit_transaction: %s; resuming it", err)
 
     def _handle(self, e: KafkaException):
         err: KafkaError = e.args[0]
@@ -309,6 +319,7 @@ class TransactionalEmitter:
                 if not err.retriable() or time.monotonic() > deadline:
                     raise FatalError(f"abort failed: {err}") from e
                 log.warning("abort_transaction: %s; retrying", err)
+                time.sleep(0.5)  # a coordinator away answers nothing sooner
 
     def close(self) -> None:
         if self.stuck:  # flushing would wait on the stuck call; the process ends (or restarts)
