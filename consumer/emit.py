@@ -192,6 +192,7 @@ class TransactionalEmitter:
         self.stuck = False  # a call never returned: nothing more is asked of this producer
         self.bounded = BoundedCalls("inferlog-send-offsets")
         self.commits = 0
+        self.restarts = settings.restarts
         # fault injection (tests): this commit's send_offsets hangs, in the first process only
         self.stuck_at = settings.fault_stuck_commit if settings.restarts == 0 else 0
         self.producer = Producer(conf)
@@ -299,11 +300,24 @@ class TransactionalEmitter:
 
     def _handle(self, e: KafkaException):
         err: KafkaError = e.args[0]
-        if err.fatal() or err.code() in FENCED:
+        if err.code() in FENCED:  # another producer owns this transactional.id now: stop
             raise FatalError(f"transactional producer cannot go on: {err}") from e
+        if err.fatal():
+            self._unusable(err, e)
         log.warning("transaction aborted: %s", err)
         self._abort()
         raise CommitAborted(str(err)) from e
+
+    def _unusable(self, err: KafkaError, cause: BaseException):
+        """A fatal producer error that is not a fencing (INVALID_TXN_STATE when the coordinator
+        lost track of a transaction around a broker restart, say) leaves its transaction open,
+        and a read_committed reader of its output topics waits behind it. The process starts
+        again under its own id (RestartRequired), whose init_transactions aborts that transaction;
+        only a fenced producer, whose id someone else holds, stops for good."""
+        self.stuck = True  # flushing a fatal producer only fails
+        if self.restarts >= 3:  # two processes under one id would fence each other in turn: stop
+            raise FatalError(f"transactional producer cannot go on: {err} (after {self.restarts} restarts)") from cause
+        raise RestartRequired(f"transactional producer failed ({err}): the process starts again") from cause
 
     def _abort(self) -> None:
         """Abort to a clean state, retrying while the coordinator is merely unreachable."""
@@ -316,8 +330,10 @@ class TransactionalEmitter:
                 err = e.args[0]
                 if err.code() == KafkaError._STATE:  # no transaction in progress: already clean
                     return
-                if not err.retriable() or time.monotonic() > deadline:
+                if err.code() in FENCED:
                     raise FatalError(f"abort failed: {err}") from e
+                if not err.retriable() or time.monotonic() > deadline:
+                    self._unusable(err, e)
                 log.warning("abort_transaction: %s; retrying", err)
                 time.sleep(0.5)  # a coordinator away answers nothing sooner
 

@@ -22,9 +22,16 @@ from support import wait_until
 
 from .harness import Fleet, Stream, check_exactly_once, wait_all_answered
 
+# the broker's SIGKILL only in the long run (make chaos): Kafka 4.4's transaction coordinator,
+# restarting in the same process as a controller that has not yet given the partitions their
+# leader back, skips the abort markers of partitions it finds leaderless ("Couldn't find leader
+# endpoint ... likely deleted already and hence can be skipped"), and the transaction it was
+# aborting then hangs on that partition: read_committed readers stop there for good (1 of 3
+# runs here; BENCHMARKS.md, issue 24). No client can repair that; the suite keeps the faults
+# the product answers for, and `make chaos` shows the broker's own.
 SIZES = pytest.mark.parametrize("size", [
-    pytest.param({"n": 1200, "rate": 40, "kills": 4}, id="short"),
-    pytest.param({"n": 4000, "rate": 45, "kills": 16}, id="long", marks=pytest.mark.slow)])
+    pytest.param({"n": 1200, "rate": 40, "kills": 4, "broker": False}, id="short"),
+    pytest.param({"n": 4000, "rate": 45, "kills": 16, "broker": True}, id="long", marks=pytest.mark.slow)])
 
 
 def kill_broker(broker) -> None:
@@ -54,7 +61,7 @@ def test_kills_under_new_ids_a_paused_worker_and_a_broker_sigkill(own_broker, ti
             # the faults' moments, spread over the stream: kills all along, the pause at a
             # quarter, the broker's SIGKILL past the middle
             plan = sorted([(rng.uniform(0.05, 0.9) * span, "kill") for _ in range(size["kills"])]
-                          + [(0.25 * span, "pause"), (0.55 * span, "broker")])
+                          + [(0.25 * span, "pause")] + ([(0.55 * span, "broker")] if size["broker"] else []))
             t0 = time.monotonic()
             for at, what in plan:
                 time.sleep(max(0.0, t0 + at - time.monotonic()))
@@ -79,5 +86,5 @@ def test_kills_under_new_ids_a_paused_worker_and_a_broker_sigkill(own_broker, ti
         fleet.stop_all()
     finally:
         fleet.kill_all()
-    check_exactly_once(s, stream.ids, f"SIGKILL under new ids + SIGSTOP + broker SIGKILL ({protocol})",
+    check_exactly_once(s, stream.ids, f"SIGKILL under new ids + SIGSTOP{' + broker SIGKILL' if size['broker'] else ''} ({protocol})",
                        events=len(plan))
