@@ -215,6 +215,10 @@ class TransactionalEmitter:
                 self._commit_with_retry()
                 return
             except KafkaException as e:
+                # a refused record puts the transaction in error at once, but its delivery report
+                # waits to be served: serve it before deciding, else a refusal looked like any
+                # abort and the same batch was refused again on the redo
+                self.producer.poll(0)
                 err = e.args[0]
                 again = (refusals.refused and refusals.tries_left(attempt) and not err.fatal()
                          and err.code() not in FENCED)

@@ -192,3 +192,16 @@ class Stream:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join(30)
+
+
+def limit_results_topic(settings, max_bytes: int) -> None:
+    """The results topic refuses records over `max_bytes` (max.message.bytes), as a cluster's
+    topic may: outputs too large for it must become their small dead letters."""
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+    res = ConfigResource(ConfigResource.Type.TOPIC, settings.results_topic,
+                         incremental_configs=[ConfigEntry("max.message.bytes", str(max_bytes),
+                                                          incremental_operation=AlterConfigOpType.SET)])
+    admin = AdminClient(confluent_config(settings))  # held until the futures are done
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(30)

@@ -19,7 +19,7 @@ from inferlog.consumer.records import Pending
 from inferlog.errors import RecordError
 from inferlog.request import build_request, now_ms
 from inferlog.settings import default_model_path, load_settings
-from support import account, output_count, produce_raw, running_worker, wait_until
+from support import account, limit_results_topic, output_count, produce_raw, running_worker, wait_until
 
 CODEC = Codec()
 MAX_RECORD = 1_000_000  # librdkafka's message.max.bytes default
@@ -311,15 +311,7 @@ def test_an_output_the_broker_refuses_becomes_a_small_dead_letter(settings, runn
     """A results topic whose max.message.bytes is below an embedding result: the broker refuses
     the results (batch-mates and all); each refused one is tried alone, then written as an
     OUTPUT_UNWRITABLE dead letter, and the partition moves on."""
-    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
-    from inferlog.clients import confluent_config
-
-    admin = AdminClient(confluent_config(settings))
-    res = ConfigResource(ConfigResource.Type.TOPIC, settings.results_topic,
-                         incremental_configs=[ConfigEntry("max.message.bytes", "1024",
-                                                          incremental_operation=AlterConfigOpType.SET)])
-    for f in admin.incremental_alter_configs([res]).values():
-        f.result(30)
+    limit_results_topic(settings, 1024)
     s = settings.with_overrides(delivery=delivery)
     produce_raw(s, [(b"k", enc(req(inputs=["one", "two", "three"]))) for _ in range(6)])
     with running_worker(s, runner) as w:

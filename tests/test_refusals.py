@@ -12,7 +12,6 @@ import os
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from inferlog.clients import confluent_config
 from inferlog.codec import DEADLETTER, Codec
@@ -20,7 +19,7 @@ from inferlog.consumer.emit import REFUSED, Refusals, TransactionalEmitter
 from inferlog.consumer.models import ModelInfo
 from inferlog.consumer.records import Out
 from inferlog.consumer.results import ResultBuilder
-from support import read_all
+from support import limit_results_topic, read_all
 
 TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
 WHY = f"{TOO_LARGE.name()}: {TOO_LARGE.str()}"
@@ -156,12 +155,7 @@ def test_an_output_over_the_topics_limit_becomes_a_dead_letter_and_the_rest_comm
     and, among them on the same partition (one batch), one of 4 kB: the committed results are
     the five, the big one is one small OUTPUT_UNWRITABLE dead letter naming its source and the
     refusal, nothing is written twice, and the offsets are committed with them."""
-    admin = AdminClient(confluent_config(settings))
-    res = ConfigResource(ConfigResource.Type.TOPIC, settings.results_topic,
-                         incremental_configs=[ConfigEntry("max.message.bytes", "1024",
-                                                          incremental_operation=AlterConfigOpType.SET)])
-    for f in admin.incremental_alter_configs([res]).values():
-        f.result(30)
+    limit_results_topic(settings, 1024)
     codec = Codec.from_settings(settings)
     builder = ResultBuilder(codec, settings, ModelInfo("m", None, None))
     req_topic = settings.requests_topic

@@ -29,6 +29,21 @@ def text(i: int) -> str:
     return f"the {r.choice(WORDS)} {r.choice(WORDS)} jumps over the {r.choice(WORDS)} dog number {i}."
 
 
+def own_topics(bootstrap: str, prefix: str):
+    """Settings naming fresh topics (both tiers, results, dead letters) and a group on a broker
+    of the test's own, the topics created."""
+    from conftest import unique
+    from inferlog.settings import load_settings
+    from inferlog.topics import ensure_topics
+
+    tag = unique(prefix)
+    s = load_settings(bootstrap_servers=bootstrap, requests_topic=f"{tag}.requests",
+                      high_priority_topic=f"{tag}.requests.high", results_topic=f"{tag}.results",
+                      deadletter_topic=f"{tag}.deadletter", partitions=6, group_id=f"{tag}.workers")
+    ensure_topics(s)
+    return s
+
+
 def worker_env(s, model_dir, **extra) -> dict:
     env = dict(os.environ)
     env.update({

@@ -10,22 +10,15 @@ import time
 
 import pytest
 
-from conftest import unique
-from inferlog.settings import load_settings
-from inferlog.topics import ensure_topics
 
-from .harness import Fleet, Stream, check_exactly_once, wait_all_answered
+from .harness import Fleet, Stream, check_exactly_once, own_topics, wait_all_answered
 
 
 @pytest.mark.parametrize("size", [
     pytest.param({"n": 1500, "rate": 50, "outages": 1, "down_s": (4, 8)}, id="short"),
     pytest.param({"n": 10000, "rate": 60, "outages": 4, "down_s": (3, 20)}, id="long", marks=pytest.mark.slow)])
 def test_broker_stop_and_start_mid_stream(own_broker, tiny_bert_classifier_dir, tmp_path, size):
-    tag = unique("bounce")
-    s = load_settings(bootstrap_servers=own_broker.bootstrap, requests_topic=f"{tag}.requests",
-                      high_priority_topic=f"{tag}.requests.high", results_topic=f"{tag}.results",
-                      deadletter_topic=f"{tag}.deadletter", partitions=6, group_id=f"{tag}.workers")
-    ensure_topics(s)
+    s = own_topics(own_broker.bootstrap, "bounce")
     rng = random.Random(3)
     logs = tmp_path / "logs"
     logs.mkdir()

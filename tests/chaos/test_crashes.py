@@ -15,12 +15,9 @@ import time
 
 import pytest
 
-from conftest import unique
-from inferlog.settings import load_settings
-from inferlog.topics import ensure_topics
 from support import wait_until
 
-from .harness import Fleet, Stream, check_exactly_once, wait_all_answered
+from .harness import Fleet, Stream, check_exactly_once, own_topics, wait_all_answered
 
 # the broker's SIGKILL only in the long run (make chaos): Kafka 4.4's transaction coordinator,
 # restarting in the same process as a controller that has not yet given the partitions their
@@ -45,11 +42,7 @@ def kill_broker(broker) -> None:
 @pytest.mark.parametrize("protocol", ["consumer", "classic"])
 def test_kills_under_new_ids_a_paused_worker_and_a_broker_sigkill(own_broker, tiny_bert_classifier_dir, tmp_path,
                                                                   size, protocol):
-    tag = unique("crash")
-    s = load_settings(bootstrap_servers=own_broker.bootstrap, requests_topic=f"{tag}.requests",
-                      high_priority_topic=f"{tag}.requests.high", results_topic=f"{tag}.results",
-                      deadletter_topic=f"{tag}.deadletter", partitions=6, group_id=f"{tag}.workers")
-    ensure_topics(s)
+    s = own_topics(own_broker.bootstrap, "crash")
     rng = random.Random(24)
     fleet = Fleet(s, tiny_bert_classifier_dir, tmp_path, INFERLOG_GROUP_PROTOCOL=protocol)
     names = (f"w{i}" for i in range(3, 1000))
