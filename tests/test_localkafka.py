@@ -125,9 +125,9 @@ def test_records_survive_a_broker_restart(kafka, topic_factory):
     if kafka.local is None:
         pytest.skip("the broker is not ours to restart")
 
-    kafka.local.stop()
+    assert kafka.local.stop(timeout=180), "the broker did not stop"  # a loaded machine stops it slowly
     assert not kafka.local.is_running()
-    assert kafka.local.start() == kafka.bootstrap
+    assert kafka.local.start(timeout=180) == kafka.bootstrap
     assert read_all(s, topic, len(sent)) == sent
     assert partition_counts(s, [topic]) == {topic: 3}
 
