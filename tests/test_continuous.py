@@ -229,7 +229,7 @@ def test_a_request_that_breaks_the_model_is_isolated_and_its_batch_mates_answere
                 assert not got[i]["dead"] and got[i]["outputs"][0] == alone(runner, t, 12), i
         # and the batch fills again afterwards
         engine.accept([message(len(texts) + i, PROMPTS[i], 6) for i in range(4)])
-        later = drain(engine, 4)
+        later = drain(engine, 4, timeout=120)
         assert all(not r["dead"] for r in later) and len({r["batch"]["batch_id"] for r in later}) <= 2
     finally:
         runner.model.forward = forward

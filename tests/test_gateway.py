@@ -163,8 +163,10 @@ def test_jwt_bearer_tokens_name_the_tenant(client, alg):
 
 @pytest.mark.parametrize("bad, status", [
     (token("HS256", tenant="tenant-a", exp=int(time.time()) - 10), 401),  # expired
-    (token("HS256", tenant="tenant-a", nbf=int(time.time()) + 600), 401),  # not yet valid
-    (jwt.encode({"tenant": "tenant-a", "exp": int(time.time()) + 60}, "another-secret-of-32-bytes-length!",
+    # built when the tests are collected: "not yet valid" must stay so however long the suite
+    # takes to get here (+600 s became valid in a slow run), and a wrong signature must not expire
+    (token("HS256", tenant="tenant-a", nbf=int(time.time()) + 10 * 365 * 86400), 401),  # not yet valid
+    (jwt.encode({"tenant": "tenant-a", "exp": int(time.time()) + 10 * 365 * 86400}, "another-secret-of-32-bytes-length!",
                 algorithm="HS256"), 401),  # wrong signature
     (jwt.encode({"tenant": "tenant-a"}, HS_SECRET, algorithm="HS256"), 401),  # no exp
     (token("RS256", sub="someone"), 403),  # valid, but names no tenant
