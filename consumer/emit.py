@@ -86,10 +86,7 @@ class Refusals:
             return []
         for i, why in found:
             if i in self.alone:
-                log.warning("the output for %s[%d]@%d was refused (%s): written as a dead letter",
-                            *self.outputs[i].source, why)
-                self.outputs[i] = self.fallback(self.outputs[i], f"the output could not be written: {why}")
-                self.alone.discard(i)
+                self.replace(i, why)  # refused alone: its own refusal
             else:
                 self.alone.add(i)
         return sorted({i for i, _ in found})
