@@ -215,7 +215,10 @@ class TransactionalEmitter:
                 # a refused record puts the transaction in error at once, but its delivery report
                 # waits to be served: serve it before deciding, else a refusal looked like any
                 # abort and the same batch was refused again on the redo
-                self.producer.poll(0)
+                try:
+                    self.producer.poll(0)
+                except KafkaException:  # a fatal producer raises its error again here: e says it
+                    pass
                 err = e.args[0]
                 again = (refusals.refused and refusals.tries_left(attempt) and not err.fatal()
                          and err.code() not in FENCED)
