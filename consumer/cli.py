@@ -11,60 +11,16 @@ import time
 import click
 
 from inferlog.errors import ConfigError, RestartRequired
-from inferlog.settings import load_settings
+from inferlog.options import settings_from, settings_options
 
 log = logging.getLogger("inferlog.worker")
 
 
-def worker_options(f):
-    """Flags shared by `worker` and `demo`; each defaults to its INFERLOG_* variable."""
-    opts = [
-        click.option("--bootstrap-servers", help="Kafka bootstrap servers [INFERLOG_BOOTSTRAP_SERVERS, KAFKA_BOOTSTRAP_SERVERS]."),
-        click.option("--requests-topic", help="Topic to consume requests from [INFERLOG_REQUESTS_TOPIC]."),
-        click.option("--results-topic", help="Topic to write results to [INFERLOG_RESULTS_TOPIC]."),
-        click.option("--deadletter-topic", help="Topic for dead letters [INFERLOG_DEADLETTER_TOPIC]."),
-        click.option("--group-id", help="Consumer group [INFERLOG_GROUP_ID]."),
-        click.option("--group-protocol", type=click.Choice(["consumer", "classic"]),
-                     help="consumer (KIP-848, Kafka 4: each request topic balanced per member) or classic "
-                          "(cooperative-sticky, older clusters) [INFERLOG_GROUP_PROTOCOL, default consumer]."),
-        click.option("--worker-id", help="Stable id of this worker (default: host-pid) [INFERLOG_WORKER_ID]."),
-        click.option("--model", help="Local model directory or hub id (default: the embedded all-MiniLM-L6-v2) [INFERLOG_MODEL]."),
-        click.option("--model-name", help="Name results carry and requests may ask for [INFERLOG_MODEL_NAME]."),
-        click.option("--task", type=click.Choice(["embed", "generate", "classify"]), help="Task (default: from the model's config) [INFERLOG_TASK]."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N [INFERLOG_DEVICE]."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="[INFERLOG_DTYPE]"),
-        click.option("--max-batch-size", type=int, help="Rows per batch at most [INFERLOG_MAX_BATCH_SIZE]."),
-        click.option("--max-batch-tokens", type=int, help="Padded tokens per batch at most [INFERLOG_MAX_BATCH_TOKENS]."),
-        click.option("--max-wait-ms", type=float, help="Longest a request waits for batch-mates [INFERLOG_MAX_WAIT_MS]."),
-        click.option("--batching", type=click.Choice(["adaptive", "fixed"]),
-                     help="adaptive: cut a batch when the device can take it, sized to the arrival rate; fixed: "
-                          "at --max-batch-size or after --max-wait-ms [INFERLOG_BATCHING, default adaptive]."),
-        click.option("--latency-target-ms", type=float,
-                     help="Adaptive batching holds a partial batch no longer than this leaves room for "
-                          "[INFERLOG_LATENCY_TARGET_MS, default 300]."),
-        click.option("--generation", type=click.Choice(["continuous", "static"]),
-                     help="generate: continuous batching (rows join and leave the running batch each step; the KV "
-                          "cache holds --max-batch-tokens) or static (a batch runs until its longest row ends; "
-                          "seeded sampling gives the same text in any batch) [INFERLOG_GENERATION, default continuous]."),
-        click.option("--commit-interval-ms", type=float, help="Least time between two commits; 0: back to back [INFERLOG_COMMIT_INTERVAL_MS]."),
-        click.option("--delivery", type=click.Choice(["exactly-once", "at-least-once"]), help="[INFERLOG_DELIVERY]"),
-        click.option("--cpu-workers", type=int, help="Threads for decode/tokenize/postprocess [INFERLOG_CPU_WORKERS]."),
-        click.option("--stages", type=click.Choice(["threads", "inline"]),
-                     help="threads: CPU stages on the pool, the model on a device loop, overlapping; inline: every "
-                          "stage on the loop thread, for models whose work is short and holds the GIL "
-                          "[INFERLOG_STAGES, default threads]."),
-        click.option("--torch-threads", type=int,
-                     help="torch's threads for a model on the CPU; 0: the cores less one [INFERLOG_TORCH_THREADS, default 0]."),
-        click.option("--max-in-flight", type=int, help="Records of a tier between fetch and commit; as many more are held before partitions pause [INFERLOG_MAX_IN_FLIGHT]."),
-        click.option("--metrics-port", type=int, help="Serve /metrics, /healthz, /readyz on this port; 0 = off [INFERLOG_METRICS_PORT]."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def settings_from_flags(**flags):
-    return load_settings(**{k: v for k, v in flags.items() if v is not None})
+# the settings of a worker: everything but the gateway's, the producer's, replay's, the local
+# broker's and the log settings, which `inferlog` itself takes (`inferlog --log-json worker`)
+WORKER_SETTINGS = ("connection", "topics", "worker", "served model", "batching", "limits", "executors", "metrics_port",
+                   "kafka_debug", "otlp_endpoint", "faults")
+worker_options = settings_options(*WORKER_SETTINGS, exclude=("replays_topic", "processes", "processes_per_gpu"))
 
 
 def _gpu_count() -> int:
@@ -77,27 +33,18 @@ def _gpu_count() -> int:
 
 
 @click.command("worker")
-@worker_options
-@click.option("--processes", envvar="INFERLOG_PROCESSES", default="auto", show_default=True,
-              help="Worker processes in this pod or host, each a group member with its own GIL: 'auto' = "
-                   "--processes-per-gpu per visible GPU (1 without GPUs), or a number (spread over the GPUs "
-                   "round-robin) [INFERLOG_PROCESSES].")
-@click.option("--processes-per-gpu", envvar="INFERLOG_PROCESSES_PER_GPU", type=click.IntRange(1), default=1,
-              show_default=True,
-              help="With --processes auto: processes sharing each GPU. One process's Python (decode, "
-                   "batching, result encoding, under one GIL) feeds a GPU 10,000-14,000 small records/s at most here; "
-                   "more processes feed it more, each with its own copy of the model [INFERLOG_PROCESSES_PER_GPU].")
+@settings_options(*WORKER_SETTINGS, exclude=("replays_topic",))
 @click.option("--create-topics/--no-create-topics", default=True, show_default=True,
               help="Create the topics (idempotently) before joining the group.")
-def worker(processes: str, processes_per_gpu: int, create_topics: bool, **flags) -> None:
+def worker(create_topics: bool, **flags) -> None:
     """Consume requests, micro-batch them through the model, emit results exactly once.
 
     Stops cleanly on SIGTERM/SIGINT: stops fetching, finishes and commits what it holds,
     leaves the group and exits 0.
     """
-    settings = settings_from_flags(**flags)
+    settings = settings_from(flags)
     gpus = _gpu_count() if settings.device in ("auto", "cuda") else 0
-    n = process_count(processes, processes_per_gpu, gpus)
+    n = process_count(settings.processes, settings.processes_per_gpu, gpus)
     if n > 1:
         if create_topics:  # once, before the members start
             from inferlog.topics import ensure_topics
@@ -132,9 +79,7 @@ def worker(processes: str, processes_per_gpu: int, create_topics: bool, **flags)
         # next owner redoes: it leaves at once. Tearing the interpreter down after a fatal
         # producer error sometimes aborted instead (std::terminate, exit -6, in the fencing
         # chaos test), which an orchestrator reads as a crash, not as "fenced" (3).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush()
         os._exit(code)
     sys.exit(code)
 
@@ -146,12 +91,17 @@ def _restart(settings) -> None:
     threads, librdkafka's sockets (close-on-exec) and any request a stuck client still held."""
     log.warning("restarting worker %s (same id, same process slot; restart %d)", settings.worker_id,
                 settings.restarts + 1)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush()
     # a default worker id names the pid: keep it as it was
     env = dict(os.environ, INFERLOG_WORKER_ID=settings.worker_id, INFERLOG_RESTARTS=str(settings.restarts + 1))
     os.execve(sys.executable, [sys.executable, "-m", "inferlog.cli", *sys.argv[1:], "--no-create-topics"], env)
+
+
+def _flush() -> None:
+    """Logs and output out before the process is left (os._exit) or replaced (exec)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def process_count(processes: str, per_gpu: int, gpus: int) -> int:

@@ -17,7 +17,9 @@ from confluent_kafka import Consumer, TopicPartition
 from inferlog.clients import confluent_config, consume_ready
 from inferlog.codec import RESULT, Codec
 
-from .cli import settings_from_flags, worker_options
+from inferlog.options import settings_from
+
+from .cli import worker_options
 from .runners import build_runner
 
 SUBJECTS = ["The payment service", "A customer in Lisbon", "Our nightly batch job", "The fraud model",
@@ -83,7 +85,7 @@ def demo(count: int, rate: float, show: int, keep_kafka: bool, **flags) -> None:
 
     from .worker import Worker
 
-    settings = settings_from_flags(**flags)
+    settings = settings_from(flags)
     started_kafka = None
     lk = LocalKafka.from_settings(settings)
     if not _answers(settings):

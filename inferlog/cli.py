@@ -1,7 +1,7 @@
 """The one command-line entry point: `inferlog <subcommand>`.
 
 Each subcommand lives next to the code it drives; this module only assembles them.
-Every option also reads its INFERLOG_* environment variable (see inferlog.settings).
+Every setting is a flag and an INFERLOG_* variable (inferlog/settings.py, inferlog/options.py).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import click
 
 from .errors import ConfigError, InferlogError
+from .options import settings_from, settings_options
 
 # name -> "module:attribute" of a click command or group, imported only when used so that
 # `inferlog kafka status` does not pay for importing torch.
@@ -44,11 +45,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="inferlog")
-@click.option("--log-level", envvar="INFERLOG_LOG_LEVEL", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@click.option("--log-json/--no-log-json", envvar="INFERLOG_LOG_JSON", default=False, show_default=True,
-              help="One JSON object per log line (request and batch ids as fields).")
-def cli(log_level: str, log_json: bool) -> None:
+@settings_options("log_level", "log_json")
+def cli(**flags) -> None:
     """inferlog: streaming inference on Kafka.
 
     Requests are Avro records on a partitioned topic; workers micro-batch them through a
@@ -56,7 +54,8 @@ def cli(log_level: str, log_json: bool) -> None:
     """
     from .telemetry import setup_logging
 
-    setup_logging(log_level, log_json)
+    settings = settings_from(flags)
+    setup_logging(settings.log_level, settings.log_json)
 
 
 def main() -> None:

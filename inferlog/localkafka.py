@@ -25,10 +25,11 @@ from pathlib import Path
 
 import click
 
-from .errors import InferlogError
+from .errors import ConfigError, InferlogError
+from .options import settings_from, settings_options
 from .security import (ROLES, SCRAM_MECHANISM, STANDARD_PRINCIPALS, SecurityError, TlsFiles, apply_acls, pkcs8_pem,
                        role_acls, write_private)
-from .settings import Settings, load_settings
+from .settings import Settings
 
 POM = Path(__file__).with_name("kafka") / "pom.xml"
 LOG4J2 = Path(__file__).with_name("kafka") / "log4j2.xml"
@@ -147,10 +148,10 @@ class LocalKafka:
     def from_settings(cls, settings: Settings, **kw) -> "LocalKafka":
         """The broker that settings.bootstrap_servers points at, when that is 127.0.0.1:<port>."""
         home = Path(settings.kafka_home)
-        kw.setdefault("port", _default_port(settings))
-        kw.setdefault("controller_port", kw["port"] + 1)
-        kw.setdefault("libs_dir", home / "libs" / settings.kafka_version)
-        kw.setdefault("data_dir", home / "data")
+        kw.setdefault("port", settings.kafka_port or _default_port(settings))
+        kw.setdefault("controller_port", settings.kafka_controller_port or kw["port"] + 1)
+        kw.setdefault("libs_dir", settings.kafka_libs_dir or home / "libs" / settings.kafka_version)
+        kw.setdefault("data_dir", settings.kafka_data_dir or home / "data")
         kw.setdefault("version", settings.kafka_version)
         return cls(**kw)
 
@@ -522,33 +523,20 @@ def _default_port(settings: Settings) -> int:
     return int(port) if host in ("127.0.0.1", "localhost") and port.isdigit() else 9092
 
 
-def _local(data_dir, libs_dir, port, controller_port, version, **security) -> LocalKafka:
-    settings = load_settings(kafka_version=version)
-    kw = {k: v for k, v in (("port", port), ("controller_port", controller_port)) if v}
-    kw.update(security)
-    if data_dir:
-        kw["data_dir"] = Path(data_dir)
-    if libs_dir:
-        kw["libs_dir"] = Path(libs_dir)
-    return LocalKafka.from_settings(settings, **kw)
+def _settings(flags: dict) -> Settings:
+    try:
+        return settings_from(flags)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
 
 
-def broker_options(f):
-    opts = [
-        click.option("--version", "version", envvar="INFERLOG_KAFKA_VERSION",
-                     help="Apache Kafka version (default: settings.kafka_version)."),
-        click.option("--libs-dir", type=click.Path(file_okay=False), envvar="INFERLOG_KAFKA_LIBS_DIR",
-                     help="Folder of the broker's jars (default: <kafka_home>/libs/<version>)."),
-        click.option("--data-dir", type=click.Path(file_okay=False), envvar="INFERLOG_KAFKA_DATA_DIR",
-                     help="Broker data, config, log and pid file (default: <kafka_home>/data)."),
-        click.option("--port", type=int, envvar="INFERLOG_KAFKA_PORT",
-                     help="Client port on 127.0.0.1 (default: from bootstrap_servers, else 9092)."),
-        click.option("--controller-port", type=int, envvar="INFERLOG_KAFKA_CONTROLLER_PORT",
-                     help="KRaft controller port on 127.0.0.1 (default: port + 1)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+# the broker's own settings, under the flags they have always had
+BROKER_FLAGS = {"kafka_version": ("--version",), "kafka_libs_dir": ("--libs-dir",), "kafka_data_dir": ("--data-dir",),
+                "kafka_port": ("--port",), "kafka_controller_port": ("--controller-port",)}
+SECURITY_FLAGS = {"kafka_sasl": ("--sasl",), "kafka_sasl_users_file": ("--sasl-users-file",),
+                  "kafka_tls_certfile": ("--tls-certfile",), "kafka_tls_keyfile": ("--tls-keyfile",),
+                  "kafka_tls_cafile": ("--tls-cafile",)}
+broker_options = settings_options(*BROKER_FLAGS, flags=BROKER_FLAGS)
 
 
 @click.group("kafka")
@@ -562,9 +550,9 @@ def kafka_cli() -> None:
 
 @kafka_cli.command()
 @broker_options
-def fetch(**kw) -> None:
+def fetch(**flags) -> None:
     """Download the broker's jars once (needs mvn); no-op when they are cached."""
-    lk = _local(**kw)
+    lk = LocalKafka.from_settings(_settings(flags))
     had = lk._jars_present()
     lk.fetch()
     click.echo(f"Kafka {lk.version} jars {'already in' if had else 'fetched into'} {lk.libs_dir}")
@@ -574,31 +562,27 @@ def fetch(**kw) -> None:
 @broker_options
 @click.option("--timeout", default=90.0, show_default=True, help="Seconds to wait for the broker to answer.")
 @click.option("--no-fetch", is_flag=True, help="Fail instead of fetching missing jars.")
-@click.option("--sasl", is_flag=True, envvar="INFERLOG_KAFKA_SASL",
-              help="SASL/SCRAM-SHA-512 and ACLs (StandardAuthorizer, admin the only super user).")
-@click.option("--sasl-users-file", type=click.Path(dir_okay=False), envvar="INFERLOG_KAFKA_SASL_USERS_FILE",
-              help=f"JSON {{user: password}}; missing {'/'.join(STANDARD_USERS)} get random passwords "
-                   "written into it (default: <data-dir>/sasl/users.json, mode 0600).")
-@click.option("--tls-certfile", type=click.Path(exists=True, dir_okay=False), envvar="INFERLOG_KAFKA_TLS_CERTFILE",
-              help="Broker certificate (PEM): serve SASL_SSL instead of SASL_PLAINTEXT (needs --sasl).")
-@click.option("--tls-keyfile", type=click.Path(exists=True, dir_okay=False), envvar="INFERLOG_KAFKA_TLS_KEYFILE",
-              help="The certificate's private key (PEM, unencrypted).")
-@click.option("--tls-cafile", type=click.Path(exists=True, dir_okay=False), envvar="INFERLOG_KAFKA_TLS_CAFILE",
-              help="The CA that signed the certificate (PEM); clients set INFERLOG_SSL_CAFILE to it.")
-def start(timeout: float, no_fetch: bool, sasl: bool, sasl_users_file, tls_certfile, tls_keyfile, tls_cafile,
-          **kw) -> None:
-    """Start the broker in the background; no-op when it is already running."""
-    tls = (tls_certfile, tls_keyfile, tls_cafile)
-    if any(tls) and not (all(tls) and sasl):
+@settings_options(*SECURITY_FLAGS, flags=SECURITY_FLAGS)
+def start(timeout: float, no_fetch: bool, **flags) -> None:
+    """Start the broker in the background; no-op when it is already running.
+
+    With --sasl the broker takes SASL/SCRAM-SHA-512 and ACLs; with the three --tls-* files as
+    well it serves SASL_SSL (clients set INFERLOG_SSL_CAFILE to the CA)."""
+    s = _settings(flags)
+    tls = (s.kafka_tls_certfile, s.kafka_tls_keyfile, s.kafka_tls_cafile)
+    if any(tls) and not (all(tls) and s.kafka_sasl):
         raise click.UsageError("TLS needs --tls-certfile, --tls-keyfile, --tls-cafile and --sasl")
-    lk = _local(**kw)
+    for flag, path in zip(("--tls-certfile", "--tls-keyfile", "--tls-cafile"), tls):
+        if path is not None and not path.is_file():
+            raise click.UsageError(f"{flag} {path}: no such file")
+    lk = LocalKafka.from_settings(s)
     if (pid := lk.pid()) is not None:
         click.echo(f"already running: pid {pid}, bootstrap {lk.status()['bootstrap']}")
         return
     users_file = None
-    if sasl:
-        users_file = Path(sasl_users_file) if sasl_users_file else lk.data_dir / "sasl" / "users.json"
-        lk = _local(**kw, sasl_users=load_or_create_users(users_file), tls=tls if all(tls) else None)
+    if s.kafka_sasl:
+        users_file = s.kafka_sasl_users_file or lk.data_dir / "sasl" / "users.json"
+        lk = LocalKafka.from_settings(s, sasl_users=load_or_create_users(users_file), tls=tls if all(tls) else None)
     if not no_fetch:
         lk.fetch()
     bootstrap = lk.start(timeout=timeout)
@@ -616,36 +600,30 @@ def start(timeout: float, no_fetch: bool, sasl: bool, sasl_users_file, tls_certf
 @kafka_cli.command()
 @broker_options
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds for a clean shutdown before SIGKILL.")
-def stop(timeout: float, **kw) -> None:
+def stop(timeout: float, **flags) -> None:
     """Stop the broker cleanly (SIGTERM, then SIGKILL after --timeout)."""
-    lk = _local(**kw)
+    lk = LocalKafka.from_settings(_settings(flags))
     click.echo("stopped" if lk.stop(timeout=timeout) else "not running")
 
 
 @kafka_cli.command()
 @broker_options
-def status(**kw) -> None:
+def status(**flags) -> None:
     """Show whether the broker runs; exit code 1 when it does not."""
-    st = _local(**kw).status()
+    st = LocalKafka.from_settings(_settings(flags)).status()
     for k, v in st.items():
         click.echo(f"{k}: {v}")
     sys.exit(0 if st["running"] else 1)
 
 
 @kafka_cli.command()
-@click.option("--bootstrap-servers", envvar=["INFERLOG_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"],
-              help="Cluster to create the topics on (default: settings.bootstrap_servers).")
-@click.option("--partitions", type=click.IntRange(min=1), help="Partitions per topic (default: settings.partitions).")
-@click.option("--replication-factor", type=click.IntRange(min=1),
-              help="Replicas per partition (default: settings.replication_factor).")
-@click.option("--retention-ms", type=click.IntRange(min=-1), help="retention.ms; -1 keeps forever (default: settings).")
-def topics(bootstrap_servers, partitions, replication_factor, retention_ms) -> None:
+@settings_options("bootstrap_servers", "partitions", "replication_factor", "retention_ms")
+def topics(**flags) -> None:
     """Create the requests, results and deadletter topics; existing ones are left as they are."""
     from .topics import ensure_topics, partition_counts
 
-    settings = load_settings(bootstrap_servers=bootstrap_servers)
-    created = ensure_topics(settings, partitions=partitions, replication_factor=replication_factor,
-                            retention_ms=retention_ms)
+    settings = _settings(flags)
+    created = ensure_topics(settings)
     counts = partition_counts(settings, list(created))
     for name, new in created.items():
         click.echo(f"{name}: {'created' if new else 'exists'}, {counts.get(name)} partitions")
@@ -657,15 +635,14 @@ def topics(bootstrap_servers, partitions, replication_factor, retention_ms) -> N
 @click.option("--standard", is_flag=True, help="Each role for the user of its name: " +
               ", ".join(f"{r} -> {p}" for r, p in STANDARD_PRINCIPALS.items()) + ".")
 @click.option("--dry-run", is_flag=True, help="Print the ACLs without connecting.")
-@click.option("--bootstrap-servers", envvar=["INFERLOG_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"],
-              help="Cluster to create the ACLs on (default: settings.bootstrap_servers).")
-def acls(principal, role, standard: bool, dry_run: bool, bootstrap_servers) -> None:
+@settings_options("bootstrap_servers")
+def acls(principal, role, standard: bool, dry_run: bool, **flags) -> None:
     """Grant inferlog's roles as Kafka ACLs (idempotent). Connects with the INFERLOG_* security
     settings, which must name a principal allowed to alter ACLs (a super user); topic, group
     names come from the same settings (INFERLOG_REQUESTS_TOPIC, INFERLOG_GROUP_ID, ...)."""
     if standard == bool(principal or role) or (not standard and not (principal and role)):
         raise click.UsageError("give either --standard or both --principal and --role")
-    settings = load_settings(bootstrap_servers=bootstrap_servers)
+    settings = _settings(flags)
     pairs = STANDARD_PRINCIPALS.items() if standard else [(role, principal)]
     try:
         wanted = [a for r, p in pairs for a in role_acls(r, p, settings)]

@@ -1,15 +1,26 @@
-"""One settings object for every command: defaults < environment (INFERLOG_*) < flags."""
+"""One settings object for every command: defaults < environment (INFERLOG_*) < flags.
+
+Every setting is a field of one group below (connection, topics, worker, model, batching,
+limits, executors, observability, gateway, producer, replay, local Kafka, faults), with its
+description. `Settings` is all the groups together, flat: `settings.max_batch_size`, read from
+`INFERLOG_MAX_BATCH_SIZE`. The command-line flags are made from these fields
+(inferlog/options.py) and so is the README's configuration table (inferlog/configdoc.py);
+nothing outside this module reads an INFERLOG_* variable.
+"""
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
+
+ENV_PREFIX = "INFERLOG_"
 
 
 def default_model_path() -> str:
@@ -22,158 +33,32 @@ def default_model_path() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INFERLOG_", extra="ignore", populate_by_name=True)
+def _no_flag(**extra) -> dict:
+    """A setting read from the environment only: a secret has no place on a command line, where
+    `ps` shows it to every user of the host."""
+    return {"json_schema_extra": {"flag": False, **extra}}
 
-    # -- Kafka connection ---------------------------------------------------------------
+
+def _shown(default: str) -> dict:
+    """How the docs and the help show a default computed at run time."""
+    return {"json_schema_extra": {"shown_default": default}}
+
+
+class Connection(BaseModel):
+    """How every client reaches Kafka."""
+
     bootstrap_servers: str = Field(
-        "127.0.0.1:9092",
-        validation_alias=AliasChoices("INFERLOG_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS", "bootstrap_servers"),
-    )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-
-    # -- topics --------------------------------------------------------------------------
-    requests_topic: str = "inferlog.requests"
-    # requests with priority >= high_priority go to their own topic, which workers serve
-    # first (weighted, so the normal tier is never starved)
-    high_priority_topic: str = "inferlog.requests.high"
-    high_priority: int = Field(1, ge=1)
-    high_priority_weight: int = Field(4, ge=1)  # high-tier batches per normal-tier batch when both wait
-    results_topic: str = "inferlog.results"
-    deadletter_topic: str = "inferlog.deadletter"
-    partitions: int = Field(6, ge=1)
-    replication_factor: int = Field(1, ge=1)
-    retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1)
-    # shared replay runs: each run's definition (keyed by run id) and its members' totals, compacted
-    replays_topic: str = "inferlog.replays"
-
-    # -- Avro framing --------------------------------------------------------------------
-    framing: Literal["single-object", "confluent"] = "single-object"
-    schema_registry_url: str | None = None
-
-    # -- worker --------------------------------------------------------------------------
-    group_id: str = "inferlog-workers"
-    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    delivery: Literal["exactly-once", "at-least-once"] = "exactly-once"
-    # the worker commits one transaction at a time, each with everything finished meanwhile;
-    # this is the least time between two (0: the next starts as soon as the last ends)
-    commit_interval_ms: float = Field(0.0, ge=0)
-    # the longest one commit's transaction may stay open; also how long the partitions of a worker
-    # killed mid-transaction wait before a successor under another worker id may start them (one
-    # with the same id, e.g. a StatefulSet pod restarted, aborts it at once). Each Kafka call of a
-    # commit is bounded by a third of it.
-    transaction_timeout_ms: int = Field(30000, ge=3000)
-    # How the group assigns partitions. "consumer" (KIP-848, Kafka 4): the broker's range
-    # assignor gives every member a balanced share of *each* request topic, whatever the order
-    # in which members join, and rebalances are incremental; session and heartbeat are the
-    # cluster's (group.consumer.session.timeout.ms). "classic": cooperative-sticky, for clusters
-    # without KIP-848; it balances the total, so a newcomer could take one tier whole.
-    group_protocol: Literal["consumer", "classic"] = "consumer"
-    group_assignor: Literal["range", "uniform"] = "range"  # the broker-side assignor (consumer protocol)
-    session_timeout_ms: int = Field(10000, ge=1000)  # classic protocol: how fast a dead worker's partitions move
-    fetch_wait_max_ms: int = Field(50, ge=0)  # longest a fetch that finds nothing waits at the broker
-    model: str = Field(default_factory=default_model_path)
-    model_name: str | None = None  # the name results carry and requests may ask for
-    task: Literal["embed", "generate", "classify"] | None = None  # None: infer from the model
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-
-    # batching
-    max_batch_size: int = Field(32, ge=1)
-    max_batch_tokens: int = Field(16384, ge=1)
-    max_wait_ms: float = Field(20.0, ge=0)
-    # adaptive: a partial batch is cut when the device can take it and holds what the arrival
-    # rate needs, waiting at most max_wait_ms (less when latency_target_ms leaves less);
-    # fixed: cut at max_batch_size/max_batch_tokens or after max_wait_ms (consumer/batching.py)
-    batching: Literal["adaptive", "fixed"] = "adaptive"
-    latency_target_ms: float = Field(300.0, gt=0)
-    # generate: "continuous" batching (rows join and leave the running batch each step; the KV
-    # cache holds max_batch_tokens) or "static" (a batch runs until its longest row ends;
-    # seeded sampling gives the same text in any batch)
-    generation: Literal["continuous", "static"] = "continuous"
-
-    # limits on one request (bad input becomes a dead letter, never a crash)
-    max_inputs: int = Field(64, ge=1)
-    max_input_bytes: int = Field(64 * 1024, ge=1)
-    max_input_tokens: int = Field(512, ge=1)
-    max_new_tokens_limit: int = Field(256, ge=1)
-    default_max_new_tokens: int = Field(32, ge=1)
-
-    # executors and bounded queues. stages "threads": decode/prepare/finish on a pool of
-    # cpu_workers threads, the model on a device loop of its own, overlapping; "inline": every
-    # stage on the driver's thread, for models whose work is short and holds the GIL (the
-    # threads then only add hand-offs: BENCHMARKS.md, issue 17)
-    stages: Literal["threads", "inline"] = "threads"
-    cpu_workers: int = Field(2, ge=1)
-    # torch's intra-op threads for a model on the CPU; 0: one fewer than the cores this process
-    # may use (at least 1), so the loop, the CPU pool and librdkafka keep a core (BENCHMARKS.md,
-    # issue 15). Under a Kubernetes CPU limit (not visible as cores) set it to the limit - 1.
-    torch_threads: int = Field(0, ge=0)
-    # records of a tier between fetch and commit; past it fetched records are held undecoded,
-    # and when as many are held the tier's partitions pause. Each resume costs a refetch
-    # (librdkafka drops a paused partition's prefetch), ~1 s with two group members here:
-    # large enough that pauses are rare (BENCHMARKS.md, scaling)
-    max_in_flight: int = Field(8192, ge=1)
-    pipeline_depth: int = Field(2, ge=1)  # batches prepared ahead of the device
-
-    # fault injection, for tests and chaos runs only: a request whose input contains this
-    # marker makes the model raise on any batch holding it
-    fault_marker: str | None = None
-    # chaos runs: a request fails in the model when a seeded hash of its token ids is below
-    # fault_rate (per request, so a split batch isolates it); with fault_slow_ms a batch
-    # sleeps up to that long, with probability fault_slow_rate
-    fault_rate: float = Field(0.0, ge=0, le=1)
-    fault_seed: int = 0
-    fault_slow_ms: float = Field(0.0, ge=0)
-    fault_slow_rate: float = Field(0.1, ge=0, le=1)
-    # the Nth commit's send_offsets_to_transaction never returns, as librdkafka#5456 does when the
-    # group coordinator goes away; only before the process restarted itself (see `restarts`)
-    fault_stuck_commit: int = Field(0, ge=0)
-    # how often this worker's process started itself again (set by that restart; in its logs)
-    restarts: int = Field(0, ge=0)
-
-    # observability
-    metrics_port: int = Field(0, ge=0)  # 0: no HTTP server
-    log_level: str = "INFO"
-    log_json: bool = False
-    # librdkafka's debug contexts for every client ("cgrp,fetch", "all"): its lines go to the
-    # inferlog.kafka logger, shown with log_level DEBUG
-    kafka_debug: str = ""
-    otlp_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("INFERLOG_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"))
-
-    # -- gateway -------------------------------------------------------------------------
-    gateway_host: str = "127.0.0.1"
-    gateway_port: int = Field(8080, ge=0, le=65535)
-    # callers -> tenants. None of api_keys/api_keys_file/jwt_* set: the gateway runs open
-    api_keys: SecretStr | None = None  # "key1:tenantA,key2:tenantB"
-    api_keys_file: Path | None = None  # JSON {"key": "tenant", ...}
-    jwt_secret: SecretStr | None = None  # HS256
-    jwt_public_key: str | None = None  # RS256: a PEM, or a path to one
-    jwt_tenant_claim: str = "tenant"
-    jwt_audience: str | None = None  # checked when set
-    # signs request ids with their tenant, so any replica can tell an id's owner without
-    # shared state; replicas behind one load balancer need the same secret
-    gateway_id_secret: SecretStr | None = None
-    # per tenant and per replica: rate (requests/s, 0 = no limit), burst, in-flight quota
-    tenant_rate: float = Field(100.0, ge=0)
-    tenant_burst: int = Field(200, ge=1)
-    tenant_max_in_flight: int = Field(2000, ge=1)
-    gateway_max_wait_s: float = Field(30.0, gt=0)  # cap of ?wait=
-    gateway_cache_size: int = Field(20000, ge=1)  # recent outcomes held in memory
-    gateway_cache_ttl_s: float = Field(600.0, gt=0)
-    gateway_lookup_max_records: int = Field(200_000, ge=1)  # scan bound of a GET older than the cache
-    # -- end gateway ---------------------------------------------------------------------
-
-    # local Kafka
-    kafka_home: Path = Field(default_factory=lambda: Path(os.environ.get("INFERLOG_KAFKA_HOME", ".kafka")))
-    kafka_version: str = "4.4.0"
+        "127.0.0.1:9092", description="Kafka brokers, host:port[,host:port...].",
+        validation_alias=AliasChoices("INFERLOG_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS", "bootstrap_servers"))
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka's security.protocol.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism, with a SASL_* protocol.")
+    sasl_username: str | None = Field(None, description="SASL user.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (environment only).", **_no_flag())
+    ssl_cafile: str | None = Field(None, description="CA bundle (PEM) that signed the brokers' certificates.")
+    ssl_certfile: str | None = Field(None, description="Client certificate (PEM), for mutual TLS.")
+    ssl_keyfile: str | None = Field(None, description="The client certificate's key (PEM).")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -182,8 +67,240 @@ class Settings(BaseSettings):
             raise ValueError("bootstrap_servers must name at least one host:port")
         return v
 
-    # -- tiers: a tier is its topic, everywhere (fetch, back-pressure, batching, metrics, audit,
-    # replay). A request's priority only chooses the topic it is published to.
+
+class Topics(BaseModel):
+    """The topics, their tiers and their Avro framing. A tier is its topic everywhere (fetch,
+    back-pressure, batching, metrics, audit, replay); a request's priority only chooses it."""
+
+    requests_topic: str = Field("inferlog.requests", description="Requests of the normal tier.")
+    high_priority_topic: str = Field(
+        "inferlog.requests.high", description="Requests at or above high_priority; workers serve this tier first.")
+    high_priority: int = Field(1, ge=1, description="The priority from which a request goes to the high tier.")
+    high_priority_weight: int = Field(
+        4, ge=1, description="High-tier batches per normal-tier batch when both wait (the normal tier never starves).")
+    results_topic: str = Field("inferlog.results", description="Results, written exactly once.")
+    deadletter_topic: str = Field("inferlog.deadletter", description="Dead letters: every record that is no result, "
+                                                                     "with its reason.")
+    replays_topic: str = Field("inferlog.replays", description="Shared replay runs: each run's definition and its "
+                                                               "members' totals (compacted).")
+    partitions: int = Field(6, ge=1, description="Partitions of a topic inferlog creates.")
+    replication_factor: int = Field(1, ge=1, description="Replicas of a topic inferlog creates.")
+    retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1,
+                              description="retention.ms of a topic inferlog creates; -1 keeps it forever.",
+                              **_shown("604800000 (7 days)"))
+    framing: Literal["single-object", "confluent"] = Field(
+        "single-object", description="Avro framing of records; confluent needs schema_registry_url.")
+    schema_registry_url: str | None = Field(None, description="Confluent Schema Registry, for framing confluent.")
+
+
+class Worker(BaseModel):
+    """A worker as a member of its group, and how it commits."""
+
+    group_id: str = Field("inferlog-workers", description="The workers' consumer group.")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+                           description="Stable id of this worker, and of its transactional producer.",
+                           **_shown("host-pid"))
+    delivery: Literal["exactly-once", "at-least-once"] = Field(
+        "exactly-once", description="exactly-once: results and offsets in one transaction; at-least-once: offsets "
+                                    "committed after the results are delivered.")
+    commit_interval_ms: float = Field(
+        0.0, ge=0, description="Least time between two commits; one runs at a time, holding all that finished "
+                               "meanwhile (0: the next starts as soon as the last ends).")
+    transaction_timeout_ms: int = Field(
+        30000, ge=3000,
+        description="The longest one commit's transaction stays open (each of its Kafka calls gets a third); also "
+                    "how long a killed worker's partitions wait for a successor under another id.")
+    group_protocol: Literal["consumer", "classic"] = Field(
+        "consumer", description="consumer (KIP-848, Kafka 4): every member gets a balanced share of each request "
+                                "topic, rebalances are incremental; classic: cooperative-sticky, for clusters "
+                                "before Kafka 4.0.")
+    group_assignor: Literal["range", "uniform"] = Field(
+        "range", description="The broker-side assignor of the consumer protocol.")
+    session_timeout_ms: int = Field(
+        10000, ge=1000, description="Classic protocol only: how fast a dead worker's partitions move (with "
+                                    "consumer, the cluster's group.consumer.session.timeout.ms applies).")
+    fetch_wait_max_ms: int = Field(
+        50, ge=0, description="Longest a fetch that finds nothing waits at the broker (librdkafka's 500 stalls "
+                              "partitions resumed after back-pressure).")
+    processes: str = Field(
+        "auto",
+        description="Worker processes in this pod or host, each a group member with its own GIL: auto = "
+                    "processes_per_gpu per visible GPU (1 without GPUs), or a number (spread over the GPUs).")
+    processes_per_gpu: int = Field(
+        1, ge=1, description="With processes auto: processes sharing each GPU, each with its own copy of the model "
+                             "(one process's Python feeds a GPU 10,000-14,000 small records/s at most here).")
+    restarts: int = Field(0, ge=0, description="How often this worker's process started itself again (set by that "
+                                               "restart, shown in its logs).", **_no_flag())
+
+
+class Model(BaseModel):
+    """The model a worker or a replay serves."""
+
+    model: str = Field(default_factory=default_model_path,
+                       description="Local model directory or hub id.", **_shown("the embedded all-MiniLM-L6-v2"))
+    model_name: str | None = Field(None, description="The name results carry and requests may ask for "
+                                                     "(default: from the model).")
+    task: Literal["embed", "generate", "classify"] | None = Field(
+        None, description="What the model does (default: from its config).")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="Weights' dtype.")
+
+
+class Batching(BaseModel):
+    """How requests become batches (consumer/batching.py)."""
+
+    max_batch_size: int = Field(32, ge=1, description="Rows per batch at most.")
+    max_batch_tokens: int = Field(16384, ge=1, description="Padded tokens per batch at most (continuous generation: "
+                                                           "what the KV cache holds).")
+    max_wait_ms: float = Field(20.0, ge=0, description="Longest a request waits for batch-mates.")
+    batching: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive: a partial batch is cut when the device can take it, sized to the arrival "
+                                "rate; fixed: at the size limits or after max_wait_ms.")
+    latency_target_ms: float = Field(300.0, gt=0, description="Adaptive batching holds a partial batch no longer "
+                                                              "than this leaves room for.")
+    generation: Literal["continuous", "static"] = Field(
+        "continuous", description="generate: continuous batching (rows join and leave the running batch each step) "
+                                  "or static (a batch runs until its longest row ends; seeded sampling gives the "
+                                  "same text in any batch).")
+
+
+class Limits(BaseModel):
+    """Limits on one request: past them it is a dead letter with its reason, never a crash."""
+
+    max_inputs: int = Field(64, ge=1, description="Inputs per request.")
+    max_input_bytes: int = Field(64 * 1024, ge=1, description="Bytes per input.")
+    max_input_tokens: int = Field(512, ge=1, description="Tokens per input (or the model's own limit, when smaller).")
+    max_new_tokens_limit: int = Field(256, ge=1, description="The most new tokens a request may ask for.")
+    default_max_new_tokens: int = Field(32, ge=1, description="New tokens of a request that asks for none.")
+
+
+class Executors(BaseModel):
+    """Threads and bounded queues of the engine."""
+
+    stages: Literal["threads", "inline"] = Field(
+        "threads", description="threads: CPU stages on a pool, the model on a device loop, overlapping; inline: "
+                               "every stage on the loop thread, for models whose work is short and holds the GIL "
+                               "(45 vs 75 CPU µs per record for the echo model, BENCHMARKS.md issue 17).")
+    cpu_workers: int = Field(2, ge=1, description="Threads for decode, tokenize and postprocess.")
+    torch_threads: int = Field(
+        0, ge=0, description="torch's threads for a model on the CPU; 0: the cores this process may use, less one. "
+                             "Under a Kubernetes CPU limit (not visible as cores) set it to the limit - 1.")
+    max_in_flight: int = Field(
+        8192, ge=1, description="Records of a tier between fetch and commit; as many more are held undecoded "
+                                "before the tier's partitions pause.")
+    pipeline_depth: int = Field(2, ge=1, description="Batches prepared ahead of the device.")
+
+
+class Observability(BaseModel):
+    """Logs, metrics and traces."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(False, description="One JSON object per log line (request and batch ids as fields).")
+    metrics_port: int = Field(0, ge=0, description="Serve /metrics, /healthz and /readyz on this port; 0: off.")
+    kafka_debug: str = Field("", description="librdkafka's debug contexts for every client (cgrp,fetch or all), "
+                                             "logged by inferlog.kafka at log level DEBUG.")
+    otlp_endpoint: str | None = Field(
+        None, description="Export traces over OTLP/HTTP to this endpoint.",
+        validation_alias=AliasChoices("INFERLOG_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Gateway(BaseModel):
+    """The HTTP gateway (producer/gateway.py). None of api_keys, api_keys_file, jwt_secret and
+    jwt_public_key set: it runs open."""
+
+    gateway_host: str = Field("127.0.0.1", description="Interface to listen on.")
+    gateway_port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    api_keys: SecretStr | None = Field(None, description='Callers and their tenants: "key1:tenantA,key2:tenantB" '
+                                                         "(environment only).", **_no_flag())
+    api_keys_file: Path | None = Field(None, description='JSON {"key": "tenant", ...}.')
+    jwt_secret: SecretStr | None = Field(None, description="HS256 secret of bearer tokens (environment only).",
+                                         **_no_flag())
+    jwt_public_key: str | None = Field(None, description="RS256 public key of bearer tokens: a PEM or a path to one.")
+    jwt_tenant_claim: str = Field("tenant", description="The token claim that names the tenant.")
+    jwt_audience: str | None = Field(None, description="The audience tokens must name, when set.")
+    gateway_id_secret: SecretStr | None = Field(
+        None, description="Signs request ids with their tenant, so that any replica can tell an id's owner; "
+                          "replicas behind one load balancer share it (environment only).", **_no_flag())
+    tenant_rate: float = Field(100.0, ge=0, description="Requests/s per tenant and replica; 0: no limit.")
+    tenant_burst: int = Field(200, ge=1, description="Burst above tenant_rate.")
+    tenant_max_in_flight: int = Field(2000, ge=1, description="Unanswered requests per tenant and replica.")
+    gateway_max_wait_s: float = Field(30.0, gt=0, description="Cap of ?wait=; a longer call gets a 504 with its id.")
+    gateway_cache_size: int = Field(20000, ge=1, description="Recent outcomes held in memory.")
+    gateway_cache_ttl_s: float = Field(600.0, gt=0, description="How long an outcome stays in that cache.")
+    gateway_lookup_max_records: int = Field(200_000, ge=1,
+                                            description="Scan bound of a GET older than the cache.")
+
+
+class Publishing(BaseModel):
+    """`inferlog produce`: what a JSONL line that says nothing gets, and its pace."""
+
+    tenant: str = Field("default", description="Tenant of lines that name none.")
+    produce_rate: float = Field(0.0, ge=0, description="Records per second at most (token bucket); 0: unlimited.")
+    key_field: str | None = Field(None, description="Key each request by this field of its line (or of its "
+                                                    "metadata); default: the request id.")
+    produce_timeout: float = Field(10.0, ge=0.1, description="Seconds to wait for Kafka: to answer at the start, "
+                                                             "and to take the last records at the end.")
+
+
+class Replay(BaseModel):
+    """Replay runs."""
+
+    replay_dir: Path = Field(Path(".inferlog/replays"), description="Where run checkpoints live.")
+
+
+class LocalKafka(BaseModel):
+    """The local Apache Kafka broker of `inferlog kafka` and the demo."""
+
+    kafka_home: Path = Field(Path(".kafka"), description="Its jars (libs/<version>) and data.")
+    kafka_version: str = Field("4.4.0", description="Apache Kafka version, from Maven Central.")
+    kafka_libs_dir: Path | None = Field(None, description="Folder of its jars.", **_shown("<kafka_home>/libs/<version>"))
+    kafka_data_dir: Path | None = Field(None, description="Its data, config, log and pid file.",
+                                        **_shown("<kafka_home>/data"))
+    kafka_port: int | None = Field(None, ge=1, le=65535, description="Client port on 127.0.0.1.",
+                                   **_shown("from bootstrap_servers, else 9092"))
+    kafka_controller_port: int | None = Field(None, ge=1, le=65535, description="KRaft controller port.",
+                                              **_shown("port + 1"))
+    kafka_sasl: bool = Field(False, description="SASL/SCRAM-SHA-512 and ACLs (admin the only super user).")
+    kafka_sasl_users_file: Path | None = Field(
+        None, description="JSON {user: password}; missing standard users get random passwords written into it.",
+        **_shown("<data-dir>/sasl/users.json"))
+    kafka_tls_certfile: Path | None = Field(None, description="Broker certificate (PEM): serve SASL_SSL.")
+    kafka_tls_keyfile: Path | None = Field(None, description="The certificate's private key (PEM, unencrypted).")
+    kafka_tls_cafile: Path | None = Field(None, description="The CA that signed it (PEM).")
+
+
+class Faults(BaseModel):
+    """Fault injection, for tests and chaos runs only (hidden from --help)."""
+
+    fault_marker: str | None = Field(None, description="A request whose input contains it makes the model raise on "
+                                                       "any batch holding it.")
+    fault_rate: float = Field(0.0, ge=0, le=1, description="A request fails in the model when a seeded hash of its "
+                                                           "token ids is below it.")
+    fault_seed: int = Field(0, description="Seed of fault_rate's hash.")
+    fault_slow_ms: float = Field(0.0, ge=0, description="A batch sleeps up to this long, with fault_slow_rate.")
+    fault_slow_rate: float = Field(0.1, ge=0, le=1, description="Share of batches fault_slow_ms slows.")
+    fault_stuck_commit: int = Field(0, ge=0, description="The Nth commit's send_offsets never returns, as "
+                                                         "librdkafka#5456 does (before the first restart only).")
+
+
+# the groups in the order the docs show them; `Settings` has the fields of all of them
+GROUPS: dict[str, type[BaseModel]] = {
+    "connection": Connection, "topics": Topics, "worker": Worker, "served model": Model, "batching": Batching,
+    "limits": Limits, "executors": Executors, "observability": Observability, "gateway": Gateway,
+    "publishing": Publishing, "replay": Replay, "local kafka": LocalKafka, "faults": Faults,
+}
+
+
+class Settings(*reversed(GROUPS.values()), BaseSettings):  # type: ignore[misc]
+    __doc__ = "Every setting of every command: the fields of all of GROUPS."
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+
+    # -- tiers: a tier is its topic everywhere. A request's priority only chooses the topic.
     @property
     def request_topics(self) -> tuple[str, str]:
         """Both tiers' topics, high first."""
@@ -201,6 +318,9 @@ class Settings(BaseSettings):
     def with_overrides(self, **flags) -> "Settings":
         """Apply CLI flags (None means 'not given') on top of env and defaults."""
         given = {k: v for k, v in flags.items() if v is not None}
+        unknown = set(given) - set(Settings.model_fields)
+        if unknown:
+            raise ConfigError(f"not a setting: {', '.join(sorted(unknown))}")
         try:
             return self.model_copy(update=given) if not given else Settings(**{**self.model_dump(), **given})
         except Exception as e:  # pydantic's ValidationError, made actionable
@@ -213,3 +333,38 @@ def load_settings(**flags) -> Settings:
     except Exception as e:
         raise ConfigError(f"invalid INFERLOG_* environment: {e}") from e
     return base.with_overrides(**flags)
+
+
+# -- what the docs and the flags say of a field ------------------------------------------------
+def env_names(name: str) -> list[str]:
+    """The environment variables a field reads, its own first."""
+    alias = Settings.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return [c for c in alias.choices if isinstance(c, str) and c.isupper()]
+    return [ENV_PREFIX + name.upper()]
+
+
+def extra(field: FieldInfo, key: str, default: Any = None) -> Any:
+    js = field.json_schema_extra
+    return js.get(key, default) if isinstance(js, dict) else default
+
+
+def shown_default(name: str) -> str:
+    field = Settings.model_fields[name]
+    shown = extra(field, "shown_default")
+    if shown is not None:
+        return shown
+    if field.default_factory is not None:
+        return str(field.default_factory())
+    value = field.default
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def group_of(name: str) -> str:
+    return next(g for g, model in GROUPS.items() if name in model.model_fields)

@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from inferlog.errors import ConfigError, InvalidRequest, RecordError
-from inferlog.settings import load_settings
+from inferlog.options import setting_option, settings_from, settings_options
 
 from .sync import SUBMIT_FIELDS, Producer, ProduceError
 
@@ -128,40 +128,25 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
 
 @click.command("produce", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("file", required=False, default="-", type=click.Path(allow_dash=True, dir_okay=False, exists=True))
-@click.option("--bootstrap-servers", metavar="HOST:PORT[,...]",
-              help="Kafka brokers.  [env var: INFERLOG_BOOTSTRAP_SERVERS; default: 127.0.0.1:9092]")
-@click.option("--topic", help="Topic to publish to.  [env var: INFERLOG_REQUESTS_TOPIC; default: inferlog.requests]")
-@click.option("--high-priority-topic", metavar="TOPIC",
-              help="Topic of the requests at or above the high-priority threshold (a line's \"priority\", "
-                   "an OpenAI body's service_tier \"priority\").  "
-                   "[env var: INFERLOG_HIGH_PRIORITY_TOPIC; default: inferlog.requests.high]")
-@click.option("--task", type=click.Choice(["embed", "generate", "classify"], case_sensitive=False),
-              help="Task of lines that name none.  [env var: INFERLOG_TASK; default: embed]")
-@click.option("--model", help="Model of lines that name none.  [env var: INFERLOG_MODEL_NAME; default: the worker's]")
-@click.option("--tenant", envvar="INFERLOG_TENANT", show_envvar=True, default="default", show_default=True,
-              help="Tenant of lines that name none.")
-@click.option("--rate", envvar="INFERLOG_PRODUCE_RATE", show_envvar=True, type=click.FloatRange(min=0),
-              default=0, show_default=True, metavar="N",
-              help="Records per second at most (token bucket); 0: unlimited.")
-@click.option("--key-field", envvar="INFERLOG_KEY_FIELD", show_envvar=True, metavar="FIELD",
-              help="Key each request by this field of its line (or of its metadata), so that requests "
-                   "sharing it keep their order on one partition.  A line's own \"key\" wins.  "
-                   "[default: the request_id, spreading requests evenly]")
-@click.option("--framing", type=click.Choice(["single-object", "confluent"]),
-              help="Avro framing (confluent needs INFERLOG_SCHEMA_REGISTRY_URL).  "
-                   "[env var: INFERLOG_FRAMING; default: single-object]")
-@click.option("--timeout", envvar="INFERLOG_PRODUCE_TIMEOUT", show_envvar=True, type=click.FloatRange(min=0.1),
-              default=10, show_default=True, metavar="SECONDS",
-              help="How long to wait for Kafka: to answer at the start, and to take the last records at the end.")
+@settings_options(
+    "connection", "requests_topic", "high_priority_topic", "high_priority", "task", "model_name", "publishing",
+    "framing", "schema_registry_url",
+    flags={"requests_topic": ("--topic", "--requests-topic"), "model_name": ("--model", "--model-name"),
+           "produce_rate": ("--rate", "--produce-rate"), "produce_timeout": ("--timeout", "--produce-timeout")},
+    helps={"requests_topic": "Topic to publish to (the normal tier).",
+           "high_priority_topic": "Topic of the requests at or above the high-priority threshold (a line's "
+                                  "\"priority\", an OpenAI body's service_tier \"priority\").",
+           "task": "Task of lines that name none (default: embed).", "model_name": "Model of lines that name none.",
+           "key_field": "Key each request by this field of its line (or of its metadata), so that requests sharing "
+                        "it keep their order on one partition; a line's own \"key\" wins. Default: the request "
+                        "id, spreading requests evenly."})
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "openai-batch"]), default="jsonl", show_default=True,
               help="openai-batch: FILE is an OpenAI Batch API input file (custom_id, method, url, body per line); "
                    "each line's custom_id keys its request, and `inferlog audit export --format openai-batch` "
                    "writes the matching output file.")
-@click.option("--tokenizer", "tokenizer_path", envvar="INFERLOG_MODEL", metavar="DIR",
-              help="openai-batch: the model directory whose tokenizer's chat template renders "
-                   "/v1/chat/completions messages  [env var: INFERLOG_MODEL; default: the embedded model]")
-def produce(file: str, bootstrap_servers, topic, high_priority_topic, task, model, tenant, rate, key_field, framing,
-            timeout, fmt, tokenizer_path) -> None:
+@setting_option("model", "--tokenizer", help="openai-batch: the model directory whose tokenizer's chat template "
+                                              "renders /v1/chat/completions messages.")
+def produce(file: str, fmt: str, **flags) -> None:
     """Publish inference requests from JSONL in FILE (or stdin when FILE is - or absent).
 
     \b
@@ -180,18 +165,17 @@ def produce(file: str, bootstrap_servers, topic, high_priority_topic, task, mode
     refuses the credentials, ends the command at once with one line and status 1.
     """
     try:
-        settings = load_settings(bootstrap_servers=bootstrap_servers, requests_topic=topic,
-                                 high_priority_topic=high_priority_topic, framing=framing,
-                                 task=task.lower() if task else None, model_name=model)
+        settings = settings_from(flags)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
+    tenant, rate, key_field, timeout = settings.tenant, settings.produce_rate, settings.key_field, settings.produce_timeout
     defaults = {"task": settings.task or "embed", "model": settings.model_name, "tenant": tenant}
     parse = parse_line
     if fmt == "openai-batch" and key_field:
         raise click.UsageError("--key-field does not apply to --format openai-batch: a line's custom_id keys it")
     if fmt == "openai-batch":
         # the tokenizer: --tokenizer, else INFERLOG_MODEL, else the embedded model
-        parse = OpenAIBatch(tenant, tokenizer_path or settings.model, settings.high_priority).parse
+        parse = OpenAIBatch(tenant, settings.model, settings.high_priority).parse
     bucket = TokenBucket(rate) if rate else None
     invalid: list[tuple[int, str]] = []
     failures: list[tuple[str | None, str, str]] = []

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferlog.errors import RecordError
 from inferlog.request import now_ms
+from inferlog.options import settings_from, settings_options
 from inferlog.settings import Settings, load_settings
 
 from . import openai_api as oai
@@ -438,14 +439,14 @@ def serve_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0,
 
 
 @click.command("gateway")
-@click.option("--host", help="Interface to listen on [INFERLOG_GATEWAY_HOST].")
-@click.option("--port", type=int, help="Port to listen on [INFERLOG_GATEWAY_PORT].")
-@click.option("--bootstrap-servers", help="Kafka bootstrap servers [INFERLOG_BOOTSTRAP_SERVERS].")
-def gateway_cli(host: str | None, port: int | None, bootstrap_servers: str | None) -> None:
+@settings_options("connection", "requests_topic", "high_priority_topic", "high_priority", "results_topic",
+                  "deadletter_topic", "framing", "schema_registry_url", "model", "model_name", "gateway", "otlp_endpoint",
+                  flags={"gateway_host": ("--host", "--gateway-host"), "gateway_port": ("--port", "--gateway-port")})
+def gateway_cli(**flags) -> None:
     """Serve the HTTP gateway until SIGTERM/SIGINT (in-flight calls finish, the producer flushes)."""
     from inferlog.telemetry import setup_tracing
 
-    s = load_settings(gateway_host=host, gateway_port=port, bootstrap_servers=bootstrap_servers)
+    s = settings_from(flags)
     if setup_tracing(s, service="inferlog-gateway"):
         log.info("exporting traces to %s", s.otlp_endpoint)
     _server(s, s.gateway_host, s.gateway_port).run()

@@ -30,7 +30,7 @@ from confluent_kafka import KafkaException
 
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.errors import DecodeError, InferlogError
-from inferlog.settings import load_settings
+from inferlog.options import setting_option, settings_from, settings_options
 from inferlog.timefmt import iso_ms, parse_duration as duration_ms
 
 from .tables import (DEAD_LETTERS, REQUESTS, RESULTS, SPECS, VECTORS, TableBuilder, identify,
@@ -357,11 +357,8 @@ def audit_options(f):
         click.option("--replay-topic", "replay_topics", multiple=True,
                      help="Also read results from this replay topic, and dead letters from "
                           "<topic>.deadletter when it exists (repeatable)."),
-        click.option("--bootstrap-servers", help="[INFERLOG_BOOTSTRAP_SERVERS, KAFKA_BOOTSTRAP_SERVERS]"),
-        click.option("--requests-topic", help="The normal tier's requests [INFERLOG_REQUESTS_TOPIC]."),
-        click.option("--high-priority-topic", help="The high tier's requests [INFERLOG_HIGH_PRIORITY_TOPIC]."),
-        click.option("--results-topic", help="[INFERLOG_RESULTS_TOPIC]"),
-        click.option("--deadletter-topic", help="[INFERLOG_DEADLETTER_TOPIC]"),
+        settings_options("connection", "requests_topic", "high_priority_topic", "results_topic", "deadletter_topic",
+                         "framing", "schema_registry_url"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -379,7 +376,7 @@ def _reported():
 
 
 def _setup(since, until, tz, **topics):
-    settings = load_settings(**topics)
+    settings = settings_from(topics)
     return settings, (parse_time(since, tz) if since else None), (parse_time(until, tz) if until else None)
 
 
@@ -447,12 +444,11 @@ def audit_sql(query, since, until, tz, replay_topics, out, vectors, progress, **
                    "openai-batch` published in the window (one line per custom_id answered).")
 @click.option("--grace", default=DEFAULT_GRACE, show_default=True,
               help="openai-batch: how long after --until results and dead letters are still looked for.")
-@click.option("--tokenizer", "tokenizer_path", envvar="INFERLOG_MODEL",
-              help="openai-batch: the model directory whose tokenizer counts usage.prompt_tokens "
-                   "[INFERLOG_MODEL; default: the embedded model].")
+@setting_option("model", "--tokenizer", help="openai-batch: the model directory whose tokenizer counts "
+                                              "usage.prompt_tokens.")
 @click.option("--vectors", is_flag=True, help="Include results.embeddings.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: big windows).")
-def audit_export(since, until, tz, replay_topics, out, fmt, grace, tokenizer_path, vectors, progress, **topics):
+def audit_export(since, until, tz, replay_topics, out, fmt, grace, vectors, progress, **topics):
     """Write the window's requests, results and dead letters as Parquet files to --out, or
     (--format openai-batch) the OpenAI Batch API output file of its batch requests.
 
@@ -463,7 +459,7 @@ def audit_export(since, until, tz, replay_topics, out, fmt, grace, tokenizer_pat
     openai-batch exits 1 when some requests of the window have no outcome yet (their
     custom_ids are listed; the file holds the others)."""
     if fmt == "openai-batch":
-        return _export_openai_batch(since, until, tz, out, grace, tokenizer_path, progress, replay_topics, topics)
+        return _export_openai_batch(since, until, tz, out, grace, progress, replay_topics, topics)
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out {out}: a directory for the Parquet files (this is a file)")
     with _reported():
@@ -475,7 +471,7 @@ def audit_export(since, until, tz, replay_topics, out, fmt, grace, tokenizer_pat
         click.echo(f"{out / name}.parquet: {t.num_rows} rows", err=True)
 
 
-def _export_openai_batch(since, until, tz, out: Path, grace, tokenizer_path, progress, replay_topics, topics) -> None:
+def _export_openai_batch(since, until, tz, out: Path, grace, progress, replay_topics, topics) -> None:
     from inferlog.producer.openai_api import Tokenizer
 
     from .openai_batch import export_openai_batch
@@ -486,7 +482,7 @@ def _export_openai_batch(since, until, tz, out: Path, grace, tokenizer_path, pro
         _out_path(out, (".jsonl",))
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
         ex = export_openai_batch(settings, out, since_ms, until_ms, parse_duration(grace),
-                                 Tokenizer(tokenizer_path or settings.model), progress)
+                                 Tokenizer(settings.model), progress)
     click.echo(f"{out}: {ex.written} of {ex.requests} batch requests ({ex.failed} errors)", err=True)
     if not ex.requests:
         raise click.ClickException(f"no batch requests (with a custom_id) {_between(since_ms, until_ms)}")

@@ -25,10 +25,6 @@ class ReplayError(InferlogError):
     """A replay that cannot start or go on; the message says what to do."""
 
 
-def default_state_dir() -> Path:
-    return Path(os.environ.get("INFERLOG_REPLAY_DIR", ".inferlog/replays"))
-
-
 def new_run_id() -> str:
     return time.strftime("r%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 

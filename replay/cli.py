@@ -11,16 +11,18 @@ from pathlib import Path
 import click
 
 from inferlog.errors import ConfigError, InferlogError
-from inferlog.settings import load_settings
+from inferlog.options import settings_from, settings_options
 from inferlog.timefmt import parse_duration
 
-SETTINGS_FLAGS = ("bootstrap_servers", "requests_topic", "high_priority_topic", "results_topic", "model", "model_name",
-                  "task", "device", "dtype", "max_batch_size", "max_batch_tokens", "max_wait_ms", "max_input_tokens",
-                  "cpu_workers", "max_in_flight")
-
-
-def _settings(flags: dict):
-    return load_settings(**{k: flags.pop(k) for k in SETTINGS_FLAGS if k in flags})
+# the settings a replay takes: the model and the engine's, as a worker's; the live tiers' topics
+# are read from the environment (a window names its own with --topic)
+REPLAY_SETTINGS = ("connection", "results_topic", "replays_topic", "framing", "schema_registry_url", "served model",
+                   "batching", "limits", "executors", "replay_dir")
+replay_options = settings_options(
+    *REPLAY_SETTINGS, "requests_topic", "high_priority_topic", hidden=("requests_topic", "high_priority_topic"),
+    flags={"replay_dir": ("--state-dir", "--replay-dir")},
+    helps={"results_topic": "Where the original results are, for --compare.", "model": "Model to replay with.",
+           "model_name": "Name the replayed results carry."})
 
 
 @contextlib.contextmanager
@@ -76,11 +78,6 @@ def report_options(f):
     return f
 
 
-def state_dir_option(f):
-    return click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="INFERLOG_REPLAY_DIR",
-                        help="Where run checkpoints live [INFERLOG_REPLAY_DIR, default .inferlog/replays].")(f)
-
-
 def _margin_ms(text: str) -> int:
     try:
         return parse_duration(text.lstrip("-"), bare=None)  # "15m"; "-15m" reads the same
@@ -107,30 +104,15 @@ def _margin_ms(text: str) -> int:
               "needs --to-topic.")
 @click.option("--define-only", is_flag=True, help="With --shared: publish the run and exit; members do the work.")
 @click.option("--join", "join_id", metavar="RUN_ID", help="Take part in a shared run, from any host.")
-@state_dir_option
 @click.option("--compare", is_flag=True, help="When done, compare with the original results (drift report).")
 @report_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
-@click.option("--bootstrap-servers", help="[INFERLOG_BOOTSTRAP_SERVERS]")
-@click.option("--requests-topic", hidden=True)
-@click.option("--high-priority-topic", hidden=True)
-@click.option("--results-topic", help="Where the original results are, for --compare [INFERLOG_RESULTS_TOPIC].")
-@click.option("--model", help="Model to replay with (default: the worker's, INFERLOG_MODEL).")
-@click.option("--model-name", help="Name the replayed results carry.")
-@click.option("--task", type=click.Choice(["embed", "generate", "classify"]))
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
-@click.option("--max-batch-size", type=int)
-@click.option("--max-batch-tokens", type=int)
-@click.option("--max-wait-ms", type=float)
-@click.option("--max-input-tokens", type=int)
-@click.option("--cpu-workers", type=int)
-@click.option("--max-in-flight", type=int)
+@replay_options
 @click.option("--checkpoint-interval", type=float, help="Seconds between checkpoints (default: 0.1 topic, 2 file).")
 @click.option("--stop-after", type=int, hidden=True, help="Tests: stop uncleanly after this many committed records.")
 @click.pass_context
 def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, deadletter_topic, force, run_id, resume_id,
-           shared, define_only, join_id, state_dir, compare, fmt, json_path, top, margin, progress,
+           shared, define_only, join_id, compare, fmt, json_path, top, margin, progress,
            checkpoint_interval, stop_after, **flags):
     """Run a window of the request log through the worker's engine again.
 
@@ -155,7 +137,8 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
 
     with _reported():
         host = {k: flags.get(k) for k in ("model", "device")}  # a shared run's member may have its own
-        settings = _settings(flags)
+        settings = settings_from(flags)
+        state_dir = settings.replay_dir
         kw = dict(progress=sys.stderr.isatty() if progress is None else progress,
                   stop_after=stop_after, checkpoint_s=checkpoint_interval, state_dir=state_dir)
         if out and (shared or define_only or join_id):
@@ -209,17 +192,16 @@ def _warn_other_model(settings, window, name: str) -> None:
 
 @replay.command("compare")
 @click.option("--run-id", required=True, help="The replay run to compare with the original results.")
-@state_dir_option
 @report_options
-@click.option("--bootstrap-servers", help="[INFERLOG_BOOTSTRAP_SERVERS]")
-def compare_cmd(run_id, state_dir, fmt, json_path, top, margin, **flags):
+@settings_options("connection", "results_topic", "replay_dir", flags={"replay_dir": ("--state-dir", "--replay-dir")})
+def compare_cmd(run_id, fmt, json_path, top, margin, **flags):
     """Drift report of a finished (or partly finished) run against the original results."""
     from .drift import compare_run
     from .runner import load_run
 
     with _reported():
-        settings = _settings(flags)
-        ck = load_run(settings, run_id, state_dir)  # a shared run's, from any host
+        settings = settings_from(flags)
+        ck = load_run(settings, run_id, settings.replay_dir)  # a shared run's, from any host
         _emit_report(compare_run(settings, ck, top=top, margin_ms=_margin_ms(margin)), fmt, json_path)
 
 

@@ -33,7 +33,7 @@ from inferlog.errors import FatalError
 from inferlog.settings import default_model_path
 from inferlog.topics import ensure_topics
 
-from .checkpoint import VERSION, Checkpoint, ReplayError, default_state_dir, new_run_id, replay_group
+from .checkpoint import VERSION, Checkpoint, ReplayError, new_run_id, replay_group
 from .shared import GroupReader, MemberTally, publish_definition, read_run, run_totals
 from .sinks import FileSink, TopicSink
 from .window import Window, WindowReader, window_consumer
@@ -135,7 +135,7 @@ def start(settings, window: Window, output: dict, *, run_id: str | None = None, 
     run_id = run_id or new_run_id()
     if shared and output["kind"] != "topic":
         raise ReplayError(SHARED_NEEDS_TOPIC)
-    state_dir = Path(state_dir or default_state_dir())
+    state_dir = Path(state_dir or settings.replay_dir)
     if window.total == 0:
         raise ReplayError(f"the window is empty: no records of {', '.join(window.topics)} in it ({window.spec()})")
     if (state_dir / run_id / "checkpoint.json").exists():
@@ -165,7 +165,7 @@ def load_run(settings, run_id: str, state_dir: Path | None = None, host: dict | 
     """A run's checkpoint: the local file, or a shared run's definition from Kafka (cached in
     the state dir), so that any host can join or resume it. `host`: settings that may differ
     per member (a local copy of the model, the device); the model's name is still checked."""
-    state_dir = Path(state_dir or default_state_dir())
+    state_dir = Path(state_dir or settings.replay_dir)
     local = Checkpoint.load(state_dir, run_id) if (state_dir / run_id / "checkpoint.json").exists() else None
     if local is not None and not local.data.get("shared"):
         return local
