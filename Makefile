@@ -15,7 +15,7 @@ help:
 	@echo "make demo    - start a local Kafka, run the worker on the default model over a sample stream"
 	@echo "make test    - install everything (venv, packages, Kafka jars) and run the test suite"
 	@echo "make chaos   - the long chaos suite;  make soak - a steady-load soak;  make bench - benchmarks"
-	@echo "make test-unit - only what needs no broker;  make clean"
+	@echo "make test-unit - tests/unit only: what needs no broker (starts none);  make clean"
 	@echo "make repro   - the librdkafka unstable-offsets reproduction (exit 1 while it reproduces)"
 
 $(STAMP): pyproject.toml
@@ -40,10 +40,12 @@ test: kafka-jars deploy-tools
 	  $(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 test-deploy: deploy-tools
-	INFERLOG_TOOLS_DIR=$(DEPLOY_TOOLS) INFERLOG_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/python -m pytest tests/test_deploy.py $(PYTEST_ARGS)
+	INFERLOG_TOOLS_DIR=$(DEPLOY_TOOLS) INFERLOG_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/python -m pytest tests/unit/test_deploy.py $(PYTEST_ARGS)
 
+# tests/unit needs no broker (tests/conftest.py refuses one that asks for a broker fixture);
+# tests/kafka and tests/chaos need one
 test-unit: install
-	$(BIN)/python -m pytest tests -m "not kafka and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 chaos: kafka-jars
 	$(BIN)/python -m pytest tests/chaos -m slow $(PYTEST_ARGS)

@@ -1,7 +1,14 @@
 """Shared fixtures: one real Kafka broker per test session, and per-test topics on it.
 
 The broker is, in order: an existing cluster (KAFKA_BOOTSTRAP_SERVERS), a testcontainers
-KafkaContainer when a Docker engine answers, else inferlog's LocalKafka on free ports.
+KafkaContainer when a Docker engine answers, else inferlog's LocalKafka on free ports. It starts
+when the first test asks for one of KAFKA_FIXTURES (`kafka`, `broker_settings`, `topic_factory`),
+directly or through another fixture.
+
+tests/unit/ holds what needs no broker (`make test-unit`): a test there that asks for one of
+KAFKA_FIXTURES is a collection error. tests/kafka/ holds what needs a broker, the session's or
+one of its own; tests/chaos/ the long fault runs. Helpers (support.py, tinymodels.py and this
+file's unique/free_port/drop_topics) import by module name: pyproject.toml puts tests/ on the path.
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ from inferlog.topics import delete_topics, ensure_topics, partition_counts
 quiet_exit()  # the engines the tests start freeze the heap, as the CLI's do
 
 REPO = Path(__file__).resolve().parents[1]
-KAFKA_FIXTURES = {"kafka", "settings", "topic_factory"}
+KAFKA_FIXTURES = {"kafka", "broker_settings", "topic_factory"}  # each starts the session broker
+UNIT = Path(__file__).resolve().parent / "unit"
 
 
 @dataclass
@@ -64,14 +72,25 @@ def _docker_answers() -> bool:
 
 
 def pytest_collection_modifyitems(items):
-    # Tests that touch the broker are `kafka` tests without having to say so.
+    # Tests that touch the broker are `kafka` tests without having to say so; none of them may
+    # live under tests/unit/, which runs without a broker.
+    misplaced = []
     for item in items:
-        if KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())):
+        wanted = sorted(KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())))
+        in_unit = Path(item.path).resolve().is_relative_to(UNIT)
+        if in_unit and (wanted or item.get_closest_marker("kafka")):
+            misplaced.append(f"  {item.nodeid}: " + (f"asks for {', '.join(wanted)}" if wanted else "marked kafka"))
+        if wanted:
             item.add_marker(pytest.mark.kafka)
+    if misplaced:
+        raise pytest.UsageError("tests under tests/unit/ must not need a broker (move them to tests/kafka/):\n"
+                                + "\n".join(misplaced))
 
 
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory):
+    """The session's broker (started by the first test that asks, stopped at the session's end):
+    its bootstrap address, and the LocalKafka when this session started one."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
         yield Broker(external)
@@ -112,6 +131,8 @@ def drop_topics(bootstrap: str, names: list[str] = (), prefix: str | None = None
 
 @pytest.fixture
 def topic_factory(kafka):
+    """Starts the session broker if it is not up yet; make(partitions, prefix) creates a fresh
+    topic on it, deleted after the test."""
     base = load_settings(bootstrap_servers=kafka.bootstrap)
     made: list[str] = []
 
@@ -126,7 +147,11 @@ def topic_factory(kafka):
 
 
 @pytest.fixture
-def settings(kafka) -> Settings:
+def broker_settings(kafka) -> Settings:
+    """Starts the session broker (see `kafka`) if it is not up yet, and makes this test's own
+    topics on it: Settings naming fresh requests, high-priority, results and dead-letter topics
+    (6 partitions each), a group and a worker id; the topics, and any the test derived from
+    their names, are deleted afterwards."""
     tag = unique("inferlog")
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.requests",
                       high_priority_topic=f"{tag}.requests.high",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tools that check the deployment files (tests/test_deploy.py), installed once into a
+# Tools that check the deployment files (tests/unit/test_deploy.py), installed once into a
 # cached, git-ignored folder: helm built from source with `go install` (Go is the only
 # prerequisite; no release tarball host needs to be reachable), the Compose Specification
 # schema taken from the compose-go module (the loader `docker compose` itself uses) and

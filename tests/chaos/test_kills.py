@@ -32,12 +32,12 @@ def chaos_loop(stream: Stream, rng: random.Random, events: int, act) -> int:
 
 
 @sizes({"n": SHORT, "rate": 60, "kills": 5}, {"n": LONG, "rate": 80, "kills": 30})
-def test_sigkill_at_random_moments_then_restart(settings, tiny_bert_classifier_dir, tmp_path, size):
+def test_sigkill_at_random_moments_then_restart(broker_settings, tiny_bert_classifier_dir, tmp_path, size):
     rng = random.Random(7)
-    fleet = Fleet(settings, tiny_bert_classifier_dir, tmp_path)
+    fleet = Fleet(broker_settings, tiny_bert_classifier_dir, tmp_path)
     try:
         fleet.start_joined("w0", "w1")
-        with Stream(settings, size["n"], size["rate"]) as stream:
+        with Stream(broker_settings, size["n"], size["rate"]) as stream:
             def kill():
                 # the same id comes back: its init_transactions aborts what the dead one left open
                 wid = rng.choice(sorted(fleet.live))
@@ -45,22 +45,22 @@ def test_sigkill_at_random_moments_then_restart(settings, tiny_bert_classifier_d
                 fleet.start(wid)
 
             kills = chaos_loop(stream, rng, size["kills"], kill)
-        wait_all_answered(settings, size["n"])
+        wait_all_answered(broker_settings, size["n"])
         fleet.stop_all()
     finally:
         fleet.kill_all()
-    check_exactly_once(settings, stream.ids, "SIGKILL + restart", events=kills)
+    check_exactly_once(broker_settings, stream.ids, "SIGKILL + restart", events=kills)
 
 
 @sizes({"n": SHORT, "rate": 60, "moves": 6}, {"n": LONG, "rate": 80, "moves": 40})
-def test_rebalance_storm(settings, tiny_bert_classifier_dir, tmp_path, size):
+def test_rebalance_storm(broker_settings, tiny_bert_classifier_dir, tmp_path, size):
     """Members join and leave every few seconds (SIGTERM: drain, commit, leave, exit 0)."""
     rng = random.Random(11)
-    fleet = Fleet(settings, tiny_bert_classifier_dir, tmp_path)
+    fleet = Fleet(broker_settings, tiny_bert_classifier_dir, tmp_path)
     next_id = iter(range(1000))
     try:
         fleet.start_joined(*(f"w{next(next_id)}" for _ in range(2)))
-        with Stream(settings, size["n"], size["rate"]) as stream:
+        with Stream(broker_settings, size["n"], size["rate"]) as stream:
             def move():
                 # only members that joined: before that the default SIGTERM action ends a
                 # process that holds nothing yet, and the clean-drain contract starts at the join
@@ -73,8 +73,8 @@ def test_rebalance_storm(settings, tiny_bert_classifier_dir, tmp_path, size):
                     fleet.start(f"w{next(next_id)}")
 
             moves = chaos_loop(stream, rng, size["moves"], move)
-        wait_all_answered(settings, size["n"])
+        wait_all_answered(broker_settings, size["n"])
         fleet.stop_all()
     finally:
         fleet.kill_all()
-    check_exactly_once(settings, stream.ids, "rebalance storm (SIGTERM/join)", events=moves)
+    check_exactly_once(broker_settings, stream.ids, "rebalance storm (SIGTERM/join)", events=moves)

@@ -88,8 +88,8 @@ def normal_answers(s, codec) -> Counter:
 
 
 @pytest.mark.timeout(600)
-def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_tier(settings):
-    s = settings.with_overrides(max_batch_size=8, max_wait_ms=5)
+def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_tier(broker_settings):
+    s = broker_settings.with_overrides(max_batch_size=8, max_wait_ms=5)
     codec = Codec.from_settings(s)
     members: list[Member] = []
     hostile = 0

@@ -79,16 +79,16 @@ def by_topic(lag: dict) -> dict[str, int]:
     return out
 
 
-def test_lag_is_log_end_minus_committed_on_both_tiers(settings, runner):
-    codec = Codec.from_settings(settings)
+def test_lag_is_log_end_minus_committed_on_both_tiers(broker_settings, runner):
+    codec = Codec.from_settings(broker_settings)
 
     def wave(tag: str, n: int) -> None:
-        for topic in settings.request_topics:
-            produce_raw(settings, [(None, codec.encode(REQUEST, build_request("embed", f"{tag} {topic} {i}")))
-                                   for i in range(n)], topic=topic)
+        for topic in broker_settings.request_topics:
+            produce_raw(broker_settings, [(None, codec.encode(REQUEST, build_request("embed", f"{tag} {topic} {i}")))
+                                          for i in range(n)], topic=topic)
 
     wave("first", 150)
-    s = settings.with_overrides(max_batch_size=4, max_in_flight=16)
+    s = broker_settings.with_overrides(max_batch_size=4, max_in_flight=16)
     gated = GatedRunner(runner)
     admin = AdminClient(confluent_config(s))
     outputs = [0]

@@ -254,17 +254,18 @@ COMMITTED = {0: 3, 1: 2}  # the group's offsets before the test's own commit
 
 
 @pytest.fixture
-def fetched(settings):
+def fetched(broker_settings):
     """The group has committed COMMITTED; a real consumer of it is assigned there and has fetched
     every record after it (PRODUCED in all): the consumer and those records by partition."""
-    p = Producer(confluent_config(settings))
+    p = Producer(confluent_config(broker_settings))
     for part, n in PRODUCED.items():
         for o in range(n):
-            p.produce(settings.requests_topic, request(o), partition=part)
+            p.produce(broker_settings.requests_topic, request(o), partition=part)
     assert p.flush(30) == 0
-    c = Consumer(confluent_config(settings, **{"group.id": settings.group_id, "enable.auto.commit": False,
-                                               "auto.offset.reset": "error", "isolation.level": "read_committed"}))
-    tps = [TopicPartition(settings.requests_topic, part, off) for part, off in COMMITTED.items()]
+    c = Consumer(confluent_config(broker_settings, **{
+        "group.id": broker_settings.group_id, "enable.auto.commit": False, "auto.offset.reset": "error",
+        "isolation.level": "read_committed"}))
+    tps = [TopicPartition(broker_settings.requests_topic, part, off) for part, off in COMMITTED.items()]
     c.commit(offsets=tps, asynchronous=False)
     c.assign(tps)
     got = {part: [] for part in PRODUCED}
@@ -297,17 +298,17 @@ def answered(engine, settings, got) -> None:
         finish(engine, (settings.requests_topic, part), [m.offset() for m in msgs], [m.value() for m in msgs])
 
 
-def test_an_aborted_commit_rewinds_to_the_committed_offsets(make, settings, fetched):
+def test_an_aborted_commit_rewinds_to_the_committed_offsets(make, broker_settings, fetched):
     """The emitter aborts: the abort is counted, the engine forgets all unreleased work (its
     partitions stay, under new epochs), on_rewind runs, and the consumer seeks back: its next
     records are the ones after the group's committed offsets, not after what it fetched."""
     consumer, got = fetched
-    h = make(Emitter(fail=CommitAborted("transaction aborted")), consumer=consumer, settings=settings)
-    tps = [(settings.requests_topic, part) for part in PRODUCED]
+    h = make(Emitter(fail=CommitAborted("transaction aborted")), consumer=consumer, settings=broker_settings)
+    tps = [(broker_settings.requests_topic, part) for part in PRODUCED]
     for tp in tps:
         h.engine.assign(tp)
     epochs = [h.engine.tracker.epoch(tp) for tp in tps]
-    answered(h.engine, settings, got)
+    answered(h.engine, broker_settings, got)
     h.c.step(force=True)
     assert h.emitter.calls[0][1] == {tp: PRODUCED[tp[1]] for tp in tps}  # it was asked to commit them all
     assert h.c.stats == {"commits": 0, "aborts": 1} and h.count("aborted") == 1 and h.count("ok") == 0
@@ -317,17 +318,18 @@ def test_an_aborted_commit_rewinds_to_the_committed_offsets(make, settings, fetc
     assert next_offsets(consumer, PRODUCED) == COMMITTED
 
 
-def test_at_least_once_commits_the_offsets_after_the_emitter_returned(make, settings, fetched):
+def test_at_least_once_commits_the_offsets_after_the_emitter_returned(make, broker_settings, fetched):
     """A non-transactional emitter delivers only; the committer then commits offset+1 of what it
     delivered to the group itself, synchronously: the group's committed offsets move there."""
     consumer, got = fetched
     emitter = Emitter()
     emitter.transactional = False
-    h = make(emitter, consumer=consumer, settings=settings)
+    h = make(emitter, consumer=consumer, settings=broker_settings)
     for part in PRODUCED:
-        h.engine.assign((settings.requests_topic, part))
-    answered(h.engine, settings, got)
+        h.engine.assign((broker_settings.requests_topic, part))
+    answered(h.engine, broker_settings, got)
     h.c.step(force=True)
     assert h.c.stats == {"commits": 1, "aborts": 0} and h.rewinds == 0
-    committed = consumer.committed([TopicPartition(settings.requests_topic, part) for part in PRODUCED], timeout=30)
+    committed = consumer.committed([TopicPartition(broker_settings.requests_topic, part) for part in PRODUCED],
+                                   timeout=30)
     assert {tp.partition: tp.offset for tp in committed} == PRODUCED

@@ -146,16 +146,16 @@ def test_sampling_parameters_reach_the_rows(gen):
 
 
 # -- real workers, real broker ----------------------------------------------------------------
-def test_a_revocation_mid_generation_loses_and_duplicates_nothing(settings, tiny_gpt2_dir):
+def test_a_revocation_mid_generation_loses_and_duplicates_nothing(broker_settings, tiny_gpt2_dir):
     """A worker generating rows of 4 and 40 tokens; a second joins and takes partitions with work
     in the first's engine: that work is dropped there (running rows cancelled) and redone by the
     new owner, once. In every batch admitted together the short rows left before the long ones."""
     texts = [f"{PROMPTS[i % 4]} {i % 9}" for i in range(1200)]
     lengths = [4 if i % 2 else 40 for i in range(len(texts))]
-    with Producer(settings) as p:
+    with Producer(broker_settings) as p:
         ids = [p.submit("generate", t, parameters={"max_new_tokens": n}, key=str(i))
                for i, (t, n) in enumerate(zip(texts, lengths))]
-    s = settings.with_overrides(max_batch_size=16, max_in_flight=512)
+    s = broker_settings.with_overrides(max_batch_size=16, max_in_flight=512)
     first, second = load_runner(str(tiny_gpt2_dir), device="cpu"), load_runner(str(tiny_gpt2_dir), device="cpu")
     dropped: list[int] = []
     with running_worker(s, first) as a:
@@ -236,7 +236,7 @@ def test_a_request_that_breaks_the_model_is_isolated_and_its_batch_mates_answere
         engine.close()
 
 
-def test_the_users_mode_steady_stream_both_tiers_a_joining_worker_and_hostile_clients(settings, tiny_gpt2_dir):
+def test_the_users_mode_steady_stream_both_tiers_a_joining_worker_and_hostile_clients(broker_settings, tiny_gpt2_dir):
     """Continuous batching as users run it: a steady stream on both tiers to a worker that already
     serves, a second worker joining mid-stream, and among the requests garbage, a request the
     cache can never hold, one too long for the model, one that breaks the model and one with
@@ -246,7 +246,7 @@ def test_the_users_mode_steady_stream_both_tiers_a_joining_worker_and_hostile_cl
 
     from inferlog.clients import confluent_config
 
-    s = settings.with_overrides(max_batch_size=8, max_batch_tokens=60, max_in_flight=64)
+    s = broker_settings.with_overrides(max_batch_size=8, max_batch_tokens=60, max_in_flight=64)
     runners = [load_runner(str(tiny_gpt2_dir), device="cpu") for _ in range(2)]
     for r in runners:
         break_on(r, POISON)

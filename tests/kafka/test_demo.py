@@ -12,8 +12,8 @@ from support import read_all
 N = 48
 
 
-def test_the_demo_answers_every_sample_request(settings):
-    s = settings
+def test_the_demo_answers_every_sample_request(broker_settings):
+    s = broker_settings
     env = {"INFERLOG_HIGH_PRIORITY_TOPIC": s.high_priority_topic, "INFERLOG_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     res = CliRunner().invoke(cli, ["demo", "--bootstrap-servers", s.bootstrap_servers,
                                    "--requests-topic", s.requests_topic, "--results-topic", s.results_topic,

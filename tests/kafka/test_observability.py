@@ -56,12 +56,12 @@ def samples(port: int) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def test_metrics_match_what_was_processed(settings, runner):
-    codec = Codec.from_settings(settings)
+def test_metrics_match_what_was_processed(broker_settings, runner):
+    codec = Codec.from_settings(broker_settings)
     good = [codec.encode(REQUEST, build_request("embed", f"text number {i}")) for i in range(60)]
     values = [(None, v) for v in good] + [(None, b"\x01junk")] * 3
-    produce_raw(settings, values)
-    s = settings.with_overrides(metrics_port=free_port(), max_batch_size=8)
+    produce_raw(broker_settings, values)
+    s = broker_settings.with_overrides(metrics_port=free_port(), max_batch_size=8)
     with running_worker(s, runner) as w:
         wait_until(lambda: output_count(s) >= len(values), what="all outputs")
         wait_until(lambda: samples(s.metrics_port).get(("inferlog_results_total", (("status", "OK"),))) == 60,
@@ -88,23 +88,23 @@ def test_metrics_match_what_was_processed(settings, runner):
     assert ("inferlog_executor_queue_wait_seconds_count", (("executor", "device"),)) in m
 
 
-def test_trace_context_links_batches_and_reaches_the_results(settings, runner):
+def test_trace_context_links_batches_and_reaches_the_results(broker_settings, runner):
     tracer = trace.get_tracer("test.upstream")
     ids = {}
-    with Producer(settings) as p:
+    with Producer(broker_settings) as p:
         for i in range(5):
             with tracer.start_as_current_span(f"upstream-{i}") as span:
                 ids[p.submit("embed", f"traced request {i}")] = span.get_span_context().trace_id
     SPANS.clear()
-    with running_worker(settings, runner):
-        wait_until(lambda: output_count(settings) >= 5, what="results")
+    with running_worker(broker_settings, runner):
+        wait_until(lambda: output_count(broker_settings) >= 5, what="results")
     linked = {link.context.trace_id for sp in SPANS.get_finished_spans() if sp.name == "inferlog.batch"
               for link in sp.links}
     assert set(ids.values()) <= linked
     stages = {sp.name for sp in SPANS.get_finished_spans()}
     assert {"inferlog.prepare", "inferlog.infer", "inferlog.finish"} <= stages
-    results = read_all(settings, settings.results_topic)
-    codec = Codec.from_settings(settings)
+    results = read_all(broker_settings, broker_settings.results_topic)
+    codec = Codec.from_settings(broker_settings)
     for r in results:
         rid = codec.decode(r.value)["request_id"]
         tp = dict(r.headers)["traceparent"].decode()
@@ -125,8 +125,8 @@ class GatedRunner:
         self.inner.warmup()
 
 
-def test_ready_only_after_warmup_and_assignment(settings, runner):
-    s = settings.with_overrides(metrics_port=free_port())
+def test_ready_only_after_warmup_and_assignment(broker_settings, runner):
+    s = broker_settings.with_overrides(metrics_port=free_port())
     gated = GatedRunner(runner)
     w = Worker(s, gated)
     t = threading.Thread(target=w.run, daemon=True)

@@ -36,7 +36,7 @@ TIMEOUT = 10.0  # generous: a slow, shared machine must never make these fail, o
 
 def bench_module(name: str):
     """A module of bench/ by its path: bench/ holds scripts, it is no package on sys.path."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[2] / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -112,12 +112,12 @@ def corpus(rng: random.Random, max_inputs: int) -> list[tuple[str, bytes | None,
     return out
 
 
-def test_a_corpus_of_bad_records_all_dead_lettered_with_their_reason(settings, runner):
+def test_a_corpus_of_bad_records_all_dead_lettered_with_their_reason(broker_settings, runner):
     from confluent_kafka import Producer as KafkaProducer
     from inferlog.clients import confluent_config
 
     # a tighter max_inputs than the default: the worker must take its limits from the settings
-    s = settings.with_overrides(max_inputs=8)
+    s = broker_settings.with_overrides(max_inputs=8)
     cases = corpus(random.Random(42), s.max_inputs)
     p = KafkaProducer(confluent_config(s, **{"enable.idempotence": True, "acks": "all",
                                              "message.max.bytes": MAX_RECORD + 100_000}))
@@ -267,7 +267,7 @@ def copied_cases() -> list[tuple[str, bytes, list, str, list]]:
     ]
 
 
-def test_copied_headers_and_ids_are_validated_and_bounded(settings, runner):
+def test_copied_headers_and_ids_are_validated_and_bounded(broker_settings, runner):
     """Every case shares one partition (one key) with good records: a record whose copied
     headers or ids made its output unwritable would stop the partition for good."""
     from confluent_kafka import Producer as KafkaProducer
@@ -275,20 +275,20 @@ def test_copied_headers_and_ids_are_validated_and_bounded(settings, runner):
     from support import read_all
 
     cases = copied_cases()
-    p = KafkaProducer(confluent_config(settings, **{"enable.idempotence": True, "acks": "all",
-                                                    "message.max.bytes": MAX_RECORD + 100_000}))
+    p = KafkaProducer(confluent_config(broker_settings, **{"enable.idempotence": True, "acks": "all",
+                                                           "message.max.bytes": MAX_RECORD + 100_000}))
     for i, (_, value, headers, _, _) in enumerate(cases):
-        p.produce(settings.requests_topic, value, b"one-partition", headers=headers)
-        p.produce(settings.requests_topic, enc(req(inputs=[f"good neighbour {i}"])), b"one-partition")
+        p.produce(broker_settings.requests_topic, value, b"one-partition", headers=headers)
+        p.produce(broker_settings.requests_topic, enc(req(inputs=[f"good neighbour {i}"])), b"one-partition")
     assert p.flush(60) == 0
-    with running_worker(settings, runner):
-        wait_until(lambda: output_count(settings) >= 2 * len(cases), timeout=180, what="every offset answered")
-    acc = account(settings)
+    with running_worker(broker_settings, runner):
+        wait_until(lambda: output_count(broker_settings) >= 2 * len(cases), timeout=180, what="every offset answered")
+    acc = account(broker_settings)
     acc.assert_exactly_once()
     assert len({r.partition for r in acc.requests}) == 1
     headers_at = {}  # the output's Kafka headers by the source offset it answers
-    for topic, dtype in ((settings.results_topic, RESULT), (settings.deadletter_topic, DEADLETTER)):
-        for r in read_all(settings, topic):
+    for topic, dtype in ((broker_settings.results_topic, RESULT), (broker_settings.deadletter_topic, DEADLETTER)):
+        for r in read_all(broker_settings, topic):
             rec = CODEC.decode(r.value, expect=dtype)
             headers_at[rec["source"]["offset"]] = [(k, v) for k, v in r.headers if k in ("traceparent", "tracestate")]
             assert len(r.value) + sum(len(k) + len(v or b"") for k, v in r.headers) < MAX_RECORD
@@ -307,12 +307,12 @@ def test_copied_headers_and_ids_are_validated_and_bounded(settings, runner):
 
 
 @pytest.mark.parametrize("delivery", ["exactly-once", "at-least-once"])
-def test_an_output_the_broker_refuses_becomes_a_small_dead_letter(settings, runner, delivery):
+def test_an_output_the_broker_refuses_becomes_a_small_dead_letter(broker_settings, runner, delivery):
     """A results topic whose max.message.bytes is below an embedding result: the broker refuses
     the results (batch-mates and all); each refused one is tried alone, then written as an
     OUTPUT_UNWRITABLE dead letter, and the partition moves on."""
-    limit_results_topic(settings, 1024)
-    s = settings.with_overrides(delivery=delivery)
+    limit_results_topic(broker_settings, 1024)
+    s = broker_settings.with_overrides(delivery=delivery)
     produce_raw(s, [(b"k", enc(req(inputs=["one", "two", "three"]))) for _ in range(6)])
     with running_worker(s, runner) as w:
         wait_until(lambda: output_count(s) >= 6, timeout=120, what="every offset answered")

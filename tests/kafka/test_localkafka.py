@@ -1,16 +1,16 @@
-"""The local broker, topic admin and the `inferlog kafka` CLI, against a real broker."""
+"""The local broker, topic admin and the `inferlog kafka` CLI, against a real broker
+(tests/unit/test_localkafka_offline.py: what needs none)."""
 from __future__ import annotations
 
 import time
 
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from conftest import REPO, free_port, unique
 from inferlog.cli import cli
-from inferlog import clients, topics
-from inferlog.clients import confluent_config, retry
+from inferlog.clients import confluent_config
 from inferlog.settings import load_settings
 from inferlog.topics import TopicError, ensure_topics, partition_counts
 
@@ -53,59 +53,9 @@ def test_topics_are_created_idempotently(kafka):
     assert partition_counts(s, names + ["no-such-topic"]) == dict.fromkeys(names, 4)
 
 
-def failing(*codes):
-    """A call that raises KafkaException(code) for each code in turn, then returns 'ok'."""
-    left = list(codes)
-
-    def call():
-        if left:
-            raise KafkaException(KafkaError(left.pop(0)))
-        return "ok"
-    return call
-
-
-def test_retry_waits_out_what_kafka_calls_not_yet(monkeypatch):
-    monkeypatch.setattr(clients.time, "sleep", lambda s: None)
-    assert retry(failing(KafkaError._UNKNOWN_PARTITION, KafkaError._DESTROY_BROKER, KafkaError._TIMED_OUT), "x") == "ok"
-    with pytest.raises(KafkaException):  # not retriable: at once
-        retry(failing(KafkaError.INVALID_REPLICATION_FACTOR), "x")
-    with pytest.raises(KafkaException):  # out of tries
-        retry(failing(*[KafkaError.NOT_CONTROLLER] * 3), "x", tries=3)
-
-
-class Settled:
-    def __init__(self, error=None):
-        self.error = error
-
-    def result(self):
-        if self.error is not None:
-            raise KafkaException(KafkaError(self.error))
-
-
-def test_ensure_topics_retries_a_controller_not_ready(monkeypatch):
-    # The first try creates 'a' and times out on 'b' (which the controller made anyway, as
-    # the second try finds): both count as created, and the second try asks only for 'b'.
-    answers = [{"a": None, "b": KafkaError._TIMED_OUT}, {"b": KafkaError.TOPIC_ALREADY_EXISTS}]
-    asked = []
-
-    class Admin:
-        def create_topics(self, new, **kw):
-            asked.append([t.topic for t in new])
-            return {n: Settled(e) for n, e in answers.pop(0).items()}
-
-        def list_topics(self, timeout):
-            part = type("P", (), {"leader": 1})()
-            topic = type("T", (), {"error": None, "partitions": {0: part}})()
-            return type("M", (), {"topics": {"a": topic, "b": topic}})()
-
-    monkeypatch.setattr(topics, "_admin", lambda s: Admin())
-    monkeypatch.setattr(clients.time, "sleep", lambda s: None)
-    assert ensure_topics(load_settings(), ["a", "b"]) == {"a": True, "b": True}
-    assert asked == [["a", "b"], ["b"]]
-
-
-def test_settings_fixture_topics_exist(settings):
-    counts = partition_counts(settings, [settings.requests_topic, settings.results_topic, settings.deadletter_topic])
+def test_broker_settings_fixture_topics_exist(broker_settings):
+    s = broker_settings
+    counts = partition_counts(s, [s.requests_topic, s.results_topic, s.deadletter_topic])
     assert list(counts.values()) == [6, 6, 6]
 
 
@@ -161,9 +111,3 @@ def test_cli_start_status_stop(tmp_path):
     assert "stopped" in r.output
     assert kafka("status", *common).exit_code == 1
     assert "not running" in kafka("stop", *common).output
-
-
-def test_cli_help_lists_subcommands():
-    out = CliRunner().invoke(cli, ["kafka", "--help"]).output
-    for sub in ("fetch", "start", "stop", "status", "topics"):
-        assert sub in out

@@ -1,4 +1,5 @@
-"""The producer SDKs (sync, asyncio) and `inferlog produce`, against a real broker."""
+"""The producer SDKs (sync, asyncio) and `inferlog produce`, against a real broker
+(tests/unit/test_producer_offline.py: what needs none)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,12 +18,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from inferlog.clients import confluent_config
 from inferlog.codec import REQUEST, Codec
-from inferlog.errors import InputTooLarge, InvalidRequest
+from inferlog.errors import InvalidRequest
 from inferlog.producer.aio import AsyncProducer
-from inferlog.producer.cli import TokenBucket, parse_line, produce
+from inferlog.producer.cli import TokenBucket, produce
 from inferlog.producer.sync import Producer, ProduceError
 from inferlog.request import validate_request
-from inferlog.settings import load_settings
 from support import cli_env
 
 
@@ -85,79 +85,9 @@ def headers(msg) -> dict[str, bytes]:
     return dict(msg.headers() or [])
 
 
-# -- pure parts (no broker) ----------------------------------------------------------------
-def test_token_bucket_paces_to_the_rate_after_the_burst():
-    now = [0.0]
-    slept = []
-
-    def sleep(s):
-        slept.append(s)
-        now[0] += s
-
-    bucket = TokenBucket(rate=100, burst=5, clock=lambda: now[0], sleep=sleep)
-    for _ in range(105):
-        bucket.acquire()
-    # 5 free in the burst, the other 100 at 100/s: one second of sleeping, no more.
-    assert now[0] == pytest.approx(1.0)
-    assert len(slept) == 100
-
-
-def test_token_bucket_refills_while_idle_but_not_beyond_the_burst():
-    now = [0.0]
-    bucket = TokenBucket(rate=10, burst=2, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
-    bucket.acquire(), bucket.acquire()
-    now[0] += 60.0  # a long pause earns only `burst` tokens
-    start = now[0]
-    for _ in range(12):
-        bucket.acquire()
-    assert now[0] - start == pytest.approx(1.0)
-
-
-def test_parse_line_forms_defaults_and_key_field():
-    defaults = {"task": "generate", "model": None, "tenant": "t1"}
-    assert parse_line('"hello"', defaults) == {**defaults, "inputs": ["hello"]}
-    assert parse_line('{"text": "hi", "user": "u7"}', defaults, key_field="user") == {
-        **defaults, "inputs": ["hi"], "key": "u7"}
-    full = {"task": "embed", "inputs": ["a", "b"], "tenant": "acme", "request_id": "r1", "priority": 3}
-    assert parse_line(json.dumps(full), defaults) == {**defaults, **full}
-    # a line's own key wins over --key-field; metadata can carry the key field
-    assert parse_line('{"text": "x", "key": "k", "user": "u"}', defaults, key_field="user")["key"] == "k"
-    assert parse_line('{"text": "x", "metadata": {"user": "m"}}', defaults, key_field="user")["key"] == "m"
-    for bad, why in [("{nope", "not JSON"), ("[1, 2]", "JSON object or string"),
-                     ('{"text": "a", "inputs": ["b"]}', "not both"), ('{"task": "embed"}', "missing"),
-                     ('{"text": "a", "colour": 1}', "unknown field"), ('{"text": "a"}', "'user'")]:
-        with pytest.raises(InvalidRequest, match=why):
-            parse_line(bad, defaults, key_field="user" if why == "'user'" else None)
-
-
-@pytest.fixture
-def offline_producer():
-    # No broker at this address: refusing a request must not need one.
-    p = Producer(load_settings(bootstrap_servers="127.0.0.1:1"))
-    yield p
-    p.close(timeout=1)
-
-
-@pytest.mark.parametrize("call, err", [
-    pytest.param(lambda p: p.submit("embed", []), InvalidRequest, id="no-inputs"),
-    pytest.param(lambda p: p.submit("translate", ["x"]), InvalidRequest, id="unknown-task"),
-    pytest.param(lambda p: p.submit("embed", ["x"] * 65), InputTooLarge, id="too-many-inputs"),
-    pytest.param(lambda p: p.submit("embed", ["x"], parameters={"temprature": 1}), InvalidRequest, id="param-typo"),
-    pytest.param(lambda p: p.submit("embed", ["x"], metadata={"a": 1}), InvalidRequest, id="metadata-not-str"),
-    pytest.param(lambda p: p.submit("embed", ["x"], deadline_ms="soon"), InvalidRequest, id="deadline-not-int"),
-    pytest.param(lambda p: p.submit("embed", ["x"], key=42), InvalidRequest, id="key-not-str"),
-    pytest.param(lambda p: p.submit_many([{"task": "embed", "inputs": ["ok"]}, {"task": "embed"}]), InvalidRequest,
-                 id="many-missing-inputs"),
-])
-def test_invalid_requests_are_refused_before_anything_is_queued(offline_producer, call, err):
-    with pytest.raises(err):
-        call(offline_producer)
-    assert len(offline_producer) == 0
-
-
 # -- SDKs against the broker -----------------------------------------------------------------
-def test_sync_submit_round_trips(settings):
-    with Producer(settings) as p:
+def test_sync_submit_round_trips(broker_settings):
+    with Producer(broker_settings) as p:
         rid = p.submit("generate", "once upon a time", model="tiny-gpt2", tenant="acme",
                        parameters={"max_new_tokens": 8, "seed": 7}, priority=5,
                        deadline_ms=1_900_000_000_000, metadata={"trace": "abc"})
@@ -165,22 +95,22 @@ def test_sync_submit_round_trips(settings):
         p.flush()
         assert p.ledger.delivered == 2
     assert rid2 == "my-id"
-    high = read_all(settings, settings.high_priority_topic)
+    high = read_all(broker_settings, broker_settings.high_priority_topic)
     assert [m.key() for m in high] == [rid.encode()]  # priority 5 >= high_priority: the high tier's topic
-    msgs = {m.key(): m for m in read_all(settings) + high}
+    msgs = {m.key(): m for m in read_all(broker_settings) + high}
     assert set(msgs) == {rid.encode(), b"my-id"}  # no key given: the request_id is the key
-    rec = decode(settings, msgs[rid.encode()])
+    rec = decode(broker_settings, msgs[rid.encode()])
     assert (rec["request_id"], rec["task"], rec["inputs"], rec["model"], rec["tenant"]) == (
         rid, "GENERATE", ["once upon a time"], "tiny-gpt2", "acme")
     assert rec["parameters"]["max_new_tokens"] == 8 and rec["parameters"]["seed"] == 7
     assert (rec["priority"], rec["deadline"], rec["metadata"]) == (5, 1_900_000_000_000, {"trace": "abc"})
-    assert decode(settings, msgs[b"my-id"])["inputs"] == ["a", "b"]
+    assert decode(broker_settings, msgs[b"my-id"])["inputs"] == ["a", "b"]
     assert REQUEST.encode() in headers(msgs[b"my-id"])["content-type"]
 
 
-def test_async_submit_round_trips(settings):
+def test_async_submit_round_trips(broker_settings):
     async def main():
-        async with AsyncProducer(settings) as p:
+        async with AsyncProducer(broker_settings) as p:
             one = await p.submit("embed", ["hello", "world"], tenant="acme")
             many = await p.submit_many([{"task": "classify", "inputs": [f"t{i}"], "request_id": f"c{i}"}
                                         for i in range(20)])
@@ -190,46 +120,46 @@ def test_async_submit_round_trips(settings):
 
     one, many = asyncio.run(main())
     assert many == [f"c{i}" for i in range(20)]
-    recs = {r["request_id"]: r for r in (decode(settings, m) for m in read_all(settings))}
+    recs = {r["request_id"]: r for r in (decode(broker_settings, m) for m in read_all(broker_settings))}
     assert set(recs) == {one, *many}
     assert recs[one]["inputs"] == ["hello", "world"] and recs[one]["tenant"] == "acme"
     assert all(recs[f"c{i}"]["inputs"] == [f"t{i}"] and recs[f"c{i}"]["task"] == "CLASSIFY" for i in range(20))
 
 
-def test_submit_many_with_one_bad_request_sends_nothing(settings):
+def test_submit_many_with_one_bad_request_sends_nothing(broker_settings):
     good = [{"task": "embed", "inputs": [f"x{i}"]} for i in range(5)]
     bad = good[:2] + [{"task": "embed", "inputs": [""]}] + good[2:]
-    with Producer(settings) as p:
+    with Producer(broker_settings) as p:
         with pytest.raises(InvalidRequest, match=r"requests\[2\]"):
             p.submit_many(bad)
         p.flush()
-        assert sum(end_offsets(settings).values()) == 0
+        assert sum(end_offsets(broker_settings).values()) == 0
 
         async def aio():
-            async with AsyncProducer(settings) as ap:
+            async with AsyncProducer(broker_settings) as ap:
                 with pytest.raises(InvalidRequest, match=r"requests\[2\]"):
                     await ap.submit_many(bad)
 
         asyncio.run(aio())
-        assert sum(end_offsets(settings).values()) == 0
+        assert sum(end_offsets(broker_settings).values()) == 0
         # the same batch without the bad one does arrive: the count above could see it
         assert len(p.submit_many(good)) == 5
-    assert sum(end_offsets(settings).values()) == 5
+    assert sum(end_offsets(broker_settings).values()) == 5
 
 
-def test_a_key_pins_its_requests_to_one_partition_in_both_sdks(settings):
-    with Producer(settings) as p:
+def test_a_key_pins_its_requests_to_one_partition_in_both_sdks(broker_settings):
+    with Producer(broker_settings) as p:
         for i in range(40):
             p.submit("embed", [f"mine {i}"], key="user-42")
             p.submit("embed", [f"other {i}"])
 
     async def aio():
-        async with AsyncProducer(settings) as ap:
+        async with AsyncProducer(broker_settings) as ap:
             for i in range(20):
                 await ap.submit("embed", [f"mine async {i}"], key=b"user-42")
 
     asyncio.run(aio())
-    msgs = read_all(settings)
+    msgs = read_all(broker_settings)
     mine = [m for m in msgs if m.key() == b"user-42"]
     others = [m for m in msgs if m.key() != b"user-42"]
     assert len(mine) == 60 and len(others) == 40
@@ -237,24 +167,24 @@ def test_a_key_pins_its_requests_to_one_partition_in_both_sdks(settings):
     assert len({m.partition() for m in mine}) == 1
     assert len({m.partition() for m in others}) > 1
     # one partition keeps their order
-    sync_inputs = [decode(settings, m)["inputs"][0] for m in sorted(mine, key=lambda m: m.offset())][:40]
+    sync_inputs = [decode(broker_settings, m)["inputs"][0] for m in sorted(mine, key=lambda m: m.offset())][:40]
     assert sync_inputs == [f"mine {i}" for i in range(40)]
 
 
-def test_current_span_travels_as_traceparent(settings):
+def test_current_span_travels_as_traceparent(broker_settings):
     tracer = TracerProvider().get_tracer("test")
-    with Producer(settings) as p:
+    with Producer(broker_settings) as p:
         with tracer.start_as_current_span("upstream") as span:
             traced = p.submit("embed", ["traced"])
         untraced = p.submit("embed", ["untraced"])
 
     async def aio():
-        async with AsyncProducer(settings) as ap:
+        async with AsyncProducer(broker_settings) as ap:
             with tracer.start_as_current_span("upstream-async") as aspan:
                 return await ap.submit("embed", ["traced async"]), aspan.get_span_context()
 
     atraced, actx = asyncio.run(aio())
-    by_rid = {m.key().decode(): headers(m) for m in read_all(settings)}
+    by_rid = {m.key().decode(): headers(m) for m in read_all(broker_settings)}
     for rid, ctx in ((traced, span.get_span_context()), (atraced, actx)):
         want = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
         assert by_rid[rid]["traceparent"] == want.encode()
@@ -262,9 +192,9 @@ def test_current_span_travels_as_traceparent(settings):
     assert all(h["content-type"].startswith(b"application/vnd.apache.avro+binary") for h in by_rid.values())
 
 
-def test_a_failed_delivery_is_raised_at_a_later_call(settings):
+def test_a_failed_delivery_is_raised_at_a_later_call(broker_settings):
     # Topics are never auto-created: records for a missing topic fail after message.timeout.ms.
-    p = Producer(settings, requests_topic=f"missing-{uuid.uuid4().hex[:8]}", **{"message.timeout.ms": 1000})
+    p = Producer(broker_settings, requests_topic=f"missing-{uuid.uuid4().hex[:8]}", **{"message.timeout.ms": 1000})
     first = p.submit("embed", ["lost"])
     deadline = time.monotonic() + 20
     with pytest.raises(ProduceError) as raised:
@@ -278,42 +208,43 @@ def test_a_failed_delivery_is_raised_at_a_later_call(settings):
 
 
 # -- the CLI --------------------------------------------------------------------------------
-def test_cli_produces_10000_requests_over_all_partitions(settings, tmp_path):
+def test_cli_produces_10000_requests_over_all_partitions(broker_settings, tmp_path):
     n = 10_000
     src = tmp_path / "requests.jsonl"
     src.write_text("".join(json.dumps({"task": "embed", "inputs": [f"sentence number {i}"], "request_id": f"req-{i}"})
                            + "\n" for i in range(n)))
-    env = {**os.environ, **cli_env(settings)}
+    env = {**os.environ, **cli_env(broker_settings)}
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "inferlog.cli", "produce", str(src),
-                           "--topic", settings.requests_topic], env=env, capture_output=True, text=True, timeout=300)
+                           "--topic", broker_settings.requests_topic], env=env, capture_output=True, text=True,
+                          timeout=300)
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = re.search(r"sent (\d+) requests .* \(([\d,]+) records/s\)", proc.stderr)
     assert summary and int(summary[1]) == n, proc.stderr[-3000:]
     print(f"\nCLI: {n} records; its own rate {summary[2]} records/s; {elapsed:.2f} s with interpreter start-up")
 
-    msgs = read_all(settings)
+    msgs = read_all(broker_settings)
     assert len(msgs) == n
-    recs = [decode(settings, m) for m in msgs]
+    recs = [decode(broker_settings, m) for m in msgs]
     assert sorted(r["request_id"] for r in recs) == sorted(f"req-{i}" for i in range(n))
     assert all(r["inputs"] == [f"sentence number {r['request_id'][4:]}"] and r["task"] == "EMBED" for r in recs)
-    per_partition = {p: e for p, e in end_offsets(settings).items()}
+    per_partition = {p: e for p, e in end_offsets(broker_settings).items()}
     assert len(per_partition) == 6 and all(e > 0 for e in per_partition.values()), per_partition
 
 
-def test_cli_shorthand_lines_take_the_option_defaults(settings, tmp_path):
+def test_cli_shorthand_lines_take_the_option_defaults(broker_settings, tmp_path):
     plain, keyed = tmp_path / "plain.jsonl", tmp_path / "keyed.jsonl"
     plain.write_text('"bare string"\n\n{"text": "short"}\n')
     keyed.write_text('{"text": "short keyed", "user": "u1"}\n'
                      '{"task": "embed", "inputs": ["full"], "request_id": "f1", "user": "u2"}\n')
-    common = ["--topic", settings.requests_topic, "--task", "generate", "--tenant", "acme", "--model", "tiny"]
+    common = ["--topic", broker_settings.requests_topic, "--task", "generate", "--tenant", "acme", "--model", "tiny"]
     for args in ([str(plain), *common], [str(keyed), *common, "--key-field", "user"]):
-        result = CliRunner().invoke(produce, args, env=cli_env(settings))
+        result = CliRunner().invoke(produce, args, env=cli_env(broker_settings))
         assert result.exit_code == 0, result.output
     recs = {}
-    for m in read_all(settings):
-        rec = decode(settings, m)
+    for m in read_all(broker_settings):
+        rec = decode(broker_settings, m)
         recs[rec["inputs"][0]] = (m.key(), rec)
     assert set(recs) == {"bare string", "short", "short keyed", "full"}
     for text in ("bare string", "short", "short keyed"):
@@ -324,7 +255,7 @@ def test_cli_shorthand_lines_take_the_option_defaults(settings, tmp_path):
     assert recs["full"][0] == b"u2" and recs["full"][1]["task"] == "EMBED" and recs["full"][1]["model"] == "tiny"
 
 
-def test_cli_reads_stdin_and_reports_invalid_lines_with_exit_1(settings):
+def test_cli_reads_stdin_and_reports_invalid_lines_with_exit_1(broker_settings):
     lines = [
         '{"text": "ok 1"}',
         "{not json",
@@ -334,62 +265,27 @@ def test_cli_reads_stdin_and_reports_invalid_lines_with_exit_1(settings):
         '"ok 3"',
         '{"text": "a", "colour": "red"}',
     ]
-    result = CliRunner().invoke(produce, ["-", "--topic", settings.requests_topic],
-                                input="\n".join(lines) + "\n", env=cli_env(settings))
+    result = CliRunner().invoke(produce, ["-", "--topic", broker_settings.requests_topic],
+                                input="\n".join(lines) + "\n", env=cli_env(broker_settings))
     assert result.exit_code == 1, result.output
     for n, why in [(2, "not JSON"), (4, "inputs must be a non-empty list"), (5, "task must be one of"),
                    (7, "unknown field")]:
         assert re.search(rf"line {n}: \w+: .*{why}", result.output), result.output
     assert not re.search(r"line [136]:", result.output)
     assert "invalid: 4 line(s)" in result.output and "sent 3 requests" in result.output
-    assert sum(end_offsets(settings).values()) == 3
+    assert sum(end_offsets(broker_settings).values()) == 3
 
 
-def test_cli_rate_limit_holds_a_small_run_to_the_rate(settings, tmp_path):
+def test_cli_rate_limit_holds_a_small_run_to_the_rate(broker_settings, tmp_path):
     n, rate = 40, 20.0
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(f"text {i}") + "\n" for i in range(n)))
     burst = TokenBucket(rate).capacity
     started = time.monotonic()
-    result = CliRunner().invoke(produce, [str(src), "--topic", settings.requests_topic, "--rate", str(rate)],
-                                env=cli_env(settings))
+    result = CliRunner().invoke(produce, [str(src), "--topic", broker_settings.requests_topic, "--rate", str(rate)],
+                                env=cli_env(broker_settings))
     elapsed = time.monotonic() - started
     assert result.exit_code == 0, result.output
     # A lower bound only: the first `burst` go at once, the rest at most `rate` per second.
     assert elapsed >= (n - burst) / rate
-    assert sum(end_offsets(settings).values()) == n
-
-
-# -- a cluster that cannot be reached: one clear line, never a hang ----------------------------
-@pytest.mark.timeout(90)  # the defect was a hang (300 s, 1,911 ERROR lines): this test's own timeout bounds it
-@pytest.mark.parametrize("server", ["refuses connections", "accepts and never answers"])
-def test_cli_against_a_broker_that_does_not_answer_fails_fast_with_one_line(tmp_path, server):
-    import socket
-
-    src = tmp_path / "in.jsonl"
-    src.write_text('"one"\n"two"\n')
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        if server == "accepts and never answers":
-            sock.listen(16)  # the kernel completes the handshake; nobody ever reads or writes
-        port = sock.getsockname()[1]
-        res = subprocess.run([sys.executable, "-m", "inferlog.cli", "produce", str(src), "--timeout", "3"],
-                             capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "INFERLOG_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"})
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.returncode == 1, res.stderr
-    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot reach Kafka at 127.0.0.1:{port} within 3s"), lines
-
-
-@pytest.mark.timeout(60)
-def test_sdk_flush_is_bounded_against_a_dead_broker():
-    with __import__("socket").socket() as sock:
-        sock.bind(("127.0.0.1", 0))  # bound, not listening: every connection is refused
-        p = Producer(load_settings(bootstrap_servers=f"127.0.0.1:{sock.getsockname()[1]}"))
-        p.submit("embed", "queued while no broker answers")
-        with pytest.raises(ProduceError) as e:
-            p.flush(2)
-        assert e.value.reason == "FLUSH_TIMEOUT" and "1 records still undelivered" in str(e.value)
-        with pytest.raises(ProduceError, match="cannot reach Kafka"):
-            p.connect(1)
-        p.abandon()
+    assert sum(end_offsets(broker_settings).values()) == n

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {"inferlog": "inferlog", "inferlog.consumer": "consumer", "inferlog.replay": "replay",
             "inferlog.producer": "producer"}
 

@@ -1,25 +1,17 @@
-"""Outputs the producer refuses for good (consumer/emit.py `Refusals`), and one commit through
-`TransactionalEmitter` on a real broker whose results topic refuses an output.
+"""Outputs the producer refuses for good (consumer/emit.py `Refusals`), no broker.
 
 `Refusals` is pure: delivery reports in, a decision out. A record refused within a batch is only a
 suspect (the broker refuses a whole batch for one record too large), produced alone next time;
-one refused alone is replaced by its small dead letter. tests/test_hostile.py sends every result
-of a worker over a topic's limit; here one output among good ones, straight through the emitter.
+one refused alone is replaced by its small dead letter. tests/kafka/test_refusals_broker.py commits
+one such output through `TransactionalEmitter` on a real broker.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, Message
 
-from inferlog.clients import confluent_config
-from inferlog.codec import DEADLETTER, Codec
-from inferlog.consumer.emit import REFUSED, Refusals, TransactionalEmitter
-from inferlog.consumer.models import ModelInfo
+from inferlog.consumer.emit import REFUSED, Refusals
 from inferlog.consumer.records import Out
-from inferlog.consumer.results import ResultBuilder
-from support import limit_results_topic, read_all
 
 TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
 WHY = f"{TOO_LARGE.name()}: {TOO_LARGE.str()}"
@@ -147,38 +139,3 @@ def test_tries_left_covers_the_worst_case_and_no_more():
         assert r.tries_left(attempt) and r.settle() == [culprit]
     assert len(fb.asked) == n and all(o.dead for o in r.outputs)  # attempt n+2 writes only dead letters
     assert not r.tries_left(n + 2)  # and should that fail too, the commit fails
-
-
-# -- through the emitter, on the broker -----------------------------------------------------
-def test_an_output_over_the_topics_limit_becomes_a_dead_letter_and_the_rest_commit(settings):
-    """The results topic takes records of at most 1 kB. One commit carries five small results
-    and, among them on the same partition (one batch), one of 4 kB: the committed results are
-    the five, the big one is one small OUTPUT_UNWRITABLE dead letter naming its source and the
-    refusal, nothing is written twice, and the offsets are committed with them."""
-    limit_results_topic(settings, 1024)
-    codec = Codec.from_settings(settings)
-    builder = ResultBuilder(codec, settings, ModelInfo("m", None, None))
-    req_topic = settings.requests_topic
-
-    def result(offset: int, size: int) -> Out:  # random bytes: lz4 cannot shrink them under the limit
-        return Out(settings.results_topic, b"one-key", os.urandom(size), [], "OK", source=(req_topic, 0, offset))
-
-    outputs = [result(0, 100), result(1, 100), result(2, 4000), result(3, 100), result(4, 100), result(5, 100)]
-    small = [o.value for i, o in enumerate(outputs) if i != 2]
-    consumer = Consumer(confluent_config(settings, **{"group.id": settings.group_id, "enable.auto.commit": False,
-                                                      "isolation.level": "read_committed"}))
-    emitter = TransactionalEmitter(settings, consumer, fallback=builder.unwritable)
-    try:
-        emitter.commit(list(outputs), {(req_topic, 0): 6, (req_topic, 1): 3}, consumer.consumer_group_metadata())
-        committed = consumer.committed([TopicPartition(req_topic, 0), TopicPartition(req_topic, 1)], timeout=30)
-    finally:
-        emitter.close()
-        consumer.close()
-    results = read_all(settings, settings.results_topic)
-    assert sorted(r.value for r in results) == sorted(small)  # each once: aborted attempts are invisible
-    dead = [codec.decode(r.value, expect=DEADLETTER) for r in read_all(settings, settings.deadletter_topic)]
-    assert len(dead) == 1
-    d = dead[0]
-    assert d["reason"] == "OUTPUT_UNWRITABLE" and d["source"] == {"topic": req_topic, "partition": 0, "offset": 2}
-    assert "MSG_SIZE_TOO_LARGE" in d["detail"] and d["value"] is None
-    assert [(tp.partition, tp.offset) for tp in committed] == [(0, 6), (1, 3)]

@@ -1,6 +1,7 @@
 """The HTTP gateway against the real broker and a real worker (the default MiniLM): submit and
 poll, wait mode, validation, tenants (API keys, HS256/RS256 JWTs), quotas, priority tiers, trace
-propagation, offline docs, and a schemathesis fuzz of the OpenAPI spec."""
+propagation, offline docs, and a schemathesis fuzz of the OpenAPI spec
+(tests/unit/test_gateway_offline.py: the parts that need no broker)."""
 from __future__ import annotations
 
 import re
@@ -21,10 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from inferlog.codec import RESULT, Codec
 from inferlog.consumer.runners import load_runner
-from inferlog.errors import ConfigError
-from inferlog.producer.auth import AuthError, Authenticator, IdSigner, QuotaExceeded, Quotas, parse_api_keys
 from inferlog.producer.gateway import create_app, serve_in_thread
-from inferlog.producer.replies import Outcome, OutcomeCache
 from inferlog.producer.sync import Producer
 from inferlog.settings import Settings, default_model_path, load_settings
 from inferlog.topics import ensure_topics
@@ -287,60 +285,6 @@ def test_high_priority_overtakes_a_flood_of_normal_requests(kafka, runner):
     before = sum(1 for r in done if r["request_id"] not in high_ids and r["timings"]["completed_at"] <= last_high)
     assert all(h["source"]["topic"] == s.high_priority_topic for h in high)
     assert 100 <= before < 750, f"{before} of 1500 normal requests finished before the last high-priority one"
-
-
-# -- the pure parts ------------------------------------------------------------------------------
-def test_request_ids_carry_their_time_and_owner():
-    signer, other = IdSigner(b"k" * 32), IdSigner(b"j" * 32)
-    rid = signer.new("tenant-a")
-    assert signer.owns(rid, "tenant-a") and not signer.owns(rid, "tenant-b") and not other.owns(rid, "tenant-a")
-    assert not signer.owns(rid.split(".")[0], "tenant-a") and not signer.owns("garbage", "tenant-a")
-    assert not signer.owns(rid + "\u00e9", "tenant-a") and not signer.owns("x.\u00e9\u00e9", "tenant-a")  # was a 500
-    assert abs(IdSigner.created_ms(rid) - time.time() * 1000) < 5000 and IdSigner.created_ms("x.y") is None
-    assert len(rid) <= 128
-
-
-def test_quotas_refill_and_release():
-    now = [0.0]
-    q = Quotas(rate=2, burst=2, max_in_flight=3, ttl=60, clock=lambda: now[0])
-    for i in range(2):
-        q.admit("a")
-        q.track(f"r{i}", "a")
-    with pytest.raises(QuotaExceeded) as e:
-        q.admit("a")
-    assert 0 < e.value.retry_after <= 0.5  # a token every 0.5 s
-    now[0] += 0.5
-    q.admit("a")
-    q.track("r2", "a")
-    now[0] += 10
-    with pytest.raises(QuotaExceeded, match="in flight"):
-        q.admit("a")
-    q.done("r0")
-    q.admit("a")
-    assert q.in_flight["a"] == 2
-    now[0] += 61
-    q.admit("a")  # entries no answer came for within the ttl stop counting
-    assert q.in_flight["a"] == 0
-
-
-def test_api_keys_and_open_mode():
-    assert parse_api_keys(" k1:a , k:2:b,") == {"k1": "a", "k:2": "b"}
-    with pytest.raises(ConfigError):
-        parse_api_keys("no-tenant")
-    assert Authenticator().tenant(None, None) == "default"
-    with pytest.raises(AuthError) as e:
-        Authenticator({"k": "a"}).tenant("Basic Zm9v", None)
-    assert e.value.status == 401
-
-
-def test_outcome_cache_is_bounded_by_size_and_age():
-    now = [0.0]
-    c = OutcomeCache(size=2, ttl=10, clock=lambda: now[0])
-    for rid in "abc":
-        c.put(Outcome(rid, False, b""))
-    assert c.get("a") is None and c.get("b") and len(c) == 2
-    now[0] = 11
-    assert c.get("c") is None
 
 
 # -- fuzzing the OpenAPI spec --------------------------------------------------------------------

@@ -53,10 +53,10 @@ def submit_texts(settings, texts, task="embed", **kw) -> list[str]:
 
 
 @pytest.mark.parametrize("batching, stages", [("adaptive", "threads"), ("fixed", "threads"), ("adaptive", "inline")])
-def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, embed_runner, batching, stages):
+def test_embeddings_exactly_once_match_the_model_and_carry_provenance(broker_settings, embed_runner, batching, stages):
     texts = [f"{TEXTS[i % len(TEXTS)]} (#{i})" for i in range(240)]
-    ids = submit_texts(settings, texts)
-    s = settings.with_overrides(max_batch_size=16, max_wait_ms=5, batching=batching, stages=stages)
+    ids = submit_texts(broker_settings, texts)
+    s = broker_settings.with_overrides(max_batch_size=16, max_wait_ms=5, batching=batching, stages=stages)
     with running_worker(s, embed_runner):
         wait_until(lambda: output_count(s) >= len(ids), what="all results")
     acc = account(s)
@@ -85,8 +85,8 @@ def test_embeddings_exactly_once_match_the_model_and_carry_provenance(settings, 
 
 
 @pytest.mark.parametrize("stages", ["threads", "inline"])
-def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embed_runner, stages):
-    codec = Codec.from_settings(settings)
+def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(broker_settings, embed_runner, stages):
+    codec = Codec.from_settings(broker_settings)
     good = build_request("embed", "a perfectly fine request")
 
     def req(**over):
@@ -107,7 +107,7 @@ def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embe
         (req(inputs=["   "]), "INVALID_REQUEST"),
         (req(parameters={"max_new_tokens": None, "temperature": math.nan, "top_p": None, "seed": None}),
          "INVALID_REQUEST"),
-        (req(inputs=["x"] * (settings.max_inputs + 1)), "INPUT_TOO_LARGE"),
+        (req(inputs=["x"] * (broker_settings.max_inputs + 1)), "INPUT_TOO_LARGE"),
         (req(inputs=["word " * 2000]), "INPUT_TOO_LARGE"),
         (req(task="GENERATE"), "UNSUPPORTED_TASK"),
         (req(model="no-such-model"), "UNKNOWN_MODEL"),
@@ -119,13 +119,13 @@ def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embe
     values = []
     for v, _ in cases:
         values += [(b"k", v), (None, req())]
-    produce_raw(settings, values)
-    with running_worker(settings.with_overrides(stages=stages), embed_runner) as w:
-        wait_until(lambda: output_count(settings) >= len(values), what="every offset answered")
+    produce_raw(broker_settings, values)
+    with running_worker(broker_settings.with_overrides(stages=stages), embed_runner) as w:
+        wait_until(lambda: output_count(broker_settings) >= len(values), what="every offset answered")
         # the worker is still alive and serving
-        produce_raw(settings, [(None, req())])
-        wait_until(lambda: output_count(settings) >= len(values) + 1, what="the worker to go on")
-    acc = account(settings)
+        produce_raw(broker_settings, [(None, req())])
+        wait_until(lambda: output_count(broker_settings) >= len(values) + 1, what="the worker to go on")
+    acc = account(broker_settings)
     acc.assert_exactly_once()
     by = acc.by_source
     requests = sorted(acc.requests, key=lambda r: (r.partition, r.offset))
@@ -142,11 +142,11 @@ def test_every_kind_of_bad_input_is_a_dead_letter_with_its_reason(settings, embe
     assert w.counts["dead_letters"] == sum(1 for _, want in cases if want not in ("OK", "EXPIRED"))
 
 
-def test_a_model_fault_only_fails_the_faulty_requests(settings, embed_runner):
+def test_a_model_fault_only_fails_the_faulty_requests(broker_settings, embed_runner):
     texts = [f"request number {i} about {TEXTS[i % 5]}" + (" FAULTY" if i % 13 == 5 else "") for i in range(80)]
-    ids = submit_texts(settings, texts)
+    ids = submit_texts(broker_settings, texts)
     faulty = {rid for rid, t in zip(ids, texts) if "FAULTY" in t}
-    s = settings.with_overrides(max_batch_size=16, max_wait_ms=50, fault_marker="FAULTY")
+    s = broker_settings.with_overrides(max_batch_size=16, max_wait_ms=50, fault_marker="FAULTY")
     with running_worker(s, FaultyRunner(embed_runner, "FAULTY")):
         wait_until(lambda: output_count(s) >= len(ids), what="all outputs")
     acc = account(s)
@@ -158,15 +158,15 @@ def test_a_model_fault_only_fails_the_faulty_requests(settings, embed_runner):
 
 
 @pytest.mark.parametrize("generation", ["continuous", "static"])
-def test_generation_through_the_worker(settings, tiny_gpt2_dir, generation):
+def test_generation_through_the_worker(broker_settings, tiny_gpt2_dir, generation):
     runner = load_runner(str(tiny_gpt2_dir), device="cpu")
     prompts = ["the quick fox", "kafka topics carry records", "a", "the tiny cat sat on the mat"] * 5
     limits = [1 + i % 7 for i in range(len(prompts))]
-    with Producer(settings) as p:
+    with Producer(broker_settings) as p:
         ids = [p.submit("generate", t, parameters={"max_new_tokens": n}) for t, n in zip(prompts, limits)]
-    with running_worker(settings.with_overrides(max_batch_size=8, generation=generation), runner):
-        wait_until(lambda: output_count(settings) >= len(ids), what="all generations")
-    acc = account(settings)
+    with running_worker(broker_settings.with_overrides(max_batch_size=8, generation=generation), runner):
+        wait_until(lambda: output_count(broker_settings) >= len(ids), what="all generations")
+    acc = account(broker_settings)
     acc.assert_exactly_once()
     assert not acc.dead_letters
     got = {r["request_id"]: r["outputs"][0] for r in acc.results}
@@ -177,9 +177,9 @@ def test_generation_through_the_worker(settings, tiny_gpt2_dir, generation):
         assert out["text"] == want["text"]  # greedy: same answer alone or batched
 
 
-def test_at_least_once_mode_and_back_pressure(settings, embed_runner):
-    ids = submit_texts(settings, [f"text {i}" for i in range(150)])
-    s = settings.with_overrides(delivery="at-least-once", max_in_flight=16, max_batch_size=8)
+def test_at_least_once_mode_and_back_pressure(broker_settings, embed_runner):
+    ids = submit_texts(broker_settings, [f"text {i}" for i in range(150)])
+    s = broker_settings.with_overrides(delivery="at-least-once", max_in_flight=16, max_batch_size=8)
     most, done = [0], threading.Event()
 
     def watch(w):  # the engine's own count, sampled from another thread while the worker runs
@@ -247,11 +247,11 @@ def committed(s) -> dict[int, int]:
         c.close()
 
 
-def test_sigterm_drains_commits_what_it_consumed_and_exits_0(settings, tmp_path):
-    ids = submit_texts(settings, [f"{TEXTS[i % 5]} {i}" for i in range(1500)])
-    w = start_worker(settings, "w-term", tmp_path / "w.log")
+def test_sigterm_drains_commits_what_it_consumed_and_exits_0(broker_settings, tmp_path):
+    ids = submit_texts(broker_settings, [f"{TEXTS[i % 5]} {i}" for i in range(1500)])
+    w = start_worker(broker_settings, "w-term", tmp_path / "w.log")
     try:
-        wait_until(lambda: output_count(settings) >= 100, timeout=120, what="the first results")
+        wait_until(lambda: output_count(broker_settings) >= 100, timeout=120, what="the first results")
         w.send_signal(signal.SIGTERM)
         assert w.wait(90) == 0, (tmp_path / "w.log").read_text()[-3000:]
     finally:
@@ -259,8 +259,8 @@ def test_sigterm_drains_commits_what_it_consumed_and_exits_0(settings, tmp_path)
     log = (tmp_path / "w.log").read_text()
     assert "drained" in log
     assert held_count(log) > 0  # it stopped with records held: those are not committed either
-    acc = account(settings)
-    done = committed(settings)
+    acc = account(broker_settings)
+    done = committed(broker_settings)
     by = acc.by_source
     answered = set(by)
     for r in acc.requests:  # below the committed offset: exactly one result; at or above: none
@@ -270,19 +270,19 @@ def test_sigterm_drains_commits_what_it_consumed_and_exits_0(settings, tmp_path)
     assert 0 < len(acc.results) <= len(ids)
 
 
-def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(settings, tmp_path):
+def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(broker_settings, tmp_path):
     n = 2000
-    submit_texts(settings, [f"{TEXTS[i % 5]} {i}" for i in range(n)])
-    a = start_worker(settings, "w-a", tmp_path / "a.log")
+    submit_texts(broker_settings, [f"{TEXTS[i % 5]} {i}" for i in range(n)])
+    a = start_worker(broker_settings, "w-a", tmp_path / "a.log")
     procs = [a]
     try:
-        wait_until(lambda: output_count(settings) >= 150, timeout=120, what="the first results")
+        wait_until(lambda: output_count(broker_settings) >= 150, timeout=120, what="the first results")
         a.send_signal(signal.SIGKILL)
         a.wait(10)
         # a restarted worker and a new member join while the killed one's session expires
-        procs.append(start_worker(settings, "w-a", tmp_path / "a2.log"))
-        procs.append(start_worker(settings, "w-b", tmp_path / "b.log"))
-        wait_until(lambda: output_count(settings) >= n, timeout=400, every=1.0, what="all outputs")
+        procs.append(start_worker(broker_settings, "w-a", tmp_path / "a2.log"))
+        procs.append(start_worker(broker_settings, "w-b", tmp_path / "b.log"))
+        wait_until(lambda: output_count(broker_settings) >= n, timeout=400, every=1.0, what="all outputs")
         for p in procs[1:]:
             p.send_signal(signal.SIGTERM)
         for p in procs[1:]:
@@ -290,7 +290,7 @@ def test_sigkill_restart_and_a_joining_worker_lose_and_duplicate_nothing(setting
     finally:
         for p in procs:
             p.kill()
-    acc = answered_once(settings, n)
+    acc = answered_once(broker_settings, n)
     # the survivors held records while partitions moved between them
     assert sum(held_count((tmp_path / f).read_text()) for f in ("a2.log", "b.log")) > 0
     workers = {r["worker_id"] for r in acc.results}
@@ -310,19 +310,19 @@ def start_pod(s, worker_id: str, log_path, processes: int = 2, *flags: str) -> s
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
 
 
-def test_processes_share_the_group_and_one_failing_restarts_the_pod(settings, tmp_path):
+def test_processes_share_the_group_and_one_failing_restarts_the_pod(broker_settings, tmp_path):
     """Several processes per pod (as several feeding one GPU), in the user's mode: a backlog and a
     steady stream on both tiers. Each process is a member with its own worker id; one killed takes
     the pod down (exit 128+9) after the other drained; the pod started again (with its stages
     inline, a changed setting) finishes the log; nothing lost or duplicated on either tier."""
     n = 1500
-    submit_texts(settings, [f"{TEXTS[i % 5]} {i}" for i in range(n)])
+    submit_texts(broker_settings, [f"{TEXTS[i % 5]} {i}" for i in range(n)])
     pods = []
     try:
-        with Stream(settings, rate=20) as stream:
-            pod = start_pod(settings, "pod", tmp_path / "pod.log")
+        with Stream(broker_settings, rate=20) as stream:
+            pod = start_pod(broker_settings, "pod", tmp_path / "pod.log")
             pods.append(pod)
-            wait_until(lambda: {r["worker_id"] for r in read_all_results(settings)} >= {"pod-p0", "pod-p1"},
+            wait_until(lambda: {r["worker_id"] for r in read_all_results(broker_settings)} >= {"pod-p0", "pod-p1"},
                        timeout=180, every=1.0, what="results from both processes")
             kids = children(pod.pid)
             assert len(kids) == 2
@@ -332,20 +332,20 @@ def test_processes_share_the_group_and_one_failing_restarts_the_pod(settings, tm
                        for k in kids)  # the survivor stopped with it
             log = (tmp_path / "pod.log").read_text()
             assert "stopping the others" in log and "drained" in log  # the survivor drained and committed
-            again = start_pod(settings, "pod", tmp_path / "pod2.log", 2, "--stages", "inline")
+            again = start_pod(broker_settings, "pod", tmp_path / "pod2.log", 2, "--stages", "inline")
             pods.append(again)
-            wait_until(lambda: output_count(settings) >= n, timeout=300, every=1.0, what="the backlog answered")
+            wait_until(lambda: output_count(broker_settings) >= n, timeout=300, every=1.0, what="the backlog answered")
         total = n + stream.sent
-        wait_until(lambda: output_count(settings) >= total, timeout=120, every=1.0, what="all outputs")
+        wait_until(lambda: output_count(broker_settings) >= total, timeout=120, every=1.0, what="all outputs")
         again.send_signal(signal.SIGTERM)
         assert again.wait(90) == 0, (tmp_path / "pod2.log").read_text()[-3000:]
     finally:
         for p in pods:
             p.kill()
-    acc = answered_once(settings, total)
+    acc = answered_once(broker_settings, total)
     assert {r["worker_id"] for r in acc.results} == {"pod-p0", "pod-p1"}
     tiers = Counter(r["source"]["topic"] for r in acc.results)
-    assert tiers[settings.high_priority_topic] > 0 and tiers[settings.requests_topic] > n, tiers
+    assert tiers[broker_settings.high_priority_topic] > 0 and tiers[broker_settings.requests_topic] > n, tiers
 
 
 def read_all_results(s) -> list[dict]:
@@ -357,13 +357,14 @@ def read_all_results(s) -> list[dict]:
         return []
 
 
-def test_high_priority_overtakes_a_backlog_without_starving_it(settings, embed_runner):
-    codec = Codec.from_settings(settings)
+def test_high_priority_overtakes_a_backlog_without_starving_it(broker_settings, embed_runner):
+    codec = Codec.from_settings(broker_settings)
     normal = [codec.encode(REQUEST, build_request("embed", f"backlog request {i} {TEXTS[i % 5]}")) for i in range(600)]
-    produce_raw(settings, [(None, v) for v in normal])
+    produce_raw(broker_settings, [(None, v) for v in normal])
     high_recs = [build_request("embed", f"urgent {i}", priority=5) for i in range(6)]
-    produce_raw(settings, [(None, codec.encode(REQUEST, r)) for r in high_recs], topic=settings.high_priority_topic)
-    s = settings.with_overrides(max_batch_size=16, max_in_flight=128)
+    produce_raw(broker_settings, [(None, codec.encode(REQUEST, r)) for r in high_recs],
+                topic=broker_settings.high_priority_topic)
+    s = broker_settings.with_overrides(max_batch_size=16, max_in_flight=128)
     with running_worker(s, embed_runner) as w:
         wait_until(lambda: output_count(s) >= len(normal) + len(high_recs), timeout=240, what="all results")
     acc = account(s)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "inferlog"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 TOOLS = Path(os.environ.get("INFERLOG_TOOLS_DIR", ROOT / ".tools"))

@@ -32,8 +32,8 @@ def classifier(tiny_bert_classifier_dir):
 
 
 @pytest.mark.parametrize("protocol", ["consumer", "classic"])
-def test_a_partition_held_by_an_open_transaction_starts_at_its_committed_offset(settings, classifier, protocol):
-    s = settings.with_overrides(group_protocol=protocol, session_timeout_ms=6000, transaction_timeout_ms=20000)
+def test_a_partition_held_by_an_open_transaction_starts_at_its_committed_offset(broker_settings, classifier, protocol):
+    s = broker_settings.with_overrides(group_protocol=protocol, session_timeout_ms=6000, transaction_timeout_ms=20000)
     codec = Codec.from_settings(s)
     p = Producer(confluent_config(s, **{"enable.idempotence": True}))
     for part in range(s.partitions):
