@@ -16,7 +16,7 @@ from inferlog.errors import ConfigError
 from inferlog.options import SettingOption, settings_from, settings_options
 from inferlog.settings import GROUPS, Settings, env_names, load_settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRODUCT = ["inferlog", "consumer", "producer", "replay"]
 # build and test knobs, not settings of the product: the image's build argument, the test
 # suite's deploy tools and chaos report
