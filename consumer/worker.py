@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from inferlog.clients import confluent_config, consume_ready, group_protocol_config
 from inferlog.committed import committed_offsets, start_positions
 from inferlog.codec import Codec
-from inferlog.errors import FatalError, RestartRequired
+from inferlog.errors import FatalError, OffsetsUnreadable, RestartRequired
 
 from .committer import Committer
 from .emit import make_emitter
@@ -129,6 +129,9 @@ class Worker:
             else:
                 log.error("fatal: %s", e)
             return e.exit_code
+        except OffsetsUnreadable as e:  # where a partition starts (or rewinds to) is unknown: stop, never guess
+            log.error("fatal: %s", e)
+            return FatalError.exit_code
         finally:
             self._close()
 

@@ -18,17 +18,13 @@ from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 
-from .errors import FatalError
+from .errors import OffsetsUnreadable  # raised here; a typed error of its own (errors.py)
 
 log = logging.getLogger(__name__)
 
 # the longest a read waits by default: an open transaction lasts until transaction.timeout.ms,
 # and the coordinator looks for timed-out ones every 10 s
 PATIENCE_S = 180.0
-
-
-class OffsetsUnreadable(FatalError):
-    """The committed offsets could not be read in time: the driver stops instead of guessing."""
 
 
 def committed_offsets(consumer, tps: list, patience: float = PATIENCE_S) -> list[TopicPartition]:

@@ -2,7 +2,9 @@
 
 RecordError: this one record fails. Its `reason` is a stable code that ends up in the
 dead letter; the worker goes on. FatalError: this worker cannot go on (fenced producer,
-lost broker credentials); it stops loudly. ConfigError: refused at start-up.
+lost broker credentials); it stops loudly. OffsetsUnreadable: a group's committed offsets
+could not be read in time; each driver decides what that means for it (the worker stops as on
+a FatalError, a replay stops resumable). ConfigError: refused at start-up.
 """
 from __future__ import annotations
 
@@ -26,6 +28,13 @@ class RestartRequired(FatalError):
     of it is stuck in a call, and only the end of the process ends what that client may still send."""
 
     exit_code = 75  # EX_TEMPFAIL
+
+
+class OffsetsUnreadable(InferlogError):
+    """A group's committed offsets could not be read in time (inferlog/committed.py): the driver
+    stops instead of guessing where to start. Not a FatalError: nothing is broken (the coordinator
+    is away, a transaction stays open), and a replay that catches a failed device must not take
+    it for one."""
 
 
 class RecordError(InferlogError):

@@ -29,7 +29,7 @@ from inferlog.codec import Codec
 from inferlog.committed import committed_offsets, last_committed
 from inferlog.consumer.committer import Committer
 from inferlog.consumer.engine import Engine, start_up
-from inferlog.errors import FatalError
+from inferlog.errors import FatalError, OffsetsUnreadable
 from inferlog.settings import default_model_path
 from inferlog.topics import ensure_topics
 
@@ -363,9 +363,10 @@ def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Wind
             ending = reader.done()
             try:
                 engine.turn(fetch, flush=ending)  # the worker's turn (consumer/engine.py)
-            except FatalError as e:  # keep what finished, then stop: the run resumes on a healthy device
-                engine.collect()
-                committer.step(force=True)
+            except (FatalError, OffsetsUnreadable) as e:
+                if isinstance(e, FatalError):  # keep what finished, then stop: the run resumes on a healthy device
+                    engine.collect()  # (unreadable offsets: the coordinator is away, a commit would wait for it too)
+                    committer.step(force=True)
                 raise ReplayError(f"{e}; {tally.records} records of this run are checkpointed; "
                                   f"continue with --resume {run_id}") from e
             # at the end, commit as soon as all that was fetched is answered; else at the cadence
