@@ -1,25 +1,33 @@
 """Back-pressure, per tier: which fetched records enter the engine, which wait, and when a
 tier's partitions pause.
 
-Pure: the worker fetches, hands records to the engine and pauses or resumes partitions as
-told here. It has two levels, per tier (a tier is its topic). At most `max_in_flight` records
-of a tier are in the engine (tracked, decoded, batched, not yet committed); what is fetched
-past that is held here as it came, undecoded, and handed over as room appears. Only when the
-held records of a tier reach `max_in_flight` too is the tier paused (resumed at half). Pausing
+FlowControl is pure: a driver (the worker, replay's readers) fetches, hands records to the
+engine and pauses or resumes partitions as told here; `steer` is how every driver applies
+those decisions to its consumer. It has two levels, per tier (a tier is its topic). At most
+`max_in_flight` records of a tier are in the engine (tracked, decoded, batched, not yet
+committed); what is fetched past that is held here as it came, undecoded, and handed over as
+room appears. Only when the held records of a tier reach `max_in_flight` too is the tier
+paused (resumed at half). Pausing
 is the last resort: librdkafka drops a paused partition's prefetch, and a resumed partition
 waited about a second for its next fetch with two group members (BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+from confluent_kafka import TopicPartition
+
+log = logging.getLogger(__name__)
 
 FETCH_CHUNK = 256  # records per consume() call and per decode task
 
 
 class FlowControl:
     """The held records and the paused state of each tier. `pending_in(topic)` is how many
-    records of that topic the engine has; records are anything with topic() and partition()."""
+    records of the tier whose topic that is the engine has; records are anything with topic()
+    and partition()."""
 
     def __init__(self, settings, pending_in: Callable[[str], int]) -> None:
         self.s = settings
@@ -29,8 +37,21 @@ class FlowControl:
         self.paused: dict[str, bool] = dict.fromkeys(tiers, False)
         self.stats = {"pauses": 0, "held": 0}
 
+    @property
+    def holding(self) -> int:
+        """Records held, all tiers together."""
+        return sum(map(len, self.held.values()))
+
+    def is_paused(self, topic: str) -> bool:
+        """Whether the tier of `topic` is paused: a partition of it assigned now starts paused."""
+        return self.paused[self.s.tier_of(topic)]
+
+    def in_flight(self, tier: str) -> int:
+        """Records of `tier` in the engine."""
+        return self._pending_in(self.s.tier_topic(tier))
+
     def _room(self, tier: str) -> int:
-        return self.s.max_in_flight - self._pending_in(self.s.tier_topic(tier))
+        return self.s.max_in_flight - self.in_flight(tier)
 
     def take(self, msgs: list) -> list:
         """The fetched records the engine takes now; the rest are held. A tier that holds
@@ -86,3 +107,25 @@ class FlowControl:
         for tier in pause | resume:
             self.paused[tier] = tier in pause
         return pause, resume
+
+
+def tier_partitions(settings, partitions: Iterable[tuple[str, int]], tier: str) -> list[TopicPartition]:
+    """The partitions of `tier` among `partitions` ((topic, partition) keys)."""
+    return [TopicPartition(t, p) for t, p in partitions if settings.tier_of(t) == tier]
+
+
+def steer(flow: FlowControl, consumer, partitions: Iterable[tuple[str, int]], stopping: bool) -> None:
+    """Apply `flow.decide(stopping)` to `consumer`: pause and resume the tiers it names, on each
+    tier's partitions among `partitions`, the ones the driver reads now (the worker: all it owns;
+    a replay reader: those not read to their end, whose fetching it stops itself). The same for
+    a group member and for a consumer of manually assigned partitions."""
+    pause, resume = flow.decide(stopping)
+    if not pause and not resume:
+        return
+    partitions = list(partitions)
+    for tier in pause | resume:
+        tps = tier_partitions(flow.s, partitions, tier)
+        if tps:
+            (consumer.pause if tier in pause else consumer.resume)(tps)
+        log.debug("%s %d %s-tier partitions (in flight: %d, held: %d)", "paused" if tier in pause else "resumed",
+                  len(tps), tier, flow.in_flight(tier), len(flow.held[tier]))

@@ -4,7 +4,8 @@ One loop thread owns the Kafka clients (fetch, rebalance, pause/resume, commit) 
 the engine (consumer/engine.py), whose CPU pool and device thread do the work.
 
 Back-pressure, per tier, is decided in consumer/flow.py (which fetched records enter the
-engine, which are held, when a tier pauses); this loop applies it to the consumer's partitions.
+engine, which are held, when a tier pauses); this loop applies it to the consumer's partitions
+(flow.steer, as replay's readers do).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError
 
 from inferlog.clients import confluent_config, consume_ready, group_protocol_config
 from inferlog.committed import committed_offsets, start_positions
@@ -22,7 +23,7 @@ from inferlog.errors import FatalError, OffsetsUnreadable, RestartRequired
 from .committer import Committer
 from .emit import make_emitter
 from .engine import Engine, start_up
-from .flow import FETCH_CHUNK, FlowControl
+from .flow import FETCH_CHUNK, FlowControl, steer, tier_partitions
 from .membership import let_go
 from .metrics import HealthServer, LagSampler, Metrics
 
@@ -154,7 +155,8 @@ class Worker:
     # -- one turn of the loop ------------------------------------------------------------
     def _step(self) -> None:
         stopping = self.stopping.is_set()
-        self._flow_control(stopping)  # before fetching: a stopping worker fetches no more
+        # back-pressure (decided in flow.py), before fetching: a stopping worker fetches no more
+        steer(self.flow, self.consumer, self.engine.partitions, stopping)
         # a commit's end is work (the next one can start): fetching blocks briefly meanwhile
         self.engine.turn(self._fetch, flush=stopping, soon=self.committer.busy)  # FatalError: stop
         self._commit()
@@ -184,7 +186,7 @@ class Worker:
         for tier, held in self.flow.held.items():
             m.held.labels(tier).set(len(held))
         for tier, paused in self.flow.paused.items():
-            m.paused.labels(tier).set(len(self._tier_partitions(tier)) if paused else 0)
+            m.paused.labels(tier).set(len(tier_partitions(self.s, self.engine.partitions, tier)) if paused else 0)
         m.sample_device(self.runner.device)
         if self.lag is not None and self.engine.partitions:
             self.lag.sample(sorted(self.engine.partitions))  # answered on the sampler's thread
@@ -209,26 +211,6 @@ class Worker:
     def _commit(self, force: bool = False, only: set | None = None) -> None:
         self.committer.step(force, only)  # consumer/committer.py
 
-    # -- back-pressure (decided in flow.py, applied here) ------------------------------------
-    def _flow_control(self, stopping: bool) -> None:
-        """Pause and resume the tiers flow.py says to, on the partitions of each."""
-        pause, resume = self.flow.decide(stopping)
-        for tier in pause:
-            self._pause(tier, True)
-        for tier in resume:
-            self._pause(tier, False)
-
-    def _tier_partitions(self, tier: str) -> list[TopicPartition]:
-        topic = self.s.tier_topic(tier)
-        return [TopicPartition(t, p) for t, p in self.engine.partitions if t == topic]
-
-    def _pause(self, tier: str, pause: bool) -> None:
-        tps = self._tier_partitions(tier)
-        if tps:
-            (self.consumer.pause if pause else self.consumer.resume)(tps)
-        log.debug("%s %d %s-tier partitions (in flight: %d, held: %d)", "paused" if pause else "resumed", len(tps),
-                  tier, self.engine.pending, len(self.flow.held[tier]))
-
     # -- rebalance callbacks (run inside consume(), on the loop thread) -------------------
     def _on_assign(self, consumer, partitions) -> None:
         # where each starts: the group's committed offset, read stable (a transaction the
@@ -242,7 +224,7 @@ class Worker:
             log.info("assigned %s%s", _named(starts),
                      f" (their committed offsets settled after {waited:.1f}s)" if waited >= 1.0 else "")
         consumer.incremental_assign(starts)
-        paused = [tp for tp in partitions if self.flow.paused[self.s.tier_of(tp.topic)]]
+        paused = [tp for tp in partitions if self.flow.is_paused(tp.topic)]
         if paused:
             consumer.pause(paused)
         if self.engine.partitions:

@@ -23,6 +23,29 @@ class Record:
     headers: list
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """A fetched record as the drivers' parts see it (confluent_kafka.Message's accessors), for
+    tests without one; `eof`: a partition's end-of-file event at that offset instead."""
+
+    t: str
+    p: int
+    o: int
+    eof: bool = False
+
+    def topic(self) -> str:
+        return self.t
+
+    def partition(self) -> int:
+        return self.p
+
+    def offset(self) -> int:
+        return self.o
+
+    def error(self) -> KafkaError | None:
+        return KafkaError(KafkaError._PARTITION_EOF) if self.eof else None
+
+
 def read_all(settings, topic: str, timeout: float = 30.0) -> list[Record]:
     """Every committed record of `topic` up to its current end (read_committed)."""
     c = Consumer(confluent_config(settings, **{"group.id": f"reader-{time.time_ns()}",

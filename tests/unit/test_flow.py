@@ -1,30 +1,15 @@
-"""Back-pressure decisions, without Kafka or an engine."""
+"""Back-pressure decisions, without Kafka or an engine, and how a driver applies them to its
+consumer (steer: the worker and replay's readers alike)."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
-from inferlog.consumer.flow import FETCH_CHUNK, FlowControl
+from inferlog.consumer.flow import FETCH_CHUNK, FlowControl, steer
 from inferlog.settings import Settings
+from support import Fetched as Msg
 
 S = Settings(max_in_flight=4)
 NORMAL, HIGH = S.requests_topic, S.high_priority_topic
-
-
-@dataclass(frozen=True)
-class Msg:
-    t: str
-    p: int
-    o: int
-
-    def topic(self) -> str:
-        return self.t
-
-    def partition(self) -> int:
-        return self.p
-
-    def offset(self) -> int:
-        return self.o
 
 
 class Engine:
@@ -141,3 +126,37 @@ def test_hand_over_fills_the_room_in_chunks_of_at_most_fetch_chunk():
         engine.accept(chunk)
     assert flow.hand_over() == []  # no room left
     assert list(flow.held["normal"]) == backlog[4 * FETCH_CHUNK + 10:]
+
+
+class Consumer:
+    """What steer asks of a consumer: pause() and resume(), recorded as (call, partitions)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list]] = []
+
+    def pause(self, tps) -> None:
+        self.calls.append(("pause", sorted((tp.topic, tp.partition) for tp in tps)))
+
+    def resume(self, tps) -> None:
+        self.calls.append(("resume", sorted((tp.topic, tp.partition) for tp in tps)))
+
+
+def test_steer_pauses_a_tier_that_holds_max_in_flight_on_the_partitions_read_and_resumes_it_at_half():
+    flow, engine = flow_with()
+    consumer = Consumer()
+    # (NORMAL, 1) is read to its end: the reader stopped it itself, back-pressure leaves it be
+    reading = [(NORMAL, 0), (NORMAL, 2), (HIGH, 0)]
+    engine.accept(flow.take(msgs(NORMAL, range(7))))  # 4 in the engine, 3 held: room to hold
+    steer(flow, consumer, reading, stopping=False)
+    assert consumer.calls == []
+    flow.take(msgs(NORMAL, [7], partition=2))  # 4 held: the normal tier pauses, the high one reads on
+    steer(flow, consumer, reading, stopping=False)
+    assert consumer.calls == [("pause", [(NORMAL, 0), (NORMAL, 2)])]
+    steer(flow, consumer, reading, stopping=False)
+    assert len(consumer.calls) == 1, "paused once, not every turn"
+    engine.finish(NORMAL, 2)
+    engine.take_over(flow)  # 2 held: half
+    steer(flow, consumer, reading[1:], stopping=False)  # (NORMAL, 0) was read to its end meanwhile
+    assert consumer.calls[1:] == [("resume", [(NORMAL, 2)])]
+    steer(flow, consumer, reading[1:], stopping=True)  # a stopping driver fetches no more: every tier
+    assert sorted(consumer.calls[2:]) == sorted([("pause", [(HIGH, 0)]), ("pause", [(NORMAL, 2)])])
