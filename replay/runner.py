@@ -7,7 +7,8 @@ resume, join, the loop, the summary); its parts are the checkpoint (checkpoint.p
 (sinks.py: a topic, each commit one transaction of the worker's emitter whose committed
 offsets are the checkpoint; or a file, part files and the checkpoint JSON, merged at the end)
 and, for a run shared by several processes, its group membership (shared.py). Commits go
-through the worker's Committer, and give-up on revocation through its membership path.
+through the worker's Committer, give-up on revocation through its membership path, and
+back-pressure through its FlowControl (consumer/flow.py): per tier, held records, paused tiers.
 
 Every run keeps <state_dir>/<run_id>/checkpoint.json with everything --resume needs: the
 window (by default both tiers' request topics), the settings that shape results (model,
@@ -29,6 +30,7 @@ from inferlog.codec import Codec
 from inferlog.committed import committed_offsets, last_committed
 from inferlog.consumer.committer import Committer
 from inferlog.consumer.engine import Engine, start_up
+from inferlog.consumer.flow import FlowControl, steer
 from inferlog.errors import FatalError, OffsetsUnreadable
 from inferlog.settings import default_model_path
 from inferlog.topics import ensure_topics
@@ -258,17 +260,19 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         tally = Progress({r.tp: r.start for r in todo.ranges})
         every = checkpoint_s if checkpoint_s is not None else (
             max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
+        # the worker's back-pressure (consumer/flow.py): per tier, what has no room is held
+        flow = FlowControl(s, tier_pending(s, engine))
         # the worker's commit path (consumer/committer.py), each commit on this thread; an
         # aborted transaction is the sink's ReplayError (resume), never a rewind
-        committer = Committer(s, consumer, engine, sink, engine.metrics, on_commit=tally.committed,
-                              interval=every, inline=True)
+        committer = Committer(s, consumer, engine, sink, engine.metrics, on_rewind=flow.drop,
+                              on_commit=tally.committed, interval=every, inline=True)
         if shared:  # the group assigns the partitions; each starts where the group committed
-            reader = GroupReader(window, consumer, engine, committer, tally, admin, replay_group(ck.run_id))
+            reader = GroupReader(window, consumer, engine, committer, flow, tally, admin, replay_group(ck.run_id))
         else:
             reader = WindowReader(s, todo, consumer=consumer)
             for r in todo.ranges:
                 engine.assign(r.tp)
-        status, seconds = _loop(s, engine, reader, committer, tally, window, todo, stop or threading.Event(),
+        status, seconds = _loop(engine, reader, flow, committer, tally, window, todo, stop or threading.Event(),
                                 stop_after, progress, ck.run_id)
         if status == "done":
             sink.finish()
@@ -329,8 +333,25 @@ class Progress:
             self.bar.update(n)
 
 
-def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Window, todo: Window, stop, stop_after,
-          progress, run_id):
+def tier_pending(s, engine):
+    """FlowControl's pending_in for a window of any topics: the records of a tier in the engine,
+    where every topic but the high tier's is the normal tier's (as the engine batches it)."""
+    high = s.high_priority_topic
+
+    def pending_in(topic: str) -> int:
+        n = engine.pending_in(high)
+        return n if topic == high else engine.pending - n
+
+    return pending_in
+
+
+def _loop(engine, reader, flow: FlowControl, committer: Committer, tally: Progress, window: Window, todo: Window,
+          stop, stop_after, progress, run_id):
+    """The driver, as the worker's loop: each turn applies back-pressure to the reader's
+    partitions, fetches through `flow` (per tier: what has no room is held, in order, and handed
+    over as room appears), runs the engine's turn and commits. Done when the window is read,
+    nothing is held and the engine is drained (and, for a group member, the group's commits
+    cover the window)."""
     if progress:
         from tqdm import tqdm
 
@@ -339,13 +360,15 @@ def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Wind
     t0 = time.monotonic()
     member = getattr(reader, "member", False)  # a group member polls on, for its rebalances
     ending = False
+    state = engine.state()  # as of the end of the last turn
 
-    def fetch(timeout: float) -> list[list]:
-        if (member or not ending) and engine.pending < s.max_in_flight:
-            return [reader.poll(timeout)]
-        if engine.state().busy:
-            time.sleep(min(0.005, timeout))  # at the end or full: the pools work
-        return []
+    def fetch(timeout: float):
+        if member or not ending:
+            if msgs := reader.poll(timeout):
+                yield flow.take(msgs)
+        elif state.busy:
+            time.sleep(min(0.005, timeout))  # all is read: the pools work
+        yield from flow.hand_over()  # after the fetched ones are in: a generator, as the worker's
 
     try:
         while True:
@@ -361,6 +384,7 @@ def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Wind
                 time.sleep(0.005)
                 continue
             ending = reader.done()
+            steer(flow, reader.consumer, reader.reading(), stopping=False)  # the worker's back-pressure
             try:
                 engine.turn(fetch, flush=ending)  # the worker's turn (consumer/engine.py)
             except (FatalError, OffsetsUnreadable) as e:
@@ -373,7 +397,8 @@ def _loop(s, engine, reader, committer: Committer, tally: Progress, window: Wind
             committer.step(force=ending and engine.all_ready())
             if stop_after is not None and tally.records >= stop_after:
                 return "interrupted", time.monotonic() - t0
-            if ending and engine.state().drained and (not member or reader.finished()):
+            state = engine.state()
+            if ending and not flow.holding and state.drained and (not member or reader.finished()):
                 return "done", time.monotonic() - t0
     finally:
         if tally.bar is not None:

@@ -106,12 +106,14 @@ class GroupReader:
 
     On revocation `committer` (the run's, consumer/committer.py) commits what is finished of
     those partitions while they are still ours, and the rest is dropped for the next owner to
-    redo, as the live worker does (consumer/membership.py)."""
+    redo, as the live worker does (consumer/membership.py), records held by `flow` (the run's
+    back-pressure, consumer/flow.py) included. A partition assigned while its tier is paused
+    starts paused, as the worker's do."""
 
     member = True  # keeps polling when its share is read: rebalances and heartbeats go on
 
-    def __init__(self, window: Window, consumer, engine, committer, progress, admin, group: str):
-        self.window, self.consumer, self.engine, self.committer = window, consumer, engine, committer
+    def __init__(self, window: Window, consumer, engine, committer, flow, progress, admin, group: str):
+        self.window, self.consumer, self.engine, self.committer, self.flow = window, consumer, engine, committer, flow
         self.progress = progress  # the run's Progress: where this member's share of a partition starts
         self.admin, self.group = admin, group  # for the run's progress (finished)
         self._range = {r.tp: r for r in window.ranges}
@@ -140,10 +142,11 @@ class GroupReader:
             self.engine.assign(key)
             read.append(TopicPartition(tp.topic, tp.partition, start))
         consumer.incremental_assign(read + idle)
-        if idle:
-            consumer.pause(idle)
-        if read:  # a partition paused here before (read to its end, then revoked) may come back
-            consumer.resume(read)
+        held_back = [tp for tp in read if self.flow.is_paused(tp.topic)]  # its tier is paused: so is it
+        if idle or held_back:
+            consumer.pause(idle + held_back)
+        if go := [tp for tp in read if tp not in held_back]:  # paused here before (read to its end, then revoked)
+            consumer.resume(go)
         if partitions:  # the consumer protocol also calls with none, after a revocation
             log.info("assigned %d partitions to read, %d done or outside the window", len(read), len(idle))
 
@@ -156,6 +159,7 @@ class GroupReader:
     def _give_up(self, consumer, partitions, commit_first: bool) -> None:
         gone, _ = let_go(consumer, partitions, self.engine, self.committer, commit_first=commit_first,
                          closing=self.closing)
+        self.flow.drop(gone)  # fetched, never handed over: the next owner reads them from the committed offsets
         for key in gone:
             self._end.pop(key, None)
 
@@ -163,6 +167,11 @@ class GroupReader:
     def done(self) -> bool:
         """Nothing of this member's share is left to fetch (more may be assigned later)."""
         return not self._end
+
+    def reading(self) -> list[tuple[str, int]]:
+        """The (topic, partition)s ours and not read to their end: the ones back-pressure may
+        pause and resume (consumer/flow.py steer); finished and idle ones stay paused here."""
+        return list(self._end)
 
     def poll(self, timeout: float = 0.5) -> list:
         out = []

@@ -290,6 +290,11 @@ class WindowReader:
     def done(self) -> bool:
         return not self._end
 
+    def reading(self) -> list[tuple[str, int]]:
+        """The (topic, partition)s assigned and not read to their end: the ones a driver's
+        back-pressure may pause and resume (consumer/flow.py steer); finished ones are unassigned."""
+        return list(self._end)
+
     def poll(self, timeout: float = 0.5) -> list:
         """One consume() of up to 500 records inside the window ([] when none arrived)."""
         if not self._end:

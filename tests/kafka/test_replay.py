@@ -20,13 +20,14 @@ from conftest import unique
 from inferlog.cli import cli
 from inferlog.clients import confluent_config
 from inferlog.codec import RESULT, Codec
+from inferlog.consumer.flow import FlowControl, steer
 from inferlog.consumer.runners import load_runner
 from inferlog.producer.sync import Producer
 from inferlog.replay import drift, runner as rr, sinks
-from inferlog.replay.window import WindowError, parse_time, resolve_window
+from inferlog.replay.window import WindowError, WindowReader, parse_time, resolve_window
 from inferlog.settings import default_model_path, load_settings
 from inferlog.topics import ensure_topics, partition_counts
-from support import output_count, read_all, running_worker, wait_until
+from support import Fetched, output_count, read_all, running_worker, wait_until
 
 PARTITIONS = 3
 
@@ -240,7 +241,9 @@ def test_a_model_of_another_width_is_a_dimension_mismatch(log, narrow_model, tmp
 
 @pytest.mark.parametrize("kind", ["file", "topic"])
 def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, tmp_path, kind):
-    s = log.settings.with_overrides(max_batch_size=4)
+    # max_in_flight 8 of each tier's 10 and 18: records are held past it, handed over in order
+    # as commits make room, and those held when the run stops are read again by --resume
+    s = log.settings.with_overrides(max_batch_size=4, max_in_flight=8)
     window = resolve_window(s, s.request_topics)  # both tiers: progress is kept per (topic, partition)
     everything = {rid for g in log.groups for rid in g}
     assert window.total == len(everything)
@@ -276,6 +279,42 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
     assert Counter(ids) == Counter(everything), "each request exactly once"
     assert rr.resume(s, "cut", runner=embed_runner, state_dir=state).status == "done"  # nothing left to do
     assert committed(s) == log.live_offsets
+
+
+def test_a_window_readers_tier_that_holds_max_in_flight_pauses_and_resumes_where_it_stopped(log):
+    """Replay's back-pressure on a consumer of manually assigned partitions (no group): the
+    paused tier's partitions deliver nothing, the other tier reads on; resumed, each goes on
+    from where it was, every offset of the window once."""
+    s = log.settings.with_overrides(max_in_flight=1)
+    high, normal = s.request_topics
+    window = resolve_window(s, s.request_topics)
+    in_engine = Counter({normal: 1})  # the normal tier has no room
+    flow = FlowControl(s, in_engine.__getitem__)
+    stand_in = Fetched(normal, 0, -1)  # one held record: as many as max_in_flight, so its tier pauses
+    assert flow.take([stand_in]) == []
+    reader = WindowReader(s, window)
+    try:
+        steer(flow, reader.consumer, reader.reading(), stopping=False)
+        assert flow.paused == {"high": False, "normal": True}
+        got = []
+        deadline = time.monotonic() + 30
+        while any(t == high for t, _ in reader.reading()) and time.monotonic() < deadline:
+            got += reader.poll(0.2)
+        assert {m.topic() for m in got} == {high} and len(got) == len(log.high), "the high tier read on alone"
+        for _ in range(5):  # the paused tier stays so
+            assert reader.poll(0.2) == []
+        assert {t for t, _ in reader.reading()} == {normal}
+        flow.drop()  # held records handed over (or given up): the tier resumes
+        steer(flow, reader.consumer, reader.reading(), stopping=False)
+        assert flow.paused == {"high": False, "normal": False}
+        deadline = time.monotonic() + 30
+        while not reader.done() and time.monotonic() < deadline:
+            got += reader.poll(0.2)
+    finally:
+        reader.close()
+    offsets = Counter((m.topic(), m.partition(), m.offset()) for m in got)
+    assert set(offsets) == {(r.topic, r.partition, o) for r in window.ranges for o in range(r.start, r.end)}
+    assert max(offsets.values()) == 1, "every offset of the window once"
 
 
 @pytest.mark.parametrize("args, message", [
