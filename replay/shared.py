@@ -120,6 +120,7 @@ class GroupReader:
         self._end: dict[tuple[str, int], int] = {}  # ours and not yet read to the end
         self.closing = False
         self._checked = 0.0
+        self._looked = 0.0  # when the positions of the partitions being read were last compared to their ends
         self._said = time.monotonic()  # the first "waiting" line after 10 s, not before any assignment
         consumer.subscribe(list(window.topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
@@ -174,7 +175,7 @@ class GroupReader:
         return list(self._end)
 
     def poll(self, timeout: float = 0.5) -> list:
-        out = []
+        out, eof = [], False
         for msg in consume_ready(self.consumer, 500, timeout):
             key = (msg.topic(), msg.partition())
             end = self._end.get(key)
@@ -183,14 +184,21 @@ class GroupReader:
             if (err := msg.error()) is not None:
                 if err.code() != KafkaError._PARTITION_EOF and (err.fatal() or not err.retriable()):
                     raise KafkaException(err)
-                continue  # an EOF: the position check below
+                eof = True  # an EOF: the position check below
+                continue
             if msg.offset() < end:
                 out.append(msg)
             if msg.offset() >= end - 1:
                 self._finish(key)
-        # read_committed: the last offsets before an end may be transaction markers, never delivered
-        for key in [k for k in self._end if self._reached(k)]:
-            self._finish(key)
+        # read_committed: the last offsets before an end may be transaction markers, never
+        # delivered. A partition whose position passed its end is finished; the positions are
+        # compared after an EOF, after a poll that brought nothing (at most every 50 ms) and at
+        # least once a second, not on every poll.
+        now = time.monotonic()
+        if self._end and (eof or now - self._looked >= (0.05 if not out else 1.0)):
+            self._looked = now
+            for key in [k for k in self._end if self._reached(k)]:
+                self._finish(key)
         return out
 
     def _reached(self, key) -> bool:

@@ -1,7 +1,10 @@
 """A shared replay's member reader (replay/shared.py GroupReader) against a fake consumer: the
 worker's back-pressure on its partitions (a partition assigned while its tier is paused starts
-paused; the held records of partitions given up are dropped)."""
+paused; the held records of partitions given up are dropped) and when it finishes a partition
+whose last offsets are transaction markers."""
 from __future__ import annotations
+
+import time
 
 from confluent_kafka import TopicPartition
 
@@ -112,3 +115,19 @@ def test_a_partition_assigned_while_its_tier_is_paused_starts_paused_and_given_u
     assert set(reader.reading()) == {(HIGH, 0), (NORMAL, 1)}
     assert consumer.assigned == {(NORMAL, 1), (HIGH, 0)}
 
+
+def test_a_partition_ending_in_transaction_markers_finishes_without_a_position_asked_on_every_poll():
+    reader, consumer, _, _ = member(PartitionRange(NORMAL, 0, 0, 5), PartitionRange(NORMAL, 1, 0, 50))
+    consumer.on_assign(consumer, [TopicPartition(NORMAL, 0), TopicPartition(NORMAL, 1)])
+    consumer.queue = [[Msg(NORMAL, 0, o), Msg(NORMAL, 1, o)] for o in range(4)]  # offset 4 of [0]: a marker
+    consumer.positions[(NORMAL, 1)] = 0
+    got = [m for _ in range(4) for m in reader.poll(0)]
+    assert len(got) == 8
+    assert consumer.asked <= 2, "records came on every poll: positions are not asked each time"
+    consumer.positions[(NORMAL, 0)] = 5  # past the marker: nothing more comes of it
+    time.sleep(0.06)
+    assert reader.poll(0) == [] and reader.reading() == [(NORMAL, 1)]
+    assert (NORMAL, 0) in consumer.paused, "read to its end: no more fetching"
+    consumer.queue = [[Msg(NORMAL, 1, 50, eof=True)]]  # an EOF: its position is asked at once
+    consumer.positions[(NORMAL, 1)] = 50
+    assert reader.poll(0) == [] and reader.done()
