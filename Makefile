@@ -43,7 +43,7 @@ test-deploy: deploy-tools
 	INFERLOG_TOOLS_DIR=$(DEPLOY_TOOLS) INFERLOG_REQUIRE_DEPLOY_TOOLS=1 $(BIN)/python -m pytest tests/unit/test_deploy.py $(PYTEST_ARGS)
 
 # tests/unit needs no broker (tests/conftest.py refuses one that asks for a broker fixture);
-# tests/kafka and tests/chaos need one
+# tests/broker and tests/chaos need one
 test-unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 

@@ -6,7 +6,7 @@ when the first test asks for one of KAFKA_FIXTURES (`kafka`, `broker_settings`, 
 directly or through another fixture.
 
 tests/unit/ holds what needs no broker (`make test-unit`): a test there that asks for one of
-KAFKA_FIXTURES is a collection error. tests/kafka/ holds what needs a broker, the session's or
+KAFKA_FIXTURES is a collection error. tests/broker/ holds what needs a broker, the session's or
 one of its own; tests/chaos/ the long fault runs. Helpers (support.py, tinymodels.py and this
 file's unique/free_port/drop_topics) import by module name: pyproject.toml puts tests/ on the path.
 """
@@ -83,7 +83,7 @@ def pytest_collection_modifyitems(items):
         if wanted:
             item.add_marker(pytest.mark.kafka)
     if misplaced:
-        raise pytest.UsageError("tests under tests/unit/ must not need a broker (move them to tests/kafka/):\n"
+        raise pytest.UsageError("tests under tests/unit/ must not need a broker (move them to tests/broker/):\n"
                                 + "\n".join(misplaced))
 
 

@@ -1,5 +1,5 @@
 """Audit's parts that need no broker: Kafka's murmur2 partitioner, the Arrow table builder's
-exact windows, table formatting and durations. tests/kafka/test_audit.py runs audit against a
+exact windows, table formatting and durations. tests/broker/test_audit.py runs audit against a
 real broker and the real default model."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A chunk of Pending records goes in; the same list comes back, in order, each rec
 carrying its validated request and its token ids (one list per input) or its typed error, whose
 `reason` is the dead letter's. One bad record never changes what its neighbours become. The
 runner is real (the tiny BERT classifier of tinymodels.py): its tokenizer counts the tokens.
-tests/kafka/test_hostile.py fuzzes decoding and sends a corpus through a worker; tests/unit/test_request.py
+tests/broker/test_hostile.py fuzzes decoding and sends a corpus through a worker; tests/unit/test_request.py
 covers validation field by field. Here: what the Decoder itself decides and how it hands it on.
 """
 from __future__ import annotations

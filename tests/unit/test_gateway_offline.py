@@ -1,5 +1,5 @@
 """The HTTP gateway's parts that need no broker: signed request ids, per-tenant quotas, API
-keys and open mode, the bounded outcome cache. tests/kafka/test_gateway.py runs the gateway
+keys and open mode, the bounded outcome cache. tests/broker/test_gateway.py runs the gateway
 against a real broker and a real worker."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Topic admin and the `inferlog kafka` CLI without a broker: retries of what Kafka calls "not
-yet", a controller not ready while topics are created, the CLI's help. tests/kafka/test_localkafka.py
+yet", a controller not ready while topics are created, the CLI's help. tests/broker/test_localkafka.py
 runs the local broker, topic admin and the CLI against a real broker."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The producer SDKs and `inferlog produce` without a broker: the CLI's token bucket and line
 parsing, requests refused before anything is queued, and a cluster that cannot be reached (one
-clear line, never a hang). tests/kafka/test_producer.py runs them against a real broker."""
+clear line, never a hang). tests/broker/test_producer.py runs them against a real broker."""
 from __future__ import annotations
 
 import json

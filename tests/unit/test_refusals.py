@@ -2,7 +2,7 @@
 
 `Refusals` is pure: delivery reports in, a decision out. A record refused within a batch is only a
 suspect (the broker refuses a whole batch for one record too large), produced alone next time;
-one refused alone is replaced by its small dead letter. tests/kafka/test_refusals_broker.py commits
+one refused alone is replaced by its small dead letter. tests/broker/test_refusals_broker.py commits
 one such output through `TransactionalEmitter` on a real broker.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One commit through `TransactionalEmitter` on a real broker whose results topic refuses an
 output (consumer/emit.py `Refusals`): the refused one becomes a small dead letter, the rest commit.
-tests/unit/test_refusals.py checks `Refusals` alone; tests/kafka/test_hostile.py sends every result
+tests/unit/test_refusals.py checks `Refusals` alone; tests/broker/test_hostile.py sends every result
 of a worker over a topic's limit, here one output among good ones, straight through the emitter.
 """
 from __future__ import annotations
