@@ -20,7 +20,10 @@ log = logging.getLogger("inferlog.worker")
 # broker's and the log settings, which `inferlog` itself takes (`inferlog --log-json worker`)
 WORKER_SETTINGS = ("connection", "topics", "worker", "served model", "batching", "limits", "executors", "metrics_port",
                    "kafka_debug", "otlp_endpoint", "faults")
-worker_options = settings_options(*WORKER_SETTINGS, exclude=("replays_topic", "processes", "processes_per_gpu"))
+# vLLM's flag, which users know; --model-name stays as its alias
+SERVED_NAME = {"model_name": ("--served-model-name", "--model-name")}
+worker_options = settings_options(*WORKER_SETTINGS, exclude=("replays_topic", "processes", "processes_per_gpu"),
+                                  flags=SERVED_NAME)
 
 
 def _gpu_count() -> int:
@@ -33,7 +36,7 @@ def _gpu_count() -> int:
 
 
 @click.command("worker")
-@settings_options(*WORKER_SETTINGS, exclude=("replays_topic",))
+@settings_options(*WORKER_SETTINGS, exclude=("replays_topic",), flags=SERVED_NAME)
 @click.option("--create-topics/--no-create-topics", default=True, show_default=True,
               help="Create the topics (idempotently) before joining the group.")
 def worker(create_topics: bool, **flags) -> None:

@@ -138,8 +138,10 @@ class Model(BaseModel):
 
     model: str = Field(default_factory=default_model_path,
                        description="Local model directory or hub id.", **_shown("the embedded all-MiniLM-L6-v2"))
-    model_name: str | None = Field(None, description="The name results carry and requests may ask for "
-                                                     "(default: from the model).")
+    model_name: str | None = Field(
+        None, description="The name the model is served under: results carry it and requests ask for it (vLLM's "
+                          "--served-model-name; default: from the model).",
+        validation_alias=AliasChoices("INFERLOG_SERVED_MODEL_NAME", "INFERLOG_MODEL_NAME", "model_name"))
     task: Literal["embed", "generate", "classify"] | None = Field(
         None, description="What the model does (default: from its config).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
