@@ -79,16 +79,20 @@ def run(tree: Path, bench: list[str], results: Path) -> dict:
 def figures(report: dict) -> dict[str, float]:
     """The comparable figures of one run: {name: value}."""
     out: dict[str, float] = {}
+    # the machine's own pace, with no inferlog code in it: how far apart the runs' machines were
+    for key in ("model_alone", "model_alone_worker_threads"):
+        if isinstance(report.get(key), dict) and report[key].get("alone_per_s"):
+            out[f"control: the model alone, {report[key]['threads']} thread(s), req/s"] = report[key]["alone_per_s"]
     for name, c in report.get("contenders", {}).items():
-        if "per_s" in c:  # overhead_bench
+        if "per_s" in c:  # overhead_bench (its raw loop is the control: no inferlog code)
             out[f"{name}: records/s"] = c["per_s"]
             out[f"{name}: CPU µs/record"] = c["cpu_ms_per_request"] * 1000
         for p in c.get("points", []):  # latency_curve
             for q in ("p50_ms", "p99_ms"):
                 if p.get(q) is not None:
                     out[f"{name}: {p['schedule']} {p['share']:g} {q}"] = p[q]
-        if isinstance(c.get("drain"), dict) and c["drain"].get("per_s"):
-            out[f"{name}: drain/s"] = c["drain"]["per_s"]
+        if c.get("drain_per_s"):
+            out[f"{name}: drain/s"] = c["drain_per_s"]
     return out
 
 
