@@ -142,12 +142,16 @@ class Gateway:
         self.replies = Replies(settings, self.producer.codec, on_outcome=self._answered)
         self.tokenizer = oai.Tokenizer(settings.model)  # the OpenAI endpoints' chat template and usage
         self._lag_task: asyncio.Task | None = None
+        self._tokenizer_task: asyncio.Task | None = None
 
     def _answered(self, request_id: str) -> None:
         self.metrics.outcomes.inc()
         self.quotas.done(request_id)
 
     async def start(self) -> None:
+        # The tokenizer loads (seconds) beside the Kafka connections, off the loop; /readyz says
+        # ready once it is loaded (or known not to be), so the first OpenAI call does not pay it.
+        self._tokenizer_task = asyncio.create_task(asyncio.to_thread(self.tokenizer.load), name="tokenizer-load")
         if self.auth.open:
             log.warning("no API keys or JWT keys configured: the gateway is OPEN, every caller is tenant 'default'")
         if self.s.gateway_id_secret is None:
@@ -277,7 +281,8 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         tier, code = gw.tier(0), "500"
         try:
             tok = gw.tokenizer
-            await asyncio.to_thread(tok.get)  # loaded on the first call, off the loop
+            if not tok.loaded:  # a call before /readyz said ready: it waits for the start-up load, off the loop
+                await asyncio.to_thread(tok.get)
             fields = oai.to_request(url, body, tok, high_priority=gw.s.high_priority)
             tier = gw.tier(fields.get("priority", 0))
             sub = SubmitBody(task=fields["task"], inputs=fields["inputs"], model=fields["model"],
@@ -342,7 +347,11 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
     async def readyz() -> dict:
         if not gw.replies.running or not gw.producer.started:
             raise HTTPException(503, "not connected to Kafka")
-        return {"ok": True, "outcomes_read": gw.replies.read}
+        if not gw.tokenizer.loaded:
+            raise HTTPException(503, f"loading the tokenizer of {gw.tokenizer.path} (the OpenAI endpoints' "
+                                     "chat template and usage)")
+        # a tokenizer that failed to load leaves the gateway ready (only chat needs it): the body says why
+        return {"ok": True, "outcomes_read": gw.replies.read, "tokenizer": gw.tokenizer.status}
 
     return app
 

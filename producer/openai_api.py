@@ -19,6 +19,7 @@ import base64
 import json
 import logging
 import struct
+import threading
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -190,23 +191,46 @@ def _text(content) -> str:
 
 
 class Tokenizer:
-    """The served model's tokenizer, for chat templates and token counts (usage). Loaded on first
-    use from `path` (INFERLOG_MODEL); a model without one still serves embeddings and completions,
-    with usage counted as 0."""
+    """The served model's tokenizer, for chat templates and token counts (usage), from `path`
+    (INFERLOG_MODEL). The gateway loads it at start-up (load(), off its loop, before /readyz says
+    ready); the commands on first use (get()). A model without one, or one that fails to load,
+    still serves embeddings and completions, with usage counted as 0 (`error` says why)."""
 
     def __init__(self, path: str | None):
         self.path, self._tok, self._tried = path, None, False
+        self.error: str | None = None
+        self._lock = threading.Lock()  # one load, whoever asks first; the others wait for it
+
+    @property
+    def loaded(self) -> bool:
+        """The load is over: the tokenizer is there, or known not to be (`error`)."""
+        return self._tried
+
+    @property
+    def status(self) -> str:
+        if not self._tried:
+            return "loading"
+        if self._tok is not None:
+            return "loaded"
+        return f"unavailable from {self.path}: {self.error}" if self.error else "none (no model configured)"
+
+    def load(self):
+        with self._lock:
+            if not self._tried:
+                try:
+                    from transformers import AutoTokenizer
+
+                    self._tok = AutoTokenizer.from_pretrained(self.path) if self.path else None
+                except Exception as e:  # noqa: BLE001 - a gateway without the model's files still serves
+                    self.error = f"{type(e).__name__}: {e}"
+                    log.error("no tokenizer from %s (%s): chat completions are refused (400 no_chat_template) "
+                              "and usage is counted as 0; the other endpoints are not affected", self.path, self.error)
+                finally:
+                    self._tried = True
+        return self._tok
 
     def get(self):
-        if not self._tried:
-            self._tried = True
-            try:
-                from transformers import AutoTokenizer
-
-                self._tok = AutoTokenizer.from_pretrained(self.path) if self.path else None
-            except Exception as e:  # noqa: BLE001 - a gateway without the model's files still serves
-                log.warning("no tokenizer from %s (%s): chat completions refused, usage counted as 0", self.path, e)
-        return self._tok
+        return self._tok if self._tried else self.load()
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         tok = self.get()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -16,7 +18,7 @@ from inferlog.consumer.runners import Row, load_runner
 from inferlog.request import Parameters
 from inferlog.settings import default_model_path
 from inferlog.producer.gateway import serve_in_thread
-from support import read_all, running_worker
+from support import read_all, running_worker, wait_until
 from test_gateway import KEYS, fresh_settings
 from tinymodels import tiny_gpt2_dir  # noqa: F401  (fixture)
 
@@ -115,6 +117,32 @@ def test_errors_come_in_openais_shape(embed_stack):
     assert "bogus" in e.value.message
     with pytest.raises(openai.AuthenticationError):
         client(url, "wrong-key").embeddings.create(model="all-MiniLM-L6-v2", input="x")
+
+
+def test_ready_means_the_tokenizer_is_loaded_and_the_first_call_does_not_load_it(embed_stack, monkeypatch):
+    """The tokenizer loads at start-up, off the loop (/readyz answers 503 meanwhile); once ready,
+    the first OpenAI call is answered with no load on its way (it took 3-9 s on that call)."""
+    s, _, _ = embed_stack
+    real, loads, release = AutoTokenizer.from_pretrained, [], threading.Event()
+
+    def spy(path, *a, **kw):
+        loads.append(str(path))
+        assert release.wait(60), "the test never released the tokenizer's load"
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    with serve_in_thread(s) as url, httpx.Client(base_url=url, timeout=30) as c:
+        try:
+            wait_until(lambda: loads, timeout=30, what="the tokenizer's load to begin at start-up")
+            r = c.get("/readyz")
+            assert r.status_code == 503 and "tokenizer" in r.json()["detail"], r.text
+        finally:
+            release.set()
+        wait_until(lambda: c.get("/readyz").status_code == 200, timeout=30, what="/readyz to say ready")
+        assert c.get("/readyz").json()["tokenizer"] == "loaded" and loads == [s.model]
+        got = client(url).embeddings.create(model="all-MiniLM-L6-v2", input="the first call", encoding_format="float")
+        assert len(got.data[0].embedding) == 384 and got.usage.prompt_tokens > 0
+        assert loads == [s.model]
 
 
 # -- completions and chat ------------------------------------------------------------------------

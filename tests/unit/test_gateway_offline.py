@@ -1,15 +1,24 @@
 """The HTTP gateway's parts that need no broker: signed request ids, per-tenant quotas, API
-keys and open mode, the bounded outcome cache. tests/broker/test_gateway.py runs the gateway
-against a real broker and a real worker."""
+keys and open mode, the bounded outcome cache; and the app itself where the broker is not
+reached (or faked): /readyz and the tokenizer loaded at start-up. tests/broker/test_gateway.py
+runs the gateway against a real broker and a real worker."""
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import pytest
+from fastapi.testclient import TestClient
 
 from inferlog.errors import ConfigError
+from inferlog.producer.aio import AsyncProducer
 from inferlog.producer.auth import AuthError, Authenticator, IdSigner, QuotaExceeded, Quotas, parse_api_keys
-from inferlog.producer.replies import Outcome, OutcomeCache
+from inferlog.producer.gateway import create_app
+from inferlog.producer.replies import Outcome, OutcomeCache, Replies
+from inferlog.producer.sync import ProduceError
+from inferlog.settings import default_model_path, load_settings
+from support import wait_until
 
 
 def test_request_ids_carry_their_time_and_owner():
@@ -63,3 +72,78 @@ def test_outcome_cache_is_bounded_by_size_and_age():
     assert c.get("a") is None and c.get("b") and len(c) == 2
     now[0] = 11
     assert c.get("c") is None
+
+
+# -- the app without a broker: its Kafka clients faked where a test needs it started ----------------
+KEYS = "key-a:tenant-a,key-b:tenant-b"
+A, B = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
+
+
+def app_client(**overrides) -> TestClient:
+    """The gateway's app, not started (no lifespan: its Kafka clients are never used): what is
+    refused before a request reaches Kafka (credentials, bodies) answers as it does live."""
+    return TestClient(create_app(load_settings(api_keys=KEYS, **overrides)))
+
+
+@pytest.fixture
+def fake_kafka(monkeypatch):
+    """The gateway starts with its Kafka clients faked: connected at once, a publish refused (503)."""
+    async def nothing(self, *a, **kw):
+        return None
+
+    async def refused(self, *a, **kw):
+        raise ProduceError("no broker in a unit test", "UNAVAILABLE")
+
+    for cls in (Replies, AsyncProducer):
+        monkeypatch.setattr(cls, "start", nothing)
+        monkeypatch.setattr(cls, "stop", nothing)
+    monkeypatch.setattr(Replies, "running", property(lambda self: True))
+    monkeypatch.setattr(AsyncProducer, "started", property(lambda self: True))
+    monkeypatch.setattr(AsyncProducer, "submit", refused)
+
+
+@pytest.fixture
+def tokenizer_loads(monkeypatch):
+    """Spies on AutoTokenizer.from_pretrained: the paths it loaded, each load held until `release` is set."""
+    from transformers import AutoTokenizer
+
+    real, loads, release = AutoTokenizer.from_pretrained, [], threading.Event()
+
+    def spy(path, *a, **kw):
+        loads.append(str(path))
+        assert release.wait(60), "the test never released the tokenizer's load"
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    return loads, release
+
+
+def test_ready_waits_for_the_tokenizer_loaded_at_start_up_not_by_the_first_call(fake_kafka, tokenizer_loads):
+    loads, release = tokenizer_loads
+    model = default_model_path()
+    with app_client(model=model) as c:  # started: the lifespan runs Gateway.start
+        wait_until(lambda: loads, timeout=30, what="the tokenizer's load to begin at start-up")
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "tokenizer" in r.json()["detail"], r.text  # the Problem shape
+        release.set()
+        wait_until(lambda: c.get("/readyz").status_code == 200, timeout=30, what="/readyz to say ready")
+        assert c.get("/readyz").json()["tokenizer"] == "loaded"
+        assert loads == [model]
+        # the first OpenAI call after ready: its tokens counted by the loaded tokenizer, then refused
+        # by the (faked) broker; nothing loaded on the way
+        r = c.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "a first call"}, headers=A)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+        assert loads == [model]
+
+
+def test_a_tokenizer_that_fails_to_load_is_reported_and_the_gateway_stays_up(fake_kafka, tmp_path, caplog):
+    missing = str(tmp_path / "no-such-model")
+    with caplog.at_level(logging.ERROR, logger="inferlog.producer.openai_api"), app_client(model=missing) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, timeout=30, what="/readyz to say ready")
+        status = c.get("/readyz").json()["tokenizer"]
+        assert status.startswith(f"unavailable from {missing}: "), status
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                   headers=A)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template", r.text
+        assert c.post("/v1/requests", json={"task": "embed", "inputs": "x"}, headers=A).status_code == 503  # on to Kafka
+    assert any("no tokenizer from" in m and "no-such-model" in m for m in caplog.messages), caplog.messages
