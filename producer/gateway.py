@@ -227,7 +227,8 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         if request.method == "POST":
             gw.metrics.requests.labels("unknown", "-", "400" if openai else "422").inc()
         if openai:
-            return JSONResponse(oai.invalid(exc.errors(), skip=1).body(), status_code=400)
+            return JSONResponse(oai.invalid(exc.errors(), skip=1, body=oai.BODIES[request.url.path]).body(),
+                                status_code=400)
         errors = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return JSONResponse({"detail": {"reason": "INVALID_REQUEST", "errors": errors}}, status_code=422)
 

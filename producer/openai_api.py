@@ -20,7 +20,8 @@ import json
 import logging
 import struct
 import threading
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -127,12 +128,72 @@ class ChatBody(_Generation):
 BODIES = {EMBEDDINGS: EmbeddingsBody, COMPLETIONS: CompletionsBody, CHAT: ChatBody}
 
 
-def invalid(errors: list[dict], skip: int = 0) -> OpenAIError:
+def invalid(errors: list[dict], skip: int = 0, body: type[BaseModel] | None = None) -> OpenAIError:
     """The first of pydantic's validation errors as OpenAI's 400 (`skip`: leading parts of its
-    location that are not the body's, e.g. FastAPI's "body")."""
+    location that are not the body's, e.g. FastAPI's "body"; `body`: the model validated, whose
+    fields tell the union members' tags pydantic puts in a location from the body's own names).
+    `param` is the field's path ("messages[0].content"), or null: a body that is not JSON (its
+    location is a character offset, said in the message), or an error of the body as a whole."""
     first = errors[0]
-    where = ".".join(str(p) for p in first.get("loc", ())[skip:])
-    return OpenAIError(f"{where}: {first.get('msg')}", param=where)
+    if first.get("type") == "json_invalid":  # FastAPI's: ("body", offset)
+        loc = first.get("loc", ())
+        at = f" (at character {loc[-1]})" if loc and isinstance(loc[-1], int) else ""
+        why = (first.get("ctx") or {}).get("error") or first.get("msg")
+        return OpenAIError(f"the body is not valid JSON: {why}{at}")
+    where = param_path(tuple(first.get("loc", ()))[skip:], body)
+    # a union field fails once per member: the member that got furthest says most ("input[1]"
+    # for a list with a number in it, where the first error is that the list is not a string)
+    for e in errors[1:]:
+        deeper = param_path(tuple(e.get("loc", ()))[skip:], body)
+        if where and deeper and deeper.startswith((f"{where}[", f"{where}.")) and len(e["loc"]) > len(first["loc"]):
+            first, where = e, deeper
+    return OpenAIError(f"{where or 'body'}: {first.get('msg')}", param=where)
+
+
+def param_path(loc: tuple, model: type[BaseModel] | None = None) -> str | None:
+    """pydantic's location of an error as OpenAI's `param`: "messages[0].content", "input[1]",
+    "logit_bias.a"; None for the body itself. Where a field is a union (`str | list[str]`),
+    pydantic's location names the member it tried ("str", "list[str]"): that is not the body's."""
+    path, ann = "", model
+    for part in loc:
+        ann = _optional(ann)
+        if _is_union(ann):  # this part is the member's tag; what follows is not known here
+            ann = None
+            continue
+        if part == "[key]":  # pydantic's mark of a dict key (not a value) in error
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+        ann = _inner(ann, part)
+    return path or None
+
+
+def _optional(ann):
+    """X from X | None (pydantic's nullable, no member tag in a location)."""
+    if get_origin(ann) in (Union, UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def _is_union(ann) -> bool:
+    return get_origin(ann) in (Union, UnionType)
+
+
+def _inner(ann, part):
+    """The annotation of `part` inside `ann` (a model's field, a list's item, a dict's value); None: unknown."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        field = ann.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else None
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is list and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return None
 
 
 def parse_body(url: str, raw: Any) -> BaseModel:
@@ -140,7 +201,7 @@ def parse_body(url: str, raw: Any) -> BaseModel:
     try:
         return BODIES[url].model_validate(raw)
     except ValidationError as e:
-        raise invalid(e.errors()) from None
+        raise invalid(e.errors(), body=BODIES[url]) from None
 
 
 def _refuse_unsupported(body: _Generation) -> None:

@@ -145,6 +145,16 @@ def test_ready_means_the_tokenizer_is_loaded_and_the_first_call_does_not_load_it
         assert loads == [s.model]
 
 
+def test_a_bad_body_names_the_fields_path_or_null(embed_stack):
+    _, url, _ = embed_stack
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="all-MiniLM-L6-v2", messages=[{"role": "user", "content": 5}])
+    assert e.value.param == "messages[0].content"
+    r = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": "m", "messages": [',
+                   headers={"X-API-Key": "key-a", "content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] is None and "not valid JSON" in r.text, r.text
+
+
 # -- completions and chat ------------------------------------------------------------------------
 def test_completions_are_the_models_greedy_text_one_choice_per_prompt(gen_stack):
     s, url, _, runner = gen_stack

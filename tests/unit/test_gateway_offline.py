@@ -1,7 +1,7 @@
 """The HTTP gateway's parts that need no broker: signed request ids, per-tenant quotas, API
 keys and open mode, the bounded outcome cache; and the app itself where the broker is not
-reached (or faked): /readyz and the tokenizer loaded at start-up. tests/broker/test_gateway.py
-runs the gateway against a real broker and a real worker."""
+reached (or faked): /readyz and the tokenizer loaded at start-up, OpenAI error shapes of bad
+bodies. tests/broker/test_gateway.py runs the gateway against a real broker and a real worker."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inferlog.errors import ConfigError
+from inferlog.producer import openai_api as oai
 from inferlog.producer.aio import AsyncProducer
 from inferlog.producer.auth import AuthError, Authenticator, IdSigner, QuotaExceeded, Quotas, parse_api_keys
 from inferlog.producer.gateway import create_app
@@ -77,6 +78,7 @@ def test_outcome_cache_is_bounded_by_size_and_age():
 # -- the app without a broker: its Kafka clients faked where a test needs it started ----------------
 KEYS = "key-a:tenant-a,key-b:tenant-b"
 A, B = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
+JSON = {"content-type": "application/json"}
 
 
 def app_client(**overrides) -> TestClient:
@@ -147,3 +149,36 @@ def test_a_tokenizer_that_fails_to_load_is_reported_and_the_gateway_stays_up(fak
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template", r.text
         assert c.post("/v1/requests", json={"task": "embed", "inputs": "x"}, headers=A).status_code == 503  # on to Kafka
     assert any("no tokenizer from" in m and "no-such-model" in m for m in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("url", [oai.EMBEDDINGS, oai.COMPLETIONS, oai.CHAT])
+def test_a_body_that_is_not_json_is_a_400_with_param_null(url):
+    raw = b'{"model": "m", "input": ["a", "b",'
+    r = app_client().post(url, content=raw, headers={**A, **JSON})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] is None and err["type"] == "invalid_request_error"  # was "34", the offset
+    assert "not valid JSON" in err["message"] and f"character {len(raw)}" in err["message"], err
+
+
+@pytest.mark.parametrize("url, body, param", [
+    (oai.CHAT, {"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    (oai.CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "robot"}]}, "messages[1].role"),
+    (oai.CHAT, {"model": "m", "messages": []}, "messages"),
+    (oai.EMBEDDINGS, {"model": "m", "input": ["fine", 7]}, "input[1]"),
+    (oai.COMPLETIONS, {"model": "m", "prompt": "x", "stop": ["ok", 3]}, "stop[1]"),
+    (oai.COMPLETIONS, {"model": "m", "prompt": "x", "logit_bias": {"50256": "high"}}, "logit_bias.50256"),
+    (oai.EMBEDDINGS, ["not", "an", "object"], None),
+])
+def test_param_names_the_fields_path(url, body, param):
+    r = app_client().post(url, json=body, headers=A)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    if param is not None:  # a batch line's body is judged the same way
+        assert _batch_param(url, body) == param
+
+
+def _batch_param(url, body):
+    with pytest.raises(oai.OpenAIError) as e:
+        oai.parse_body(url, body)
+    return e.value.param
