@@ -59,6 +59,10 @@ LAG_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 DOCS_ASSETS = "/docs-assets"
 # Probes and scrapes come every few seconds and would drown the traces of real requests.
 UNTRACED_URLS = "/healthz,/readyz,/metrics"
+SUBMIT = "/v1/requests"
+SUBMISSIONS = frozenset({SUBMIT, *oai.TASKS})  # what inferlog_gateway_requests counts (POSTs to them)
+# the tenant label of a submission refused for its credentials (401, 403): it names no tenant
+UNAUTHENTICATED = "unauthenticated"
 
 
 # -- the API's shapes -----------------------------------------------------------------------
@@ -103,7 +107,8 @@ ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 429: {"model": Probl
 class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()  # per app: several gateways in one process do not mix
-        self.requests = Counter("inferlog_gateway_requests", "Submissions answered, by tier, tenant and HTTP code",
+        self.requests = Counter("inferlog_gateway_requests", "Submissions answered (whatever the answer, 401 "
+                                "included), by tier, tenant and HTTP code",
                                 ["tier", "tenant", "code"], registry=r)
         self.latency = Histogram("inferlog_gateway_latency_seconds", "Submit to answer of ?wait= submissions",
                                  ["tier"], buckets=SECONDS, registry=r)
@@ -214,18 +219,41 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
     api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key")
     bearer = HTTPBearer(auto_error=False, description="an API key or a JWT (HS256/RS256)")
 
-    async def tenant(key: str | None = Depends(api_key),
+    async def tenant(request: Request, key: str | None = Depends(api_key),
                      cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
         try:
-            return gw.auth.tenant(f"Bearer {cred.credentials}" if cred else None, key)
+            who = gw.auth.tenant(f"Bearer {cred.credentials}" if cred else None, key)
         except AuthError as e:
             raise HTTPException(e.status, e.detail, headers={"WWW-Authenticate": "Bearer"}) from None
+        request.state.tenant = who
+        return who
+
+    def count(request: Request, tier: str, code: int | str) -> None:
+        """A submission's answer in inferlog_gateway_requests, once: by its endpoint, or by the
+        error handlers for one refused before it ran (credentials, a body that did not parse)."""
+        if request.method != "POST" or request.url.path not in SUBMISSIONS or getattr(request.state, "counted", False):
+            return
+        request.state.counted = True
+        gw.metrics.requests.labels(tier, getattr(request.state, "tenant", UNAUTHENTICATED), str(code)).inc()
+
+    async def credentials_first(request: Request) -> HTTPException | None:
+        """FastAPI parses a JSON body before it runs the dependencies: a submission refused for
+        its body is judged on its credentials first, as every other call is. The 401/403 to
+        answer instead, or None (the caller's tenant is then on request.state)."""
+        if request.method != "POST" or request.url.path not in SUBMISSIONS or hasattr(request.state, "tenant"):
+            return None
+        try:
+            await tenant(request, await api_key(request), await bearer(request))
+        except HTTPException as e:
+            return e
+        return None
 
     @app.exception_handler(RequestValidationError)
-    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_body(request: Request, exc: RequestValidationError) -> Response:
+        if (refused := await credentials_first(request)) is not None:
+            return await http_error(request, refused)
         openai = request.url.path in oai.TASKS  # OpenAI's shape and status for a body it would refuse
-        if request.method == "POST":
-            gw.metrics.requests.labels("unknown", "-", "400" if openai else "422").inc()
+        count(request, "unknown", 400 if openai else 422)
         if openai:
             return JSONResponse(oai.invalid(exc.errors(), skip=1, body=oai.BODIES[request.url.path]).body(),
                                 status_code=400)
@@ -234,6 +262,9 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code not in (401, 403) and (refused := await credentials_first(request)) is not None:
+            exc = refused  # e.g. a body that is not UTF-8, refused before the dependencies ran
+        count(request, "unknown", exc.status_code)
         if request.url.path in oai.TASKS:  # e.g. a 401 from the credentials, as OpenAI clients parse it
             kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
                 exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
@@ -245,7 +276,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
     @app.post("/v1/requests", response_model=Status, status_code=202, tags=["requests"],
               responses={200: {"model": Status, "description": "the outcome, when ?wait= saw it in time"},
                          422: {"model": Problem}, 503: {"model": Problem}, **ERRORS})
-    async def submit(body: SubmitBody, response: Response, who: str = Depends(tenant),
+    async def submit(body: SubmitBody, request: Request, response: Response, who: str = Depends(tenant),
                      wait: float | None = Query(None, ge=0, le=3600, description=(
                          "seconds to wait for the outcome (capped by the gateway); 200 with it, "
                          "or 202 pending when it does not come in time"))) -> Status:
@@ -261,7 +292,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
             code = e.status_code
             raise
         finally:
-            gw.metrics.requests.labels(tier, who, str(code)).inc()
+            count(request, tier, code)
 
     @app.get("/v1/requests/{request_id}", response_model=Status, tags=["requests"],
              responses={404: {"model": Problem}, **ERRORS})
@@ -278,7 +309,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         return gw.status(request_id, o, who)
 
     # -- OpenAI-compatible endpoints: the same path through Kafka, answered when the result is in
-    async def openai_call(url: str, body, who: str):
+    async def openai_call(request: Request, url: str, body, who: str):
         tier, code = gw.tier(0), "500"
         try:
             tok = gw.tokenizer
@@ -317,24 +348,24 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
                 return JSONResponse(oai.failure(d["reason"], d["detail"]).body(), status_code=400)
             raise
         finally:
-            gw.metrics.requests.labels(tier, who, code).inc()
+            count(request, tier, code)
 
     openai_errors = {400: {"model": Problem}, 404: {"model": Problem}, 504: {"model": Problem}, **ERRORS}
 
     @app.post(oai.EMBEDDINGS, tags=["openai"], responses=openai_errors)
-    async def embeddings(body: oai.EmbeddingsBody, who: str = Depends(tenant)):
+    async def embeddings(body: oai.EmbeddingsBody, request: Request, who: str = Depends(tenant)):
         """OpenAI's embeddings call, answered by the workers through Kafka."""
-        return await openai_call(oai.EMBEDDINGS, body, who)
+        return await openai_call(request, oai.EMBEDDINGS, body, who)
 
     @app.post(oai.COMPLETIONS, tags=["openai"], responses=openai_errors)
-    async def completions(body: oai.CompletionsBody, who: str = Depends(tenant)):
+    async def completions(body: oai.CompletionsBody, request: Request, who: str = Depends(tenant)):
         """OpenAI's (legacy) completions call; `stream: true` sends the whole answer as one chunk."""
-        return await openai_call(oai.COMPLETIONS, body, who)
+        return await openai_call(request, oai.COMPLETIONS, body, who)
 
     @app.post(oai.CHAT, tags=["openai"], responses=openai_errors)
-    async def chat_completions(body: oai.ChatBody, who: str = Depends(tenant)):
+    async def chat_completions(body: oai.ChatBody, request: Request, who: str = Depends(tenant)):
         """OpenAI's chat completions call: the messages through the model's chat template."""
-        return await openai_call(oai.CHAT, body, who)
+        return await openai_call(request, oai.CHAT, body, who)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

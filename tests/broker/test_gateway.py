@@ -185,6 +185,18 @@ def test_metrics_count_by_tier_and_tenant(client, stack):
     assert "inferlog_gateway_latency_seconds_bucket" in text
 
 
+def test_metrics_count_refused_credentials_and_bad_bodies(client):
+    def counted(code: str, tenant: str) -> float:
+        key = f'inferlog_gateway_requests_total{{code="{code}",tenant="{tenant}",tier="unknown"}} '
+        return next((float(x[len(key):]) for x in client.get("/metrics").text.splitlines() if x.startswith(key)), 0.0)
+
+    before = counted("401", "unauthenticated"), counted("422", "tenant-a")
+    assert client.post("/v1/requests", json=EMBED, headers={"X-API-Key": "nope"}).status_code == 401
+    assert client.post("/v1/requests", content=b"{", headers={"content-type": "application/json"}).status_code == 401
+    assert client.post("/v1/requests", content=b"{", headers={**A, "content-type": "application/json"}).status_code == 422
+    assert (counted("401", "unauthenticated"), counted("422", "tenant-a")) == (before[0] + 2, before[1] + 1)
+
+
 # -- tracing ---------------------------------------------------------------------------------------
 CALLER_TRACE, CALLER_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 

@@ -1,7 +1,8 @@
 """The HTTP gateway's parts that need no broker: signed request ids, per-tenant quotas, API
 keys and open mode, the bounded outcome cache; and the app itself where the broker is not
 reached (or faked): /readyz and the tokenizer loaded at start-up, OpenAI error shapes of bad
-bodies. tests/broker/test_gateway.py runs the gateway against a real broker and a real worker."""
+bodies, what the request metrics count. tests/broker/test_gateway.py runs the gateway against
+a real broker and a real worker."""
 from __future__ import annotations
 
 import logging
@@ -182,3 +183,25 @@ def _batch_param(url, body):
     with pytest.raises(oai.OpenAIError) as e:
         oai.parse_body(url, body)
     return e.value.param
+
+
+def test_every_answered_submission_is_counted_401_under_unauthenticated_a_bad_body_under_its_tenant():
+    c = app_client()
+    bad_json = {"content": b'{"task": ', "headers": {**A, **JSON}}
+    assert c.post("/v1/embeddings", json={"model": "m", "input": "x"}, headers={"X-API-Key": "nope"}).status_code == 401
+    assert c.post("/v1/requests", json={"task": "embed", "inputs": "x"}).status_code == 401
+    # the credentials come first, even when the body is not JSON (FastAPI parses it before them)
+    r = c.post("/v1/chat/completions", content=b"{", headers={**JSON, "Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+    assert c.post("/v1/embeddings", **bad_json).status_code == 400
+    assert c.post("/v1/requests", json={"task": "embed"}, headers=B).status_code == 422
+    assert c.post("/v1/requests", content=b"[1,", headers={**B, **JSON}).status_code == 422
+    assert c.get("/v1/requests/no-such-id", headers=A).status_code == 404  # a poll: not a submission
+    text = c.get("/metrics").text
+    counted = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("inferlog_gateway_requests_total{")}
+    assert counted == {
+        'inferlog_gateway_requests_total{code="401",tenant="unauthenticated",tier="unknown"}': 3.0,
+        'inferlog_gateway_requests_total{code="400",tenant="tenant-a",tier="unknown"}': 1.0,
+        'inferlog_gateway_requests_total{code="422",tenant="tenant-b",tier="unknown"}': 2.0,
+    }, text
