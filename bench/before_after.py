@@ -5,8 +5,8 @@ change did to a figure, on the same machine within minutes.
     .venv/bin/python bench/before_after.py --base 99c3676 -- latency_curve.py --only "inferlog adaptive" \\
         --loads 0.3,0.6,0.9 --schedules poisson --duration 15
 
-The base commit is checked out once into a git worktree (under /tmp) and its packages are
-imported from there, with this venv's dependencies; the benchmark runs there and here in turn
+The base commit (and --after, when given, else the work tree as it is) is checked out once
+into a git worktree (under /tmp) and its packages are imported from there, with this venv's dependencies; the benchmark runs there and here in turn
 (before, after, before, after...), each run saving into a folder of its own. It prints, per
 contender, each run's figure and the ratio of the medians, and saves
 bench/results/before_after_<benchmark>.json. It knows the figures of overhead_bench.py
@@ -68,7 +68,7 @@ def run(tree: Path, bench: list[str], results: Path) -> dict:
     else:
         packages = ",".join(f"{k}={v}" for k, v in PACKAGES.items())
         cmd = [sys.executable, "-c", LAUNCH, str(tree), script, packages, *bench[1:]]
-    print(f"$ {'(base) ' if tree != ROOT else ''}{' '.join(bench)}", flush=True)
+    print(f"$ ({tree.name}) {' '.join(bench)}", flush=True)
     subprocess.run(cmd, cwd=tree, env=env, check=True)
     saved = sorted(results.glob("*.json"), key=lambda p: p.stat().st_mtime)
     if not saved:
@@ -99,6 +99,7 @@ def figures(report: dict) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="the commit before the change")
+    ap.add_argument("--after", help="the commit after the change (default: the work tree as it is)")
     ap.add_argument("--pairs", type=int, default=1, help="before/after pairs, alternating")
     ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS]: a script of bench/ and its arguments")
     args = ap.parse_args()
@@ -106,14 +107,16 @@ def main() -> None:
     if not bench:
         ap.error("name the benchmark after --")
     before_tree = worktree(args.base)
+    after_tree = worktree(args.after) if args.after else ROOT
     scratch = Path(tempfile.mkdtemp(prefix="before-after-"))
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for i in range(args.pairs):
-        for side, tree in (("before", before_tree), ("after", ROOT)):
+        for side, tree in (("before", before_tree), ("after", after_tree)):
             runs[side].append(figures(run(tree, bench, scratch / f"{side}{i}")))
     names = [n for n in runs["after"][0] if all(n in r for rs in runs.values() for r in rs)]
     rows = []
-    print(f"\n{' '.join(bench)}: before = {args.base}, after = the work tree; {args.pairs} pair(s), alternating")
+    print(f"\n{' '.join(bench)}: before = {args.base}, after = {args.after or 'the work tree'}; {args.pairs} pair(s), "
+          "alternating")
     for n in names:
         b = [r[n] for r in runs["before"]]
         a = [r[n] for r in runs["after"]]
@@ -124,7 +127,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"before_after_{Path(bench[0]).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "base": args.base, "after": git.stdout.strip(),
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "base": args.base, "after": args.after or git.stdout.strip(),
                                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg": os.getloadavg(),
                                "rows": rows}, indent=2) + "\n")
     print(f"saved {out}")
