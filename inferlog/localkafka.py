@@ -619,7 +619,7 @@ def status(**flags) -> None:
 @kafka_cli.command()
 @settings_options("bootstrap_servers", "partitions", "replication_factor", "retention_ms")
 def topics(**flags) -> None:
-    """Create the requests, results and deadletter topics; existing ones are left as they are."""
+    """Create the requests, results, deadletter and model registry topics; existing ones are left as they are."""
     from .topics import ensure_topics, partition_counts
 
     settings = _settings(flags)

@@ -51,6 +51,8 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         *(Grant("topic", t, "literal", ("WRITE", "DESCRIBE")) for t in ("{results_topic}", "{deadletter_topic}")),
         Grant("transactional_id", "inferlog-{group_id}-", "prefixed", ("WRITE", "DESCRIBE")),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
+        # its announcement of the model it serves (inferlog/registry.py), outside transactions
+        Grant("topic", "{models_topic}", "literal", ("WRITE", "DESCRIBE")),
     ),
     # The producer's rights plus reading outcomes: the SDK's infer() and the HTTP gateway
     # read results and dead letters by assignment (the SDK's client needs a group id).
@@ -59,6 +61,9 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
         *(Grant("topic", t, "literal", ("READ", "DESCRIBE")) for t in ("{results_topic}", "{deadletter_topic}")),
         Grant("group", "inferlog-replies-", "prefixed", ("READ", "DESCRIBE")),
+        # the model registry, read by assignment (the group id is librdkafka's requirement)
+        Grant("topic", "{models_topic}", "literal", ("READ", "DESCRIBE")),
+        Grant("group", "inferlog-models-", "prefixed", ("READ", "DESCRIBE")),
     ),
     # Reads everything the service wrote, never writes. Audit and replay-window readers
     # assign partitions themselves; the group grants cover their group ids.

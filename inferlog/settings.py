@@ -83,6 +83,8 @@ class Topics(BaseModel):
                                                                      "with its reason.")
     replays_topic: str = Field("inferlog.replays", description="Shared replay runs: each run's definition and its "
                                                                "members' totals (compacted).")
+    models_topic: str = Field("inferlog.models", description="The model registry: each live worker's announcement "
+                                                             "of the model it serves, keyed model/worker (compacted).")
     partitions: int = Field(6, ge=1, description="Partitions of a topic inferlog creates.")
     replication_factor: int = Field(1, ge=1, description="Replicas of a topic inferlog creates.")
     retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1,
@@ -129,6 +131,9 @@ class Worker(BaseModel):
     processes_per_gpu: int = Field(
         1, ge=1, description="With processes auto: processes sharing each GPU, each with its own copy of the model "
                              "(one process's Python feeds a GPU 10,000-14,000 small records/s at most here).")
+    announce_interval_s: float = Field(
+        10.0, gt=0, description="How often a worker renews its record on models_topic; a record older than 3 "
+                                "intervals (a killed worker's) counts as gone.")
     restarts: int = Field(0, ge=0, description="How often this worker's process started itself again (set by that "
                                                "restart, shown in its logs).", **_no_flag())
 

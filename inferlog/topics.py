@@ -22,12 +22,19 @@ def _admin(settings: Settings) -> AdminClient:
 def ensure_topics(settings: Settings, names: list[str] | None = None, partitions: int | None = None,
                   replication_factor: int | None = None, retention_ms: int | None = None,
                   timeout: float = 30, config: dict[str, str] | None = None) -> dict[str, bool]:
-    """Create `names` (default: the requests (both tiers), results and deadletter topics) unless they
+    """Create `names` (default: the requests (both tiers), results and deadletter topics, and the
+    model registry's topic: one partition, compacted, inferlog/registry.py) unless they
     exist. Returns {name: created?}; an existing topic is left as it is, even when its
     partition count differs (changing it would move keys to other partitions). `config`:
     more topic configs (e.g. cleanup.policy) for the topics created here."""
-    names = names or [settings.requests_topic, settings.high_priority_topic, settings.results_topic,
-                      settings.deadletter_topic]
+    if not names:
+        from .registry import TOPIC_CONFIG
+
+        made = ensure_topics(settings, [settings.requests_topic, settings.high_priority_topic, settings.results_topic,
+                                        settings.deadletter_topic], partitions, replication_factor, retention_ms,
+                             timeout, config)
+        return made | ensure_topics(settings, [settings.models_topic], 1, replication_factor, timeout=timeout,
+                                    config=TOPIC_CONFIG)
     partitions = partitions or settings.partitions
     rf = replication_factor or settings.replication_factor
     retention = settings.retention_ms if retention_ms is None else retention_ms

@@ -7,6 +7,7 @@ import time
 import pytest
 from click.testing import CliRunner
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from conftest import REPO, free_port, unique
 from inferlog.cli import cli
@@ -43,14 +44,20 @@ def read_all(settings, topic: str, expect: int, timeout: float = 30) -> set[tupl
 def test_topics_are_created_idempotently(kafka):
     tag = unique("adm")
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.req",
-                      high_priority_topic=f"{tag}.req.high", results_topic=f"{tag}.res", deadletter_topic=f"{tag}.dl")
+                      high_priority_topic=f"{tag}.req.high", results_topic=f"{tag}.res", deadletter_topic=f"{tag}.dl",
+                      models_topic=f"{tag}.models")
     names = [s.requests_topic, s.high_priority_topic, s.results_topic, s.deadletter_topic]
+    every = [*names, s.models_topic]
 
-    assert ensure_topics(s, partitions=4) == dict.fromkeys(names, True)
-    assert ensure_topics(s, partitions=4) == dict.fromkeys(names, False)
+    assert ensure_topics(s, partitions=4) == dict.fromkeys(every, True)
+    assert ensure_topics(s, partitions=4) == dict.fromkeys(every, False)
     # An existing topic is never re-partitioned, whatever the second call asks for.
-    assert ensure_topics(s, partitions=8) == dict.fromkeys(names, False)
-    assert partition_counts(s, names + ["no-such-topic"]) == dict.fromkeys(names, 4)
+    assert ensure_topics(s, partitions=8) == dict.fromkeys(every, False)
+    # the model registry: one partition, compacted (inferlog/registry.py)
+    assert partition_counts(s, every + ["no-such-topic"]) == {**dict.fromkeys(names, 4), s.models_topic: 1}
+    admin = AdminClient(confluent_config(s))
+    (configs,) = [f.result() for f in admin.describe_configs([ConfigResource("topic", s.models_topic)]).values()]
+    assert configs["cleanup.policy"].value == "compact,delete"
 
 
 def test_broker_settings_fixture_topics_exist(broker_settings):
