@@ -19,6 +19,7 @@ from inferlog.clients import confluent_config, consume_ready, group_protocol_con
 from inferlog.committed import committed_offsets, start_positions
 from inferlog.codec import Codec
 from inferlog.errors import FatalError, OffsetsUnreadable, RestartRequired
+from inferlog.registry import Announcer
 
 from .committer import Committer
 from .emit import make_emitter
@@ -44,6 +45,7 @@ class Worker:
         self.consumer: Consumer | None = None
         self.committer: Committer | None = None
         self.lag: LagSampler | None = None
+        self.announcer: Announcer | None = None  # the model's record on models_topic, while serving
         self.last_turn = time.monotonic()
         self.last_sample = 0.0
         self.http: HealthServer | None = None
@@ -107,6 +109,9 @@ class Worker:
         self.lag = LagSampler(self.s, self.metrics.lag)
         self.consumer.subscribe(list(self.s.request_topics), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
+        # warm and a member of the group: what is published for this model from now on is ours
+        # (or a fellow member's) to answer, so say so (inferlog/registry.py)
+        self.announcer = Announcer.for_runner(self.s, self.runner).start()
 
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
@@ -123,6 +128,7 @@ class Worker:
                     break
             self._commit(force=True)
             log.info("drained: %s", self.counts)
+            self._withdraw(tombstone=True)  # a clean stop: the model's record goes at once
             return 0
         except FatalError as e:
             if isinstance(e, RestartRequired):  # 75: the CLI starts the process again
@@ -136,8 +142,16 @@ class Worker:
         finally:
             self._close()
 
+    def _withdraw(self, tombstone: bool) -> None:
+        if self.announcer is not None:
+            self.announcer.stop(tombstone=tombstone)
+            self.announcer = None
+
     def _close(self) -> None:
         self._set_ready(False)
+        # any other way out (fenced, a restart under the same id, a broken device) leaves the record
+        # to expire: a successor under this worker id may be announcing under the same key already
+        self._withdraw(tombstone=False)
         self.closing = True  # revocation during close only lets go: nothing is left to commit
         if self.http is not None:
             self.http.stop()

@@ -150,13 +150,13 @@ def topic_factory(kafka):
 def broker_settings(kafka) -> Settings:
     """Starts the session broker (see `kafka`) if it is not up yet, and makes this test's own
     topics on it: Settings naming fresh requests, high-priority, results and dead-letter topics
-    (6 partitions each), a group and a worker id; the topics, and any the test derived from
-    their names, are deleted afterwards."""
+    (6 partitions each), a model registry topic (inferlog/registry.py), a group and a worker id;
+    the topics, and any the test derived from their names, are deleted afterwards."""
     tag = unique("inferlog")
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.requests",
                       high_priority_topic=f"{tag}.requests.high",
                       results_topic=f"{tag}.results", deadletter_topic=f"{tag}.deadletter",
-                      partitions=6, group_id=f"{tag}.workers", worker_id=f"{tag}.w0")
+                      models_topic=f"{tag}.models", partitions=6, group_id=f"{tag}.workers", worker_id=f"{tag}.w0")
     try:
         ensure_topics(s)
         yield s

@@ -23,6 +23,7 @@ from conftest import REPO, free_port, unique
 from inferlog.clients import aiokafka_kwargs, confluent_config, redacted
 from inferlog.localkafka import LocalKafka
 from inferlog.producer.sync import ProduceError, Producer
+from inferlog.registry import ModelDirectory
 from inferlog.security import ROLES, generate_certs, role_acls
 from inferlog.settings import Settings, load_settings
 from inferlog.topics import ensure_topics
@@ -212,6 +213,13 @@ def test_worker_principal_answers_exactly_once_and_nothing_more(secure, embed_ru
     with running_worker(worker, embed_runner):
         with Producer(secure.as_user("gateway")) as gw:  # request-reply: writes, then reads the result
             assert gw.infer("embed", "a question", timeout=60)["status"] == "OK"
+        # the worker announced its model (its role writes the registry), the gateway's role reads it
+        models = ModelDirectory(secure.as_user("gateway")).start()
+        try:
+            assert models.wait_ready(30), models.error
+            assert [m.worker_id for m in models.live()["all-MiniLM-L6-v2"].members] == [worker.worker_id]
+        finally:
+            models.stop()
         requests = request_positions(auditor)  # with the earlier test's requests, if it ran
         assert len(requests) >= 21
         wait_until(lambda: output_count(auditor) >= len(requests), timeout=90, what="all results")
