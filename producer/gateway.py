@@ -42,6 +42,9 @@ from inferlog.request import now_ms
 from inferlog.options import settings_from, settings_options
 from inferlog.settings import Settings, load_settings
 
+from inferlog.registry import ModelDirectory
+
+from . import models_api
 from . import openai_api as oai
 from .aio import AsyncProducer
 from .auth import Authenticator, AuthError, IdSigner, QuotaExceeded, Quotas, retry_after_header
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 disable_created_metrics()
 
 LAG_PROBE_S = 0.1
+# how long start-up waits for the model registry to be read (a cluster that answers reads it in
+# well under a second); without it requests are not checked against it until it is
+MODELS_WAIT_S = 15.0
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 # Where /docs and /redoc get Swagger UI 5 (which reads the OpenAPI 3.1 that FastAPI emits) and ReDoc.
@@ -145,6 +151,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.producer = AsyncProducer(settings, client_id="inferlog-gateway")
         self.replies = Replies(settings, self.producer.codec, on_outcome=self._answered)
+        # which models the live workers on its request topics serve (inferlog/registry.py)
+        self.models = ModelDirectory(settings, topics=settings.request_topics)
         self.tokenizer = oai.Tokenizer(settings.model)  # the OpenAI endpoints' chat template and usage
         self._lag_task: asyncio.Task | None = None
         self._tokenizer_task: asyncio.Task | None = None
@@ -168,6 +176,10 @@ class Gateway:
         except BaseException:
             await self.replies.stop()
             raise
+        self.models.start()
+        if not await asyncio.to_thread(self.models.wait_settled, MODELS_WAIT_S):
+            log.warning("the model registry %s is not read (%s): requests are not checked against it until it is",
+                        self.s.models_topic, self.models.error or "no answer yet")
         self._lag_task = asyncio.create_task(self.metrics.probe_loop_lag(), name="loop-lag-probe")
         log.info("gateway ready: requests to %s / %s (priority >= %d), outcomes from %s / %s",
                  self.s.requests_topic, self.s.high_priority_topic, self.s.high_priority,
@@ -176,6 +188,7 @@ class Gateway:
     async def stop(self) -> None:
         if self._lag_task is not None:
             self._lag_task.cancel()
+        await asyncio.to_thread(self.models.stop)
         try:
             await self.producer.stop()  # flushes what was accepted
         finally:
@@ -275,7 +288,8 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
 
     @app.post("/v1/requests", response_model=Status, status_code=202, tags=["requests"],
               responses={200: {"model": Status, "description": "the outcome, when ?wait= saw it in time"},
-                         422: {"model": Problem}, 503: {"model": Problem}, **ERRORS})
+                         400: {"model": Problem}, 404: {"model": Problem}, 422: {"model": Problem},
+                         503: {"model": Problem}, **ERRORS})
     async def submit(body: SubmitBody, request: Request, response: Response, who: str = Depends(tenant),
                      wait: float | None = Query(None, ge=0, le=3600, description=(
                          "seconds to wait for the outcome (capped by the gateway); 200 with it, "
@@ -283,6 +297,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         tier, code = gw.tier(body.priority), 500
         started = time.perf_counter()
         try:
+            models_api.refuse_submit(gw.models, body.model, body.task)  # 404/400 before anything is published
             status = await _submit(gw, body, who, wait, response)
             code = response.status_code or 202
             if wait:
@@ -312,6 +327,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
     async def openai_call(request: Request, url: str, body, who: str):
         tier, code = gw.tier(0), "500"
         try:
+            models_api.refuse_openai(gw.models, body.model, oai.TASKS[url])  # 404/400 before anything is published
             tok = gw.tokenizer
             if not tok.loaded:  # a call before /readyz said ready: it waits for the start-up load, off the loop
                 await asyncio.to_thread(tok.get)
@@ -366,6 +382,8 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
     async def chat_completions(body: oai.ChatBody, request: Request, who: str = Depends(tenant)):
         """OpenAI's chat completions call: the messages through the model's chat template."""
         return await openai_call(request, oai.CHAT, body, who)
+
+    models_api.add_routes(app, gw.models, tenant)  # GET /v1/models, /v1/models/{id}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -481,7 +499,8 @@ def serve_in_thread(settings: Settings, host: str = "127.0.0.1", port: int = 0,
 
 @click.command("gateway")
 @settings_options("connection", "requests_topic", "high_priority_topic", "high_priority", "results_topic",
-                  "deadletter_topic", "framing", "schema_registry_url", "model", "model_name", "gateway", "otlp_endpoint",
+                  "deadletter_topic", "models_topic", "framing", "schema_registry_url", "model", "model_name", "gateway",
+                  "otlp_endpoint",
                   flags={"gateway_host": ("--host", "--gateway-host"), "gateway_port": ("--port", "--gateway-port")})
 def gateway_cli(**flags) -> None:
     """Serve the HTTP gateway until SIGTERM/SIGINT (in-flight calls finish, the producer flushes)."""

@@ -42,7 +42,8 @@ def fresh_settings(bootstrap: str, **overrides) -> Settings:
     tag = f"gw-{time.time_ns()}"
     s = load_settings(bootstrap_servers=bootstrap, requests_topic=f"{tag}.requests",
                       high_priority_topic=f"{tag}.requests.high", results_topic=f"{tag}.results",
-                      deadletter_topic=f"{tag}.deadletter", partitions=3, group_id=f"{tag}.workers",
+                      deadletter_topic=f"{tag}.deadletter", models_topic=f"{tag}.models", partitions=3,
+                      group_id=f"{tag}.workers",
                       worker_id=f"{tag}.w0", **overrides)
     ensure_topics(s)
     return s
@@ -99,10 +100,23 @@ def test_wait_mode_answers_with_the_result(client):
 
 
 def test_a_dead_letter_is_reported_as_failed(client):
-    r = client.post("/v1/requests", params={"wait": 10}, json={**EMBED, "model": "no-such-model"}, headers=A)
+    # no model named, so the gateway cannot know the task is not the worker's: the worker says so
+    r = client.post("/v1/requests", params={"wait": 10}, json={**EMBED, "task": "generate"}, headers=A)
     assert r.status_code == 200, r.text
-    assert r.json()["status"] == "failed" and r.json()["reason"] == "UNKNOWN_MODEL"
-    assert poll(client, r.json()["request_id"], A)["reason"] == "UNKNOWN_MODEL"
+    assert r.json()["status"] == "failed" and r.json()["reason"] == "UNSUPPORTED_TASK"
+    assert poll(client, r.json()["request_id"], A)["reason"] == "UNSUPPORTED_TASK"
+
+
+def test_a_model_no_worker_announces_is_404_before_anything_is_published(client, stack):
+    s, _ = stack
+    r = client.post("/v1/requests", params={"wait": 10}, json={**EMBED, "model": "no-such-model"}, headers=A)
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"]["reason"] == "UNKNOWN_MODEL" and "all-MiniLM-L6-v2" in r.json()["detail"]["detail"]
+    ok = client.post("/v1/requests", params={"wait": 10}, json={**EMBED, "model": "all-MiniLM-L6-v2"}, headers=A)
+    assert ok.status_code == 200 and ok.json()["status"] == "done", ok.text  # the worker's model, as it announced it
+    codec = Codec.from_settings(s)
+    published = [decode_request(codec, rec)["model"] for t in s.request_topics for rec in read_all(s, t)]
+    assert "all-MiniLM-L6-v2" in published and "no-such-model" not in published
 
 
 @pytest.mark.parametrize("body, reason, needle", [

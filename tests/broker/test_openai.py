@@ -101,15 +101,15 @@ def test_the_request_on_the_log_is_the_tenants_with_the_calls_shape(embed_stack)
 def test_errors_come_in_openais_shape(embed_stack):
     _, url, _ = embed_stack
     c = client(url)
-    with pytest.raises(openai.NotFoundError) as e:  # a dead letter UNKNOWN_MODEL from the worker
+    with pytest.raises(openai.NotFoundError) as e:  # no worker announces it (inferlog/registry.py)
         c.embeddings.create(model="no-such-model", input="x")
-    assert e.value.code == "model_not_found"
-    with pytest.raises(openai.BadRequestError) as e:  # the worker serves embeddings only
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:  # the worker announces embeddings only
         c.completions.create(model="all-MiniLM-L6-v2", prompt="x")
-    assert "UNSUPPORTED_TASK" in e.value.message
-    with pytest.raises(openai.BadRequestError) as e:  # MiniLM's tokenizer has no chat template
+    assert "UNSUPPORTED_TASK" in e.value.message and e.value.code == "unsupported_task"
+    with pytest.raises(openai.BadRequestError) as e:  # nor chat: refused for its task before any template
         c.chat.completions.create(model="all-MiniLM-L6-v2", messages=[{"role": "user", "content": "hi"}])
-    assert e.value.code == "no_chat_template"
+    assert e.value.code == "unsupported_task" and e.value.param == "model"
     with pytest.raises(openai.BadRequestError) as e:
         c.embeddings.create(model="all-MiniLM-L6-v2", input=[])
     with pytest.raises(openai.BadRequestError) as e:
