@@ -21,6 +21,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import socket
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -162,3 +163,19 @@ def broker_settings(kafka) -> Settings:
         yield s
     finally:
         drop_topics(kafka.bootstrap, prefix=f"{tag}.")  # with what the test derived from them
+
+
+@pytest.fixture
+def tokenizer_loads(monkeypatch):
+    """Spies on AutoTokenizer.from_pretrained: the paths it loaded, each load held until `release` is set."""
+    from transformers import AutoTokenizer
+
+    real, loads, release = AutoTokenizer.from_pretrained, [], threading.Event()
+
+    def spy(path, *a, **kw):
+        loads.append(str(path))
+        assert release.wait(60), "the test never released the tokenizer's load"
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    return loads, release

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import httpx
 import numpy as np
@@ -119,18 +118,11 @@ def test_errors_come_in_openais_shape(embed_stack):
         client(url, "wrong-key").embeddings.create(model="all-MiniLM-L6-v2", input="x")
 
 
-def test_ready_means_the_tokenizer_is_loaded_and_the_first_call_does_not_load_it(embed_stack, monkeypatch):
+def test_ready_means_the_tokenizer_is_loaded_and_the_first_call_does_not_load_it(embed_stack, tokenizer_loads):
     """The tokenizer loads at start-up, off the loop (/readyz answers 503 meanwhile); once ready,
     the first OpenAI call is answered with no load on its way (it took 3-9 s on that call)."""
     s, _, _ = embed_stack
-    real, loads, release = AutoTokenizer.from_pretrained, [], threading.Event()
-
-    def spy(path, *a, **kw):
-        loads.append(str(path))
-        assert release.wait(60), "the test never released the tokenizer's load"
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    loads, release = tokenizer_loads
     with serve_in_thread(s) as url, httpx.Client(base_url=url, timeout=30) as c:
         try:
             wait_until(lambda: loads, timeout=30, what="the tokenizer's load to begin at start-up")

@@ -6,7 +6,6 @@ a real broker and a real worker."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import pytest
@@ -103,22 +102,6 @@ def fake_kafka(monkeypatch):
     monkeypatch.setattr(Replies, "running", property(lambda self: True))
     monkeypatch.setattr(AsyncProducer, "started", property(lambda self: True))
     monkeypatch.setattr(AsyncProducer, "submit", refused)
-
-
-@pytest.fixture
-def tokenizer_loads(monkeypatch):
-    """Spies on AutoTokenizer.from_pretrained: the paths it loaded, each load held until `release` is set."""
-    from transformers import AutoTokenizer
-
-    real, loads, release = AutoTokenizer.from_pretrained, [], threading.Event()
-
-    def spy(path, *a, **kw):
-        loads.append(str(path))
-        assert release.wait(60), "the test never released the tokenizer's load"
-        return real(path, *a, **kw)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
-    return loads, release
 
 
 def test_ready_waits_for_the_tokenizer_loaded_at_start_up_not_by_the_first_call(fake_kafka, tokenizer_loads):
