@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -330,16 +331,30 @@ class Settings(*reversed(GROUPS.values()), BaseSettings):  # type: ignore[misc]
             raise ConfigError(f"not a setting: {', '.join(sorted(unknown))}")
         try:
             return self.model_copy(update=given) if not given else Settings(**{**self.model_dump(), **given})
-        except Exception as e:  # pydantic's ValidationError, made actionable
-            raise ConfigError(str(e)) from e
+        except ValidationError as e:
+            raise ConfigError(one_line(e, lambda name: name)) from e
 
 
 def load_settings(**flags) -> Settings:
     try:
         base = Settings()
-    except Exception as e:
-        raise ConfigError(f"invalid INFERLOG_* environment: {e}") from e
+    except ValidationError as e:
+        raise ConfigError(one_line(e, lambda name: env_names(name)[0] if name in Settings.model_fields else name)) from e
     return base.with_overrides(**flags)
+
+
+def one_line(e: ValidationError, label: Callable[[str], str]) -> str:
+    """pydantic's errors as one line a person can act on: each setting (as `label` names it: its
+    variable or its field) with the value given and what is wrong with it."""
+    parts = []
+    for err in e.errors(include_url=False):
+        name = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        secret = name in Settings.model_fields and "SecretStr" in str(Settings.model_fields[name].annotation)
+        shown = "" if secret or isinstance(given, dict) or given is None else f"={str(given)[:80]!r}"
+        parts.append(f"{label(name)}{shown}: {msg}" if name else msg)
+    return "invalid setting: " + "; ".join(parts)
 
 
 # -- what the docs and the flags say of a field ------------------------------------------------

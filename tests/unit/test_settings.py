@@ -154,4 +154,18 @@ def test_a_bad_environment_or_an_unknown_setting_is_one_clear_error(monkeypatch)
 def test_the_cli_fails_fast_on_a_bad_variable(monkeypatch):
     monkeypatch.setenv("INFERLOG_LOG_LEVEL", "chatty")
     r = CliRunner().invoke(cli, ["kafka", "status"])
-    assert r.exit_code != 0 and "log_level" in str(r.exception or r.output)
+    assert r.exit_code != 0 and "INFERLOG_LOG_LEVEL='CHATTY'" in str(r.exception or r.output)
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable_and_the_value(monkeypatch):
+    monkeypatch.setenv("INFERLOG_MAX_BATCH_SIZE", "lots")
+    monkeypatch.setenv("INFERLOG_BOOTSTRAP_SERVERS", " ")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    text = str(e.value)
+    assert "\n" not in text and "errors.pydantic.dev" not in text
+    assert "INFERLOG_MAX_BATCH_SIZE='lots'" in text and "must name at least one host:port" in text
+    monkeypatch.delenv("INFERLOG_MAX_BATCH_SIZE")
+    monkeypatch.delenv("INFERLOG_BOOTSTRAP_SERVERS")
+    with pytest.raises(ConfigError, match="max_batch_size='0'"):
+        load_settings(max_batch_size=0)
