@@ -9,8 +9,8 @@ and group it reads, who and where it is, when it started and when it last said s
 (the heartbeat), and a tombstone when it stops cleanly. A killed worker sends no tombstone: its
 record expires once its heartbeat is older than EXPIRY_INTERVALS of its own intervals.
 
-A reader's `ModelDirectory` (the gateway's; later the SDK's, the CLI's, audit's) reads the
-topic from the beginning, answers "ready" once it has read to the end, then tails it. It
+A reader's `ModelDirectory` (the gateway's, the SDKs', `inferlog produce`'s; later audit's)
+reads the topic from the beginning, answers "ready" once it has read to the end, then tails it. It
 answers the live models: each name with its members whose heartbeat is fresh; a model is live
 while at least one member is. The directory is a thread with a confluent-kafka consumer and a
 lock around a small dict, so any caller, sync or asyncio, asks it without I/O (`Registry` is
@@ -443,6 +443,23 @@ class ModelDirectory:
             log.warning("model registry: %s", error)
         self.error = error
         self._settled.set()
+
+
+def request_directory(settings, **kw) -> ModelDirectory:
+    """The directory a publisher checks its requests against: the members reading its own request
+    topics (until requests are routed by model, those are the workers its requests reach)."""
+    return ModelDirectory(settings, topics=settings.request_topics, **kw)
+
+
+def refuse_unserved(directory: ModelDirectory, model: str | None, task: str | None) -> None:
+    """The publishers' check (the gateway's, the SDKs', `inferlog produce`'s): UnknownModel or
+    UnsupportedTask when the directory knows better than to publish a request naming `model` for
+    `task`. A request naming no model is not checked (any worker's model answers it); nor is any
+    while the directory has not read the topic to its end (a cluster not reached yet, a topic not
+    created yet): the request goes on as before the registry, and a worker dead-letters it if it
+    is not theirs."""
+    if model is not None and directory.ready:
+        directory.check(model, task)
 
 
 def _now_ms() -> int:

@@ -38,10 +38,14 @@ class Grant:
 
 _REQUESTS = ("{requests_topic}", "{high_priority_topic}")
 ROLES: dict[str, tuple[Grant, ...]] = {
-    # Writes requests (both priority tiers) and nothing else: no results, no groups.
+    # Writes requests (both priority tiers), and reads the model registry by assignment (the
+    # SDK's and `inferlog produce`'s check of a request's model; the group id is librdkafka's
+    # requirement): no results, no other group.
     "producer": (
         *(Grant("topic", t, "literal", ("WRITE", "DESCRIBE")) for t in _REQUESTS),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
+        Grant("topic", "{models_topic}", "literal", ("READ", "DESCRIBE")),
+        Grant("group", "inferlog-models-", "prefixed", ("READ", "DESCRIBE")),
     ),
     # Consumes requests in its own group, writes results and dead letters in transactions
     # whose ids all start with inferlog-<group>- (consumer/emit.py).

@@ -21,7 +21,8 @@ from inferlog.request import spelled_out
 from inferlog.settings import Settings
 
 from .replies import Replies
-from .sync import SUBMIT_DEFAULTS, DeliveryLedger, Envelope, ProduceError, RequestEncoder, SubmitOptions, split_settings
+from .sync import (SUBMIT_DEFAULTS, DeliveryLedger, Envelope, ModelCheck, ProduceError, RequestEncoder, SubmitOptions,
+                   check_many, split_settings)
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,15 @@ log = logging.getLogger(__name__)
 class AsyncProducer:
     """`async with AsyncProducer(settings) as p: rid = await p.submit("embed", ["text"])`.
 
-    A failed delivery is raised as ProduceError by the next submit() or flush().
+    A failed delivery is raised as ProduceError by the next submit() or flush(). A request
+    naming a model nobody serves raises UnknownModel / UnsupportedTask, nothing sent, as with
+    the sync Producer (`check_models=False` turns that off).
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any):
+    def __init__(self, settings: Settings | None = None, *, check_models: bool = True, **overrides: Any):
         self.settings, client = split_settings(settings, overrides)
         self._encoder = RequestEncoder(self.settings)
+        self.models = ModelCheck(self.settings, check_models)
         self._replies: Replies | None = None
         self._replies_lock = asyncio.Lock()
         self.ledger = DeliveryLedger()
@@ -61,6 +65,7 @@ class AsyncProducer:
         return self._producer is not None
 
     async def start(self) -> None:
+        self.models = ModelCheck(self.settings, self.models.enabled)  # a producer stopped and started again
         if self.settings.framing == "confluent":
             # The first encode registers the schema over HTTP: do it off the loop, once.
             with ThreadPoolExecutor(1, thread_name_prefix="inferlog-registry") as pool:
@@ -78,6 +83,7 @@ class AsyncProducer:
         if self._producer is None:
             return
         producer, self._producer = self._producer, None
+        await asyncio.to_thread(self.models.stop)
         try:
             await producer.flush()
             await self._settle()
@@ -109,6 +115,7 @@ class AsyncProducer:
         alone, here (the gateway: one caller's failure is not another's)."""
         self._check()
         env = self._encoder.envelope(task, inputs, **options)
+        await self._check_model(task, options.get("model"))
         if acked:
             await self._send_acked(env)
         else:
@@ -121,8 +128,9 @@ class AsyncProducer:
         """Submit one request and wait for its result record (see Producer.infer): RequestFailed
         for a dead letter, TimeoutError when nothing comes within `timeout` seconds."""
         self._check()
-        replies = await self.replies()
         env = self._encoder.envelope(task, inputs, **options)
+        await self._check_model(task, options.get("model"))
+        replies = await self.replies()
         fut = replies.expect(env.request_id)  # before sending: the outcome cannot be missed
         try:
             await self._send_acked(env)
@@ -153,7 +161,11 @@ class AsyncProducer:
     async def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
         """All requests are validated before any is sent: one bad request raises, nothing is sent."""
         self._check()
+        requests = list(requests)
         envs = self._encoder.envelopes(requests)
+        if any(self.models.needs_start(r.get("model")) for r in requests):
+            await asyncio.to_thread(self.models.start)
+        check_many(self.models, requests)
         for env in envs:
             await self._send(env)
         return [e.request_id for e in envs]
@@ -184,6 +196,11 @@ class AsyncProducer:
             self.ledger.fail(request_id, type(e).__name__, str(e))
         else:
             self.ledger.ok()
+
+    async def _check_model(self, task: str, model: str | None) -> None:
+        if self.models.needs_start(model):  # the first request naming a model: off the loop, it waits
+            await asyncio.to_thread(self.models.start)
+        self.models(task, model)
 
     def _check(self, failures: bool = True) -> None:
         if self._producer is None:

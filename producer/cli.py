@@ -129,7 +129,8 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
 @click.command("produce", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("file", required=False, default="-", type=click.Path(allow_dash=True, dir_okay=False, exists=True))
 @settings_options(
-    "connection", "requests_topic", "high_priority_topic", "high_priority", "task", "model_name", "publishing",
+    "connection", "requests_topic", "high_priority_topic", "high_priority", "models_topic", "task", "model_name",
+    "publishing",
     "framing", "schema_registry_url",
     flags={"requests_topic": ("--topic", "--requests-topic"), "model_name": ("--model", "--model-name"),
            "produce_rate": ("--rate", "--produce-rate"), "produce_timeout": ("--timeout", "--produce-timeout")},
@@ -146,7 +147,11 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
                    "writes the matching output file.")
 @setting_option("model", "--tokenizer", help="openai-batch: the model directory whose tokenizer's chat template "
                                               "renders /v1/chat/completions messages.")
-def produce(file: str, fmt: str, **flags) -> None:
+@click.option("--check-models/--no-check-models", default=True, show_default=True,
+              help="Refuse a line whose model no live worker on these topics serves, or whose task its model does "
+                   "not do (the model registry); --no-check-models publishes such lines too, for requests written "
+                   "before their workers start.")
+def produce(file: str, fmt: str, check_models: bool, **flags) -> None:
     """Publish inference requests from JSONL in FILE (or stdin when FILE is - or absent).
 
     \b
@@ -159,6 +164,10 @@ def produce(file: str, fmt: str, **flags) -> None:
       {"custom_id": "r1", "method": "POST", "url": "/v1/embeddings", "body": {"model": ..., "input": ...}}
     A request's priority picks its topic: at or above the threshold (INFERLOG_HIGH_PRIORITY, 1),
     or with service_tier "priority" in an OpenAI body, the high tier's.
+
+    A line naming a model that no live worker on these topics serves (UNKNOWN_MODEL), or a task
+    its model does not do (UNSUPPORTED_TASK), is invalid too (see --no-check-models); a line
+    naming no model is not checked.
 
     Invalid lines are reported with their line numbers and skipped; the exit status is 1 if
     any line was invalid or any delivery failed, else 0. A cluster that does not answer, or
@@ -182,7 +191,7 @@ def produce(file: str, fmt: str, **flags) -> None:
     interrupted = False
     topics: Counter[str] = Counter()  # submitted per topic (a request's priority picks its tier)
     started = time.monotonic()
-    producer = Producer(settings)
+    producer = Producer(settings, check_models=check_models)
     try:
         producer.connect(timeout)
     except ProduceError as e:

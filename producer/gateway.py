@@ -42,7 +42,7 @@ from inferlog.request import now_ms
 from inferlog.options import settings_from, settings_options
 from inferlog.settings import Settings, load_settings
 
-from inferlog.registry import ModelDirectory
+from inferlog.registry import request_directory
 
 from . import models_api
 from . import openai_api as oai
@@ -149,10 +149,11 @@ class Gateway:
         self.ids = IdSigner(secret.get_secret_value().encode() if secret else None)
         self.quotas = Quotas.from_settings(settings)
         self.metrics = GatewayMetrics()
-        self.producer = AsyncProducer(settings, client_id="inferlog-gateway")
+        # it checks requests against its own directory (self.models) first, for its HTTP answers
+        self.producer = AsyncProducer(settings, client_id="inferlog-gateway", check_models=False)
         self.replies = Replies(settings, self.producer.codec, on_outcome=self._answered)
         # which models the live workers on its request topics serve (inferlog/registry.py)
-        self.models = ModelDirectory(settings, topics=settings.request_topics)
+        self.models = request_directory(settings)
         self.tokenizer = oai.Tokenizer(settings.model)  # the OpenAI endpoints' chat template and usage
         self._lag_task: asyncio.Task | None = None
         self._tokenizer_task: asyncio.Task | None = None

@@ -13,23 +13,17 @@ from fastapi import Depends, FastAPI, HTTPException, Path
 from fastapi.responses import JSONResponse
 
 from inferlog.errors import RecordError
-from inferlog.registry import LiveModel, ModelDirectory
+from inferlog.registry import LiveModel, ModelDirectory, refuse_unserved
 
 from . import openai_api as oai
 
 MODELS = "/v1/models"
 
 
-def _known(directory: ModelDirectory, model: str | None, task: str | None) -> None:
-    """RecordError (UnknownModel, UnsupportedTask) when the directory knows better than to publish."""
-    if model is not None and directory.ready:
-        directory.check(model, task)
-
-
 def refuse_openai(directory: ModelDirectory, model: str, task: str) -> None:
     """For the OpenAI endpoints: OpenAIError 404 model_not_found / 400 unsupported_task, param "model"."""
     try:
-        _known(directory, model, task)
+        refuse_unserved(directory, model, task)
     except RecordError as e:
         err = oai.failure(e.reason, e.detail)
         err.param = "model"
@@ -41,7 +35,7 @@ def refuse_submit(directory: ModelDirectory, model: str | None, task: str) -> No
     it, as before): 404 {"detail": {"reason": "UNKNOWN_MODEL", ...}} or 400 UNSUPPORTED_TASK, the
     reason a worker's dead letter would have given."""
     try:
-        _known(directory, model, task)
+        refuse_unserved(directory, model, task)
     except RecordError as e:
         status, _, code = oai.REASONS[e.reason]
         raise HTTPException(status, {"reason": e.reason, "detail": e.detail, "code": code}) from None

@@ -3,7 +3,9 @@
 One path for a request: build_request validates it (exactly what a worker would dead-letter
 is refused here, before anything is sent), the codec encodes it, and it goes out keyed by
 the caller's affinity key or else its request_id, with trace context and content-type headers,
-to the topic of its priority tier. infer() waits for the answer: one shared reader thread per
+to the topic of its priority tier. A request that names a model is checked first against the
+model registry (inferlog/registry.py, the gateway's rule): a model no live worker serves is
+UnknownModel, a task it does not do UnsupportedTask, and nothing is sent. infer() waits for the answer: one shared reader thread per
 Producer, started by the first call, completes each caller's future.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from opentelemetry import propagate
 from inferlog.clients import confluent_config
 from inferlog.codec import REQUEST, Codec
 from inferlog.errors import InferlogError, InvalidRequest, RecordError
+from inferlog.registry import ModelDirectory, refuse_unserved, request_directory
 from inferlog.request import REQUEST_DEFAULTS, Limits, RequestOptions, build_request, check_options, spelled_out
 from inferlog.settings import Settings, load_settings
 
@@ -94,6 +97,53 @@ class DeliveryLedger:
         )
 
 
+MODELS_WAIT_S = 10.0  # the first request naming a model waits this long, at most, for the registry's answer
+
+
+class ModelCheck:
+    """The SDKs' check of a request's model against the model registry: the gateway's rule
+    (inferlog/registry.py refuse_unserved: only workers on this producer's request topics count;
+    until the registry has been read, nothing is refused). The directory is started by the first
+    request that names a model (one without pays nothing), which waits until it has read the
+    topic or found it unreadable (at most MODELS_WAIT_S), and stopped by stop().
+    Disabled (`check_models=False`), nothing is checked: for callers that publish before any
+    worker serves, whose requests wait on the topic for a worker to come."""
+
+    def __init__(self, settings: Settings, enabled: bool = True):
+        self.s, self.enabled = settings, enabled
+        self.directory: ModelDirectory | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def needs_start(self, model: str | None) -> bool:
+        return self.enabled and model is not None and self.directory is None
+
+    def start(self) -> ModelDirectory:
+        with self._lock:
+            if self._stopped:
+                raise InferlogError("producer is closed")
+            if self.directory is None:
+                d = request_directory(self.s).start()
+                if not d.wait_settled(MODELS_WAIT_S):
+                    log.warning("model registry %s not read (%s): requests are not checked for their model until "
+                                "it is", self.s.models_topic, d.error or f"no answer within {MODELS_WAIT_S:g}s")
+                self.directory = d
+            return self.directory
+
+    def __call__(self, task: str, model: str | None) -> None:
+        """UnknownModel / UnsupportedTask for a request nobody serves (may start the directory: blocks)."""
+        if not self.enabled or model is None:
+            return
+        refuse_unserved(self.directory or self.start(), model, task)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            d, self.directory = self.directory, None
+        if d is not None:
+            d.stop()
+
+
 class Envelope(NamedTuple):
     request_id: str
     topic: str  # the tier's topic
@@ -164,6 +214,15 @@ class RequestEncoder:
         return [("content-type", self.content_type), *((k, v.encode()) for k, v in carrier.items())]
 
 
+def check_many(check: ModelCheck, requests: Sequence[Mapping[str, Any]]) -> None:
+    """submit_many's model check, after every request validated: the first refused raises, named by its index."""
+    for i, r in enumerate(requests):
+        try:
+            check(r["task"], r.get("model"))
+        except RecordError as e:
+            raise type(e)(f"requests[{i}]: {e.detail}") from e
+
+
 def _key(key: str | bytes | None, request_id: str) -> bytes:
     if key is None:
         return request_id.encode()  # unique keys spread evenly over the partitions
@@ -179,11 +238,16 @@ class Producer:
 
     Delivery is asynchronous: a failed delivery is raised as ProduceError by the next
     submit() or flush(), never silently dropped.
+
+    A request naming a model no live worker on its topics serves raises UnknownModel (a task
+    the model does not do, UnsupportedTask) and nothing is sent; see ModelCheck.
+    `check_models=False` turns that off, for callers that publish before workers start.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any):
+    def __init__(self, settings: Settings | None = None, *, check_models: bool = True, **overrides: Any):
         self.settings, client = split_settings(settings, overrides)
         self._encoder = RequestEncoder(self.settings)
+        self.models = ModelCheck(self.settings, check_models)
         self.ledger = DeliveryLedger()
         self._closed = False
         self._reader: ResultsReader | None = None  # started by the first infer()
@@ -208,18 +272,21 @@ class Producer:
         """Validate, encode and enqueue one request; returns its request_id.
 
         `key` pins related requests to one partition (ordering, affinity); without it the
-        request_id is the key. Raises InvalidRequest/InputTooLarge (nothing sent), or
-        ProduceError for an earlier request whose delivery failed.
+        request_id is the key. Raises InvalidRequest/InputTooLarge, UnknownModel/UnsupportedTask
+        (nothing sent), or ProduceError for an earlier request whose delivery failed.
         """
         self._check()
         env = self._encoder.envelope(task, inputs, **options)
+        self.models(task, options.get("model"))
         self._send(env)
         return env.request_id
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[str]:
         """All requests are validated before any is sent: one bad request raises, nothing is sent."""
         self._check()
+        requests = list(requests)
         envs = self._encoder.envelopes(requests)
+        check_many(self.models, requests)
         for env in envs:
             self._send(env)
         return [e.request_id for e in envs]
@@ -244,8 +311,9 @@ class Producer:
         as a dead letter, TimeoutError when no outcome comes within `timeout` seconds. A result
         with status EXPIRED (its deadline passed) is returned like any result.
         """
-        reader = self._results_reader()
         env = self._encoder.envelope(task, inputs, **options)
+        self.models(task, options.get("model"))
+        reader = self._results_reader()
         fut = reader.expect(env.request_id)  # before sending: the outcome cannot be missed
         try:
             self._check()
@@ -320,6 +388,7 @@ class Producer:
         try:
             self.flush(timeout)
         finally:
+            self.models.stop()
             if self._reader is not None:
                 self._reader.close()
             self._producer.close()
@@ -327,6 +396,7 @@ class Producer:
     def abandon(self) -> None:
         """Close without waiting for anything (records not yet delivered are dropped)."""
         self._closed = True
+        self.models.stop()
         if self._reader is not None:
             self._reader.close()
         self._producer.purge()

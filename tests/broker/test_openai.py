@@ -265,9 +265,12 @@ def test_a_batch_file_goes_in_and_its_output_comes_out_by_custom_id(gen_stack, c
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
     before = output_count(s)
+    # --no-check-models: c-3 and c-4 are published as written, so that the export's error lines
+    # for their dead letters are tested (with the check, produce refuses both: test_sdk_models.py)
     res = CliRunner().invoke(produce, [str(batch), "--format", "openai-batch", "--bootstrap-servers",
                                        s.bootstrap_servers, "--topic", s.requests_topic,
                                        "--high-priority-topic", s.high_priority_topic,
+                                       "--models-topic", s.models_topic, "--no-check-models",
                                        "--tokenizer", str(chat_model), "--tenant", "batch-tenant"])
     assert res.exit_code == 1, res.output  # two lines were invalid; the others went out
     assert f"sent 4 requests (3 to {s.requests_topic}, 1 to {s.high_priority_topic})" in res.output

@@ -87,7 +87,8 @@ def headers(msg) -> dict[str, bytes]:
 
 # -- SDKs against the broker -----------------------------------------------------------------
 def test_sync_submit_round_trips(broker_settings):
-    with Producer(broker_settings) as p:
+    # check_models=False: the round trip of every field, "tiny-gpt2" included, with no worker serving it
+    with Producer(broker_settings, check_models=False) as p:
         rid = p.submit("generate", "once upon a time", model="tiny-gpt2", tenant="acme",
                        parameters={"max_new_tokens": 8, "seed": 7}, priority=5,
                        deadline_ms=1_900_000_000_000, metadata={"trace": "abc"})
@@ -238,7 +239,9 @@ def test_cli_shorthand_lines_take_the_option_defaults(broker_settings, tmp_path)
     plain.write_text('"bare string"\n\n{"text": "short"}\n')
     keyed.write_text('{"text": "short keyed", "user": "u1"}\n'
                      '{"task": "embed", "inputs": ["full"], "request_id": "f1", "user": "u2"}\n')
-    common = ["--topic", broker_settings.requests_topic, "--task", "generate", "--tenant", "acme", "--model", "tiny"]
+    # --no-check-models: the option defaults, --model "tiny" included, with no worker serving it
+    common = ["--topic", broker_settings.requests_topic, "--task", "generate", "--tenant", "acme", "--model", "tiny",
+              "--no-check-models"]
     for args in ([str(plain), *common], [str(keyed), *common, "--key-field", "user"]):
         result = CliRunner().invoke(produce, args, env=cli_env(broker_settings))
         assert result.exit_code == 0, result.output

@@ -87,7 +87,7 @@ def log(kafka, embed_runner) -> Log:
                       group_id=f"{tag}.workers", worker_id=f"{tag}.w0", max_batch_size=8, max_wait_ms=5)
     ensure_topics(s)
     groups, marks = [], []
-    with Producer(s) as p:
+    with Producer(s, check_models=False) as p:  # published before the worker starts: nobody announces its model yet
         for g, n in enumerate((8, 12, 8)):
             if g:
                 time.sleep(0.75)

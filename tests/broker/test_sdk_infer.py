@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from inferlog.consumer.runners import load_runner
+from inferlog.errors import UnknownModel
 from inferlog.producer.aio import AsyncProducer
 from inferlog.producer.replies import RequestFailed, result_partition
 from inferlog.producer.sync import Producer
@@ -32,6 +33,10 @@ def test_sync_infer_returns_results_and_raises_on_dead_letters(stack):
     with Producer(s) as p:
         check(p.infer("embed", ["one", "two"], timeout=60), s, "normal", 2)
         check(p.infer("embed", "urgent", priority=s.high_priority, timeout=60), s, "high")
+        with pytest.raises(UnknownModel) as e:  # the SDK's own check: nobody announces it, nothing is sent
+            p.infer("embed", "x", model="no-such-model", key="my-affinity-key", timeout=60)
+        assert e.value.reason == "UNKNOWN_MODEL" and "no-such-model" in e.value.detail
+    with Producer(s, check_models=False) as p:  # sent anyway: the worker's dead letter comes back as RequestFailed
         with pytest.raises(RequestFailed) as e:
             p.infer("embed", "x", model="no-such-model", key="my-affinity-key", timeout=60)
         assert e.value.reason == "UNKNOWN_MODEL" and "no-such-model" in e.value.detail

@@ -296,7 +296,7 @@ def test_roles_follow_settings_and_never_grant_cross_writes():
     reads = {role: {a.name for a in acl if a.operation == "READ" and a.resource == "topic"} for role, acl in acls.items()}
     assert writes == {"producer": {"q", "qh"}, "gateway": {"q", "qh"},
                       "worker": {"r", s.deadletter_topic, s.models_topic}, "auditor": set()}
-    assert reads["producer"] == set() and reads["worker"] == {"q", "qh"}
+    assert reads["producer"] == {s.models_topic} and reads["worker"] == {"q", "qh"}  # the registry: the model check
     assert reads["gateway"] == {"r", s.deadletter_topic, s.models_topic}  # the model registry, by assignment
     assert ("transactional_id", "inferlog-g1-", "prefixed") in {(a.resource, a.name, a.pattern) for a in acls["worker"]}
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from inferlog.errors import UnknownModel, UnsupportedTask
-from inferlog.registry import EXPIRY_INTERVALS, Announcer, Member, ModelDirectory, Registry, announcement
+from inferlog.registry import (EXPIRY_INTERVALS, Announcer, Member, ModelDirectory, Registry, announcement,
+                               refuse_unserved, request_directory)
 from inferlog.settings import Settings
 
 T0 = 1_800_000_000_000  # epoch ms
@@ -124,6 +125,23 @@ def test_the_directory_answers_on_its_clock_before_and_after_records():
     assert list(d.live()) == ["m"] and d.find("m").name == "m" and d.read == 1
     now[0] += EXPIRY_INTERVALS * 10_000
     assert d.live() == {} and d.find("m") is None
+
+
+def test_publishers_refuse_only_a_named_model_and_only_once_the_registry_is_read():
+    """refuse_unserved: the gateway's, the SDKs' and `inferlog produce`'s one rule."""
+    d = request_directory(Settings(requests_topic="r", high_priority_topic="r.high"), clock=lambda: T0)
+    assert d.topics == frozenset({"r", "r.high"})
+    refuse_unserved(d, "no-such-model", "embed")  # not read yet: nothing is refused
+    m = member()
+    d.apply(m.key.encode(), m.to_json())
+    d._ready.set()
+    refuse_unserved(d, None, "generate")  # no model named: never checked
+    refuse_unserved(d, "m", "embed")
+    refuse_unserved(d, "/models/m", "EMBED")  # by its files; the task in either case
+    with pytest.raises(UnknownModel):
+        refuse_unserved(d, "no-such-model", "embed")
+    with pytest.raises(UnsupportedTask):
+        refuse_unserved(d, "m", "generate")
 
 
 # -- the announcer, against a fake producer -----------------------------------------------------
