@@ -1,7 +1,7 @@
 """The model registry against the real broker (inferlog/registry.py): real workers (a tiny BERT
 classifier) announce what they serve, the gateway lists it through the official `openai` client,
 a clean stop withdraws it at once, a fatal one leaves it to expire, and a request for a model
-nobody serves is refused before anything reaches the request topics. tests/unit/test_registry.py:
+nobody serves is refused before anything reaches the request topics. tests/unit/test_registry_offline.py:
 the aggregation and expiry on a fake clock."""
 from __future__ import annotations
 

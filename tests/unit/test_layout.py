@@ -75,3 +75,13 @@ def test_no_import_cycles_between_inferlogs_modules():
     graph = {name: imports(name, path, known) for name, path in known.items()}
     assert "inferlog.replay.shared" in graph["inferlog.replay.runner"]  # the walk sees local imports too
     assert cycles(graph) == []
+
+
+def test_no_two_test_files_share_a_name():
+    """tests/ has no __init__.py files, so pytest imports each test file by its bare name: two of
+    one name in different folders stop the whole collection ("import file mismatch")."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, list[str]] = {}
+    for f in tests.rglob("test_*.py"):
+        seen.setdefault(f.name, []).append(str(f.relative_to(tests)))
+    assert not {n: fs for n, fs in seen.items() if len(fs) > 1}
