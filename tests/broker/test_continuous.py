@@ -161,6 +161,12 @@ def test_a_revocation_mid_generation_loses_and_duplicates_nothing(broker_setting
     with running_worker(s, first) as a:
         revoke = a.engine.revoke  # observed, not replaced: what each revocation took from the engine
         a.engine.revoke = lambda tps: dropped.append(revoke(tps)) or dropped[-1]
+        # Until the join, the first answers at most ~20 requests a second (a sleep per finished
+        # request, device time that costs no CPU): on a loaded machine the second worker took
+        # longer to warm up and join than the first needed for all 1,200, and the join found
+        # nothing left to take (CI, stop 32).
+        output = first.output
+        first.output = lambda tokens, n: (None if dropped else time.sleep(0.05)) or output(tokens, n)
         wait_until(lambda: output_count(s) >= 20, timeout=120, what="the first results")
         with running_worker(s.with_overrides(worker_id=f"{s.worker_id}-b"), second):
             wait_until(lambda: output_count(s) >= len(ids), timeout=300, every=0.5, what="all generations")
