@@ -32,6 +32,7 @@ from inferlog.clients import confluent_config
 from inferlog.committed import PATIENCE_S
 from inferlog.errors import FatalError, RestartRequired
 
+from . import sweep
 from .records import Out
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,21 @@ class BoundedCalls:
             raise TimeoutError from None
 
 
+SWEEP_HEADER = "inferlog-sweep"  # key and header of the sweep's records: aborted, never read_committed
+SWEEP_KEY = sweep.SWEEP_KEY
+
+
+def _no_member(settings):
+    """Group metadata of no member (generation -1): what the sweep's aborted offsets carry."""
+    from confluent_kafka import Consumer
+
+    c = Consumer(confluent_config(settings, **{"group.id": settings.group_id}))
+    try:
+        return c.consumer_group_metadata()
+    finally:
+        c.close()
+
+
 def offsets_of(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
     return [TopicPartition(t, p, off) for (t, p), off in commits.items()]
 
@@ -170,7 +186,7 @@ def offsets_of(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
 class TransactionalEmitter:
     transactional = True  # the offsets go in the transaction
 
-    def __init__(self, settings, consumer, timeout_s: float | None = None, fallback=None):
+    def __init__(self, settings, consumer, timeout_s: float | None = None, fallback=None, sweep_also: tuple = ()):
         self.consumer = consumer
         # each call bounded well inside the transaction's own timeout: a commit that cannot end
         # in time aborts and is redone, before the coordinator aborts it under us
@@ -184,6 +200,7 @@ class TransactionalEmitter:
             "compression.type": "lz4",
             "transaction.timeout.ms": settings.transaction_timeout_ms,
             "partitioner": "murmur2_random",  # Java-compatible: audit finds a result's partition from its key
+            "error_cb": self._client_error,
         })
         self.conf = conf
         self.stuck = False  # a call never returned: nothing more is asked of this producer
@@ -194,12 +211,137 @@ class TransactionalEmitter:
         self.stuck_at = settings.fault_stuck_commit if settings.restarts == 0 else 0
         self.producer = Producer(conf)
         self._init_transactions()
+        # what a sweep covers; unsure: a transaction of this id may hang (at start: its last
+        # one, which init_transactions just aborted; later: one ending while a broker was away)
+        self.sweep_topics = (settings.results_topic, settings.deadletter_topic, *sweep_also)
+        self.anchor = TopicPartition(settings.requests_topic, 0, 0)
+        self.settings = settings
+        self.codec = None  # made when a sweep finds open records to decode
+        self.open_ends: dict = {}
+        self.unsure = True
+        self._sweep()
+
+    def _client_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback: a broker connection lost (or every broker down) means
+        a transaction may have ended while its markers could not be written: sweep first."""
+        self.unsure = True
+
+    def _sweep(self, member=None, tries: int = 3) -> bool:
+        """Settle what a transaction of this id left hanging (consumer/sweep.py): read this
+        worker's open records, abort one empty transaction over every partition it writes to
+        and the group's offsets, then produce again those records whose requests the group
+        counts as done and nothing visible answers. At start, and before the first transaction
+        after librdkafka reported a lost broker. False when the broker did not let it finish
+        (it is asked again before the next commit)."""
+        self.unsure = False  # an error from here on asks for another sweep
+        try:
+            candidates = self._open_records()
+        except KafkaException as e:
+            self.unsure = True
+            log.warning("sweep: cannot read this worker's open records: %s", e.args[0])
+            return False
+        for attempt in range(1, tries + 1):
+            try:
+                parts = []
+                for t in self.sweep_topics:  # topics that do not exist (yet) hold nothing of ours
+                    md = self.producer.list_topics(t, timeout=self.timeout).topics.get(t)
+                    if md is not None and not md.error:
+                        parts += [(t, p) for p in md.partitions]
+                self.producer.begin_transaction()
+                for t, p in parts:  # a key: a compacted topic refuses a record without one
+                    self.producer.produce(t, key=SWEEP_KEY, value=b"", partition=p, headers=[(SWEEP_HEADER, b"1")])
+                if self.producer.flush(self.timeout):
+                    raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "sweep records not delivered"))
+                if member is None:
+                    member = (self.consumer.consumer_group_metadata() if self.consumer is not None
+                              else _no_member(self.settings))
+                self._sweep_offsets(self.anchor, member)
+                self.producer.abort_transaction(self.timeout)
+                break
+            except KafkaException as e:
+                self.unsure = True
+                err = e.args[0]
+                if err.code() in FENCED or err.fatal():
+                    raise FatalError(f"transactional producer cannot go on: {err}") from e
+                log.warning("sweeping this id's transactions (try %d of %d): %s", attempt, tries, err)
+                try:
+                    self.producer.abort_transaction(self.timeout)
+                except KafkaException:
+                    pass
+        else:
+            return False
+        if candidates:
+            self._restore(candidates)
+        return not self.unsure
+
+    def _open_records(self) -> list:
+        ranges = sweep.open_ranges(self.settings, self.sweep_topics, self.timeout)
+        if not ranges.ends:
+            return []
+        self.open_ends = ranges.ends
+        found = sweep.read_range(self.settings, "read_uncommitted", ranges.ends, timeout=30)
+        return sweep.ours(found, self._codec(), self.settings.worker_id)
+
+    def _codec(self):
+        if self.codec is None:
+            from inferlog.codec import Codec
+
+            self.codec = Codec.from_settings(self.settings)
+        return self.codec
+
+    def _restore(self, candidates: list) -> None:
+        """Step 3 of the sweep: the records it aborted whose requests are nevertheless done."""
+        from confluent_kafka.admin import AdminClient
+
+        from inferlog.committed import last_committed
+
+        sources = sorted({c.source[:2] for c in candidates})
+        admin = AdminClient(confluent_config(self.settings))
+        done = {(tp.topic, tp.partition): tp.offset
+                for tp in last_committed(admin, self.settings.group_id, [TopicPartition(t, p) for t, p in sources],
+                                         patience=60)}
+        # what read_committed readers see from where the open records began, once the last
+        # stable offset is past them (another worker's open transaction holds it back a while)
+        spans = {tp: (lo, max(c.offset for c in candidates if (c.topic, c.partition) == tp) + 1)
+                 for tp, (lo, _) in self.open_ends.items()
+                 if any((c.topic, c.partition) == tp for c in candidates)}
+        spans = sweep.settled(self.settings, spans, timeout=2 * self.timeout * 3 + 15)
+        visible = sweep.read_range(self.settings, "read_committed", spans, timeout=30)
+        again = sweep.to_restore([c for c in candidates if (c.topic, c.partition) in spans], visible, done,
+                                 self._codec())
+        if again:
+            self.producer.begin_transaction()
+            for c in again:
+                self.producer.produce(c.topic, key=c.key, value=c.value, headers=c.headers, partition=c.partition)
+            self._commit_with_retry()
+        log.warning("swept this id's open records: %d of this worker's found, %d of them produced again "
+                    "(their requests are committed; Kafka had left them hanging)", len(candidates), len(again))
+
+    def _sweep_offsets(self, anchor, member) -> None:
+        """AddOffsetsToTxn puts the group's offsets partition in the sweep (its abort marker
+        clears offsets left pending); the offsets themselves may be refused, no matter. Bounded
+        as every send_offsets is (librdkafka#5456)."""
+        producer = self.producer
+        try:
+            self.bounded.run(lambda: producer.send_offsets_to_transaction([anchor], member, self.timeout),
+                             self.timeout + 5)
+        except TimeoutError:
+            self.stuck = True
+            raise RestartRequired("send_offsets_to_transaction did not return in a sweep "
+                                  "(librdkafka#5456): the process starts again") from None
+        except KafkaException as e:
+            if e.args[0].fatal() or e.args[0].code() in FENCED:
+                raise
+            log.debug("sweep: offsets refused (%s); aborting all the same", e.args[0])
 
     def commit(self, outputs: list[Out], commits: dict[tuple[str, int], int], group_metadata=None) -> None:
         """`group_metadata`: the consumer's, taken when the offsets were released (the caller
         may run this on another thread); read from the consumer when not given."""
         if not outputs and not commits:
             return
+        self.producer.poll(0)  # serves the error callback: a broker lost since the last commit
+        if self.unsure and not self._sweep(group_metadata):
+            raise CommitAborted("a transaction of this id may hang and the sweep failed: this commit waits")
         refusals = Refusals(outputs, self.fallback)
         attempt = 0
         while True:

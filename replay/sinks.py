@@ -154,7 +154,8 @@ class TopicSink:
         self.consumer, self.ck, self.tally = consumer, ck, tally  # tally: a shared run member's totals
         # init_transactions fences a crashed run's producer and aborts its open transaction,
         # so the committed offsets read next are final
-        self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback)
+        self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback,
+                                            sweep_also=(settings.replays_topic,) if tally is not None else ())
 
     def commit(self, outputs, commits: dict, group_metadata=None) -> None:
         dead = sum(o.dead for o in outputs)

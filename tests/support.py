@@ -46,10 +46,11 @@ class Fetched:
         return KafkaError(KafkaError._PARTITION_EOF) if self.eof else None
 
 
-def read_all(settings, topic: str, timeout: float = 30.0) -> list[Record]:
-    """Every committed record of `topic` up to its current end (read_committed)."""
+def read_all(settings, topic: str, timeout: float = 30.0, isolation: str = "read_committed") -> list[Record]:
+    """Every committed record of `topic` up to its current end (read_committed; or every
+    record, aborted ones too, with isolation="read_uncommitted")."""
     c = Consumer(confluent_config(settings, **{"group.id": f"reader-{time.time_ns()}",
-                                               "isolation.level": "read_committed", "enable.auto.commit": False}))
+                                               "isolation.level": isolation, "enable.auto.commit": False}))
     try:
         # Right after a topic is made (or while the broker catches up) its metadata and offsets
         # may not be there yet: Kafka's "not yet" errors are retried, not failures.
