@@ -314,8 +314,9 @@ class TransactionalEmitter:
             for c in again:
                 self.producer.produce(c.topic, key=c.key, value=c.value, headers=c.headers, partition=c.partition)
             self._commit_with_retry()
-        log.warning("swept this id's open records: %d of this worker's found, %d of them produced again "
-                    "(their requests are committed; Kafka had left them hanging)", len(candidates), len(again))
+        log.warning("swept %d records of this worker left open past the last stable offset: %d produced again "
+                    "(their requests are done and nothing else answers them), the rest stay aborted (answered "
+                    "elsewhere, or not done and redone)", len(candidates), len(again))
 
     def _sweep_offsets(self, anchor, member) -> None:
         """AddOffsetsToTxn puts the group's offsets partition in the sweep (its abort marker
