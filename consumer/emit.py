@@ -237,8 +237,14 @@ class TransactionalEmitter:
         try:
             candidates = self._open_records()
         except KafkaException as e:
+            err = e.args[0]
+            if err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
+                log.error("sweep skipped: this worker may not read %s (%s); a transaction Kafka leaves hanging "
+                          "stays until it can (README, \"A hanging transaction is swept\")",
+                          " and ".join(self.sweep_topics), err)
+                return True
             self.unsure = True
-            log.warning("sweep: cannot read this worker's open records: %s", e.args[0])
+            log.warning("sweep: cannot read this worker's open records: %s", err)
             return False
         for attempt in range(1, tries + 1):
             try:

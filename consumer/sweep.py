@@ -25,7 +25,7 @@ import logging
 import time
 from typing import NamedTuple
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from inferlog.clients import confluent_config
 
@@ -49,8 +49,10 @@ class Ranges(NamedTuple):
 
 
 def _reader(settings, isolation: str) -> Consumer:
-    return Consumer(confluent_config(settings, **{"group.id": f"inferlog-sweep-{time.time_ns()}",
-                                                  "enable.auto.commit": False, "isolation.level": isolation}))
+    """A reader by assignment. Its group id is the worker's own (the one its role may use); it
+    never subscribes or commits, so it never joins that group."""
+    return Consumer(confluent_config(settings, **{"group.id": settings.group_id, "enable.auto.commit": False,
+                                                  "isolation.level": isolation}))
 
 
 def open_ranges(settings, topics: tuple, timeout: float) -> Ranges:
@@ -86,7 +88,9 @@ def read_range(settings, isolation: str, spans: dict, timeout: float) -> list:
         while left and time.monotonic() < deadline:
             for m in c.consume(500, 0.2):
                 if m.error() is not None:
-                    continue
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise KafkaException(m.error())  # not allowed to read it, say: the caller decides
                 tp = (m.topic(), m.partition())
                 if tp in left and m.offset() < left[tp]:
                     out.append(m)

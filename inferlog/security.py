@@ -48,11 +48,13 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("group", "inferlog-models-", "prefixed", ("READ", "DESCRIBE")),
     ),
     # Consumes requests in its own group, writes results and dead letters in transactions
-    # whose ids all start with inferlog-<group>- (consumer/emit.py).
+    # whose ids all start with inferlog-<group>- (consumer/emit.py), and reads them back where
+    # its own transactions were left open (the sweep, consumer/sweep.py, by assignment).
     "worker": (
         *(Grant("topic", t, "literal", ("READ", "DESCRIBE")) for t in _REQUESTS),
         Grant("group", "{group_id}", "literal", ("READ", "DESCRIBE")),
-        *(Grant("topic", t, "literal", ("WRITE", "DESCRIBE")) for t in ("{results_topic}", "{deadletter_topic}")),
+        *(Grant("topic", t, "literal", ("READ", "WRITE", "DESCRIBE"))
+          for t in ("{results_topic}", "{deadletter_topic}")),
         Grant("transactional_id", "inferlog-{group_id}-", "prefixed", ("WRITE", "DESCRIBE")),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
         # its announcement of the model it serves (inferlog/registry.py), outside transactions
