@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from inferlog.clients import confluent_config
+from inferlog.clients import confluent_config, retry
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def open_ranges(settings, topics: tuple, timeout: float) -> Ranges:
             if md is None or md.error:
                 continue
             for p in md.partitions:
-                tp = TopicPartition(t, p)
-                end = raw.get_watermark_offsets(tp, timeout=timeout, cached=False)[1]
-                lso = stable.get_watermark_offsets(tp, timeout=timeout, cached=False)[1]
+                tp = TopicPartition(t, p)  # a partition just made or a broker just back: asked again
+                end = retry(lambda tp=tp: raw.get_watermark_offsets(tp, timeout=timeout, cached=False), f"{tp}")[1]
+                lso = retry(lambda tp=tp: stable.get_watermark_offsets(tp, timeout=timeout, cached=False), f"{tp}")[1]
                 if lso < end:
                     ends[(t, p)] = (lso, end)
         return Ranges(ends)
