@@ -188,6 +188,7 @@ class TransactionalEmitter:
 
     def __init__(self, settings, consumer, timeout_s: float | None = None, fallback=None, sweep_also: tuple = ()):
         self.consumer = consumer
+        self.broker_lost = threading.Event()
         # each call bounded well inside the transaction's own timeout: a commit that cannot end
         # in time aborts and is redone, before the coordinator aborts it under us
         self.timeout = timeout_s if timeout_s is not None else settings.transaction_timeout_ms / 3000
@@ -200,7 +201,12 @@ class TransactionalEmitter:
             "compression.type": "lz4",
             "transaction.timeout.ms": settings.transaction_timeout_ms,
             "partitioner": "murmur2_random",  # Java-compatible: audit finds a result's partition from its key
-            "error_cb": self._client_error,
+            # librdkafka's error callback: a broker connection lost (or every broker down) means
+            # a transaction may have ended while its markers could not be written: sweep first.
+            # An Event, not a method of self: a producer holding its emitter made a reference
+            # cycle, freed by the garbage collector at any moment on any thread (a fresh clone's
+            # suite died of a segmentation fault once it was there)
+            "error_cb": lambda err, lost=self.broker_lost: lost.set(),
         })
         self.conf = conf
         self.stuck = False  # a call never returned: nothing more is asked of this producer
@@ -220,11 +226,6 @@ class TransactionalEmitter:
         self.open_ends: dict = {}
         self.unsure = True
         self._sweep()
-
-    def _client_error(self, err: KafkaError) -> None:
-        """librdkafka's error callback: a broker connection lost (or every broker down) means
-        a transaction may have ended while its markers could not be written: sweep first."""
-        self.unsure = True
 
     def _sweep(self, member=None, tries: int = 3) -> bool:
         """Settle what a transaction of this id left hanging (consumer/sweep.py): read this
@@ -347,6 +348,9 @@ class TransactionalEmitter:
         if not outputs and not commits:
             return
         self.producer.poll(0)  # serves the error callback: a broker lost since the last commit
+        if self.broker_lost.is_set():
+            self.broker_lost.clear()
+            self.unsure = True
         if self.unsure and not self._sweep(group_metadata):
             raise CommitAborted("a transaction of this id may hang and the sweep failed: this commit waits")
         refusals = Refusals(outputs, self.fallback)

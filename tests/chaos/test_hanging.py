@@ -9,6 +9,7 @@ hanging after init_transactions of the same id, and ended by a worker's emitter 
 that id (consumer/emit.py, _sweep)."""
 from __future__ import annotations
 
+import gc
 import tarfile
 import time
 from pathlib import Path
@@ -79,12 +80,18 @@ def test_a_worker_restarted_under_its_id_ends_what_kafka_left_hanging(tmp_path, 
         wait_until(lambda: hung(s) == hanging, timeout=60, what=f"{hanging} hanging")
         # init_transactions alone (a successor under the same id) does not end it: Kafka counts
         # that transaction as complete, and keeps its offsets pending and its records open
-        Producer({"bootstrap.servers": s.bootstrap_servers, "transactional.id": txn_id}).init_transactions(30)
+        successor = Producer({"bootstrap.servers": s.bootstrap_servers, "transactional.id": txn_id})
+        successor.init_transactions(30)
         time.sleep(3.0)
         assert hung(s) == hanging
+        del successor  # freed here, while its broker runs (the emitter's init fences it anyway)
         tps = [TopicPartition(s.requests_topic, p) for p in range(6)]
         before = last_committed(AdminClient({"bootstrap.servers": s.bootstrap_servers}), s.group_id, tps, patience=30)
-        TransactionalEmitter(s, Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.group_id}))
+        consumer = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.group_id})
+        try:
+            TransactionalEmitter(s, consumer).close()  # init_transactions, then the sweep
+        finally:
+            consumer.close()
         wait_until(lambda: not hung(s), timeout=30, what="the sweep to end it")
         # aborted: the offsets are those committed before it, and its records stay invisible
         reader = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.group_id,
@@ -103,4 +110,5 @@ def test_a_worker_restarted_under_its_id_ends_what_kafka_left_hanging(tmp_path, 
                 if r.offset < done[(r.topic, r.partition)] and (r.topic, r.partition, r.offset) not in acc.by_source]
         assert lost == []
     finally:
+        gc.collect()  # every client of this broker freed while it still runs
         broker.stop()
