@@ -223,6 +223,7 @@ class TransactionalEmitter:
         self.anchor = TopicPartition(settings.requests_topic, 0, 0)
         self.settings = settings
         self.codec = None  # made when a sweep finds open records to decode
+        self.admin = None  # likewise, to read the group's committed offsets
         self.open_ends: dict = {}
         self.unsure = True
         self._sweep()
@@ -303,10 +304,11 @@ class TransactionalEmitter:
         from inferlog.committed import last_committed
 
         sources = sorted({c.source[:2] for c in candidates})
-        admin = AdminClient(confluent_config(self.settings))
+        if self.admin is None:  # kept: a client freed with a request outstanding (a read that timed out) crashes
+            self.admin = AdminClient(confluent_config(self.settings))
         done = {(tp.topic, tp.partition): tp.offset
-                for tp in last_committed(admin, self.settings.group_id, [TopicPartition(t, p) for t, p in sources],
-                                         patience=60)}
+                for tp in last_committed(self.admin, self.settings.group_id,
+                                         [TopicPartition(t, p) for t, p in sources], patience=60)}
         # what read_committed readers see from where the open records began, once the last
         # stable offset is past them (another worker's open transaction holds it back a while)
         spans = {tp: (lo, max(c.offset for c in candidates if (c.topic, c.partition) == tp) + 1)

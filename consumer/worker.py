@@ -227,6 +227,14 @@ class Worker:
 
     # -- rebalance callbacks (run inside consume(), on the loop thread) -------------------
     def _on_assign(self, consumer, partitions) -> None:
+        if self.closing:
+            # leaving: a partition handed over now (a fellow member left too) is not taken. Its
+            # committed offsets are not read either: a closing consumer's read timed out again
+            # and again, and the worker spent up to 180 s in close (a chaos run's stop_all gave
+            # up on it). The group gives it to whoever stays once this member has left.
+            if partitions:
+                log.info("assigned %s while leaving: not taken", _named(partitions))
+            return
         # where each starts: the group's committed offset, read stable (a transaction the
         # previous owner left open settles first), never librdkafka's guess (inferlog/committed.py)
         t0 = time.monotonic()

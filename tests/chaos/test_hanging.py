@@ -33,11 +33,21 @@ CASES = {
 }
 
 
+# Admin clients live as long as the test process: librdkafka's client freed with a request
+# outstanding (a read of unstable offsets that timed out) crashed the suite with a segfault.
+ADMINS: dict[str, AdminClient] = {}
+
+
+def admin_of(s) -> AdminClient:
+    if s.bootstrap_servers not in ADMINS:
+        ADMINS[s.bootstrap_servers] = AdminClient({"bootstrap.servers": s.bootstrap_servers})
+    return ADMINS[s.bootstrap_servers]
+
+
 def hung(s) -> list[str]:
     """What is stuck: request partitions whose offsets never read stable, result partitions
-    whose last stable offset stops short of their end. A client of its own each time: one from
-    before a restart kept asking with the old leader epochs."""
-    admin = AdminClient({"bootstrap.servers": s.bootstrap_servers})
+    whose last stable offset stops short of their end."""
+    admin = admin_of(s)
     tps = [TopicPartition(s.requests_topic, p) for p in range(6)]
     try:  # librdkafka asks again while the offsets are unstable, until its timeout
         got = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(s.group_id, tps)], require_stable=True,
@@ -86,7 +96,7 @@ def test_a_worker_restarted_under_its_id_ends_what_kafka_left_hanging(tmp_path, 
         assert hung(s) == hanging
         del successor  # freed here, while its broker runs (the emitter's init fences it anyway)
         tps = [TopicPartition(s.requests_topic, p) for p in range(6)]
-        before = last_committed(AdminClient({"bootstrap.servers": s.bootstrap_servers}), s.group_id, tps, patience=30)
+        before = last_committed(admin_of(s), s.group_id, tps, patience=30)
         consumer = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.group_id})
         try:
             TransactionalEmitter(s, consumer).close()  # init_transactions, then the sweep
