@@ -220,7 +220,10 @@ class TransactionalEmitter:
         # what a sweep covers; unsure: a transaction of this id may hang (at start: its last
         # one, which init_transactions just aborted; later: one ending while a broker was away)
         self.sweep_topics = (settings.results_topic, settings.deadletter_topic, *sweep_also)
-        self.anchor = TopicPartition(settings.requests_topic, 0, 0)
+        # the sweep's offset, only so that AddOffsetsToTxn puts the group's offsets partition in:
+        # on a topic the group never reads (its own results), never on a request partition, whose
+        # owner commits it meanwhile (a request partition here coincided with a storm's duplicates)
+        self.anchor = TopicPartition(settings.results_topic, 0, 0)
         self.settings = settings
         self.codec = None  # made when a sweep finds open records to decode
         self.admin = None  # likewise, to read the group's committed offsets
