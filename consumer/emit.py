@@ -172,7 +172,7 @@ def _no_member(settings):
     """Group metadata of no member (generation -1): what the sweep's aborted offsets carry."""
     from confluent_kafka import Consumer
 
-    c = Consumer(confluent_config(settings, **{"group.id": settings.group_id}))
+    c = Consumer(confluent_config(settings, **{"group.id": settings.worker_group}))
     try:
         return c.consumer_group_metadata()
     finally:
@@ -194,7 +194,7 @@ class TransactionalEmitter:
         self.timeout = timeout_s if timeout_s is not None else settings.transaction_timeout_ms / 3000
         self.fallback = fallback  # (Out, why) -> a small dead letter for an output that cannot be written
         conf = confluent_config(settings, **{
-            "transactional.id": f"inferlog-{settings.group_id}-{settings.worker_id}",
+            "transactional.id": f"inferlog-{settings.worker_group}-{settings.worker_id}",
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
@@ -310,7 +310,7 @@ class TransactionalEmitter:
         if self.admin is None:  # kept: a client freed with a request outstanding (a read that timed out) crashes
             self.admin = AdminClient(confluent_config(self.settings))
         done = {(tp.topic, tp.partition): tp.offset
-                for tp in last_committed(self.admin, self.settings.group_id,
+                for tp in last_committed(self.admin, self.settings.worker_group,
                                          [TopicPartition(t, p) for t, p in sources], patience=60)}
         # what read_committed readers see from where the open records began, once the last
         # stable offset is past them (another worker's open transaction holds it back a while)

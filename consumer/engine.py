@@ -179,7 +179,7 @@ class Engine:
                 d = p.request.deadline
                 deadline = None if d is None else p.arrived + (d - p.consumed_at) / 1000
                 self.policy.add(Item(p, len(p.ids), max(map(len, p.ids)), p.arrived, extra, deadline),
-                                high=p.topic == self.s.high_priority_topic)  # a tier is its topic
+                                high=self.s.tier_of(p.topic) == "high")  # a tier is its topic
 
     def _dispatch(self, flush: bool) -> None:
         if self.continuous:

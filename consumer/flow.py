@@ -25,9 +25,8 @@ FETCH_CHUNK = 256  # records per consume() call and per decode task
 
 
 class FlowControl:
-    """The held records and the paused state of each tier. `pending_in(topic)` is how many
-    records of the tier whose topic that is the engine has; records are anything with topic()
-    and partition()."""
+    """The held records and the paused state of each tier. `pending_in(tier)` is how many
+    records of the tier the engine has; records are anything with topic() and partition()."""
 
     def __init__(self, settings, pending_in: Callable[[str], int]) -> None:
         self.s = settings
@@ -48,7 +47,7 @@ class FlowControl:
 
     def in_flight(self, tier: str) -> int:
         """Records of `tier` in the engine."""
-        return self._pending_in(self.s.tier_topic(tier))
+        return self._pending_in(tier)
 
     def _room(self, tier: str) -> int:
         return self.s.max_in_flight - self.in_flight(tier)

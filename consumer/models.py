@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 
 from inferlog.errors import ConfigError
-from inferlog.settings import default_model_path
+from inferlog.settings import served_name_of
 
 TASKS = ("EMBED", "GENERATE", "CLASSIFY")
-DEFAULT_NAME = "all-MiniLM-L6-v2"
 
 
 @dataclass(frozen=True)
@@ -110,19 +109,13 @@ def weights_digest(directory: Path | None) -> str | None:
 
 def identity(model: str, config, directory: Path | None, name: str | None) -> ModelInfo:
     revision = getattr(config, "_commit_hash", None)
-    guessed = model
     if directory is not None and os.path.isdir(model):
         d = directory.resolve()
-        if d == Path(default_model_path()).resolve():
-            guessed = DEFAULT_NAME
-        elif d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
-            # a path into the hub cache: models--org--name/snapshots/<commit>
-            guessed = d.parent.parent.name[len("models--"):].replace("--", "/")
+        if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
             revision = revision or d.name
-        else:
-            guessed = d.name
     elif directory is not None and directory.parent.name == "snapshots":
         revision = revision or directory.name
+    guessed = served_name_of(model)
     return ModelInfo(name or guessed, revision, weights_digest(directory))
 
 

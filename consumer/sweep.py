@@ -51,7 +51,7 @@ class Ranges(NamedTuple):
 def _reader(settings, isolation: str) -> Consumer:
     """A reader by assignment. Its group id is the worker's own (the one its role may use); it
     never subscribes or commits, so it never joins that group."""
-    return Consumer(confluent_config(settings, **{"group.id": settings.group_id, "enable.auto.commit": False,
+    return Consumer(confluent_config(settings, **{"group.id": settings.worker_group, "enable.auto.commit": False,
                                                   "isolation.level": isolation}))
 
 

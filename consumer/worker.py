@@ -35,10 +35,10 @@ class Worker:
     def __init__(self, settings, runner, *, codec: Codec | None = None, on_commit=None):
         self.s = settings
         self.runner = runner
-        self.metrics = Metrics()
+        self.metrics = Metrics(model=settings.served_name)
         self.engine = Engine(settings, runner, codec, metrics=self.metrics)
         self.on_commit = on_commit  # callback(outputs) after each successful commit (demo, tests)
-        self.flow = FlowControl(settings, self.engine.pending_in)
+        self.flow = FlowControl(settings, lambda tier: self.engine.pending_in(settings.tier_topic(tier)))
         self.stopping = threading.Event()
         self.closing = False
         self.ready = threading.Event()  # model warm and partitions assigned (readiness)
@@ -85,7 +85,7 @@ class Worker:
 
     def _connect(self) -> None:
         conf = confluent_config(self.s, **{
-            "group.id": self.s.group_id,
+            "group.id": self.s.worker_group,
             "client.id": f"inferlog-{self.s.worker_id}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -120,8 +120,8 @@ class Worker:
         start_up(self.s, self.runner)
         try:
             self._connect()
-            log.info("worker %s joined group %s on %s and %s (delivery %s)", self.s.worker_id, self.s.group_id,
-                     self.s.requests_topic, self.s.high_priority_topic, self.s.delivery)
+            log.info("worker %s serving %s joined group %s on %s (delivery %s)", self.s.worker_id,
+                     self.s.served_name, self.s.worker_group, " and ".join(self.s.request_topics), self.s.delivery)
             while True:
                 self._step()
                 if self.stopping.is_set() and self.engine.state().drained:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import UnknownModel, UnsupportedTask
+from .errors import ConfigError, UnknownModel, UnsupportedTask
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ TOPIC_CONFIG = {"cleanup.policy": "compact,delete", "retention.ms": str(86_400_0
 OWNER = "inferlog"  # OpenAI's `owned_by` of every model listed
 TASKS = ("embed", "generate", "classify")
 LOOK_AGAIN_S = 2.0  # how often a directory without its topic looks for it again
+Routes = Callable[[str], Iterable[str]]  # a model name -> the topics its requests are published to
 
 
 def member_key(name: str, worker_id: str) -> str:
@@ -158,31 +159,35 @@ class Registry:
             return
         self.members[key or m.key] = m
 
-    def live(self, now_ms: int, topics: frozenset[str] | None = None) -> dict[str, LiveModel]:
-        """{name: LiveModel} of the models with at least one fresh member, by name; with `topics`,
-        only members that read one of them count."""
+    def live(self, now_ms: int, routes: Routes | None = None) -> dict[str, LiveModel]:
+        """{name: LiveModel} of the models with at least one fresh member, by name; with `routes`
+        (a model name -> the topics its requests are published to), only members that read a
+        topic their own name's requests reach count."""
         by: dict[str, list[Member]] = {}
         for m in self.members.values():
-            if m.fresh(now_ms) and (topics is None or not topics.isdisjoint(m.topics)):
+            if m.fresh(now_ms) and (routes is None or _reaches(routes, m.name, m)):
                 by.setdefault(m.name, []).append(m)
         return {name: LiveModel(name, tuple(sorted(ms, key=lambda m: (m.started_at, m.worker_id))))
                 for name, ms in sorted(by.items())}
 
-    def find(self, name: str, now_ms: int, topics: frozenset[str] | None = None) -> LiveModel | None:
+    def find(self, name: str, now_ms: int, routes: Routes | None = None) -> LiveModel | None:
         """The live model a request naming `name` reaches: by its served name, else by the
-        files of its members (settings.model), which the worker answers to as well."""
-        live = self.live(now_ms, topics)
+        files of its members (settings.model), which the worker answers to as well, where a
+        request naming them reaches the member (the shared layout's one topic pair)."""
+        live = self.live(now_ms, routes)
         if name in live:
             return live[name]
-        return next((lm for lm in live.values() if any(m.model == name for m in lm.members)), None)
+        return next((lm for lm in live.values()
+                     if any(m.model == name and (routes is None or _reaches(routes, name, m)) for m in lm.members)),
+                    None)
 
-    def check(self, name: str, task: str | None, now_ms: int, topics: frozenset[str] | None = None) -> LiveModel:
+    def check(self, name: str, task: str | None, now_ms: int, routes: Routes | None = None) -> LiveModel:
         """The live model named `name` that does `task` (any task when None or not a task at all:
         request validation says so later). UnknownModel or UnsupportedTask otherwise, with the
         reason a worker's dead letter would carry."""
-        lm = self.find(name, now_ms, topics)
+        lm = self.find(name, now_ms, routes)
         if lm is None:
-            served = ", ".join(sorted(self.live(now_ms, topics))) or "none"
+            served = ", ".join(sorted(self.live(now_ms, routes))) or "none"
             raise UnknownModel(f"model {name!r} is not served by any worker (served: {served})")
         task = (task or "").lower()
         if task in TASKS and task not in lm.tasks:
@@ -205,7 +210,7 @@ def announcement(settings, runner, *, started_at: int | None = None) -> Member:
     return Member(name=settings.model_name or info.name, worker_id=settings.worker_id, task=runner.task.lower(),
                   revision=info.revision, digest=info.digest, limits=limits,
                   chat_template=getattr(tokenizer, "chat_template", None) or None, model=settings.model,
-                  topics=list(settings.request_topics), group=settings.group_id, host=socket.gethostname(),
+                  topics=list(settings.request_topics), group=settings.worker_group, host=socket.gethostname(),
                   started_at=started_at or now, heartbeat_at=now, announce_interval_s=settings.announce_interval_s,
                   device=str(getattr(runner, "device", "")))
 
@@ -321,15 +326,15 @@ class ModelDirectory:
     failed, so that a caller waits for the answer, not for a cluster that is not there.
 
     Sync and thread-safe: live(), find() and check() read a dict under a lock, without I/O, so
-    the gateway's event loop calls them directly. With `topics` it answers only the members that
-    read one of them: until requests are routed by model, a gateway reaches the workers on its
-    own request topics and no others, whatever else the registry holds."""
+    the gateway's event loop calls them directly. With `routes` it answers only the members that
+    a publisher's request reaches: those reading the topics the publisher sends their model's
+    requests to (a shared-layout worker is no answer to a per-model publisher, nor the reverse)."""
 
-    def __init__(self, settings, *, clock: Callable[[], int] | None = None, topics: Iterable[str] | None = None):
+    def __init__(self, settings, *, clock: Callable[[], int] | None = None, routes: Routes | None = None):
         self.s = settings
         self.topic = settings.models_topic
         self.clock = clock or _now_ms
-        self.topics = frozenset(topics) if topics is not None else None
+        self.routes = routes
         self.registry = Registry()
         self.read = 0  # records read
         self._lock = threading.Lock()
@@ -359,15 +364,15 @@ class ModelDirectory:
 
     def live(self) -> dict[str, LiveModel]:
         with self._lock:
-            return self.registry.live(self.clock(), self.topics)
+            return self.registry.live(self.clock(), self.routes)
 
     def find(self, name: str) -> LiveModel | None:
         with self._lock:
-            return self.registry.find(name, self.clock(), self.topics)
+            return self.registry.find(name, self.clock(), self.routes)
 
     def check(self, name: str, task: str | None = None) -> LiveModel:
         with self._lock:
-            return self.registry.check(name, task, self.clock(), self.topics)
+            return self.registry.check(name, task, self.clock(), self.routes)
 
     # -- the reader thread -------------------------------------------------------------------------
     def start(self) -> "ModelDirectory":
@@ -446,9 +451,17 @@ class ModelDirectory:
 
 
 def request_directory(settings, **kw) -> ModelDirectory:
-    """The directory a publisher checks its requests against: the members reading its own request
-    topics (until requests are routed by model, those are the workers its requests reach)."""
-    return ModelDirectory(settings, topics=settings.request_topics, **kw)
+    """The directory a publisher checks its requests against: the members its requests reach,
+    routed by model (Settings.model_topics)."""
+    return ModelDirectory(settings, routes=settings.model_topics, **kw)
+
+
+def _reaches(routes: Routes, name: str, m: Member) -> bool:
+    """Whether a request naming `name`, published where `routes` says, reaches member `m`."""
+    try:
+        return not set(routes(name)).isdisjoint(m.topics)
+    except ConfigError:  # a name no topic can carry
+        return False
 
 
 def refuse_unserved(directory: ModelDirectory, model: str | None, task: str | None) -> None:

@@ -37,25 +37,38 @@ class Grant:
 
 
 _REQUESTS = ("{requests_topic}", "{high_priority_topic}")
+
+
+def _requests(*operations: str) -> tuple[Grant, ...]:
+    """`operations` on every model's request topics (<base>.<model>, topic_layout per-model) and
+    on the shared ones (topic_layout shared, or an old deployment's), both tiers."""
+    return (*(Grant("topic", t, "literal", operations) for t in _REQUESTS),
+            *(Grant("topic", t + ".", "prefixed", operations) for t in _REQUESTS))
+
+
+
 ROLES: dict[str, tuple[Grant, ...]] = {
     # Writes requests (both priority tiers), and reads the model registry by assignment (the
     # SDK's and `inferlog produce`'s check of a request's model; the group id is librdkafka's
     # requirement): no results, no other group.
     "producer": (
-        *(Grant("topic", t, "literal", ("WRITE", "DESCRIBE")) for t in _REQUESTS),
+        *_requests("WRITE", "DESCRIBE"),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
         Grant("topic", "{models_topic}", "literal", ("READ", "DESCRIBE")),
         Grant("group", "inferlog-models-", "prefixed", ("READ", "DESCRIBE")),
     ),
-    # Consumes requests in its own group, writes results and dead letters in transactions
-    # whose ids all start with inferlog-<group>- (consumer/emit.py), and reads them back where
-    # its own transactions were left open (the sweep, consumer/sweep.py, by assignment).
+    # Consumes its model's requests in its model's group (group_id.<model>; topics it may create:
+    # a new model needs no admin), writes results and dead letters in transactions whose ids
+    # all start with inferlog-<group> (consumer/emit.py), and reads them back where its own
+    # transactions were left open (the sweep, consumer/sweep.py, by assignment).
     "worker": (
-        *(Grant("topic", t, "literal", ("READ", "DESCRIBE")) for t in _REQUESTS),
-        Grant("group", "{group_id}", "literal", ("READ", "DESCRIBE")),
+        *_requests("READ", "DESCRIBE", "CREATE"),
+        Grant("group", "{group_id}", "literal", ("READ", "DESCRIBE")),  # the shared layout's
+        Grant("group", "{group_id}.", "prefixed", ("READ", "DESCRIBE")),  # each model's
         *(Grant("topic", t, "literal", ("READ", "WRITE", "DESCRIBE"))
           for t in ("{results_topic}", "{deadletter_topic}")),
         Grant("transactional_id", "inferlog-{group_id}-", "prefixed", ("WRITE", "DESCRIBE")),
+        Grant("transactional_id", "inferlog-{group_id}.", "prefixed", ("WRITE", "DESCRIBE")),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
         # its announcement of the model it serves (inferlog/registry.py), outside transactions
         Grant("topic", "{models_topic}", "literal", ("WRITE", "DESCRIBE")),
@@ -63,7 +76,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
     # The producer's rights plus reading outcomes: the SDK's infer() and the HTTP gateway
     # read results and dead letters by assignment (the SDK's client needs a group id).
     "gateway": (
-        *(Grant("topic", t, "literal", ("WRITE", "DESCRIBE")) for t in _REQUESTS),
+        *_requests("WRITE", "DESCRIBE"),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
         *(Grant("topic", t, "literal", ("READ", "DESCRIBE")) for t in ("{results_topic}", "{deadletter_topic}")),
         Grant("group", "inferlog-replies-", "prefixed", ("READ", "DESCRIBE")),
@@ -74,8 +87,8 @@ ROLES: dict[str, tuple[Grant, ...]] = {
     # Reads everything the service wrote, never writes. Audit and replay-window readers
     # assign partitions themselves; the group grants cover their group ids.
     "auditor": (
-        *(Grant("topic", t, "literal", ("READ", "DESCRIBE"))
-          for t in (*_REQUESTS, "{results_topic}", "{deadletter_topic}")),
+        *_requests("READ", "DESCRIBE"),
+        *(Grant("topic", t, "literal", ("READ", "DESCRIBE")) for t in ("{results_topic}", "{deadletter_topic}")),
         Grant("group", "inferlog-audit", "prefixed", ("READ", "DESCRIBE")),
         Grant("group", "inferlog-window-", "prefixed", ("READ", "DESCRIBE")),
     ),

@@ -9,7 +9,9 @@ nothing outside this module reads an INFERLOG_* variable.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 from pathlib import Path
 from collections.abc import Callable
@@ -32,6 +34,37 @@ def default_model_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         return "sentence-transformers/all-MiniLM-L6-v2"
     return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+DEFAULT_NAME = "all-MiniLM-L6-v2"  # the served name of the embedded default model
+_NOT_IN_TOPICS = re.compile(r"[^A-Za-z0-9_-]")  # a topic name's characters, less the dot that joins its parts
+_SEGMENT_MAX = 120  # of a name in a topic name: Kafka allows 249 characters in all
+
+
+def served_name_of(model: str) -> str:
+    """The name a model is served under when none is given (vLLM's default): the default
+    model's own name, a hub id as it is, a hub cache snapshot's repository, else the directory's
+    name. Path logic only: the publishers route by it without loading the model."""
+    if not os.path.isdir(model):
+        return model
+    d = Path(model).resolve()
+    if d == Path(default_model_path()).resolve():
+        return DEFAULT_NAME
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        # a path into the hub cache: models--org--name/snapshots/<commit>
+        return d.parent.parent.name[len("models--"):].replace("--", "/")
+    return d.name
+
+
+def topic_segment(name: str) -> str:
+    """A served name as one part of a topic or group name. Letters, digits, _ and - stay; any
+    other character (a / or a dot) becomes _, and then a hash of the whole name follows, so two
+    names never share a part and a part never holds a dot: a topic names its model and tier
+    unambiguously."""
+    if not name:
+        raise ConfigError("a served model name must not be empty")
+    seg = _NOT_IN_TOPICS.sub("_", name)[:_SEGMENT_MAX]
+    return seg if seg == name else f"{seg}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _no_flag(**extra) -> dict:
@@ -86,6 +119,11 @@ class Topics(BaseModel):
                                                                "members' totals (compacted).")
     models_topic: str = Field("inferlog.models", description="The model registry: each live worker's announcement "
                                                              "of the model it serves, keyed model/worker (compacted).")
+    topic_layout: Literal["per-model", "shared"] = Field(
+        "per-model", description="per-model: each served model has its own request topics (requests_topic and "
+                                 "high_priority_topic, each followed by .<name>) and its own group (group_id.<name>); "
+                                 "shared: every model's requests in requests_topic and high_priority_topic and one "
+                                 "group_id, as before models had topics (to drain an old deployment's topics).")
     partitions: int = Field(6, ge=1, description="Partitions of a topic inferlog creates.")
     replication_factor: int = Field(1, ge=1, description="Replicas of a topic inferlog creates.")
     retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1,
@@ -308,20 +346,53 @@ class Settings(*reversed(GROUPS.values()), BaseSettings):  # type: ignore[misc]
     __doc__ = "Every setting of every command: the fields of all of GROUPS."
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
-    # -- tiers: a tier is its topic everywhere. A request's priority only chooses the topic.
+    # -- models and tiers. Each served model has its own request topics, one per tier, and its
+    # own group (topic_layout per-model): a tier is its topic everywhere, a request's priority
+    # only chooses it, and its model chooses the pair.
+    @property
+    def served_name(self) -> str:
+        """The name this process serves (a worker, a replay) or, for a publisher, the model of a
+        request that names none."""
+        return self.model_name or served_name_of(self.model)
+
+    def model_topics(self, model: str | None = None) -> tuple[str, str]:
+        """The request topics of `model` (default: served_name), high tier first."""
+        if self.topic_layout == "shared":
+            return (self.high_priority_topic, self.requests_topic)
+        seg = topic_segment(model or self.served_name)
+        high, normal = f"{self.high_priority_topic}.{seg}", f"{self.requests_topic}.{seg}"
+        if normal in (self.high_priority_topic, self.requests_topic) or high in (self.high_priority_topic,
+                                                                                 self.requests_topic):
+            raise ConfigError(f"model name {model or self.served_name!r} would read the shared topic {normal!r}: "
+                              "serve it under another name")
+        return (high, normal)
+
     @property
     def request_topics(self) -> tuple[str, str]:
-        """Both tiers' topics, high first."""
-        return (self.high_priority_topic, self.requests_topic)
+        """This model's topics of both tiers, high first."""
+        return self.model_topics()
+
+    @property
+    def worker_group(self) -> str:
+        """The consumer group of this model's workers (and the prefix of their transactional ids)."""
+        return self.group_id if self.topic_layout == "shared" else f"{self.group_id}.{topic_segment(self.served_name)}"
 
     def tier_of(self, topic: str) -> str:
-        return "high" if topic == self.high_priority_topic else "normal"
+        """The tier of any request topic: of any model, or a shared one."""
+        h = self.high_priority_topic
+        return "high" if topic == h or (topic.startswith(h + ".") and "." not in topic[len(h) + 1:]) else "normal"
 
-    def tier_topic(self, tier: str) -> str:
-        return self.high_priority_topic if tier == "high" else self.requests_topic
+    def is_request_topic(self, topic: str) -> bool:
+        """A request topic of either layout: a shared one, or one of some model's."""
+        return any(topic == b or (topic.startswith(b + ".") and "." not in topic[len(b) + 1:])
+                   for b in (self.high_priority_topic, self.requests_topic))
 
-    def topic_for_priority(self, priority: int) -> str:
-        return self.high_priority_topic if priority >= self.high_priority else self.requests_topic
+    def tier_topic(self, tier: str, model: str | None = None) -> str:
+        high, normal = self.model_topics(model)
+        return high if tier == "high" else normal
+
+    def topic_for_priority(self, priority: int, model: str | None = None) -> str:
+        return self.tier_topic("high" if priority >= self.high_priority else "normal", model)
 
     def with_overrides(self, **flags) -> "Settings":
         """Apply CLI flags (None means 'not given') on top of env and defaults."""

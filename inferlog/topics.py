@@ -22,15 +22,15 @@ def _admin(settings: Settings) -> AdminClient:
 def ensure_topics(settings: Settings, names: list[str] | None = None, partitions: int | None = None,
                   replication_factor: int | None = None, retention_ms: int | None = None,
                   timeout: float = 30, config: dict[str, str] | None = None) -> dict[str, bool]:
-    """Create `names` (default: the requests (both tiers), results and deadletter topics, and the
-    model registry's topic: one partition, compacted, inferlog/registry.py) unless they
-    exist. Returns {name: created?}; an existing topic is left as it is, even when its
+    """Create `names` (default: the request topics of the settings' model (both tiers), the
+    results and deadletter topics, and the model registry's topic: one partition, compacted,
+    inferlog/registry.py) unless they exist. Returns {name: created?}; an existing topic is left as it is, even when its
     partition count differs (changing it would move keys to other partitions). `config`:
     more topic configs (e.g. cleanup.policy) for the topics created here."""
     if not names:
         from .registry import TOPIC_CONFIG
 
-        made = ensure_topics(settings, [settings.requests_topic, settings.high_priority_topic, settings.results_topic,
+        made = ensure_topics(settings, [*settings.request_topics, settings.results_topic,
                                         settings.deadletter_topic], partitions, replication_factor, retention_ms,
                              timeout, config)
         return made | ensure_topics(settings, [settings.models_topic], 1, replication_factor, timeout=timeout,
@@ -122,3 +122,14 @@ def partition_counts(settings: Settings, names: list[str] | None = None, timeout
         raise TopicError(f"cannot describe topics on {settings.bootstrap_servers}: {e}") from e
     wanted = md.keys() if names is None else [n for n in names if n in md]
     return {n: len(md[n].partitions) for n in wanted if md[n].error is None}
+
+
+def request_topics(settings: Settings, models: list[str] | None = None) -> list[str]:
+    """The request topics that exist, high tier first: of `models` (their topics in the
+    settings' layout), else of every model and the shared ones (an old deployment's, or a
+    shared-layout one's). What audit and replay read."""
+    if models:
+        names = [t for m in models for t in settings.model_topics(m)]
+        return [t for t in names if t in partition_counts(settings, names)]
+    found = [t for t in partition_counts(settings) if settings.is_request_topic(t)]
+    return sorted(found, key=lambda t: (settings.tier_of(t) != "high", t))

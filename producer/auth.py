@@ -191,9 +191,14 @@ class Bucket:
         return (1 - self.tokens) / self.rate
 
 
+def _quota_key(tenant: str, model: str | None) -> str | tuple[str, str]:
+    return tenant if model is None else (tenant, model)
+
+
 @dataclass
 class Quotas:
-    """Per-tenant rate (token bucket) and in-flight quota (submitted, not yet answered).
+    """Per-tenant rate (token bucket) and in-flight quota (submitted, not yet answered), each
+    model apart: a tenant's backlog on one model does not use up its quota on another.
 
     Both are per replica: with N replicas a tenant gets N times these."""
 
@@ -202,31 +207,34 @@ class Quotas:
     max_in_flight: int
     ttl: float = 600.0  # an in-flight entry no answer came for stops counting after this
     clock: Callable[[], float] = time.monotonic
-    buckets: dict[str, Bucket] = field(default_factory=dict)
-    in_flight: dict[str, int] = field(default_factory=dict)
-    owners: dict[str, tuple[str, float]] = field(default_factory=dict)  # request_id -> (tenant, since)
+    # by tenant, or (tenant, model)
+    buckets: dict[str | tuple[str, str], Bucket] = field(default_factory=dict)
+    in_flight: dict[str | tuple[str, str], int] = field(default_factory=dict)
+    owners: dict[str, tuple[str | tuple[str, str], float]] = field(default_factory=dict)  # request_id -> (key, since)
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Quotas":
         return cls(s.tenant_rate, s.tenant_burst, s.tenant_max_in_flight, ttl=s.gateway_cache_ttl_s)
 
-    def admit(self, tenant: str) -> None:
+    def admit(self, tenant: str, model: str | None = None) -> None:
         """Raise QuotaExceeded, or take one token (the caller then track()s the request)."""
         now = self.clock()
         self._expire(now)
-        if self.in_flight.get(tenant, 0) >= self.max_in_flight:
-            raise QuotaExceeded(f"tenant {tenant!r} has {self.max_in_flight} requests in flight", 1.0)
+        key, of = _quota_key(tenant, model), f" for model {model!r}" if model else ""
+        if self.in_flight.get(key, 0) >= self.max_in_flight:
+            raise QuotaExceeded(f"tenant {tenant!r} has {self.max_in_flight} requests in flight{of}", 1.0)
         if self.rate > 0:
-            b = self.buckets.get(tenant)
+            b = self.buckets.get(key)
             if b is None:
-                b = self.buckets[tenant] = Bucket(self.rate, self.burst, self.burst, now)
+                b = self.buckets[key] = Bucket(self.rate, self.burst, self.burst, now)
             wait = b.take(now)
             if wait:
-                raise QuotaExceeded(f"tenant {tenant!r} is over {self.rate:g} requests/s", wait)
+                raise QuotaExceeded(f"tenant {tenant!r} is over {self.rate:g} requests/s{of}", wait)
 
-    def track(self, request_id: str, tenant: str) -> None:
-        self.owners[request_id] = (tenant, self.clock())
-        self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
+    def track(self, request_id: str, tenant: str, model: str | None = None) -> None:
+        key = _quota_key(tenant, model)
+        self.owners[request_id] = (key, self.clock())
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
 
     def done(self, request_id: str) -> None:
         owner = self.owners.pop(request_id, None)

@@ -80,19 +80,30 @@ class OpenAIBatch:
     """Lines of an OpenAI Batch API input file -> Producer.submit keyword arguments: the body as
     the gateway's endpoint takes it (producer/openai_api.py), keyed by its custom_id."""
 
-    def __init__(self, tenant: str, tokenizer_path: str, high_priority: int):
+    def __init__(self, tenant: str, tokenizer_path: str, high_priority: int,
+                 locate: Callable[[str], str | None] | None = None):
         from . import openai_api as oai
 
         self.oai, self.tenant, self.high_priority = oai, tenant, high_priority
-        self.tokenizer = oai.Tokenizer(tokenizer_path)
+        # each line's model's tokenizer: from where its workers say its files are (`locate`, the
+        # model registry), else from tokenizer_path
+        self.default, self.locate = tokenizer_path, locate
+        self.tokenizers: dict[str, Any] = {}
         self.seen: set[str] = set()
+
+    def tokenizer(self, model: str | None):
+        path = (self.locate(model) if self.locate and model else None) or self.default
+        if path not in self.tokenizers:
+            self.tokenizers[path] = self.oai.Tokenizer(path)
+        return self.tokenizers[path]
 
     def parse(self, line: str, defaults: dict, key_field: str | None = None) -> dict[str, Any]:
         cid, url, body = self.oai.parse_batch_line(line)
         if cid in self.seen:  # as the Batch API does: outputs are matched by it
             raise InvalidRequest(f"custom_id {cid!r} repeats an earlier line's")
         try:
-            fields = self.oai.to_request(url, body, self.tokenizer, custom_id=cid, high_priority=self.high_priority)
+            fields = self.oai.to_request(url, body, self.tokenizer(getattr(body, "model", None)), custom_id=cid,
+                                         high_priority=self.high_priority)
         except self.oai.OpenAIError as e:
             raise InvalidRequest(e.message) from None
         self.seen.add(cid)
@@ -129,14 +140,15 @@ def _submit(producer: Producer, fields: dict[str, Any], failures: list) -> None:
 @click.command("produce", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("file", required=False, default="-", type=click.Path(allow_dash=True, dir_okay=False, exists=True))
 @settings_options(
-    "connection", "requests_topic", "high_priority_topic", "high_priority", "models_topic", "task", "model_name",
+    "connection", "requests_topic", "high_priority_topic", "topic_layout", "high_priority", "models_topic", "task",
+    "model_name",
     "publishing",
     "framing", "schema_registry_url",
     flags={"requests_topic": ("--topic", "--requests-topic"), "model_name": ("--model", "--model-name"),
            "produce_rate": ("--rate", "--produce-rate"), "produce_timeout": ("--timeout", "--produce-timeout")},
-    helps={"requests_topic": "Topic to publish to (the normal tier).",
-           "high_priority_topic": "Topic of the requests at or above the high-priority threshold (a line's "
-                                  "\"priority\", an OpenAI body's service_tier \"priority\").",
+    helps={"requests_topic": "Normal-tier topic: each line goes to <topic>.<its model> (per-model layout).",
+           "high_priority_topic": "High-tier topic, of the lines at or above the high-priority threshold (a line's "
+                                  "\"priority\", an OpenAI body's service_tier \"priority\"): <topic>.<its model>.",
            "task": "Task of lines that name none (default: embed).", "model_name": "Model of lines that name none.",
            "key_field": "Key each request by this field of its line (or of its metadata), so that requests sharing "
                         "it keep their order on one partition; a line's own \"key\" wins. Default: the request "
@@ -183,8 +195,10 @@ def produce(file: str, fmt: str, check_models: bool, **flags) -> None:
     if fmt == "openai-batch" and key_field:
         raise click.UsageError("--key-field does not apply to --format openai-batch: a line's custom_id keys it")
     if fmt == "openai-batch":
-        # the tokenizer: --tokenizer, else INFERLOG_MODEL, else the embedded model
-        parse = OpenAIBatch(tenant, settings.model, settings.high_priority).parse
+        # each line's model's tokenizer, from where its workers say its files are; else --tokenizer,
+        # else INFERLOG_MODEL, else the embedded model
+        parse = OpenAIBatch(tenant, settings.model, settings.high_priority,
+                            locate=lambda model: producer.models.locate(model)).parse
     bucket = TokenBucket(rate) if rate else None
     invalid: list[tuple[int, str]] = []
     failures: list[tuple[str | None, str, str]] = []
@@ -200,7 +214,7 @@ def produce(file: str, fmt: str, check_models: bool, **flags) -> None:
     try:
         # disable=None: no bar when stderr is not a terminal (a file or a pipe gets the summary only)
         with tqdm(total=_count_lines(file), unit="rec", file=sys.stderr, mininterval=0.5,
-                  desc=settings.requests_topic, dynamic_ncols=True, disable=None) as bar:
+                  desc="requests", dynamic_ncols=True, disable=None) as bar:
             for n, raw in enumerate(_lines(file), 1):
                 bar.update(1)
                 if not raw.strip():
@@ -210,7 +224,7 @@ def produce(file: str, fmt: str, check_models: bool, **flags) -> None:
                     if bucket:
                         bucket.acquire()
                     _submit(producer, fields, failures)
-                    topics[settings.topic_for_priority(fields.get("priority") or 0)] += 1
+                    topics[settings.topic_for_priority(fields.get("priority") or 0, fields.get("model"))] += 1
                 except UnicodeDecodeError as e:
                     invalid.append((n, f"INVALID_REQUEST: not UTF-8 ({e.reason} at byte {e.start})"))
                 except RecordError as e:
@@ -223,7 +237,8 @@ def produce(file: str, fmt: str, check_models: bool, **flags) -> None:
         except ProduceError as e:
             failures.extend(e.failures or [(None, e.reason, str(e))])
     elapsed = time.monotonic() - started
-    _summary(topics or Counter([settings.requests_topic]), producer.ledger.delivered, elapsed, invalid, failures)
+    _summary(topics or Counter([settings.tier_topic("normal")]), producer.ledger.delivered, elapsed, invalid,
+             failures)
     if interrupted:
         sys.exit(130)
     if invalid or failures:

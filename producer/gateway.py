@@ -59,6 +59,7 @@ LAG_PROBE_S = 0.1
 # how long start-up waits for the model registry to be read (a cluster that answers reads it in
 # well under a second); without it requests are not checked against it until it is
 MODELS_WAIT_S = 15.0
+MODEL_WATCH_S = 0.5  # how often the gateway looks for newly served models (their tokenizers load then)
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 # Where /docs and /redoc get Swagger UI 5 (which reads the OpenAPI 3.1 that FastAPI emits) and ReDoc.
@@ -69,6 +70,9 @@ SUBMIT = "/v1/requests"
 SUBMISSIONS = frozenset({SUBMIT, *oai.TASKS})  # what inferlog_gateway_requests counts (POSTs to them)
 # the tenant label of a submission refused for its credentials (401, 403): it names no tenant
 UNAUTHENTICATED = "unauthenticated"
+# the model label of a submission naming a model the gateway does not know, or refused before
+# its body was read: any string a client sends would be a series of its own otherwise
+UNKNOWN_MODEL = "unknown"
 
 
 # -- the API's shapes -----------------------------------------------------------------------
@@ -114,16 +118,27 @@ class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()  # per app: several gateways in one process do not mix
         self.requests = Counter("inferlog_gateway_requests", "Submissions answered (whatever the answer, 401 "
-                                "included), by tier, tenant and HTTP code",
-                                ["tier", "tenant", "code"], registry=r)
+                                "included), by tier, tenant, HTTP code and model",
+                                ["tier", "tenant", "code", "model"], registry=r)
         self.latency = Histogram("inferlog_gateway_latency_seconds", "Submit to answer of ?wait= submissions",
-                                 ["tier"], buckets=SECONDS, registry=r)
+                                 ["tier", "model"], buckets=SECONDS, registry=r)
         self.loop_lag = Histogram("inferlog_gateway_event_loop_lag_seconds",
                                   f"Overshoot of a {LAG_PROBE_S}s sleep on the event loop", buckets=LAG_SECONDS,
                                   registry=r)
         self.loop_lag_max = Gauge("inferlog_gateway_event_loop_lag_max_seconds", "Largest overshoot seen",
                                   registry=r)
         self.outcomes = Counter("inferlog_gateway_outcomes_read", "Results and dead letters read", registry=r)
+
+    @staticmethod
+    def model_label(requested: str | None, default: str, models) -> str:
+        """The `model` label of a submission naming `requested` (None: the gateway's `default`,
+        its settings.served_name, where such a request goes): the served name of a model the
+        gateway knows (`default`, or one live in its directory `models`, by name or files),
+        else UNKNOWN_MODEL."""
+        if requested is None or requested == default:
+            return default
+        lm = models.find(requested)
+        return lm.name if lm is not None else UNKNOWN_MODEL
 
     async def probe_loop_lag(self) -> None:
         worst = 0.0
@@ -152,11 +167,15 @@ class Gateway:
         # it checks requests against its own directory (self.models) first, for its HTTP answers
         self.producer = AsyncProducer(settings, client_id="inferlog-gateway", check_models=False)
         self.replies = Replies(settings, self.producer.codec, on_outcome=self._answered)
-        # which models the live workers on its request topics serve (inferlog/registry.py)
+        # which models the live workers serve, and where their files are (inferlog/registry.py)
         self.models = request_directory(settings)
-        self.tokenizer = oai.Tokenizer(settings.model)  # the OpenAI endpoints' chat template and usage
+        # each served model's tokenizer (chat templates, usage); the settings' own model's is
+        # loaded at start-up, every other one as soon as the registry names it
+        self.tokenizers = oai.Tokenizers(settings.served_name, settings.model)
+        self.tokenizer = self.tokenizers.by_name[settings.served_name]
         self._lag_task: asyncio.Task | None = None
         self._tokenizer_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
 
     def _answered(self, request_id: str) -> None:
         self.metrics.outcomes.inc()
@@ -182,13 +201,32 @@ class Gateway:
             log.warning("the model registry %s is not read (%s): requests are not checked against it until it is",
                         self.s.models_topic, self.models.error or "no answer yet")
         self._lag_task = asyncio.create_task(self.metrics.probe_loop_lag(), name="loop-lag-probe")
-        log.info("gateway ready: requests to %s / %s (priority >= %d), outcomes from %s / %s",
-                 self.s.requests_topic, self.s.high_priority_topic, self.s.high_priority,
-                 self.s.results_topic, self.s.deadletter_topic)
+        self._watch_task = asyncio.create_task(self._watch_models(), name="model-watch")
+        log.info("gateway ready: requests to each model's topics %s.<model> / %s.<model> (priority >= %d), "
+                 "outcomes from %s / %s; models live: %s", self.s.requests_topic, self.s.high_priority_topic,
+                 self.s.high_priority, self.s.results_topic, self.s.deadletter_topic,
+                 ", ".join(self.models.live()) or "none yet")
+
+    async def _watch_models(self) -> None:
+        """Loads the tokenizer of every model the registry names, as soon as it names it."""
+        while True:
+            for lm in self.models.live().values():
+                self.tokenizers.see(lm.name, lm.members[0].model)
+            await asyncio.sleep(MODEL_WATCH_S)
+
+    def tokenizer_for(self, model: str) -> oai.Tokenizer:
+        """The tokenizer of the model a request names (by its served name or its files)."""
+        lm = self.models.find(model)
+        if lm is not None:
+            return self.tokenizers.see(lm.name, lm.members[0].model)
+        if model in self.tokenizers.by_name:
+            return self.tokenizers.by_name[model]
+        return oai.Tokenizer(None)  # a model the registry does not know (not read yet): no template, usage 0
 
     async def stop(self) -> None:
-        if self._lag_task is not None:
-            self._lag_task.cancel()
+        for task in (self._lag_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self.models.stop)
         try:
             await self.producer.stop()  # flushes what was accepted
@@ -242,13 +280,13 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         request.state.tenant = who
         return who
 
-    def count(request: Request, tier: str, code: int | str) -> None:
+    def count(request: Request, tier: str, code: int | str, model: str = UNKNOWN_MODEL) -> None:
         """A submission's answer in inferlog_gateway_requests, once: by its endpoint, or by the
         error handlers for one refused before it ran (credentials, a body that did not parse)."""
         if request.method != "POST" or request.url.path not in SUBMISSIONS or getattr(request.state, "counted", False):
             return
         request.state.counted = True
-        gw.metrics.requests.labels(tier, getattr(request.state, "tenant", UNAUTHENTICATED), str(code)).inc()
+        gw.metrics.requests.labels(tier, getattr(request.state, "tenant", UNAUTHENTICATED), str(code), model).inc()
 
     async def credentials_first(request: Request) -> HTTPException | None:
         """FastAPI parses a JSON body before it runs the dependencies: a submission refused for
@@ -296,19 +334,21 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
                          "seconds to wait for the outcome (capped by the gateway); 200 with it, "
                          "or 202 pending when it does not come in time"))) -> Status:
         tier, code = gw.tier(body.priority), 500
+        model = gw.metrics.model_label(body.model, gw.s.served_name, gw.models)
         started = time.perf_counter()
         try:
-            models_api.refuse_submit(gw.models, body.model, body.task)  # 404/400 before anything is published
+            # 404/400 before anything is published; a request naming no model goes to the gateway's own
+            models_api.refuse_submit(gw.models, body.model or gw.s.served_name, body.task)
             status = await _submit(gw, body, who, wait, response)
             code = response.status_code or 202
             if wait:
-                gw.metrics.latency.labels(tier).observe(time.perf_counter() - started)
+                gw.metrics.latency.labels(tier, model).observe(time.perf_counter() - started)
             return status
         except HTTPException as e:
             code = e.status_code
             raise
         finally:
-            count(request, tier, code)
+            count(request, tier, code, model)
 
     @app.get("/v1/requests/{request_id}", response_model=Status, tags=["requests"],
              responses={404: {"model": Problem}, **ERRORS})
@@ -329,7 +369,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
         tier, code = gw.tier(0), "500"
         try:
             models_api.refuse_openai(gw.models, body.model, oai.TASKS[url])  # 404/400 before anything is published
-            tok = gw.tokenizer
+            tok = gw.tokenizer_for(body.model)
             if not tok.loaded:  # a call before /readyz said ready: it waits for the start-up load, off the loop
                 await asyncio.to_thread(tok.get)
             fields = oai.to_request(url, body, tok, high_priority=gw.s.high_priority)
@@ -365,7 +405,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
                 return JSONResponse(oai.failure(d["reason"], d["detail"]).body(), status_code=400)
             raise
         finally:
-            count(request, tier, code)
+            count(request, tier, code, gw.metrics.model_label(body.model, gw.s.served_name, gw.models))
 
     openai_errors = {400: {"model": Problem}, 404: {"model": Problem}, 504: {"model": Problem}, **ERRORS}
 
@@ -398,23 +438,24 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
     async def readyz() -> dict:
         if not gw.replies.running or not gw.producer.started:
             raise HTTPException(503, "not connected to Kafka")
-        if not gw.tokenizer.loaded:
-            raise HTTPException(503, f"loading the tokenizer of {gw.tokenizer.path} (the OpenAI endpoints' "
+        if loading := gw.tokenizers.loading:
+            raise HTTPException(503, f"loading the tokenizer of {', '.join(loading)} (the OpenAI endpoints' "
                                      "chat template and usage)")
         # a tokenizer that failed to load leaves the gateway ready (only chat needs it): the body says why
-        return {"ok": True, "outcomes_read": gw.replies.read, "tokenizer": gw.tokenizer.status}
+        return {"ok": True, "outcomes_read": gw.replies.read, "tokenizer": gw.tokenizer.status,
+                "tokenizers": gw.tokenizers.status(), "models": sorted(gw.models.live())}
 
     return app
 
 
 async def _submit(gw: Gateway, body: SubmitBody, tenant: str, wait: float | None, response: Response) -> Status:
     try:
-        gw.quotas.admit(tenant)
+        gw.quotas.admit(tenant, body.model or gw.s.served_name)  # per model: one model's backlog spares another's
     except QuotaExceeded as e:
         raise HTTPException(429, e.detail, headers={"Retry-After": retry_after_header(e.retry_after)}) from None
     rid = gw.ids.new(tenant)
     waiter = gw.replies.expect(rid) if wait else None  # before sending: the outcome cannot be missed
-    gw.quotas.track(rid, tenant)
+    gw.quotas.track(rid, tenant, body.model or gw.s.served_name)
     try:
         # Current while the SDK encodes, so the record's traceparent names this span (a child
         # of the HTTP server span, in the caller's trace).

@@ -5,7 +5,7 @@ serves (404) or a task its model does not do (400) before anything is published.
 The directory is read on a thread of its own; what is asked here is a dict under a lock, so the
 endpoints call it on the event loop. While the directory has not read the topic to its end (a
 cluster not reached yet, a topic not created yet) nothing is refused for its model: the request
-goes on as before the registry, and a worker dead-letters it if it is not theirs.
+goes to its model's topics, where a worker of that model answers it once one serves.
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ def refuse_openai(directory: ModelDirectory, model: str, task: str) -> None:
 
 
 def refuse_submit(directory: ModelDirectory, model: str | None, task: str) -> None:
-    """For POST /v1/requests (a request without a model is not checked: any worker's model answers
-    it, as before): 404 {"detail": {"reason": "UNKNOWN_MODEL", ...}} or 400 UNSUPPORTED_TASK, the
-    reason a worker's dead letter would have given."""
+    """For POST /v1/requests (`model`: the one the request names, else the gateway's own, whose
+    topics it goes to): 404 {"detail": {"reason": "UNKNOWN_MODEL", ...}} or 400 UNSUPPORTED_TASK,
+    the reason a worker's dead letter would have given."""
     try:
         refuse_unserved(directory, model, task)
     except RecordError as e:

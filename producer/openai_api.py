@@ -311,6 +311,39 @@ class Tokenizer:
         return sum(len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"])
 
 
+class Tokenizers:
+    """The gateway's tokenizer of each served model, by served name. Its files are where the
+    model's workers say they are (the registry's `model`: a directory or a hub id), read from the
+    gateway's own disk or hub cache: a model store shared with the workers (the same image or
+    volume). Tokenizer files are a few MB, more than a Kafka record holds by default, and a
+    deployment that serves a model already has a store for its weights. Each loads once, on a
+    thread, as soon as the model is seen (`see`); a call for a model still loading waits for it."""
+
+    def __init__(self, default_name: str | None = None, default_path: str | None = None):
+        self.by_name: dict[str, Tokenizer] = {}
+        self._lock = threading.Lock()
+        if default_name is not None:
+            self.by_name[default_name] = Tokenizer(default_path)
+
+    def see(self, name: str, path: str | None) -> Tokenizer:
+        """The tokenizer of `name` (from `path` the first time it is seen); its load starts now."""
+        with self._lock:
+            tok = self.by_name.get(name)
+            if tok is None:
+                tok = self.by_name[name] = Tokenizer(path)
+                threading.Thread(target=tok.load, name=f"tokenizer-{name}", daemon=True).start()
+        return tok
+
+    @property
+    def loading(self) -> list[str]:
+        with self._lock:
+            return [n for n, t in self.by_name.items() if not t.loaded]
+
+    def status(self) -> dict[str, str]:
+        with self._lock:
+            return {n: t.status for n, t in self.by_name.items()}
+
+
 # -- request: body -> Producer.submit fields -----------------------------------------------
 def to_request(url: str, body: BaseModel, tokenizer: Tokenizer | None, custom_id: str | None = None,
                high_priority: int = 1) -> dict:

@@ -102,7 +102,8 @@ MODELS_WAIT_S = 10.0  # the first request naming a model waits this long, at mos
 
 class ModelCheck:
     """The SDKs' check of a request's model against the model registry: the gateway's rule
-    (inferlog/registry.py refuse_unserved: only workers on this producer's request topics count;
+    (inferlog/registry.py refuse_unserved: only workers reading the topics this producer sends
+    that model's requests to count;
     until the registry has been read, nothing is refused). The directory is started by the first
     request that names a model (one without pays nothing), which waits until it has read the
     topic or found it unreadable (at most MODELS_WAIT_S), and stopped by stop().
@@ -135,6 +136,14 @@ class ModelCheck:
         if not self.enabled or model is None:
             return
         refuse_unserved(self.directory or self.start(), model, task)
+
+    def locate(self, model: str) -> str | None:
+        """Where the workers of `model` say its files are (the registry's `model`), when the
+        check is on and the registry knows it (may start the directory: blocks)."""
+        if not self.enabled:
+            return None
+        lm = (self.directory or self.start()).find(model)
+        return lm.members[0].model if lm else None
 
     def stop(self) -> None:
         with self._lock:
@@ -182,12 +191,13 @@ class RequestEncoder:
         # The encoder refuses what build_request lets through but Avro cannot hold
         # (a non-string metadata value, say), as InvalidRequest too.
         value = self.codec.encode(REQUEST, rec)
-        return Envelope(rec["request_id"], self.topic(rec["priority"]), _key(key, rec["request_id"]), value,
+        return Envelope(rec["request_id"], self.topic(rec["priority"], rec["model"]), _key(key, rec["request_id"]), value,
                         self.headers())
 
-    def topic(self, priority: int) -> str:
-        """Priority tiers are topics: workers serve the high tier first (weighted)."""
-        return self.settings.topic_for_priority(priority)
+    def topic(self, priority: int, model: str | None = None) -> str:
+        """Each model has its topics, a topic per tier: workers serve the high tier first
+        (weighted). A request that names no model goes to the settings' (served_name)."""
+        return self.settings.topic_for_priority(priority, model)
 
     def envelopes(self, requests: Iterable[Mapping[str, Any]]) -> list[Envelope]:
         """Validate and encode every request first, so a bad one means none is sent."""
@@ -342,11 +352,13 @@ class Producer:
             return self._reader
 
     def connect(self, timeout: float = 10.0) -> None:
-        """Fail fast: return once a broker answers with the requests topic's metadata; raise
-        ProduceError at once when the client is refused (credentials, TLS, rights), and after
-        `timeout` seconds when no broker answers. Sending does not need it (records wait for a
-        broker); a command line does, so that it never waits on a cluster it cannot reach."""
-        topic, deadline = self.settings.requests_topic, time.monotonic() + timeout
+        """Fail fast: return once a broker answers with the cluster's metadata; raise ProduceError
+        at once when the client is refused (credentials, TLS, rights), and after `timeout`
+        seconds when no broker answers. Sending does not need it (records wait for a broker); a
+        command line does, so that it never waits on a cluster it cannot reach. No topic is
+        asked for: each model has its own, made by its workers, and a request for a model
+        nobody serves is refused by the model check."""
+        deadline = time.monotonic() + timeout
         why = "no answer"
         while True:
             self._producer.poll(0)  # serves error_cb
@@ -354,11 +366,8 @@ class Producer:
                 raise ProduceError(f"Kafka at {self.settings.bootstrap_servers} refused this client: {failure[1]}",
                                    failure[0])
             try:
-                md = self._producer.list_topics(topic, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-                err = md.topics[topic].error
-                if err is None:
-                    return
-                raise ProduceError(f"topic {topic!r} on {self.settings.bootstrap_servers}: {err.str()}", err.name())
+                self._producer.list_topics(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                return
             except KafkaException as e:
                 why = e.args[0].str()
             if time.monotonic() >= deadline:

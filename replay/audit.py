@@ -5,8 +5,9 @@ get     one request by id: the request, every result (original and replays) and 
 sql     DuckDB SQL over the requests, results and dead letters of a time window
 export  the same tables of a window as Parquet files
 
-Requests are read from both tiers' topics (Settings.request_topics): a tier is its topic,
-and an audit that read one would miss every request of the other.
+Requests are read from both tiers' topics of every model, and from the shared topics of an old
+deployment (topics.request_topics): a tier is its topic, and an audit that read one would miss
+every request of the other. --model reads one model's only.
 
 The click group lives in replay/cli.py; these are its commands.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import click
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaException
@@ -31,6 +33,7 @@ from confluent_kafka import KafkaException
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.errors import DecodeError, InferlogError
 from inferlog.options import setting_option, settings_from, settings_options
+from inferlog.topics import request_topics
 from inferlog.timefmt import iso_ms, parse_duration as duration_ms
 
 from .tables import (DEAD_LETTERS, REQUESTS, RESULTS, SPECS, VECTORS, TableBuilder, identify,
@@ -114,7 +117,7 @@ def _split(w: Window, key: bytes | None) -> tuple[Window, Window]:
 
 def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: int | None = None,
            grace_ms: int = parse_duration(DEFAULT_GRACE), replay_topics: tuple[str, ...] = (),
-           codec: Codec | None = None) -> Lookup:
+           codec: Codec | None = None, models: tuple[str, ...] = ()) -> Lookup:
     """Everything the log holds about one request_id.
 
     The window bounds when the request was made. Results and dead letters come later: they
@@ -161,7 +164,7 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
         results = [(_split(window(settings.results_topic, after), rid)[0], after)]
         results += [(_split(window(t, None), rid)[0], None) for t in replay_topics]
         # the tier is not known yet: the id's partition of each request topic, then the rest
-        splits = [_split(window(t, until_ms), rid) for t in settings.request_topics]
+        splits = [_split(window(t, until_ms), rid) for t in request_topics(settings, list(models))]
         requests = [mine for mine, _ in splits] + [rest for _, rest in splits]
         dead = [(window(settings.deadletter_topic, after), after)]
         dead += [(window(t, None), None) for t in replay_deadletter_topics(settings, replay_topics)]
@@ -330,9 +333,15 @@ def _empty(drop: tuple[str, ...]) -> dict[str, pa.Table]:
     return {s.name: TableBuilder(s, None, drop).table() for s in SPECS}
 
 
-def load_window(settings, since_ms, until_ms, replay_topics=(), vectors=False, progress=None):
+def load_window(settings, since_ms, until_ms, replay_topics=(), vectors=False, progress=None, models=()):
+    """The tables of the window. Requests come from every model's request topics (and the shared
+    ones of an old deployment), or from those of `models` only; with `models`, results and dead
+    letters are those of these models' requests too (by their source topic)."""
     drop = () if vectors else VECTORS
-    sources = [(REQUESTS, list(settings.request_topics)), (RESULTS, [settings.results_topic, *replay_topics]),
+    asked = request_topics(settings, list(models))
+    if models and not asked:
+        raise AuditError(f"no request topics of model {', '.join(models)} on {settings.bootstrap_servers}")
+    sources = [(REQUESTS, asked), (RESULTS, [settings.results_topic, *replay_topics]),
                (DEAD_LETTERS, [settings.deadletter_topic, *replay_deadletter_topics(settings, replay_topics)])]
     built = load_tables(settings, sources, since_ms, until_ms, codec=Codec.from_settings(settings),
                         drop=drop, progress=progress)
@@ -345,7 +354,12 @@ def load_window(settings, since_ms, until_ms, replay_topics=(), vectors=False, p
         skipped = f", {b.undecodable} undecodable skipped" if b.undecodable else ""
         each = ", ".join(f"{t} {b.by_topic[t]}" for t in topics)
         click.echo(f"{spec.name}: {b.rows} rows from {each} (read {b.read} records{skipped})", err=True)
-    return {name: b.table() for name, b in built.items()}
+    tables = {name: b.table() for name, b in built.items()}
+    if models:  # results and dead letters of these models' requests only
+        for spec in (RESULTS, DEAD_LETTERS):
+            t = tables[spec.name]
+            tables[spec.name] = t.filter(pc.is_in(t["source_topic"], value_set=pa.array(asked, pa.string())))
+    return tables
 
 
 # -- the commands ------------------------------------------------------------------------------
@@ -354,11 +368,14 @@ def audit_options(f):
         click.option("--since", help="Window start, inclusive: ISO 8601, -2h/-30m/-1d, now, or epoch ms."),
         click.option("--until", help="Window end, exclusive (default: now)."),
         click.option("--tz", help="Time zone of ISO times without an offset (default UTC)."),
+        click.option("--model", "models", multiple=True, metavar="NAME",
+                     help="Only the requests of this served model, and their results and dead letters "
+                          "(repeatable; default: every model's)."),
         click.option("--replay-topic", "replay_topics", multiple=True,
                      help="Also read results from this replay topic, and dead letters from "
                           "<topic>.deadletter when it exists (repeatable)."),
-        settings_options("connection", "requests_topic", "high_priority_topic", "results_topic", "deadletter_topic",
-                         "framing", "schema_registry_url"),
+        settings_options("connection", "requests_topic", "high_priority_topic", "topic_layout", "results_topic",
+                         "deadletter_topic", "framing", "schema_registry_url"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -391,7 +408,7 @@ def _out_path(out: Path | None, suffixes: tuple[str, ...]) -> None:
 @click.option("--grace", default=DEFAULT_GRACE, show_default=True,
               help="How long after --until results and dead letters are still looked for.")
 @click.option("--json", "as_json_", is_flag=True, help="One JSON object instead of the readable block.")
-def audit_get(request_id, since, until, tz, replay_topics, grace, as_json_, **topics):
+def audit_get(request_id, since, until, tz, models, replay_topics, grace, as_json_, **topics):
     """The request REQUEST_ID, every result for it (original and replays) and any dead letter.
 
     --since/--until say when the request was made; with them only that part of the log is read.
@@ -400,7 +417,7 @@ def audit_get(request_id, since, until, tz, replay_topics, grace, as_json_, **to
     with _reported():
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
         found = lookup(settings, request_id, since_ms=since_ms, until_ms=until_ms, grace_ms=parse_duration(grace),
-                       replay_topics=tuple(replay_topics))
+                       replay_topics=tuple(replay_topics), models=tuple(models))
     if not found.found:
         raise click.ClickException(f"no request, result or dead letter with request_id {request_id!r} "
                                    f"{_between(since_ms, until_ms)} (read {found.records_read} records)")
@@ -414,7 +431,7 @@ def audit_get(request_id, since, until, tz, replay_topics, grace, as_json_, **to
               help="Write the answer to FILE.csv or FILE.parquet instead of printing it.")
 @click.option("--vectors", is_flag=True, help="Load results.embeddings (one float list per output; heavy).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: big windows).")
-def audit_sql(query, since, until, tz, replay_topics, out, vectors, progress, **topics):
+def audit_sql(query, since, until, tz, models, replay_topics, out, vectors, progress, **topics):
     """Run QUERY (DuckDB SQL) over the tables requests, results and dead_letters of the window.
 
     requests holds both tiers (column tier: high or normal); rows per topic go to stderr.
@@ -426,7 +443,8 @@ def audit_sql(query, since, until, tz, replay_topics, out, vectors, progress, **
         _out_path(out, (".csv", ".parquet"))
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
         run_sql(_empty(() if vectors else VECTORS), query)  # a bad query fails before any reading
-        answer = run_sql(load_window(settings, since_ms, until_ms, tuple(replay_topics), vectors, progress), query)
+        answer = run_sql(load_window(settings, since_ms, until_ms, tuple(replay_topics), vectors, progress,
+                                     tuple(models)), query)
     if out is None:
         click.echo(format_table(answer))
     else:
@@ -448,7 +466,7 @@ def audit_sql(query, since, until, tz, replay_topics, out, vectors, progress, **
                                               "usage.prompt_tokens.")
 @click.option("--vectors", is_flag=True, help="Include results.embeddings.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: big windows).")
-def audit_export(since, until, tz, replay_topics, out, fmt, grace, vectors, progress, **topics):
+def audit_export(since, until, tz, models, replay_topics, out, fmt, grace, vectors, progress, **topics):
     """Write the window's requests, results and dead letters as Parquet files to --out, or
     (--format openai-batch) the OpenAI Batch API output file of its batch requests.
 
@@ -459,19 +477,19 @@ def audit_export(since, until, tz, replay_topics, out, fmt, grace, vectors, prog
     openai-batch exits 1 when some requests of the window have no outcome yet (their
     custom_ids are listed; the file holds the others)."""
     if fmt == "openai-batch":
-        return _export_openai_batch(since, until, tz, out, grace, progress, replay_topics, topics)
+        return _export_openai_batch(since, until, tz, out, grace, progress, replay_topics, topics, tuple(models))
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out {out}: a directory for the Parquet files (this is a file)")
     with _reported():
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
-        tables = load_window(settings, since_ms, until_ms, tuple(replay_topics), vectors, progress)
+        tables = load_window(settings, since_ms, until_ms, tuple(replay_topics), vectors, progress, tuple(models))
     out.mkdir(parents=True, exist_ok=True)
     for name, t in tables.items():
         write_table(t, out / f"{name}.parquet")
         click.echo(f"{out / name}.parquet: {t.num_rows} rows", err=True)
 
 
-def _export_openai_batch(since, until, tz, out: Path, grace, progress, replay_topics, topics) -> None:
+def _export_openai_batch(since, until, tz, out: Path, grace, progress, replay_topics, topics, models=()) -> None:
     from inferlog.producer.openai_api import Tokenizer
 
     from .openai_batch import export_openai_batch
@@ -482,7 +500,7 @@ def _export_openai_batch(since, until, tz, out: Path, grace, progress, replay_to
         _out_path(out, (".jsonl",))
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
         ex = export_openai_batch(settings, out, since_ms, until_ms, parse_duration(grace),
-                                 Tokenizer(settings.model), progress)
+                                 Tokenizer(settings.model), progress, models)
     click.echo(f"{out}: {ex.written} of {ex.requests} batch requests ({ex.failed} errors)", err=True)
     if not ex.requests:
         raise click.ClickException(f"no batch requests (with a custom_id) {_between(since_ms, until_ms)}")

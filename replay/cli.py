@@ -19,7 +19,8 @@ from inferlog.timefmt import parse_duration
 REPLAY_SETTINGS = ("connection", "results_topic", "replays_topic", "framing", "schema_registry_url", "served model",
                    "batching", "limits", "executors", "replay_dir")
 replay_options = settings_options(
-    *REPLAY_SETTINGS, "requests_topic", "high_priority_topic", hidden=("requests_topic", "high_priority_topic"),
+    *REPLAY_SETTINGS, "requests_topic", "high_priority_topic", "topic_layout",
+    hidden=("requests_topic", "high_priority_topic", "topic_layout"),
     flags={"replay_dir": ("--state-dir", "--replay-dir")},
     helps={"results_topic": "Where the original results are, for --compare.", "model": "Model to replay with.",
            "model_name": "Name the replayed results carry."})
@@ -105,6 +106,8 @@ def _margin_ms(text: str) -> int:
 @click.option("--define-only", is_flag=True, help="With --shared: publish the run and exit; members do the work.")
 @click.option("--join", "join_id", metavar="RUN_ID", help="Take part in a shared run, from any host.")
 @click.option("--compare", is_flag=True, help="When done, compare with the original results (drift report).")
+@click.option("--source-model", metavar="NAME", help="Replay the requests of this served model (default: the one "
+              "replayed with, by its served name); e.g. one version's window through another, for drift.")
 @report_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 @replay_options
@@ -112,13 +115,14 @@ def _margin_ms(text: str) -> int:
 @click.option("--stop-after", type=int, hidden=True, help="Tests: stop uncleanly after this many committed records.")
 @click.pass_context
 def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, deadletter_topic, force, run_id, resume_id,
-           shared, define_only, join_id, compare, fmt, json_path, top, margin, progress,
+           shared, define_only, join_id, compare, source_model, fmt, json_path, top, margin, progress,
            checkpoint_interval, stop_after, **flags):
     """Run a window of the request log through the worker's engine again.
 
     The window is bounded when the run starts and read by manual assignment (the live
-    group's offsets never move). It covers both tiers' request topics unless --topic
-    names one; the summary line says how many records came from each. A run interrupted
+    group's offsets never move). It covers both tiers' request topics of one model (the
+    replayed one's, or --source-model's) unless --topic names one; the summary line says
+    how many records came from each. A run interrupted
     by SIGINT/SIGTERM or a crash continues with `--resume RUN_ID` without reprocessing or
     skipping a record.
 
@@ -144,7 +148,8 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
         if out and (shared or define_only or join_id):
             raise rr.ReplayError(rr.SHARED_NEEDS_TOPIC)
         if resume_id or join_id:
-            if any(x is not None for x in (topic, since, until, offsets, partitions, out, to_topic, run_id)) \
+            if any(x is not None for x in (topic, since, until, offsets, partitions, out, to_topic, run_id,
+                                           source_model)) \
                     or (resume_id and join_id) or shared or define_only:
                 raise click.UsageError("--resume and --join take the window, model and output from the run; "
                                        "give no other window or output options")
@@ -153,8 +158,10 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
                                                               **kw)
         else:
             output = rr.output_spec(out, to_topic, deadletter_topic)
-            window = resolve_window(settings, topic or settings.request_topics, since=since, until=until, tz=tz,
-                                    offsets=offsets, partitions=partitions)
+            if topic and source_model:
+                raise click.UsageError("--topic names the window's topic; --source-model a model's: give one")
+            window = resolve_window(settings, topic or _model_topics(settings, source_model), since=since,
+                                    until=until, tz=tz, offsets=offsets, partitions=partitions)
             if window.total == 0:
                 raise rr.ReplayError(f"the window of {', '.join(window.topics)} is empty: nothing to replay, "
                                      f"nothing written")
@@ -179,6 +186,22 @@ def replay(ctx, topic, since, until, tz, offsets, partitions, out, to_topic, dea
 
             ck = rr.load_run(settings, summary.run_id, state_dir)
             _emit_report(compare_run(settings, ck, top=top, margin_ms=_margin_ms(margin)), fmt, json_path)
+
+
+def _model_topics(settings, source_model: str | None) -> list[str]:
+    """The request topics of the model whose requests are replayed: --source-model's, else the
+    replayed one's (by its served name)."""
+    from inferlog.topics import request_topics
+
+    from . import runner as rr
+
+    name = source_model or settings.served_name
+    found = request_topics(settings, [name])
+    if not found:
+        hint = "" if source_model else ": replaying another model's requests? name that model with --source-model NAME"
+        raise rr.ReplayError(f"no request topics of model {name!r} on {settings.bootstrap_servers} "
+                             f"({', '.join(settings.model_topics(name))}){hint}")
+    return found
 
 
 def _warn_other_model(settings, window, name: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.producer import openai_api as oai
+from inferlog.topics import request_topics
 
 from .tables import decoded
 from .window import resolve_window, window_consumer
@@ -29,13 +30,14 @@ class Export:
 
 
 def export_openai_batch(settings, out: Path, since_ms: int | None, until_ms: int | None, grace_ms: int,
-                        tokenizer: oai.Tokenizer | None = None, progress: bool | None = None) -> Export:
+                        tokenizer: oai.Tokenizer | None = None, progress: bool | None = None,
+                        models: tuple[str, ...] = ()) -> Export:
     codec = Codec.from_settings(settings)
     after = None if until_ms is None else until_ms + grace_ms
     c = window_consumer(settings)
     try:  # every window first: an unknown topic fails before any reading
         req_ws = [resolve_window(settings, t, since=since_ms, until=until_ms, consumer=c)
-                  for t in settings.request_topics]
+                  for t in request_topics(settings, list(models))]
         res_w = resolve_window(settings, settings.results_topic, since=since_ms, until=after, consumer=c)
         dl_w = resolve_window(settings, settings.deadletter_topic, since=since_ms, until=after, consumer=c)
     finally:

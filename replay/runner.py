@@ -261,7 +261,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         every = checkpoint_s if checkpoint_s is not None else (
             max(0.1, s.commit_interval_ms / 1000.0) if o["kind"] == "topic" else 2.0)
         # the worker's back-pressure (consumer/flow.py): per tier, what has no room is held
-        flow = FlowControl(s, tier_pending(s, engine))
+        flow = FlowControl(s, tier_pending(s, engine, todo.topics))
         # the worker's commit path (consumer/committer.py), each commit on this thread; an
         # aborted transaction is the sink's ReplayError (resume), never a rewind
         committer = Committer(s, consumer, engine, sink, engine.metrics, on_rewind=flow.drop,
@@ -333,14 +333,14 @@ class Progress:
             self.bar.update(n)
 
 
-def tier_pending(s, engine):
-    """FlowControl's pending_in for a window of any topics: the records of a tier in the engine,
-    where every topic but the high tier's is the normal tier's (as the engine batches it)."""
-    high = s.high_priority_topic
+def tier_pending(s, engine, topics):
+    """FlowControl's pending_in for a window of any `topics`: the records of a tier in the
+    engine, where every topic but a high tier's is the normal tier's (as the engine batches it)."""
+    high = [t for t in topics if s.tier_of(t) == "high"]
 
-    def pending_in(topic: str) -> int:
-        n = engine.pending_in(high)
-        return n if topic == high else engine.pending - n
+    def pending_in(tier: str) -> int:
+        n = sum(engine.pending_in(t) for t in high)
+        return n if tier == "high" else engine.pending - n
 
     return pending_in
 

@@ -93,7 +93,7 @@ def _partitions(c: Consumer, topic: str) -> list[int]:
 def produce_raw(settings, values: list[tuple[bytes | None, bytes | None]], topic: str | None = None) -> None:
     p = Producer(confluent_config(settings, **{"enable.idempotence": True, "acks": "all"}))
     for key, value in values:
-        p.produce(topic or settings.requests_topic, value, key)
+        p.produce(topic or settings.tier_topic("normal"), value, key)
     assert p.flush(30) == 0
 
 
@@ -130,10 +130,12 @@ class Accounting:
         return Counter(d["reason"] for d in self.dead_letters)
 
 
-def account(settings, codec: Codec | None = None) -> Accounting:
+def account(settings, codec: Codec | None = None, models: list[str] | None = None) -> Accounting:
+    """The requests of the settings' model (or of each of `models`, both tiers) and every output
+    on the shared results and dead-letter topics."""
     codec = codec or Codec.from_settings(settings)
     return Accounting(
-        read_all(settings, settings.requests_topic) + read_all(settings, settings.high_priority_topic),
+        [r for m in (models or [None]) for t in settings.model_topics(m) for r in read_all(settings, t)],
         [codec.decode(r.value, expect=RESULT) for r in read_all(settings, settings.results_topic)],
         [codec.decode(r.value, expect=DEADLETTER) for r in read_all(settings, settings.deadletter_topic)],
     )
@@ -156,9 +158,12 @@ def output_count(settings) -> int:
 
 @contextlib.contextmanager
 def running_worker(settings, runner, **kw):
-    """A Worker on a thread: ready (assigned) on entry, stopped and drained on exit."""
+    """A Worker on a thread: ready (assigned) on entry, stopped and drained on exit. Its model's
+    request topics are made first, as `inferlog worker` makes them."""
     from inferlog.consumer.worker import Worker
+    from inferlog.topics import ensure_topics
 
+    ensure_topics(settings, list(settings.request_topics))
     w = Worker(settings, runner, **kw)
     code: list[int] = []
     t = threading.Thread(target=lambda: code.append(w.run()), daemon=True)

@@ -38,24 +38,24 @@ def test_a_partition_held_by_an_open_transaction_starts_at_its_committed_offset(
     p = Producer(confluent_config(s, **{"enable.idempotence": True}))
     for part in range(s.partitions):
         for i in range(PER_PARTITION):
-            p.produce(s.requests_topic, codec.encode(REQUEST, build_request("classify", f"record {i} of {part}")),
+            p.produce(s.tier_topic('normal'), codec.encode(REQUEST, build_request("classify", f"record {i} of {part}")),
                       partition=part)
     assert p.flush(30) == 0
 
     # a member of the group commits COMMITTED everywhere, then leaves a transaction open
     # holding OPEN for partitions 0 and 1, and goes away
-    a = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False,
+    a = Consumer(confluent_config(s, **{"group.id": s.worker_group, "enable.auto.commit": False,
                                         "isolation.level": "read_committed", **group_protocol_config(s)}))
-    a.subscribe([s.requests_topic])
+    a.subscribe([s.tier_topic("normal")])
     wait_until(lambda: a.poll(0.2) is None and a.assignment(), timeout=60, what="the first member's assignment")
-    txn = Producer(confluent_config(s, **{"transactional.id": f"{s.group_id}-gone", "transaction.timeout.ms": 60000}))
+    txn = Producer(confluent_config(s, **{"transactional.id": f"{s.worker_group}-gone", "transaction.timeout.ms": 60000}))
     txn.init_transactions(30)
     txn.begin_transaction()
-    txn.send_offsets_to_transaction([TopicPartition(s.requests_topic, q, COMMITTED) for q in range(s.partitions)],
+    txn.send_offsets_to_transaction([TopicPartition(s.tier_topic("normal"), q, COMMITTED) for q in range(s.partitions)],
                                     a.consumer_group_metadata(), 30)
     txn.commit_transaction(30)
     txn.begin_transaction()
-    txn.send_offsets_to_transaction([TopicPartition(s.requests_topic, q, OPEN) for q in (0, 1)],
+    txn.send_offsets_to_transaction([TopicPartition(s.tier_topic("normal"), q, OPEN) for q in (0, 1)],
                                     a.consumer_group_metadata(), 30)
     a.close()
 

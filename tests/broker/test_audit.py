@@ -103,7 +103,7 @@ def world(kafka) -> World:
         wait_until(lambda: output_count(s) >= n, timeout=120, what="phase C")
         t3 = _tick()
     requests = {}
-    for r in read_all(s, s.requests_topic) + read_all(s, s.high_priority_topic):
+    for r in read_all(s, s.tier_topic("normal")) + read_all(s, s.tier_topic("high")):
         rec = codec.decode(r.value, expect=REQUEST)
         requests[rec["request_id"]] = (r.topic, r.partition, r.offset, rec)
     results = {d["request_id"]: d for d in (codec.decode(r.value, expect=RESULT) for r in read_all(s, s.results_topic))}
@@ -111,7 +111,7 @@ def world(kafka) -> World:
     dead = {at[d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]]: d
             for d in (codec.decode(r.value, expect=DEADLETTER) for r in read_all(s, s.deadletter_topic))}
     assert len(results) + len(dead) == len(requests) == n
-    high = {rid for rid, (t, *_) in requests.items() if t == s.high_priority_topic}
+    high = {rid for rid, (t, *_) in requests.items() if t == s.tier_topic("high")}
     assert high and high <= set(results), "the worker answers the high tier too"
     # a replay of phase B to other topics, as `inferlog replay --to-topic` writes it
     replay = f"{tag}.replay"
@@ -139,7 +139,7 @@ def test_get_finds_a_request_of_either_tier_on_any_partition_with_its_result(wor
             first.setdefault((t, p), rid)
     assert sorted(first) == sorted((t, p) for t in s.request_topics for p in range(6)), \
         "the requests should cover all 6 partitions of both topics"
-    for t, p in ((s.requests_topic, 0), (s.requests_topic, 3), (s.high_priority_topic, 5)):
+    for t, p in ((s.tier_topic("normal"), 0), (s.tier_topic("normal"), 3), (s.tier_topic("high"), 5)):
         rid = first[t, p]
         _, _, offset, _ = world.requests[rid]
         res = invoke(audit_get, world.args(rid, "--json"))
@@ -156,14 +156,14 @@ def test_get_finds_a_request_of_either_tier_on_any_partition_with_its_result(wor
         assert rec["timings"] == pytest.approx(world.results[rid]["timings"])
         assert rec["timings"]["created_at"] <= rec["timings"]["consumed_at"] <= rec["timings"]["completed_at"]
     # the block for people names the same things
-    rid = first[s.requests_topic, 4]
+    rid = first[s.tier_topic("normal"), 4]
     _, _, offset, rec = world.requests[rid]
     t = world.results[rid]["timings"]
     res = invoke(audit_get, world.args(rid))
     assert res.exit_code == 0, res.output
     out = res.stdout
-    assert f"request {rid}" in out and f"{s.requests_topic} p4@{offset}" in out
-    assert f"source     {s.requests_topic} p4@{offset}" in out
+    assert f"request {rid}" in out and f"{s.tier_topic('normal')} p4@{offset}" in out
+    assert f"source     {s.tier_topic('normal')} p4@{offset}" in out
     assert "all-MiniLM-L6-v2" in out and world.results[rid]["model"]["digest"] in out
     assert f"completed +{t['completed_at'] - t['created_at']} ms" in out
     assert f"tenant     {rec['tenant']}" in out and "status     OK" in out
@@ -192,7 +192,7 @@ def test_get_a_dead_lettered_request_scans_only_the_window(world):
     assert d.record["reason"] == "INVALID_REQUEST" and d.record["source"]["offset"] == offset
     # no result names its position, so the requests of the window are scanned, and only them
     # (produce_raw's partitioner is not murmur2: the id's own partition may not hold it)
-    assert found.read[world.settings.requests_topic] <= len(world.phase_b) + BAD_B, found.read
+    assert found.read[world.settings.tier_topic("normal")] <= len(world.phase_b) + BAD_B, found.read
     assert found.records_read <= 2 * len(world.requests) / 10, found.read
     res = invoke(audit_get, world.args(rid, "--since", world.t1, "--until", world.t2))
     assert res.exit_code == 0 and "reason     INVALID_REQUEST" in res.stdout, res.output
@@ -289,13 +289,13 @@ def test_both_tiers_are_in_every_table_joined_and_named_on_stderr(world, tmp_pat
     res = invoke(audit_sql, world.args(BY_TIER, "--since", world.t0, "--until", world.t3))
     assert res.exit_code == 0, res.output
     rows = [line.split() for line in res.stdout.splitlines()[2:-1]]
-    assert rows == [["high", s.high_priority_topic, str(high), str(high), str(high)],
-                    ["normal", s.requests_topic, str(normal), str(normal - BAD_B), str(normal - BAD_B)]]
+    assert rows == [["high", s.tier_topic("high"), str(high), str(high), str(high)],
+                    ["normal", s.tier_topic("normal"), str(normal), str(normal - BAD_B), str(normal - BAD_B)]]
     # which topics the window covered, on stderr: stdout is the answer alone
-    assert f"requests: {len(world.requests)} rows from {s.high_priority_topic} {high}, {s.requests_topic} {normal} " \
+    assert f"requests: {len(world.requests)} rows from {s.tier_topic('high')} {high}, {s.tier_topic('normal')} {normal} " \
         in res.stderr, res.stderr
     assert f"results: {len(world.results)} rows from {s.results_topic} {len(world.results)} " in res.stderr
-    assert s.high_priority_topic not in res.stdout.splitlines()[0]
+    assert s.tier_topic("high") not in res.stdout.splitlines()[0]
     out = tmp_path / "lake"
     res = invoke(audit_export, world.args("--since", world.t0, "--until", world.t3, "--out", out))
     assert res.exit_code == 0, res.output
@@ -315,7 +315,7 @@ def test_out_of_order_timestamps_at_the_edges_are_filtered_per_record(broker_set
     for part in range(6):
         for ts in stamps:
             rec = build_request("embed", f"stamped {ts}")
-            p.produce(broker_settings.requests_topic, codec.encode(REQUEST, rec), rec["request_id"].encode(),
+            p.produce(broker_settings.tier_topic("normal"), codec.encode(REQUEST, rec), rec["request_id"].encode(),
                       partition=part, timestamp=ts)
     assert p.flush(30) == 0
     q = "SELECT epoch_ms(kafka_ts) AS ts, count(*) AS n FROM requests GROUP BY 1 ORDER BY 1"

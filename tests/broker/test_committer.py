@@ -260,12 +260,12 @@ def fetched(broker_settings):
     p = Producer(confluent_config(broker_settings))
     for part, n in PRODUCED.items():
         for o in range(n):
-            p.produce(broker_settings.requests_topic, request(o), partition=part)
+            p.produce(broker_settings.tier_topic("normal"), request(o), partition=part)
     assert p.flush(30) == 0
     c = Consumer(confluent_config(broker_settings, **{
-        "group.id": broker_settings.group_id, "enable.auto.commit": False, "auto.offset.reset": "error",
+        "group.id": broker_settings.worker_group, "enable.auto.commit": False, "auto.offset.reset": "error",
         "isolation.level": "read_committed"}))
-    tps = [TopicPartition(broker_settings.requests_topic, part, off) for part, off in COMMITTED.items()]
+    tps = [TopicPartition(broker_settings.tier_topic("normal"), part, off) for part, off in COMMITTED.items()]
     c.commit(offsets=tps, asynchronous=False)
     c.assign(tps)
     got = {part: [] for part in PRODUCED}
@@ -295,7 +295,7 @@ def next_offsets(consumer, parts) -> dict[int, int]:
 
 def answered(engine, settings, got) -> None:
     for part, msgs in got.items():
-        finish(engine, (settings.requests_topic, part), [m.offset() for m in msgs], [m.value() for m in msgs])
+        finish(engine, (settings.tier_topic("normal"), part), [m.offset() for m in msgs], [m.value() for m in msgs])
 
 
 def test_an_aborted_commit_rewinds_to_the_committed_offsets(make, broker_settings, fetched):
@@ -304,7 +304,7 @@ def test_an_aborted_commit_rewinds_to_the_committed_offsets(make, broker_setting
     records are the ones after the group's committed offsets, not after what it fetched."""
     consumer, got = fetched
     h = make(Emitter(fail=CommitAborted("transaction aborted")), consumer=consumer, settings=broker_settings)
-    tps = [(broker_settings.requests_topic, part) for part in PRODUCED]
+    tps = [(broker_settings.tier_topic("normal"), part) for part in PRODUCED]
     for tp in tps:
         h.engine.assign(tp)
     epochs = [h.engine.tracker.epoch(tp) for tp in tps]
@@ -326,10 +326,10 @@ def test_at_least_once_commits_the_offsets_after_the_emitter_returned(make, brok
     emitter.transactional = False
     h = make(emitter, consumer=consumer, settings=broker_settings)
     for part in PRODUCED:
-        h.engine.assign((broker_settings.requests_topic, part))
+        h.engine.assign((broker_settings.tier_topic("normal"), part))
     answered(h.engine, broker_settings, got)
     h.c.step(force=True)
     assert h.c.stats == {"commits": 1, "aborts": 0} and h.rewinds == 0
-    committed = consumer.committed([TopicPartition(broker_settings.requests_topic, part) for part in PRODUCED],
+    committed = consumer.committed([TopicPartition(broker_settings.tier_topic("normal"), part) for part in PRODUCED],
                                    timeout=30)
     assert {tp.partition: tp.offset for tp in committed} == PRODUCED

@@ -259,15 +259,15 @@ def test_the_users_mode_steady_stream_both_tiers_a_joining_worker_and_hostile_cl
     codec = Codec.from_settings(s)
     raw = KafkaProducer(confluent_config(s, **{"enable.idempotence": True}))
     hostile = [  # (topic, value, headers, what it must end as)
-        (s.requests_topic, b"\x17 not avro at all", None, "UNDECODABLE"),
-        (s.high_priority_topic, b"", None, "UNDECODABLE"),
-        (s.requests_topic, CODEC.encode(REQUEST, build_request("generate", PROMPTS[0], parameters={
+        (s.tier_topic("normal"), b"\x17 not avro at all", None, "UNDECODABLE"),
+        (s.tier_topic("high"), b"", None, "UNDECODABLE"),
+        (s.tier_topic("normal"), CODEC.encode(REQUEST, build_request("generate", PROMPTS[0], parameters={
             "max_new_tokens": 58})), None, "INPUT_TOO_LARGE"),  # ~5 + 58 cache tokens > 60
-        (s.high_priority_topic, CODEC.encode(REQUEST, build_request("generate", "word " * 200)), None,
+        (s.tier_topic("high"), CODEC.encode(REQUEST, build_request("generate", "word " * 200)), None,
          "INPUT_TOO_LARGE"),  # more tokens than the model's 64 positions
-        (s.requests_topic, CODEC.encode(REQUEST, build_request("generate", POISON, parameters={
+        (s.tier_topic("normal"), CODEC.encode(REQUEST, build_request("generate", POISON, parameters={
             "max_new_tokens": 8})), None, "MODEL_ERROR"),
-        (s.high_priority_topic, CODEC.encode(REQUEST, build_request("generate", PROMPTS[1], parameters={
+        (s.tier_topic("high"), CODEC.encode(REQUEST, build_request("generate", PROMPTS[1], parameters={
             "max_new_tokens": 8}, metadata={"k" * 200: "v" * 4000})),
          [("traceparent", b"\xff" * 4096), ("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"),
           ("x-junk", b"\x00" * 65536), ("", b"")], "OK"),
@@ -305,5 +305,5 @@ def test_the_users_mode_steady_stream_both_tiers_a_joining_worker_and_hostile_cl
     assert reasons == {"UNDECODABLE": 2, "INPUT_TOO_LARGE": 2, "MODEL_ERROR": 1}, reasons
     assert len(acc.results) == total - 5 and all(r["status"] == "OK" for r in acc.results)
     by_tier = {r["source"]["topic"] for r in acc.results}
-    assert by_tier == {s.requests_topic, s.high_priority_topic}
+    assert by_tier == {s.tier_topic("normal"), s.tier_topic("high")}
     assert {r["worker_id"] for r in acc.results} == {s.worker_id, f"{s.worker_id}-b"}

@@ -194,14 +194,15 @@ def test_metrics_count_by_tier_and_tenant(client, stack):
     s, _ = stack
     assert client.post("/v1/requests", json={**EMBED, "priority": s.high_priority}, headers=B).status_code == 202
     text = client.get("/metrics").text
-    assert 'inferlog_gateway_requests_total{code="202",tenant="tenant-b",tier="high"}' in text
+    # a request naming no model goes to (and is counted for) the gateway's own
+    assert f'inferlog_gateway_requests_total{{code="202",model="{s.served_name}",tenant="tenant-b",tier="high"}}' in text
     assert "inferlog_gateway_event_loop_lag_seconds_count" in text
     assert "inferlog_gateway_latency_seconds_bucket" in text
 
 
 def test_metrics_count_refused_credentials_and_bad_bodies(client):
     def counted(code: str, tenant: str) -> float:
-        key = f'inferlog_gateway_requests_total{{code="{code}",tenant="{tenant}",tier="unknown"}} '
+        key = f'inferlog_gateway_requests_total{{code="{code}",model="unknown",tenant="{tenant}",tier="unknown"}} '
         return next((float(x[len(key):]) for x in client.get("/metrics").text.splitlines() if x.startswith(key)), 0.0)
 
     before = counted("401", "unauthenticated"), counted("422", "tenant-a")
@@ -246,7 +247,7 @@ def test_a_callers_traceparent_runs_through_kafka_to_the_result(stack):
     assert publish[rid].kind == SpanKind.PRODUCER and http.attributes["http.route"] == "/v1/requests"
 
     codec = Codec.from_settings(s)
-    requests = {decode_request(codec, r)["request_id"]: r for r in read_all(s, s.requests_topic)}
+    requests = {decode_request(codec, r)["request_id"]: r for r in read_all(s, s.tier_topic("normal"))}
     # the record names the publish span, in the caller's trace
     assert trace_ids(requests[rid].headers) == (CALLER_TRACE, format(publish[rid].context.span_id, "016x"))
     results = {codec.decode(r.value, expect=RESULT)["request_id"]: r for r in read_all(s, s.results_topic)}
@@ -309,7 +310,7 @@ def test_high_priority_overtakes_a_flood_of_normal_requests(kafka, runner):
     high_ids = {h["request_id"] for h in high}
     last_high = max(h["timings"]["completed_at"] for h in high)
     before = sum(1 for r in done if r["request_id"] not in high_ids and r["timings"]["completed_at"] <= last_high)
-    assert all(h["source"]["topic"] == s.high_priority_topic for h in high)
+    assert all(h["source"]["topic"] == s.tier_topic("high") for h in high)
     assert 100 <= before < 750, f"{before} of 1500 normal requests finished before the last high-priority one"
 
 

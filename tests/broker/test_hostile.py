@@ -122,8 +122,8 @@ def test_a_corpus_of_bad_records_all_dead_lettered_with_their_reason(broker_sett
     p = KafkaProducer(confluent_config(s, **{"enable.idempotence": True, "acks": "all",
                                              "message.max.bytes": MAX_RECORD + 100_000}))
     for i, (_, key, value, headers, _) in enumerate(cases):
-        p.produce(s.requests_topic, value, key, headers=headers or None)
-        p.produce(s.requests_topic, enc(req(inputs=[f"good neighbour {i}"])), None)  # shares its batches
+        p.produce(s.tier_topic("normal"), value, key, headers=headers or None)
+        p.produce(s.tier_topic('normal'), enc(req(inputs=[f"good neighbour {i}"])), None)  # shares its batches
     assert p.flush(60) == 0
     with running_worker(s, runner) as w:
         wait_until(lambda: output_count(s) >= 2 * len(cases), timeout=180, what="every offset answered")
@@ -278,8 +278,8 @@ def test_copied_headers_and_ids_are_validated_and_bounded(broker_settings, runne
     p = KafkaProducer(confluent_config(broker_settings, **{"enable.idempotence": True, "acks": "all",
                                                            "message.max.bytes": MAX_RECORD + 100_000}))
     for i, (_, value, headers, _, _) in enumerate(cases):
-        p.produce(broker_settings.requests_topic, value, b"one-partition", headers=headers)
-        p.produce(broker_settings.requests_topic, enc(req(inputs=[f"good neighbour {i}"])), b"one-partition")
+        p.produce(broker_settings.tier_topic("normal"), value, b"one-partition", headers=headers)
+        p.produce(broker_settings.tier_topic('normal'), enc(req(inputs=[f"good neighbour {i}"])), b"one-partition")
     assert p.flush(60) == 0
     with running_worker(broker_settings, runner):
         wait_until(lambda: output_count(broker_settings) >= 2 * len(cases), timeout=180, what="every offset answered")

@@ -46,8 +46,8 @@ def outsider_lag(s, admin) -> dict[tuple[str, int], int] | None:
     """Log end minus the group's committed offset (log start where none), by the admin API: not
     the calls the worker makes."""
     tps = [TopicPartition(t, p) for t in s.request_topics for p in range(s.partitions)]
-    group = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(s.group_id, tps)],
-                                              require_stable=True)[s.group_id].result(30)
+    group = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(s.worker_group, tps)],
+                                              require_stable=True)[s.worker_group].result(30)
     if any(tp.error for tp in group.topic_partitions):  # e.g. a transaction's offsets not yet stable
         return None
     done = {(tp.topic, tp.partition): tp.offset for tp in group.topic_partitions if tp.offset >= 0}

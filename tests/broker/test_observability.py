@@ -18,7 +18,7 @@ from inferlog.consumer.runners import load_runner
 from inferlog.consumer.worker import Worker
 from inferlog.producer.sync import Producer
 from inferlog.request import build_request
-from inferlog.settings import default_model_path
+from inferlog.settings import DEFAULT_NAME, default_model_path
 from conftest import free_port
 from support import account, output_count, produce_raw, read_all, running_worker, wait_until
 
@@ -46,13 +46,16 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def samples(port: int) -> dict[tuple[str, tuple], float]:
+def samples(port: int, model: str = DEFAULT_NAME) -> dict[tuple[str, tuple], float]:
+    """{(name, labels less model): value}; every series carries the worker's model."""
     code, body = get(port, "/metrics")
     assert code == 200
     out = {}
     for fam in text_string_to_metric_families(body.decode()):
         for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = dict(s.labels)
+            assert labels.pop("model", None) == model, (s.name, s.labels)
+            out[(s.name, tuple(sorted(labels.items())))] = s.value
     return out
 
 

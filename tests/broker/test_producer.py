@@ -23,12 +23,13 @@ from inferlog.producer.aio import AsyncProducer
 from inferlog.producer.cli import TokenBucket, produce
 from inferlog.producer.sync import Producer, ProduceError
 from inferlog.request import validate_request
+from inferlog.topics import ensure_topics
 from support import cli_env
 
 
 # -- helpers ---------------------------------------------------------------------------------
 def end_offsets(settings, topic=None) -> dict[int, int]:
-    topic = topic or settings.requests_topic
+    topic = topic or settings.tier_topic("normal")
     c = Consumer(confluent_config(settings, **{"group.id": f"probe-{uuid.uuid4().hex[:8]}"}))
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
@@ -56,7 +57,7 @@ def _high_watermark(c: Consumer, tp: TopicPartition) -> int:
 
 def read_all(settings, topic=None) -> list:
     """Every record on the topic, read by partition up to the end offsets."""
-    topic = topic or settings.requests_topic
+    topic = topic or settings.tier_topic("normal")
     ends = {p: e for p, e in end_offsets(settings, topic).items() if e > 0}
     c = Consumer(confluent_config(settings, **{"group.id": f"reader-{uuid.uuid4().hex[:8]}",
                                                "enable.auto.commit": False}))
@@ -87,7 +88,10 @@ def headers(msg) -> dict[str, bytes]:
 
 # -- SDKs against the broker -----------------------------------------------------------------
 def test_sync_submit_round_trips(broker_settings):
-    # check_models=False: the round trip of every field, "tiny-gpt2" included, with no worker serving it
+    # check_models=False: the round trip of every field, "tiny-gpt2" included, with no worker serving
+    # it; its requests go to its own topics (made here, as its worker would), the others' to the default's
+    tiny = broker_settings.with_overrides(model_name="tiny-gpt2")
+    ensure_topics(tiny, list(tiny.request_topics))
     with Producer(broker_settings, check_models=False) as p:
         rid = p.submit("generate", "once upon a time", model="tiny-gpt2", tenant="acme",
                        parameters={"max_new_tokens": 8, "seed": 7}, priority=5,
@@ -96,8 +100,9 @@ def test_sync_submit_round_trips(broker_settings):
         p.flush()
         assert p.ledger.delivered == 2
     assert rid2 == "my-id"
-    high = read_all(broker_settings, broker_settings.high_priority_topic)
-    assert [m.key() for m in high] == [rid.encode()]  # priority 5 >= high_priority: the high tier's topic
+    high = read_all(broker_settings, tiny.tier_topic("high"))
+    assert [m.key() for m in high] == [rid.encode()]  # priority 5 >= high_priority: its model's high tier
+    assert read_all(broker_settings, tiny.tier_topic("normal")) == []
     msgs = {m.key(): m for m in read_all(broker_settings) + high}
     assert set(msgs) == {rid.encode(), b"my-id"}  # no key given: the request_id is the key
     rec = decode(broker_settings, msgs[rid.encode()])
@@ -240,13 +245,16 @@ def test_cli_shorthand_lines_take_the_option_defaults(broker_settings, tmp_path)
     keyed.write_text('{"text": "short keyed", "user": "u1"}\n'
                      '{"task": "embed", "inputs": ["full"], "request_id": "f1", "user": "u2"}\n')
     # --no-check-models: the option defaults, --model "tiny" included, with no worker serving it
+    # (its topics made here, as its worker would)
+    tiny = broker_settings.with_overrides(model_name="tiny")
+    ensure_topics(tiny, list(tiny.request_topics))
     common = ["--topic", broker_settings.requests_topic, "--task", "generate", "--tenant", "acme", "--model", "tiny",
               "--no-check-models"]
     for args in ([str(plain), *common], [str(keyed), *common, "--key-field", "user"]):
         result = CliRunner().invoke(produce, args, env=cli_env(broker_settings))
         assert result.exit_code == 0, result.output
     recs = {}
-    for m in read_all(broker_settings):
+    for m in read_all(broker_settings, tiny.tier_topic("normal")):
         rec = decode(broker_settings, m)
         recs[rec["inputs"][0]] = (m.key(), rec)
     assert set(recs) == {"bare string", "short", "short keyed", "full"}

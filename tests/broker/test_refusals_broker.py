@@ -26,7 +26,7 @@ def test_an_output_over_the_topics_limit_becomes_a_dead_letter_and_the_rest_comm
     limit_results_topic(broker_settings, 1024)
     codec = Codec.from_settings(broker_settings)
     builder = ResultBuilder(codec, broker_settings, ModelInfo("m", None, None))
-    req_topic = broker_settings.requests_topic
+    req_topic = broker_settings.tier_topic("normal")
 
     def result(offset: int, size: int) -> Out:  # random bytes: lz4 cannot shrink them under the limit
         return Out(broker_settings.results_topic, b"one-key", os.urandom(size), [], "OK", source=(req_topic, 0, offset))
@@ -34,7 +34,7 @@ def test_an_output_over_the_topics_limit_becomes_a_dead_letter_and_the_rest_comm
     outputs = [result(0, 100), result(1, 100), result(2, 4000), result(3, 100), result(4, 100), result(5, 100)]
     small = [o.value for i, o in enumerate(outputs) if i != 2]
     consumer = Consumer(confluent_config(broker_settings, **{
-        "group.id": broker_settings.group_id, "enable.auto.commit": False, "isolation.level": "read_committed"}))
+        "group.id": broker_settings.worker_group, "enable.auto.commit": False, "isolation.level": "read_committed"}))
     emitter = TransactionalEmitter(broker_settings, consumer, fallback=builder.unwritable)
     try:
         emitter.commit(list(outputs), {(req_topic, 0): 6, (req_topic, 1): 3}, consumer.consumer_group_metadata())

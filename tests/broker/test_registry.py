@@ -17,6 +17,7 @@ from inferlog.consumer.worker import Worker
 from inferlog.errors import FatalError
 from inferlog.producer.gateway import serve_in_thread
 from inferlog.registry import EXPIRY_INTERVALS, ModelDirectory
+from inferlog.topics import ensure_topics
 from support import read_all, running_worker, wait_until
 from tinymodels import tiny_bert_classifier_dir  # noqa: F401  (fixture)
 
@@ -103,16 +104,19 @@ def test_a_model_nobody_serves_is_refused_at_once_and_nothing_is_published(setti
         assert r.status_code == 400 and r.json()["detail"]["reason"] == "UNSUPPORTED_TASK", r.text
         refused_in = time.monotonic() - t0
         # a gateway on other request topics reaches none of this worker's: nothing is listed there
-        elsewhere = s.with_overrides(requests_topic=f"{s.requests_topic}.other",
-                                     high_priority_topic=f"{s.high_priority_topic}.other")
+        elsewhere = s.with_overrides(requests_topic=f"{s.requests_topic}-other",
+                                     high_priority_topic=f"{s.high_priority_topic}-other")
         with serve_in_thread(elsewhere) as other_url:
             assert ids(client(other_url)) == []
             with pytest.raises(openai.NotFoundError):
                 client(other_url).embeddings.create(model=NAME, input="x")
-        # what it serves goes through, named by its served name or by its files, or by no name at all
+        # its files are no name of it: requests for a name go to that name's topics, where no worker is
+        r = h.post("/v1/requests", json={"task": "classify", "inputs": "x", "model": s.model})
+        assert r.status_code == 404 and f"served: {NAME}" in r.json()["detail"]["detail"], r.text
+        # what it serves goes through, named by its served name, or by no name at all (the gateway's model)
         done = [h.post("/v1/requests", params={"wait": 20}, json={"task": "classify", "inputs": "fine", **named})
-                for named in ({"model": NAME}, {"model": s.model}, {})]
-        assert [r.status_code for r in done] == [200, 200, 200], [r.text for r in done]
+                for named in ({"model": NAME}, {})]
+        assert [r.status_code for r in done] == [200, 200], [r.text for r in done]
         assert {r.json()["status"] for r in done} == {"done"}
     assert refused_in < 10, f"five refusals took {refused_in:.1f}s"  # no waiting for an answer that never comes
     codec = Codec.from_settings(s)
@@ -128,7 +132,7 @@ def test_a_second_worker_of_the_same_model_is_a_second_member(settings, classifi
             model = directory.live()[NAME]
             assert [m.worker_id for m in model.members] == [s.worker_id, second.worker_id]  # oldest first
             assert {(m.task, m.group, tuple(m.topics), m.digest) for m in model.members} == {
-                ("classify", s.group_id, tuple(s.request_topics), classifier.info.digest)}
+                ("classify", s.worker_group, tuple(s.request_topics), classifier.info.digest)}
             assert classifier.info.digest and all(m.model == s.model for m in model.members)
             assert client(url).models.retrieve(NAME).model_extra["members"] == 2
         wait_until(lambda: members(directory) == [s.worker_id], timeout=20, what="the second member withdrawn")
@@ -137,6 +141,7 @@ def test_a_second_worker_of_the_same_model_is_a_second_member(settings, classifi
 
 def test_a_worker_that_stops_on_a_fatal_error_leaves_its_record_to_expire(settings, classifier, directory):
     s = settings.with_overrides(announce_interval_s=1.0)
+    ensure_topics(s, list(s.request_topics))  # as `inferlog worker` makes them
     w = Worker(s, classifier)
     step, deadline = w._step, time.monotonic() + 90
 

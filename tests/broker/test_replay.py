@@ -50,7 +50,7 @@ def embed_runner():
 
 
 def committed(s) -> dict[tuple[str, int], int]:
-    c = Consumer(confluent_config(s, **{"group.id": s.group_id}))
+    c = Consumer(confluent_config(s, **{"group.id": s.worker_group}))
     try:
         tps = c.committed([TopicPartition(t, p) for t in s.request_topics for p in range(PARTITIONS)], timeout=30)
         return {(tp.topic, tp.partition): tp.offset for tp in tps}
@@ -106,13 +106,13 @@ def log(kafka, embed_runner) -> Log:
     originals = {r["request_id"]: r for r in results_of(s, s.results_topic)}
     assert len(originals) == total
     high = {rid for g in groups for i, rid in enumerate(g) if i % 3 == 1}
-    assert {rid for rid, r in originals.items() if r["source"]["topic"] == s.high_priority_topic} == high
+    assert {rid for rid, r in originals.items() if r["source"]["topic"] == s.tier_topic("high")} == high
     return Log(s, groups, high, marks[0], marks[1], end, originals, committed(s))
 
 
 def fullest(log: Log) -> int:
     """The normal topic's partition with the most records (keys are random: at least 6 of 18)."""
-    return max(range(PARTITIONS), key=lambda p: log.live_offsets[(log.settings.requests_topic, p)])
+    return max(range(PARTITIONS), key=lambda p: log.live_offsets[(log.settings.tier_topic("normal"), p)])
 
 
 def vectors(results) -> dict[str, list[float]]:
@@ -133,7 +133,7 @@ def berlin(ms: int) -> str:
 def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed_runner, tmp_path):
     s = log.settings
     window = resolve_window(s, s.request_topics, since=berlin(log.t1), until=berlin(log.t2))
-    assert window.topics == (s.high_priority_topic, s.requests_topic)
+    assert window.topics == (s.tier_topic("high"), s.tier_topic("normal"))
     assert window.total == len(log.groups[1]) and log.high & set(log.groups[1]), "both tiers in the window"
     naive = datetime.fromtimestamp(log.t1 / 1000, ZoneInfo("Europe/Berlin")).replace(tzinfo=None).isoformat()
     assert parse_time(naive, "Europe/Berlin") == parse_time(berlin(log.t1)) == log.t1
@@ -144,7 +144,7 @@ def test_time_window_reproduces_the_middle_group_to_files_and_a_topic(log, embed
         assert summary.status == "done" and summary.records == window.total
         rows = sinks.read_rows(tmp_path / name)
         assert {r["replay_run_id"] for r in rows} == {summary.run_id}
-        assert Counter(r["source_topic"] for r in rows) == {s.high_priority_topic: 4, s.requests_topic: 8}
+        assert Counter(r["source_topic"] for r in rows) == {s.tier_topic("high"): 4, s.tier_topic("normal"): 8}
         assert_reproduces(log, vectors(sinks.row_result(r) for r in rows))
 
     target = unique("replayed")
@@ -194,12 +194,13 @@ def cli_env(log: Log, tmp_path) -> dict:
 def test_another_model_is_reported_as_drift(log, perturbed_model, tmp_path):
     out = tmp_path / "drift.parquet"
     res = CliRunner().invoke(cli, ["replay", "--since", str(log.t1), "--until", str(log.t2), "--out", str(out),
-                                   "--model", str(perturbed_model), "--compare", "--format", "json",
+                                   "--model", str(perturbed_model), "--source-model", "all-MiniLM-L6-v2",
+                                   "--compare", "--format", "json",
                                    "--json", str(tmp_path / "drift.json")], env=cli_env(log, tmp_path))
     assert res.exit_code == 0, res.output + res.stderr
     assert "warning: the original results of this window name all-MiniLM-L6-v2" in res.stderr
     s = log.settings  # --since covers both tiers by default, and the summary says so
-    assert f"from {s.high_priority_topic} 4/4, {s.requests_topic} 8/8;" in res.stderr, res.stderr
+    assert f"from {s.tier_topic('high')} 4/4, {s.tier_topic('normal')} 8/8;" in res.stderr, res.stderr
     report = json.loads(res.stdout)
     assert report == json.loads((tmp_path / "drift.json").read_text())
     t = report["tasks"]["EMBED"]
@@ -229,7 +230,8 @@ def narrow_model(tmp_path_factory):
 
 def test_a_model_of_another_width_is_a_dimension_mismatch(log, narrow_model, tmp_path):
     res = CliRunner().invoke(cli, ["replay", "--since", str(log.t1), "--until", str(log.t2),
-                                   "--out", str(tmp_path / "narrow.jsonl"), "--model", str(narrow_model), "--compare",
+                                   "--out", str(tmp_path / "narrow.jsonl"), "--model", str(narrow_model),
+                                   "--source-model", "all-MiniLM-L6-v2", "--compare",
                                    "--json", str(tmp_path / "drift.json")], env=cli_env(log, tmp_path))
     assert res.exit_code == 0, res.output + res.stderr
     t = json.loads((tmp_path / "drift.json").read_text())["tasks"]["EMBED"]
@@ -265,7 +267,7 @@ def test_interrupted_replay_resumes_each_record_exactly_once(log, embed_runner, 
         # the whole run's totals, then this invocation's
         assert f"replay cut done: {window.total:,} of {window.total:,} records" in res.stderr
         assert f"this run {window.total - first.records:,} records" in res.stderr
-        assert f"from {s.high_priority_topic} {len(log.high)}/{len(log.high)}, " in res.stderr
+        assert f"from {s.tier_topic('high')} {len(log.high)}/{len(log.high)}, " in res.stderr
     else:
         second = rr.resume(s, "cut", runner=embed_runner, state_dir=state, checkpoint_s=0)
         assert second.status == "done" and first.records + second.records == window.total
@@ -289,7 +291,7 @@ def test_a_window_readers_tier_that_holds_max_in_flight_pauses_and_resumes_where
     high, normal = s.request_topics
     window = resolve_window(s, s.request_topics)
     in_engine = Counter({normal: 1})  # the normal tier has no room
-    flow = FlowControl(s, in_engine.__getitem__)
+    flow = FlowControl(s, lambda tier: in_engine[s.tier_topic(tier)])
     stand_in = Fetched(normal, 0, -1)  # one held record: as many as max_in_flight, so its tier pauses
     assert flow.take([stand_in]) == []
     reader = WindowReader(s, window)
@@ -321,7 +323,9 @@ def test_a_window_readers_tier_that_holds_max_in_flight_pauses_and_resumes_where
     (["--topic", "no-such-topic"], "unknown topic"),
     (["--since", "END"], "window of"),  # after the last record: empty
     (["--since", "2099-01-01T00:00:00+01:00"], "in the future"),
-    (["--since", "SINCE", "--model", "/nonexistent/model"], "cannot load model"),
+    (["--since", "SINCE", "--model", "/nonexistent/model", "--source-model", "all-MiniLM-L6-v2"],
+     "cannot load model"),
+    (["--since", "SINCE", "--model", "/nonexistent/model"], "no request topics of model '/nonexistent/model'"),
     (["--offsets", "0:5-3"], "end before start"),
     (["--offsets", "0:0-1"], "names no topic"),  # both tiers: an offset needs its topic
 ])
@@ -341,15 +345,15 @@ def test_bad_input_fails_clearly_and_writes_nothing(log, tmp_path, args, message
 def test_window_errors(log):
     s = log.settings
     with pytest.raises(WindowError, match="after --until"):
-        resolve_window(s, s.requests_topic, since=log.t2, until=log.t1)
+        resolve_window(s, s.tier_topic("normal"), since=log.t2, until=log.t1)
     with pytest.raises(WindowError, match="time zone"):
         parse_time("2026-11-23T10:00:00", "Mars/Olympus")
     with pytest.raises(WindowError, match="ISO 8601"):
         parse_time("yesterday-ish")
-    w = resolve_window(s, s.requests_topic, partitions="0,2")
+    w = resolve_window(s, s.tier_topic("normal"), partitions="0,2")
     assert [r.partition for r in w.ranges] == [0, 2]
     p = fullest(log)
-    w = resolve_window(s, s.requests_topic, offsets=f"{p}:1-3")
+    w = resolve_window(s, s.tier_topic('normal'), offsets=f"{p}:1-3")
     assert [(r.partition, r.start, r.end) for r in w.ranges] == [(p, 1, 3)] and w.total == 2
     # both tiers: --partitions applies to each topic, and an offset names its topic
     high, normal = s.request_topics
@@ -445,7 +449,7 @@ def test_sigint_mid_replay_stops_soon_keeps_what_finished_and_resume_reports_the
 def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, monkeypatch):
     s = log.settings
     p = fullest(log)
-    window = resolve_window(s, s.requests_topic, offsets=f"{p}:0-2")
+    window = resolve_window(s, s.tier_topic('normal'), offsets=f"{p}:0-2")
     output = rr.output_spec(str(tmp_path / "two.jsonl"), None, None)
     state = tmp_path / "state"
     first = rr.start(s, window, output, runner=embed_runner, state_dir=state, run_id="cut", checkpoint_s=0,
@@ -453,9 +457,9 @@ def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, mo
     assert first.status == "interrupted" and first.done == first.total == 2
     # a checkpoint of version 1 (one topic, offsets keyed by partition) still resumes
     ck = rr.Checkpoint.load(state, "cut")
-    assert [r.tp for r in ck.window.ranges] == [(s.requests_topic, p)]
+    assert [r.tp for r in ck.window.ranges] == [(s.tier_topic("normal"), p)]
     ck.path.write_text(json.dumps({**ck.data, "version": 1, "offsets": {str(p): 2}, "window": {
-        "topic": s.requests_topic, "since_ms": None, "until_ms": None, "ranges": [[p, 0, 2]]}}))
+        "topic": s.tier_topic("normal"), "since_ms": None, "until_ms": None, "ranges": [[p, 0, 2]]}}))
     import inferlog.consumer.runners as runners
 
     def no_model(_):
@@ -464,7 +468,7 @@ def test_resume_with_nothing_left_loads_no_model(log, embed_runner, tmp_path, mo
     monkeypatch.setattr(runners, "build_runner", no_model)
     again = rr.resume(s, "cut", state_dir=state)
     assert again.status == "done" and again.records == 0 and again.done == 2 and again.counts["results"] == 2
-    assert again.topics == {s.requests_topic: (2, 2)}
+    assert again.topics == {s.tier_topic("normal"): (2, 2)}
     saved = json.loads(ck.path.read_text())
-    assert (saved["version"], saved["offsets"]) == (2, {s.requests_topic: {str(p): 2}}), "saved as version 2"
+    assert (saved["version"], saved["offsets"]) == (2, {s.tier_topic("normal"): {str(p): 2}}), "saved as version 2"
     assert len(sinks.read_rows(tmp_path / "two.jsonl")) == 2

@@ -52,7 +52,7 @@ class Member:
     """One worker of the group, on its own thread, with its own runner."""
 
     def __init__(self, settings, name: str, stages: str = "threads"):
-        self.id = f"{settings.group_id}.{name}"
+        self.id = f"{settings.worker_group}.{name}"
         self.worker = Worker(settings.with_overrides(worker_id=self.id, stages=stages),
                              load_runner(default_model_path(), device="cpu"))
         self.code: list[int] = []
@@ -84,7 +84,7 @@ def balanced(s, members: list[Member]) -> bool:
 def normal_answers(s, codec) -> Counter:
     """Results of the normal tier, by the worker id that answered them."""
     return Counter(r["worker_id"] for r in (codec.decode(x.value, expect=RESULT) for x in read_all(s, s.results_topic))
-                   if r["source"]["topic"] == s.requests_topic)
+                   if r["source"]["topic"] == s.tier_topic("normal"))
 
 
 @pytest.mark.timeout(600)
@@ -101,7 +101,7 @@ def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_ti
                 hostile += send_hostile(s, name)  # while the newcomer joins
                 wait_until(lambda: balanced(s, members), timeout=90, every=0.5,
                            what=f"a balanced share of both tiers with {len(members)} members: "
-                                f"{[(m.id, sorted(m.holds(s.requests_topic)), sorted(m.holds(s.high_priority_topic))) for m in members]}")
+                                f"{[(m.id, sorted(m.holds(s.tier_topic('normal'))), sorted(m.holds(s.tier_topic('high')))) for m in members]}")
                 before = normal_answers(s, codec)
                 # every member answers the normal tier in this step (the defect: a newcomer took
                 # all normal partitions and the older member answered none)
@@ -123,6 +123,6 @@ def test_workers_joining_a_serving_group_one_by_one_each_take_a_share_of_each_ti
     assert len(acc.requests) == stream.sent + hostile and not acc.dead_letters
     assert all(r["status"] == "OK" for r in acc.results)  # the hostile headers were dropped, not fatal
     tiers = Counter(r.topic for r in acc.requests)
-    assert tiers[s.high_priority_topic] > 0 and tiers[s.requests_topic] > 0
+    assert tiers[s.tier_topic("high")] > 0 and tiers[s.tier_topic("normal")] > 0
     answered = Counter((r["worker_id"], r["source"]["topic"]) for r in acc.results)
-    assert all(answered[(f"{s.group_id}.w2", t)] > 0 for t in s.request_topics), answered  # inline, both tiers
+    assert all(answered[(f"{s.worker_group}.w2", t)] > 0 for t in s.request_topics), answered  # inline, both tiers

@@ -10,7 +10,7 @@ from inferlog.consumer.runners import load_runner
 from inferlog.errors import UnknownModel
 from inferlog.producer.aio import AsyncProducer
 from inferlog.producer.replies import RequestFailed, result_partition
-from inferlog.producer.sync import Producer
+from inferlog.producer.sync import ProduceError, Producer
 from inferlog.settings import default_model_path
 from support import read_all, running_worker
 from test_gateway import fresh_settings
@@ -25,7 +25,7 @@ def stack(kafka):
 
 def check(res: dict, s, tier: str, n: int = 1) -> None:
     assert res["status"] == "OK" and len(res["outputs"]) == n and len(res["outputs"][0]["vector"]) == 384
-    assert res["source"]["topic"] == (s.high_priority_topic if tier == "high" else s.requests_topic)
+    assert res["source"]["topic"] == (s.tier_topic("high") if tier == "high" else s.tier_topic("normal"))
 
 
 def test_sync_infer_returns_results_and_raises_on_dead_letters(stack):
@@ -36,10 +36,13 @@ def test_sync_infer_returns_results_and_raises_on_dead_letters(stack):
         with pytest.raises(UnknownModel) as e:  # the SDK's own check: nobody announces it, nothing is sent
             p.infer("embed", "x", model="no-such-model", key="my-affinity-key", timeout=60)
         assert e.value.reason == "UNKNOWN_MODEL" and "no-such-model" in e.value.detail
-    with Producer(s, check_models=False) as p:  # sent anyway: the worker's dead letter comes back as RequestFailed
-        with pytest.raises(RequestFailed) as e:
-            p.infer("embed", "x", model="no-such-model", key="my-affinity-key", timeout=60)
-        assert e.value.reason == "UNKNOWN_MODEL" and "no-such-model" in e.value.detail
+    # unchecked, it goes to that model's topics, which nobody made: the delivery fails, and infer()
+    # says so (librdkafka gives up on a topic it cannot find after topic.metadata.propagation.max.ms)
+    with pytest.raises(ProduceError) as e, \
+            Producer(s, check_models=False, **{"topic.metadata.propagation.max.ms": 2000}) as p:
+        p.infer("embed", "x", model="no-such-model", key="my-affinity-key", timeout=60)
+    assert "UNKNOWN_TOPIC" in e.value.reason, e.value
+    with Producer(s, check_models=False) as p:
         with pytest.raises(TimeoutError):
             p.infer("embed", "too quick to answer", timeout=0.01)
 

@@ -1,8 +1,9 @@
 """The SDKs' and `inferlog produce`'s model check against the real broker (issue 26, item 3): a
 worker's real `Announcer` keeps its record on the models topic; a request naming a model nobody
-on the producer's request topics serves raises UnknownModel (a task its model does not do,
-UnsupportedTask) and nothing reaches the request topics; a request naming no model is not
-checked and starts no directory. The rule is the gateway's (inferlog/registry.py refuse_unserved).
+serves (on the topics the producer sends that model's requests to) raises UnknownModel (a task
+its model does not do, UnsupportedTask) and nothing reaches any request topic; a request naming
+no model is not checked and starts no directory. The rule is the gateway's
+(inferlog/registry.py refuse_unserved).
 """
 from __future__ import annotations
 
@@ -20,22 +21,25 @@ from inferlog.producer.cli import produce
 from inferlog.producer.sync import Producer
 from inferlog.registry import Announcer, Member
 from inferlog.settings import default_model_path
+from inferlog.topics import ensure_topics, request_topics
 from support import read_all
 
 NAME = "tiny-embedder"
-FILES = "/models/tiny-embedder"  # where its files are: a request may name the model by them too
+FILES = "/models/tiny-embedder"  # where its files are: no name of the model (its topics are its name's)
 
 
 def member(s, topics: list[str] | None = None) -> Member:
     now = int(time.time() * 1000)
     return Member(name=NAME, worker_id=s.worker_id, task="embed", revision=None, digest=None, limits={},
-                  chat_template=None, model=FILES, topics=topics if topics is not None else list(s.request_topics),
-                  group=s.group_id, host="test", started_at=now, heartbeat_at=now, announce_interval_s=30.0)
+                  chat_template=None, model=FILES, topics=topics if topics is not None else list(s.model_topics(NAME)),
+                  group=s.worker_group, host="test", started_at=now, heartbeat_at=now, announce_interval_s=30.0)
 
 
 @pytest.fixture
 def announced(broker_settings):
-    """broker_settings, with NAME (embed) announced by a worker reading its request topics."""
+    """broker_settings, with NAME (embed) announced by a worker reading its request topics (made
+    here, as that worker would make them)."""
+    ensure_topics(broker_settings, list(broker_settings.model_topics(NAME)))
     a = Announcer(broker_settings, member(broker_settings)).start()
     assert a.delivered == 1
     yield broker_settings
@@ -43,8 +47,9 @@ def announced(broker_settings):
 
 
 def published(s) -> list[dict]:
+    """The requests on every model's topics."""
     codec = Codec.from_settings(s)
-    return [codec.decode(r.value, expect=REQUEST) for t in s.request_topics for r in read_all(s, t)]
+    return [codec.decode(r.value, expect=REQUEST) for t in request_topics(s) for r in read_all(s, t)]
 
 
 def test_the_sync_sdk_refuses_a_model_nobody_serves_and_publishes_nothing(announced):
@@ -64,8 +69,10 @@ def test_the_sync_sdk_refuses_a_model_nobody_serves_and_publishes_nothing(announ
         with pytest.raises(UnknownModel):  # at once, not after its timeout
             p.infer("embed", "x", model="no-such-model", timeout=60)
         assert time.monotonic() - t0 < 20
-        ok = [p.submit("embed", "by name", model=NAME), p.submit("embed", "by files", model=FILES),
-              *p.submit_many([{"task": "embed", "inputs": ["many"], "model": NAME}])]
+        with pytest.raises(UnknownModel):  # its files name no topics of it
+            p.submit("embed", "by files", model=FILES)
+        ok = [p.submit("embed", "by name", model=NAME), *p.submit_many([{"task": "embed", "inputs": ["many"],
+                                                                         "model": NAME}])]
         p.flush()
         directory = p.models.directory
         assert directory is not None and directory.ready
@@ -76,7 +83,7 @@ def test_the_sync_sdk_refuses_a_model_nobody_serves_and_publishes_nothing(announ
 def test_a_worker_on_other_topics_does_not_count(broker_settings):
     """As at the gateway: only members reading this producer's request topics serve its requests."""
     s = broker_settings
-    a = Announcer(s, member(s, topics=[f"{s.requests_topic}.other"])).start()
+    a = Announcer(s, member(s, topics=[f"{s.tier_topic('normal')}.other"])).start()
     try:
         with Producer(s) as p, pytest.raises(UnknownModel):
             p.submit("embed", "x", model=NAME)
@@ -91,7 +98,10 @@ def test_a_request_without_a_model_starts_no_directory_and_the_opt_out_checks_no
         plain = p.submit("embed", "no model named")
         p.flush()
         assert p.models.directory is None
-    with Producer(s, check_models=False) as p:  # a caller publishing before its workers start
+    # a caller publishing before its workers start: their topics made first
+    # (`inferlog kafka topics --model not-served-yet`), the requests wait there for them
+    ensure_topics(s, list(s.model_topics("not-served-yet")))
+    with Producer(s, check_models=False) as p:
         early = p.submit("embed", "x", model="not-served-yet")
         p.flush()
         assert p.models.directory is None
@@ -126,7 +136,7 @@ def test_produce_reports_a_line_for_a_model_nobody_serves_and_publishes_the_othe
     f.write_text("".join(json.dumps(x) + "\n" for x in lines))
     res = CliRunner().invoke(produce, [str(f), *flags])
     assert res.exit_code == 1, res.output
-    assert f"sent 2 requests to {s.requests_topic}" in res.output
+    assert f"sent 2 requests (1 to {s.tier_topic('normal')}, 1 to {s.tier_topic('normal', NAME)})" in res.output
     assert "invalid: 2 line(s)" in res.output
     assert "line 3: UNKNOWN_MODEL: model 'no-such-model' is not served" in res.output
     assert "line 4: UNSUPPORTED_TASK:" in res.output
@@ -141,9 +151,12 @@ def test_produce_reports_a_line_for_a_model_nobody_serves_and_publishes_the_othe
                                        *flags])
     assert res.exit_code == 1, res.output
     assert "line 2: UNKNOWN_MODEL: model 'gone'" in res.output and "sent 1 requests" in res.output
-    assert [r.key for r in read_all(s, s.requests_topic) if r.key and r.key.startswith(b"b-")] == [b"b-1"]
+    assert [r.key for r in read_all(s, s.tier_topic("normal", NAME)) if r.key and r.key.startswith(b"b-")] == [b"b-1"]
 
-    # --no-check-models: published as written, for the workers that start later
+    # --no-check-models: published as written, for the workers that start later (their topics made first)
+    ensure_topics(s, list(s.model_topics("no-such-model")))
     res = CliRunner().invoke(produce, [str(f), "--no-check-models", *flags])
     assert res.exit_code == 0, res.output
-    assert f"sent 4 requests to {s.requests_topic}" in res.output
+    assert "sent 4 requests (" in res.output
+    for n, model in ((1, None), (2, NAME), (1, "no-such-model")):
+        assert f"{n} to {s.tier_topic('normal', model)}" in res.output, res.output

@@ -207,7 +207,7 @@ def test_producer_principal_submits_but_cannot_read_or_write_results(secure):
     # it may not even see the results topic, nor read the requests it wrote
     assert describe_error(prod, prod.results_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     assert read_errors(prod, prod.results_topic) & AUTHZ
-    assert read_errors(prod, prod.requests_topic) & AUTHZ
+    assert read_errors(prod, prod.tier_topic("normal")) & AUTHZ
     assert produce_error(prod, prod.results_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     assert produce_error(prod, prod.deadletter_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
 
@@ -249,14 +249,14 @@ def test_worker_principal_answers_exactly_once_and_nothing_more(secure, embed_ru
     assert answered == Counter(requests), "not every request answered exactly once"
     assert not acc.dead_letters and {r["status"] for r in acc.results} == {"OK"}
 
-    assert produce_error(worker, worker.requests_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    assert produce_error(worker, worker.tier_topic("normal")).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     # it sees the results topic and reads it back by assignment (its sweep), in its own group
     assert describe_error(worker, worker.results_topic) is None
-    assert first_record(worker, worker.results_topic, worker.group_id) is not None
+    assert first_record(worker, worker.results_topic, worker.worker_group) is not None
     # its own group only: another group id cannot join
     c = Consumer(confluent_config(worker, **{"group.id": unique("other"), "auto.offset.reset": "earliest"}))
     try:
-        c.subscribe([worker.requests_topic])
+        c.subscribe([worker.tier_topic("normal")])
         errs = [m.error() for m in c.consume(10, 8) if m.error() is not None]
         assert errs and errs[0].code() == KafkaError.GROUP_AUTHORIZATION_FAILED, errs
     finally:
@@ -270,7 +270,7 @@ def test_worker_principal_answers_exactly_once_and_nothing_more(secure, embed_ru
 
 
 def request_positions(settings: Settings) -> list[tuple[str, int, int]]:
-    return [(t, r.partition, r.offset) for t in (settings.requests_topic, settings.high_priority_topic)
+    return [(t, r.partition, r.offset) for t in (settings.tier_topic("normal"), settings.tier_topic("high"))
             for r in read_all(settings, t)]
 
 
@@ -313,12 +313,21 @@ def test_roles_follow_settings_and_never_grant_cross_writes():
     acls = {role: role_acls(role, f"User:{role}", s) for role in ROLES}
     writes = {role: {a.name for a in acl if a.operation == "WRITE" and a.resource == "topic"} for role, acl in acls.items()}
     reads = {role: {a.name for a in acl if a.operation == "READ" and a.resource == "topic"} for role, acl in acls.items()}
-    assert writes == {"producer": {"q", "qh"}, "gateway": {"q", "qh"},
+    # request topics: every model's (q.<model>, qh.<model>: prefixed) and the shared layout's (literal)
+    requests = {"q", "qh", "q.", "qh."}
+    assert writes == {"producer": requests, "gateway": requests,
                       "worker": {"r", s.deadletter_topic, s.models_topic}, "auditor": set()}
+    assert {(a.name, a.pattern) for a in acls["producer"] if a.operation == "WRITE"} == {
+        ("q", "literal"), ("qh", "literal"), ("q.", "prefixed"), ("qh.", "prefixed")}
     assert reads["producer"] == {s.models_topic}  # the registry: the model check
-    assert reads["worker"] == {"q", "qh", "r", s.deadletter_topic}  # its outputs: the sweep reads them back
+    assert reads["worker"] == requests | {"r", s.deadletter_topic}  # its outputs: the sweep reads them back
     assert reads["gateway"] == {"r", s.deadletter_topic, s.models_topic}  # the model registry, by assignment
-    assert ("transactional_id", "inferlog-g1-", "prefixed") in {(a.resource, a.name, a.pattern) for a in acls["worker"]}
+    granted = {(a.resource, a.name, a.pattern, a.operation) for a in acls["worker"]}
+    # each model's group (g1.<model>) and transactional ids (inferlog-g1.<model>-<worker>)
+    assert {("group", "g1.", "prefixed", "READ"), ("transactional_id", "inferlog-g1.", "prefixed", "WRITE")} <= granted
+    assert {("group", "g1", "literal", "READ"), ("transactional_id", "inferlog-g1-", "prefixed", "WRITE")} <= granted
+    assert ("topic", "q.", "prefixed", "CREATE") in granted  # a new model's worker makes its topics
+    assert not [a for a in acls["producer"] + acls["gateway"] if a.operation == "CREATE"]
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ from support import read_all
 
 def test_a_sweep_leaves_one_aborted_record_per_partition_and_commits_go_on(broker_settings):
     s = broker_settings
-    consumer = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False,
+    consumer = Consumer(confluent_config(s, **{"group.id": s.worker_group, "enable.auto.commit": False,
                                                "isolation.level": "read_committed"}))
     emitter = TransactionalEmitter(s, consumer)  # sweeps at start
     try:
-        emitter.commit([Out(s.results_topic, b"k", b"an answer", [], "OK", source=(s.requests_topic, 0, 0))],
-                       {(s.requests_topic, 0): 1}, consumer.consumer_group_metadata())
-        committed = consumer.committed([TopicPartition(s.requests_topic, 0)], timeout=30)
+        emitter.commit([Out(s.results_topic, b"k", b"an answer", [], "OK", source=(s.tier_topic("normal"), 0, 0))],
+                       {(s.tier_topic("normal"), 0): 1}, consumer.consumer_group_metadata())
+        committed = consumer.committed([TopicPartition(s.tier_topic("normal"), 0)], timeout=30)
     finally:
         emitter.close()
         consumer.close()

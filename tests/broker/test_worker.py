@@ -71,7 +71,7 @@ def test_embeddings_exactly_once_match_the_model_and_carry_provenance(broker_set
         rid = res["request_id"]
         assert res["status"] == "OK"
         src, req = res["source"], requests[rid]
-        assert (src["topic"], src["partition"], src["offset"]) == (s.requests_topic, req.partition, req.offset)
+        assert (src["topic"], src["partition"], src["offset"]) == (s.tier_topic("normal"), req.partition, req.offset)
         got, want = res["outputs"][0]["vector"], expected[rid]["vector"]
         assert len(got) == 384
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
@@ -184,7 +184,7 @@ def test_at_least_once_mode_and_back_pressure(broker_settings, embed_runner):
 
     def watch(w):  # the engine's own count, sampled from another thread while the worker runs
         while not done.wait(0.002):
-            most[0] = max(most[0], w.engine.pending_in(s.requests_topic))
+            most[0] = max(most[0], w.engine.pending_in(s.tier_topic("normal")))
 
     with running_worker(s, embed_runner) as w:
         watcher = threading.Thread(target=watch, args=(w,), daemon=True)
@@ -239,9 +239,9 @@ def answered_once(s, n: int):
 
 
 def committed(s) -> dict[int, int]:
-    c = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False}))
+    c = Consumer(confluent_config(s, **{"group.id": s.worker_group, "enable.auto.commit": False}))
     try:
-        tps = c.committed([TopicPartition(s.requests_topic, p) for p in range(s.partitions)], timeout=30)
+        tps = c.committed([TopicPartition(s.tier_topic("normal"), p) for p in range(s.partitions)], timeout=30)
         return {tp.partition: tp.offset for tp in tps}
     finally:
         c.close()
@@ -345,7 +345,7 @@ def test_processes_share_the_group_and_one_failing_restarts_the_pod(broker_setti
     acc = answered_once(broker_settings, total)
     assert {r["worker_id"] for r in acc.results} == {"pod-p0", "pod-p1"}
     tiers = Counter(r["source"]["topic"] for r in acc.results)
-    assert tiers[broker_settings.high_priority_topic] > 0 and tiers[broker_settings.requests_topic] > n, tiers
+    assert tiers[broker_settings.tier_topic("high")] > 0 and tiers[broker_settings.tier_topic("normal")] > n, tiers
 
 
 def read_all_results(s) -> list[dict]:
@@ -363,7 +363,7 @@ def test_high_priority_overtakes_a_backlog_without_starving_it(broker_settings, 
     produce_raw(broker_settings, [(None, v) for v in normal])
     high_recs = [build_request("embed", f"urgent {i}", priority=5) for i in range(6)]
     produce_raw(broker_settings, [(None, codec.encode(REQUEST, r)) for r in high_recs],
-                topic=broker_settings.high_priority_topic)
+                topic=broker_settings.tier_topic("high"))
     s = broker_settings.with_overrides(max_batch_size=16, max_in_flight=128)
     with running_worker(s, embed_runner) as w:
         wait_until(lambda: output_count(s) >= len(normal) + len(high_recs), timeout=240, what="all results")
@@ -374,5 +374,5 @@ def test_high_priority_overtakes_a_backlog_without_starving_it(broker_settings, 
     ranks = [i for i, r in enumerate(results) if r["request_id"] in urgent]
     # all urgent ones were answered while the backlog of 600 was still mostly waiting
     assert len(ranks) == 6 and max(ranks) < 150, ranks
-    assert {r["source"]["topic"] for r in results if r["request_id"] in urgent} == {s.high_priority_topic}
+    assert {r["source"]["topic"] for r in results if r["request_id"] in urgent} == {s.tier_topic("high")}
     assert w.counts["pauses"] > 0  # the backlog was held back by back-pressure, the urgent tier was not

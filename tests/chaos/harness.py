@@ -45,8 +45,11 @@ def own_topics(bootstrap: str, prefix: str):
 
 
 def worker_env(s, model_dir, **extra) -> dict:
+    """A worker process's environment: the model of `model_dir` served under the name of the
+    settings' own model, so that the test's producers (whose requests name none) reach it."""
     env = dict(os.environ)
     env.update({
+        "INFERLOG_SERVED_MODEL_NAME": s.served_name,
         "INFERLOG_BOOTSTRAP_SERVERS": s.bootstrap_servers, "INFERLOG_REQUESTS_TOPIC": s.requests_topic,
         "INFERLOG_HIGH_PRIORITY_TOPIC": s.high_priority_topic,
         "INFERLOG_RESULTS_TOPIC": s.results_topic, "INFERLOG_DEADLETTER_TOPIC": s.deadletter_topic,

@@ -48,10 +48,10 @@ def hung(s) -> list[str]:
     """What is stuck: request partitions whose offsets never read stable, result partitions
     whose last stable offset stops short of their end."""
     admin = admin_of(s)
-    tps = [TopicPartition(s.requests_topic, p) for p in range(6)]
+    tps = [TopicPartition(s.tier_topic("normal"), p) for p in range(6)]
     try:  # librdkafka asks again while the offsets are unstable, until its timeout
-        got = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(s.group_id, tps)], require_stable=True,
-                                                request_timeout=5)[s.group_id].result(timeout=10)
+        got = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(s.worker_group, tps)], require_stable=True,
+                                                request_timeout=5)[s.worker_group].result(timeout=10)
         stuck = [f"offsets {tp.partition}" for tp in got.topic_partitions if tp.error]
     except KafkaException as e:
         stuck = [f"offsets unreadable ({e.args[0].str()})"]
@@ -85,8 +85,9 @@ def test_a_worker_restarted_under_its_id_ends_what_kafka_left_hanging(tmp_path, 
     try:
         s = load_settings(bootstrap_servers=broker.bootstrap, requests_topic=f"{prefix}.requests",
                           high_priority_topic=f"{prefix}.requests.high", results_topic=f"{prefix}.results",
-                          deadletter_topic=f"{prefix}.deadletter", group_id=f"{prefix}.workers", worker_id="w0")
-        txn_id = f"inferlog-{s.group_id}-{s.worker_id}"  # the emitter's
+                          deadletter_topic=f"{prefix}.deadletter", group_id=f"{prefix}.workers", worker_id="w0",
+                          topic_layout="shared")  # captured before models had topics of their own
+        txn_id = f"inferlog-{s.worker_group}-{s.worker_id}"  # the emitter's
         wait_until(lambda: hung(s) == hanging, timeout=60, what=f"{hanging} hanging")
         # init_transactions alone (a successor under the same id) does not end it: Kafka counts
         # that transaction as complete, and keeps its offsets pending and its records open
@@ -95,19 +96,19 @@ def test_a_worker_restarted_under_its_id_ends_what_kafka_left_hanging(tmp_path, 
         time.sleep(3.0)
         assert hung(s) == hanging
         del successor  # freed here, while its broker runs (the emitter's init fences it anyway)
-        tps = [TopicPartition(s.requests_topic, p) for p in range(6)]
-        before = last_committed(admin_of(s), s.group_id, tps, patience=30)
-        consumer = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.group_id})
+        tps = [TopicPartition(s.tier_topic("normal"), p) for p in range(6)]
+        before = last_committed(admin_of(s), s.worker_group, tps, patience=30)
+        consumer = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.worker_group})
         try:
             TransactionalEmitter(s, consumer).close()  # init_transactions, then the sweep
         finally:
             consumer.close()
         wait_until(lambda: not hung(s), timeout=30, what="the sweep to end it")
         # aborted: the offsets are those committed before it, and its records stay invisible
-        reader = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.group_id,
+        reader = Consumer({"bootstrap.servers": s.bootstrap_servers, "group.id": s.worker_group,
                            "isolation.level": "read_committed"})
         try:
-            after = committed_offsets(reader, tps + [TopicPartition(s.high_priority_topic, p) for p in range(6)],
+            after = committed_offsets(reader, tps + [TopicPartition(s.tier_topic("high"), p) for p in range(6)],
                                       patience=30)
         finally:
             reader.close()

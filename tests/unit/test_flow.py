@@ -9,7 +9,7 @@ from inferlog.settings import Settings
 from support import Fetched as Msg
 
 S = Settings(max_in_flight=4)
-NORMAL, HIGH = S.requests_topic, S.high_priority_topic
+NORMAL, HIGH = S.tier_topic("normal"), S.tier_topic("high")
 
 
 class Engine:
@@ -33,7 +33,7 @@ class Engine:
 
 def flow_with(settings: Settings = S) -> tuple[FlowControl, Engine]:
     engine = Engine()
-    return FlowControl(settings, engine.pending.__getitem__), engine
+    return FlowControl(settings, lambda tier: engine.pending[settings.tier_topic(tier)]), engine
 
 
 def msgs(topic: str, offsets, partition: int = 0) -> list[Msg]:

@@ -55,6 +55,21 @@ def test_quotas_refill_and_release():
     assert q.in_flight["a"] == 0
 
 
+def test_quotas_count_each_model_apart():
+    """A tenant's backlog on one model leaves its quota on another whole (isolation, issue 26)."""
+    q = Quotas(rate=0, burst=1, max_in_flight=2, ttl=60)
+    for i in range(2):
+        q.admit("a", "slow-model")
+        q.track(f"s{i}", "a", "slow-model")
+    with pytest.raises(QuotaExceeded, match="in flight for model 'slow-model'"):
+        q.admit("a", "slow-model")
+    q.admit("a", "fast-model")  # the other model's quota is untouched
+    q.track("f0", "a", "fast-model")
+    q.done("s0")
+    q.admit("a", "slow-model")
+    assert q.in_flight == {("a", "slow-model"): 1, ("a", "fast-model"): 1}
+
+
 def test_api_keys_and_open_mode():
     assert parse_api_keys(" k1:a , k:2:b,") == {"k1": "a", "k:2": "b"}
     with pytest.raises(ConfigError):
@@ -184,7 +199,7 @@ def test_every_answered_submission_is_counted_401_under_unauthenticated_a_bad_bo
     counted = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("inferlog_gateway_requests_total{")}
     assert counted == {
-        'inferlog_gateway_requests_total{code="401",tenant="unauthenticated",tier="unknown"}': 3.0,
-        'inferlog_gateway_requests_total{code="400",tenant="tenant-a",tier="unknown"}': 1.0,
-        'inferlog_gateway_requests_total{code="422",tenant="tenant-b",tier="unknown"}': 2.0,
+        'inferlog_gateway_requests_total{code="401",model="unknown",tenant="unauthenticated",tier="unknown"}': 3.0,
+        'inferlog_gateway_requests_total{code="400",model="unknown",tenant="tenant-a",tier="unknown"}': 1.0,
+        'inferlog_gateway_requests_total{code="422",model="unknown",tenant="tenant-b",tier="unknown"}': 2.0,
     }, text

@@ -16,7 +16,7 @@ from inferlog.settings import Settings
 from support import Fetched as Msg
 
 S = Settings(max_in_flight=2)
-NORMAL, HIGH = S.requests_topic, S.high_priority_topic
+NORMAL, HIGH = S.tier_topic("normal"), S.tier_topic("high")
 
 
 def keys(tps) -> list[tuple[str, int]]:
@@ -92,7 +92,7 @@ class Committer:
 
 def member(*ranges: PartitionRange):
     consumer, engine = Consumer(), Engine()
-    flow = FlowControl(S, engine.pending_in)
+    flow = FlowControl(S, lambda tier: engine.pending_in(S.tier_topic(tier)))
     window = Window(tuple(dict.fromkeys(r.topic for r in ranges)), ranges, None, None)
     reader = GroupReader(window, consumer, engine, Committer(), flow, Progress({}), None, "run-group")
     return reader, consumer, engine, flow

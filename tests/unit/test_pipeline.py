@@ -115,7 +115,7 @@ class Gated(EchoRunner):
 
 def pending(offset: int, inputs: int = 1) -> Pending:
     """A decoded request at `offset` with `inputs` inputs of tokens(offset) ids each."""
-    p = Pending(S.requests_topic, 0, offset, 1, f"k{offset}".encode(), b"v", None, now_ms())
+    p = Pending(S.tier_topic('normal'), 0, offset, 1, f"k{offset}".encode(), b"v", None, now_ms())
     p.request = validate_request(build_request("embed", [f"text {offset}"] * inputs), Limits())
     p.ids = [[1] * tokens(offset)] * inputs
     return p

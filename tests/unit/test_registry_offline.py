@@ -20,9 +20,10 @@ from inferlog.settings import Settings
 T0 = 1_800_000_000_000  # epoch ms
 
 
-def member(name="m", worker="w0", task="embed", at=T0, interval=10.0, started=T0, **kw) -> Member:
+def member(name="m", worker="w0", task="embed", at=T0, interval=10.0, started=T0, topics=("r.high", "r"),
+           **kw) -> Member:
     return Member(name=name, worker_id=worker, task=task, revision=None, digest="abc", limits={"max_inputs": 64},
-                  chat_template=None, model=f"/models/{name}", topics=["r.high", "r"], group="g", host="h",
+                  chat_template=None, model=f"/models/{name}", topics=list(topics), group="g", host="h",
                   started_at=started, heartbeat_at=at, announce_interval_s=interval, **kw)
 
 
@@ -91,21 +92,29 @@ def test_the_check_before_publishing():
         reg.check("gpt", "generate", T0 + 30_000)
 
 
-def test_with_topics_only_the_members_reading_them_count():
-    """Until requests are routed by model, a gateway reaches the workers on its own topics only."""
+def test_only_the_members_a_publishers_requests_reach_count():
+    """Requests are routed by model: a member counts when it reads the topics that requests naming
+    it are published to, in the publisher's layout."""
+    s = Settings(requests_topic="r", high_priority_topic="r.high")
+    assert s.model_topics("minilm") == ("r.high.minilm", "r.minilm")
     reg = Registry()
-    put(reg, member(name="minilm", worker="a"))  # reads r.high and r
-    put(reg, replace(member(name="gpt", worker="b"), topics=["g.high", "g"]))
+    put(reg, member(name="minilm", worker="a", topics=list(s.model_topics("minilm"))))
+    put(reg, member(name="gpt", worker="b"))  # a shared-layout worker: reads r.high and r
     assert set(reg.live(T0)) == {"minilm", "gpt"}
-    assert set(reg.live(T0, frozenset({"r", "r.high"}))) == {"minilm"}
-    assert set(reg.live(T0, frozenset({"g"}))) == {"gpt"}
+    assert set(reg.live(T0, s.model_topics)) == {"minilm"}
+    assert set(reg.live(T0, s.with_overrides(topic_layout="shared").model_topics)) == {"gpt"}
     with pytest.raises(UnknownModel, match="served: minilm"):
-        reg.check("gpt", "generate", T0, frozenset({"r", "r.high"}))
-    d = ModelDirectory(Settings(requests_topic="g", high_priority_topic="g.high"), clock=lambda: T0,
-                       topics=("g.high", "g"))
+        reg.check("gpt", "generate", T0, s.model_topics)
+    d = request_directory(s, clock=lambda: T0)
     for m in reg.members.values():
         d.apply(m.key, m.to_json())
-    assert list(d.live()) == ["gpt"] and d.find("minilm") is None
+    assert list(d.live()) == ["minilm"] and d.find("gpt") is None
+    # by its files only where a request naming them reaches it: the shared layout's one pair
+    assert d.find("/models/minilm") is None
+    shared = request_directory(s.with_overrides(topic_layout="shared"), clock=lambda: T0)
+    for m in reg.members.values():
+        shared.apply(m.key, m.to_json())
+    assert shared.find("/models/gpt").name == "gpt"
 
 
 def test_openai_shape_of_a_live_model():
@@ -129,15 +138,16 @@ def test_the_directory_answers_on_its_clock_before_and_after_records():
 
 def test_publishers_refuse_only_a_named_model_and_only_once_the_registry_is_read():
     """refuse_unserved: the gateway's, the SDKs' and `inferlog produce`'s one rule."""
-    d = request_directory(Settings(requests_topic="r", high_priority_topic="r.high"), clock=lambda: T0)
-    assert d.topics == frozenset({"r", "r.high"})
+    s = Settings(requests_topic="r", high_priority_topic="r.high", topic_layout="shared")
+    d = request_directory(s, clock=lambda: T0)
+    assert d.routes("m") == ("r.high", "r")
     refuse_unserved(d, "no-such-model", "embed")  # not read yet: nothing is refused
     m = member()
     d.apply(m.key.encode(), m.to_json())
     d._ready.set()
     refuse_unserved(d, None, "generate")  # no model named: never checked
     refuse_unserved(d, "m", "embed")
-    refuse_unserved(d, "/models/m", "EMBED")  # by its files; the task in either case
+    refuse_unserved(d, "/models/m", "EMBED")  # by its files (one topic pair); the task in either case
     with pytest.raises(UnknownModel):
         refuse_unserved(d, "no-such-model", "embed")
     with pytest.raises(UnsupportedTask):
@@ -207,10 +217,11 @@ def test_nothing_delivered_means_no_tombstone_and_one_warning(caplog):
 
 
 def test_what_a_worker_announces(tiny_runner_info):
-    s = Settings(model="/srv/gpt", model_name="my-gpt", worker_id="w1", group_id="g", max_input_tokens=4096)
+    s = Settings(model="/srv/gpt", model_name="my-gpt", worker_id="w1", group_id="g", max_input_tokens=4096,
+                 requests_topic="r", high_priority_topic="r.high")
     m = announcement(s, tiny_runner_info)
-    assert (m.name, m.task, m.worker_id, m.group, m.model) == ("my-gpt", "generate", "w1", "g", "/srv/gpt")
-    assert m.topics == [s.high_priority_topic, s.requests_topic] and m.key == "my-gpt/w1"
+    assert (m.name, m.task, m.worker_id, m.model) == ("my-gpt", "generate", "w1", "/srv/gpt")
+    assert m.topics == ["r.high.my-gpt", "r.my-gpt"] and m.group == "g.my-gpt" and m.key == "my-gpt/w1"
     assert (m.revision, m.digest, m.chat_template) == ("rev1", "d1g", "{{ messages }}")
     assert m.limits["max_input_tokens"] == 1024  # the model's own limit is the smaller
     assert m.limits["max_new_tokens_limit"] == s.max_new_tokens_limit

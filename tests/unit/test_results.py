@@ -18,7 +18,7 @@ BUILDER = ResultBuilder(CODEC, S, SimpleNamespace(name="m", revision=None, diges
 
 
 def pending(key=b"k", value=b"v", inputs=("a",)):
-    p = Pending(S.requests_topic, 3, 42, 1, key, value, [("h", b"x")], 0)
+    p = Pending(S.tier_topic("normal"), 3, 42, 1, key, value, [("h", b"x")], 0)
     limits = Limits(max_inputs=1000)
     p.request = validate_request(build_request("embed", list(inputs), limits=limits), limits)
     return p
@@ -107,7 +107,7 @@ def test_a_dead_letter_near_the_size_limit_leaves_key_and_value_at_the_source():
     assert len(out.value) + len(out.key or b"") < 1_000_000
     dl = CODEC.decode(out.value, expect=DEADLETTER)
     assert dl["value"] is None and dl["key"] is None and "not carried" in dl["detail"]
-    assert dl["source"] == {"topic": S.requests_topic, "partition": 3, "offset": 42}
+    assert dl["source"] == {"topic": S.tier_topic("normal"), "partition": 3, "offset": 42}
 
 
 def test_a_small_dead_letter_carries_the_original():

@@ -72,8 +72,23 @@ def test_nothing_but_the_settings_reads_the_environment_for_inferlog():
 
 
 def test_every_setting_is_read_by_the_product():
+    """Read directly, or by a method of Settings that the product calls (served_name, worker_group...)."""
     source = "\n".join(f.read_text() for f in product_files() if f.name not in ("settings.py", "configdoc.py"))
-    unread = [n for n in Settings.model_fields if not re.search(rf"\.{n}\b", source)]
+    read = {n for n in Settings.model_fields if re.search(rf"\.{n}\b", source)}
+    cls = next(n for n in ast.walk(ast.parse((REPO / "inferlog" / "settings.py").read_text()))
+               if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+    called = {name for name in methods if re.search(rf"\.{name}\b", source)}
+    while called:  # what those methods read, and the methods they call in turn
+        f = methods[called.pop()]
+        for node in ast.walk(f):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                if node.attr in Settings.model_fields:
+                    read.add(node.attr)
+                elif node.attr in methods and node.attr not in read:
+                    read.add(node.attr)
+                    called.add(node.attr)
+    unread = [n for n in Settings.model_fields if n not in read]
     assert not unread, f"settings no code reads: {unread}"
 
 
