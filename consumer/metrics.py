@@ -2,6 +2,12 @@
 
 Each worker owns its registry (several workers in one process, as in tests, do not mix).
 Names are documented in the README; labels stay low-cardinality (no request ids).
+
+Every series a worker exports carries `model="<served name>"` (several models share one
+Prometheus and one dashboard). prometheus_client has no constant labels, so the label is added
+where the series leave the process: `Metrics.exported`, the registry /metrics serves, relabels
+each sample of `Metrics.registry` as it is collected. The metric objects and their call sites
+keep their own labels, and in-process readers (`registry.get_sample_value`) match without it.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 # no `_created` series beside every counter and histogram: a timestamp per series nobody charts
@@ -23,8 +30,32 @@ SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKENS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
+class ModelLabelled:
+    """A collector: every family of `metrics.registry`, each sample with `model` added (the
+    value of `metrics.model` at collection time; nothing is added while it is None)."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        model = self.metrics.model
+        for family in self.metrics.registry.collect():
+            if model is None:
+                yield family
+                continue
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**s.labels, "model": model}) for s in family.samples]
+            yield out
+
+
 class Metrics:
-    def __init__(self) -> None:
+    """model: the served name the worker's series are exported under (settings.served_name)."""
+
+    def __init__(self, model: str | None = None) -> None:
+        self.model = model
+        # what /metrics serves: the registry below, each series labelled with the model
+        self.exported = CollectorRegistry()
+        self.exported.register(ModelLabelled(self))
         r = self.registry = CollectorRegistry()
         self.consumed = Counter("inferlog_records_consumed", "Records fetched from the requests topic", registry=r)
         self.results = Counter("inferlog_results", "Results committed, by status", ["status"], registry=r)
@@ -89,7 +120,9 @@ class Metrics:
 
 class LagSampler:
     """`inferlog_consumer_lag{topic,partition}`: log end minus the group's committed offset (the
-    log start where nothing is committed), asked of the cluster on a thread of its own.
+    log start where nothing is committed), asked of the cluster on a thread of its own. The
+    group is the model's own (settings.worker_group); `model` is added on export, as to every
+    worker series.
 
     On the loop thread it cost ~200 ms a sample here: a read_committed consumer's committed()
     waits for its own transaction's offsets to be stable, with a 100 ms retry backoff. The admin
@@ -103,7 +136,7 @@ class LagSampler:
         from inferlog.clients import confluent_config
 
         self.admin, self.group, self.gauge, self.timeout = AdminClient(confluent_config(settings)), \
-            settings.group_id, gauge, timeout
+            settings.worker_group, gauge, timeout
         self._want: list | None = None  # the partitions to sample next (the worker's current assignment)
         self._wake = threading.Condition()
         self._stop = False
@@ -177,7 +210,7 @@ class HealthServer:
             def do_GET(self):
                 path = self.path.split("?")[0]
                 if path == "/metrics":
-                    return self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                    return self._send(200, generate_latest(metrics.exported), CONTENT_TYPE_LATEST)
                 if path == "/healthz":
                     ok, why = alive()
                     return self._send(200 if ok else 503, json.dumps({"alive": ok, "detail": why}).encode())
