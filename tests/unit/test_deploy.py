@@ -3,7 +3,8 @@
 - helm/inferlog: `helm lint` and `helm template` for the default values and each
   helm/inferlog/ci/*.yaml; every rendered object against the Kubernetes OpenAPI schemas
   (kubernetes-validate, bundled) and the custom resources against their CRDs' schemas;
-  values.schema.json and the chart's guards reject bad values.
+  values.schema.json and the chart's guards reject bad values; each served model's workers,
+  KEDA topics and group against the worker's own rule (inferlog/settings.py).
 - docker-compose.yml against the Compose Specification schema (from compose-go, the
   loader of `docker compose`), plus the references the schema cannot see.
 - The Grafana dashboard and the Prometheus config against the worker's metrics.
@@ -28,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "inferlog"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 TOOLS = Path(os.environ.get("INFERLOG_TOOLS_DIR", ROOT / ".tools"))
 METRICS_PORT = 9464
 
@@ -126,8 +128,12 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def workers_of(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
 def worker_of(docs: list[dict]) -> dict:
-    (w,) = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    (w,) = workers_of(docs)
     return w
 
 
@@ -232,15 +238,180 @@ def test_keda_owns_the_replica_count(helm):
     (so,) = by_kind(docs, "ScaledObject")
     assert so["spec"]["maxReplicaCount"] <= 12  # kafka.partitions in keda-values.yaml
     triggers = so["spec"]["triggers"]
-    # one per tier: the high tier's backlog scales the workers as the normal one's does
-    assert sorted(t["metadata"]["topic"] for t in triggers) == ["inferlog.requests", "inferlog.requests.high"]
+    # one per tier of the model: the high tier's backlog scales the workers as the normal one's does
+    assert sorted(t["metadata"]["topic"] for t in triggers) == ["inferlog.requests.all-MiniLM-L6-v2",
+                                                                "inferlog.requests.high.all-MiniLM-L6-v2"]
     for t in triggers:
         assert t["type"] == "kafka"
-        assert t["metadata"]["consumerGroup"] == "inferlog-workers"
-    # and the workers read the topics KEDA watches
+        assert t["metadata"]["consumerGroup"] == "inferlog-workers.all-MiniLM-L6-v2"
+    # and the workers read the topics KEDA watches: the prefixes, followed by their served name
     env = {e["name"]: e.get("value") for e in worker_of(docs)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert (env["INFERLOG_REQUESTS_TOPIC"], env["INFERLOG_HIGH_PRIORITY_TOPIC"]) == ("inferlog.requests",
                                                                                   "inferlog.requests.high")
+    assert env["INFERLOG_SERVED_MODEL_NAME"] == "all-MiniLM-L6-v2" and env["INFERLOG_TOPIC_LAYOUT"] == "per-model"
+
+
+# -- helm: one set of request topics, one group and one workload per served model ---------------
+
+def model_settings(name: str, layout: str = "per-model"):
+    """A worker's settings for the served model `name`, with the chart's default topic and group
+    names: what it reads and the group it joins (inferlog/settings.py)."""
+    from inferlog.settings import Settings
+
+    k = DEFAULTS["kafka"]
+    return Settings(model_name=name, requests_topic=k["topics"]["requests"], high_priority_topic=k["topics"]["high"],
+                    group_id=k["groupId"], topic_layout=layout)
+
+
+def scaled_topics(so: dict) -> tuple[set[str], set[str]]:
+    """A ScaledObject's topics and consumer groups."""
+    meta = [t["metadata"] for t in so["spec"]["triggers"] if t["type"] == "kafka"]
+    return {m["topic"] for m in meta}, {m["consumerGroup"] for m in meta}
+
+
+def test_without_models_the_default_model_has_its_own_topics_and_group(helm):
+    """No `models`: one worker as before (its object names and selector), on the topics and in
+    the group of the embedded model's served name, as the worker computes them."""
+    docs = render(helm, sets=["keda.enabled=true"])
+    k = DEFAULTS["kafka"]
+    assert (k["topics"]["requests"], k["topics"]["high"], k["groupId"]) == (
+        "inferlog.requests", "inferlog.requests.high", "inferlog-workers")
+    assert DEFAULTS["models"] == [] and DEFAULTS["worker"]["model"] == DEFAULTS["worker"]["modelName"] == ""
+    w = worker_of(docs)
+    assert w["metadata"]["name"] == "rel-inferlog"
+    assert "inferlog.dev/model" not in w["spec"]["selector"]["matchLabels"]  # a selector cannot change
+    assert w["spec"]["template"]["metadata"]["labels"]["inferlog.dev/model"] == "all-MiniLM-L6-v2"
+    env = env_of(w["spec"]["template"]["spec"]["containers"][0])
+    assert env["INFERLOG_SERVED_MODEL_NAME"]["value"] == "all-MiniLM-L6-v2" and "INFERLOG_MODEL" not in env
+    (so,) = by_kind(docs, "ScaledObject")
+    assert so["metadata"]["name"] == so["spec"]["scaleTargetRef"]["name"] == "rel-inferlog"
+    assert scaled_topics(so) == ({"inferlog.requests.all-MiniLM-L6-v2", "inferlog.requests.high.all-MiniLM-L6-v2"},
+                                 {"inferlog-workers.all-MiniLM-L6-v2"})
+    s = model_settings("all-MiniLM-L6-v2")
+    assert scaled_topics(so) == (set(s.request_topics), {s.worker_group})
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    assert pdb["metadata"]["name"] == "rel-inferlog"
+    assert pdb["spec"]["selector"]["matchLabels"] == w["spec"]["selector"]["matchLabels"]
+    (job,) = by_kind(docs, "Job")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert env_of(c)["INFERLOG_SERVED_MODEL_NAME"]["value"] == "all-MiniLM-L6-v2"
+
+
+def test_shared_topic_layout_keeps_the_topics_and_group_as_named(helm):
+    docs = render(helm, sets=["keda.enabled=true", "kafka.topicLayout=shared"])
+    (so,) = by_kind(docs, "ScaledObject")
+    s = model_settings("all-MiniLM-L6-v2", "shared")
+    assert scaled_topics(so) == (set(s.request_topics), {s.worker_group}) == (
+        {"inferlog.requests", "inferlog.requests.high"}, {"inferlog-workers"})
+    env = env_of(worker_of(docs)["spec"]["template"]["spec"]["containers"][0])
+    assert env["INFERLOG_TOPIC_LAYOUT"]["value"] == "shared"
+
+
+@pytest.mark.parametrize("model", ["my-gpt2", "models--Qwen--Qwen2.5-0.5B-Instruct/snapshots/0123abc",
+                                   "sentence-transformers/all-mpnet-base-v2", ""])
+def test_served_name_from_the_worker_model_is_the_workers(helm, tmp_path, model):
+    """Without worker.modelName the chart names the model as `inferlog worker` would (a folder's
+    name, a hub cache snapshot's repository, a hub id as it is) and passes that name on."""
+    from inferlog.settings import DEFAULT_NAME, served_name_of
+
+    if model and not model.startswith("sentence-transformers/"):  # folders: as mounted in the pod
+        (tmp_path / model).mkdir(parents=True)
+        model = str(tmp_path / model)
+    docs = render(helm, sets=["keda.enabled=true", f"worker.model={model}"])
+    name = served_name_of(model) if model else DEFAULT_NAME
+    env = env_of(worker_of(docs)["spec"]["template"]["spec"]["containers"][0])
+    assert env["INFERLOG_SERVED_MODEL_NAME"]["value"] == name
+    s = model_settings(name)
+    assert scaled_topics(by_kind(docs, "ScaledObject")[0]) == (set(s.request_topics), {s.worker_group})
+
+
+TWO_MODELS = {
+    "kafka": {"partitions": 6},
+    "keda": {"enabled": True, "maxReplicaCount": 3},
+    "image": {"variant": "cuda"},
+    "gpu": {"enabled": True, "count": 1},
+    "models": [
+        {"name": "minilm", "replicas": 3, "keda": {"enabled": False}},
+        {"name": "Qwen/Qwen2.5-0.5B-Instruct", "model": "/models/qwen", "task": "generate",  # the hash form
+         "gpu": {"count": 2}, "worker": {"dtype": "bfloat16"},
+         "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "24Gi"}},
+         "nodeSelector": {"gpu": "h100"}, "env": [{"name": "INFERLOG_MAX_NEW_TOKENS_LIMIT", "value": "512"}]},
+    ],
+}
+
+
+def test_each_model_has_its_own_workers_topics_and_group(helm, k8s_validate, crd_schemas, tmp_path):
+    from inferlog.settings import topic_segment
+
+    values = tmp_path / "two-models.yaml"
+    values.write_text(yaml.safe_dump(TWO_MODELS))
+    lint = run_helm(helm, "lint", "--strict", values=[values])
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render(helm, [values])
+    assert_valid(docs, k8s_validate, crd_schemas)
+    names = ["minilm", "Qwen/Qwen2.5-0.5B-Instruct"]
+    assert topic_segment(names[1]) != names[1]  # sanitized and hashed
+    workers = {w["metadata"]["annotations"]["inferlog.dev/served-model-name"]: w for w in workers_of(docs)}
+    assert sorted(workers) == sorted(names)
+    assert {w["metadata"]["name"] for w in workers.values()} == {"rel-inferlog-worker-minilm",
+                                                                 "rel-inferlog-worker-qwen-qwen2-5-0-5b-instruct"}
+    selectors = [w["spec"]["selector"]["matchLabels"] for w in workers.values()]
+    assert selectors[0] != selectors[1]  # one model's rollout, PDB and scaling never take the other's pods
+    for w in workers.values():
+        assert w["spec"]["selector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+
+    def pod(name):
+        return workers[name]["spec"]["template"]["spec"]
+
+    env = {n: env_of(pod(n)["containers"][0]) for n in names}
+    assert {n: env[n]["INFERLOG_SERVED_MODEL_NAME"]["value"] for n in names} == {n: n for n in names}
+    assert "INFERLOG_MODEL" not in env["minilm"] and "INFERLOG_TASK" not in env["minilm"]  # the embedded model
+    assert env[names[1]]["INFERLOG_MODEL"]["value"] == "/models/qwen"
+    assert env[names[1]]["INFERLOG_TASK"]["value"] == "generate"
+    assert env[names[1]]["INFERLOG_DTYPE"]["value"] == "bfloat16" and env["minilm"]["INFERLOG_DTYPE"]["value"] == "auto"
+    assert env[names[1]]["INFERLOG_MAX_NEW_TOKENS_LIMIT"]["value"] == "512"
+    assert "INFERLOG_MAX_NEW_TOKENS_LIMIT" not in env["minilm"]
+    # each its own GPUs, resources and nodes
+    limits = {n: pod(n)["containers"][0]["resources"]["limits"] for n in names}
+    assert limits["minilm"]["nvidia.com/gpu"] == 1 and limits[names[1]]["nvidia.com/gpu"] == 2
+    assert limits["minilm"]["memory"] == "4Gi" and limits[names[1]]["memory"] == "24Gi"
+    assert pod(names[1])["nodeSelector"] == {"gpu": "h100"} and "nodeSelector" not in pod("minilm")
+    assert workers["minilm"]["spec"]["replicas"] == 3 and "replicas" not in workers[names[1]]["spec"]
+    # KEDA scales the one model that has it on its own topics and group, as its worker computes them
+    (so,) = by_kind(docs, "ScaledObject")
+    assert so["spec"]["scaleTargetRef"]["name"] == workers[names[1]]["metadata"]["name"]
+    seg = topic_segment(names[1])
+    assert scaled_topics(so) == ({f"inferlog.requests.{seg}", f"inferlog.requests.high.{seg}"},
+                                 {f"inferlog-workers.{seg}"})
+    s = model_settings(names[1])
+    assert scaled_topics(so) == (set(s.request_topics), {s.worker_group})
+    # a PodDisruptionBudget each, over its own pods
+    pdbs = {p["metadata"]["name"]: p["spec"]["selector"]["matchLabels"] for p in by_kind(docs, "PodDisruptionBudget")}
+    assert pdbs == {w["metadata"]["name"]: w["spec"]["selector"]["matchLabels"] for w in workers.values()}
+    # the hook Job creates each model's topics
+    (job,) = by_kind(docs, "Job")
+    made = [env_of(c)["INFERLOG_SERVED_MODEL_NAME"]["value"] for c in job["spec"]["template"]["spec"]["containers"]]
+    assert made == names
+
+
+def test_both_models_scale_on_their_own_topics(helm, tmp_path):
+    """Two ScaledObjects, each naming only its model's topics (both tiers) and group."""
+    from inferlog.settings import topic_segment
+
+    values = tmp_path / "two-models.yaml"
+    models = [{**m, "keda": {"enabled": True, "maxReplicaCount": 2}} for m in TWO_MODELS["models"]]
+    values.write_text(yaml.safe_dump({**TWO_MODELS, "models": models}))
+    docs = render(helm, [values])
+    scaled = {so["metadata"]["annotations"]["inferlog.dev/served-model-name"]: so
+              for so in by_kind(docs, "ScaledObject")}
+    assert sorted(scaled) == sorted(m["name"] for m in models)
+    workers = {w["metadata"]["name"] for w in workers_of(docs)}
+    for name, so in scaled.items():
+        seg = topic_segment(name)
+        assert scaled_topics(so) == ({f"inferlog.requests.{seg}", f"inferlog.requests.high.{seg}"},
+                                     {f"inferlog-workers.{seg}"})
+        assert so["spec"]["maxReplicaCount"] == 2 and so["spec"]["scaleTargetRef"]["name"] in workers
+    assert len({so["spec"]["scaleTargetRef"]["name"] for so in scaled.values()}) == 2
 
 
 def test_sasl_and_tls_come_from_secrets(helm):
@@ -310,6 +481,18 @@ SCHEMA = "don't meet the specifications of the schema"  # helm's values.schema.j
     (["kafka.securityProtocol=SSL", "kafka.tls.enabled=true"], ["kafka.tls.caSecret"]),
     (["replay.enabled=true"], ["replay.enabled needs replay.runId"]),
     (["replay.enabled=true", "replay.runId=a/b"], [SCHEMA, "/replay/runId"]),
+    (["models[0].model=/models/x"], [SCHEMA, "/models/0", "name"]),
+    (["models[0].name=a", "models[0].worker.model=/models/x"], [SCHEMA, "/models/0/worker"]),
+    (["models[0].name=a", "models[0].gpu.count=0"], [SCHEMA, "/models/0/gpu/count"]),
+    (["kafka.topicLayout=by-model"], [SCHEMA, "/kafka/topicLayout"]),
+    (["models[0].name=a", "models[1].name=a"], ["two models have the served name \"a\""]),
+    (["models[0].name=a.b", "models[1].name=a/b"], ["two models have the object name \"rel-inferlog-worker-a-b\""]),
+    (["models[0].name=high"], ["model name \"high\" would read the shared topic \"inferlog.requests.high\""]),
+    (["models[0].name=a", "models[1].name=b", "kafka.topicLayout=shared"], ["topicLayout shared", "one model"]),
+    (["models[0].name=a", "models[1].name=b", "models[1].replicas=7"], ["models b: replicas (7)",
+                                                                       "exceeds kafka.partitions (6)"]),
+    (["models[0].name=a", "models[0].keda.enabled=true", "models[0].keda.maxReplicaCount=7"],
+     ["models a: keda.maxReplicaCount (7)"]),
 ])
 def test_bad_values_are_refused(helm, sets, why):
     res = run_helm(helm, "template", "rel", sets=sets)
@@ -335,8 +518,8 @@ def test_compose_file_follows_the_compose_specification(compose):
     jsonschema.validators.validator_for(schema)(schema).validate(compose)
 
 
-@pytest.mark.parametrize("profiles, gpu_worker", [([], False), (["gpu"], True)])
-def test_compose_loads_like_docker_compose_config(profiles, gpu_worker):
+@pytest.mark.parametrize("profiles", [[], ["gpu"], ["chat"], ["gpu", "chat"]])
+def test_compose_loads_like_docker_compose_config(profiles):
     """compose-go's loader (what `docker compose config` runs): schema, interpolation,
     normalization and the consistency checks, e.g. depends_on an unknown service."""
     exe = TOOLS / "bin" / "compose-check"
@@ -347,8 +530,18 @@ def test_compose_loads_like_docker_compose_config(profiles, gpu_worker):
                          timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")})
     assert res.returncode == 0, res.stderr
     services = yaml.safe_load(res.stdout)["services"]
-    assert {"kafka", "topic-init", "worker", "prometheus", "grafana", "jaeger"} <= set(services)
-    assert ("worker-gpu" in services) == gpu_worker
+    assert {"kafka", "topic-init", "worker", "gateway", "prometheus", "grafana", "jaeger"} <= set(services)
+    assert ("worker-gpu" in services) == ("gpu" in profiles)
+    assert ("worker-chat" in services) == ("chat" in profiles)
+    if "chat" in profiles:
+        # the gateway sees the chat model's files where its worker does (and announces them)
+        def binds(svc):
+            return {v["target"]: v["source"] for v in services[svc]["volumes"] if v["type"] == "bind"}
+
+        chat = services["worker-chat"]
+        model = chat["environment"]["INFERLOG_MODEL"]
+        (target,) = [t for t in binds("worker-chat") if model.startswith(t + "/")]
+        assert binds("gateway")[target] == binds("worker-chat")[target]
 
 
 def test_compose_references(compose):
@@ -359,8 +552,10 @@ def test_compose_references(compose):
             if cond["condition"] == "service_healthy":
                 assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no healthcheck"
         for vol in svc.get("volumes", []):
-            src = vol.split(":")[0]
-            if src.startswith("."):
+            src = re.match(r"\$\{[^}]*\}|[^:]*", vol).group()
+            if src.startswith("${"):  # a folder of the user's: ${VAR:-default}
+                assert re.fullmatch(r"\$\{[A-Z_]+:-\./[^}]+\}", src), f"{name} mounts {src}: give it a default"
+            elif src.startswith("."):
                 assert (ROOT / src).exists(), f"{name} mounts missing {src}"
             else:
                 assert src in compose["volumes"], f"{name} uses undeclared volume {src}"
@@ -377,6 +572,22 @@ def test_compose_references(compose):
     for w in (services["worker"], gpu):
         assert w["environment"]["INFERLOG_METRICS_PORT"] == str(METRICS_PORT)
         assert w["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://jaeger:")
+    # a second model, on its own topics and group: off by default, by path (nothing is downloaded)
+    chat = services["worker-chat"]
+    assert chat["profiles"] == ["chat"]
+    env = chat["environment"]
+    assert env["INFERLOG_SERVED_MODEL_NAME"] == "chat" and env["INFERLOG_MODEL"].startswith("/models/")
+    assert "INFERLOG_SERVED_MODEL_NAME" not in services["worker"]["environment"]  # the default model's name
+    assert env["INFERLOG_METRICS_PORT"] == str(METRICS_PORT)
+    # topic-init makes the default model's request topics only: the chat worker creates its own
+    assert chat["command"][0] == "worker" and "--no-create-topics" not in chat["command"]
+    gateway = services["gateway"]
+    assert "profiles" not in gateway and gateway["command"] == ["gateway"]
+    mount = next(v for v in chat["volumes"] if v.split(":")[-2] == "/models")
+    assert mount in gateway["volumes"]  # the same files at the same path: the chat template
+    assert gateway["environment"]["INFERLOG_GATEWAY_HOST"] == "0.0.0.0"
+    port = gateway["environment"]["INFERLOG_GATEWAY_PORT"]
+    assert gateway["ports"] == [f"127.0.0.1:{port}:{port}"]  # it runs open: the host's loopback only
 
 
 # -- observability config ----------------------------------------------------------------------
@@ -389,7 +600,8 @@ def test_prometheus_scrapes_the_workers_metrics_port(compose):
     ports = {int(t.rsplit(":", 1)[1]) for t in targets} | {d["port"] for d in job.get("dns_sd_configs", [])}
     assert ports == {METRICS_PORT}
     names = {n for d in job.get("dns_sd_configs", []) for n in d["names"]} | {t.rsplit(":", 1)[0] for t in targets}
-    assert {"worker", "worker-gpu"} <= names and names <= set(compose["services"])
+    assert {"worker", "worker-gpu", "worker-chat"} <= names
+    assert names <= set(compose["services"])
 
 
 def test_metric_list_matches_the_worker():
