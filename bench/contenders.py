@@ -9,6 +9,7 @@ times inferlog and its peer, each in a process of its own as it would be deploye
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -77,7 +78,7 @@ def run_quix(s, runner, batch: int, commit_s: float) -> int:
         processing_guarantee="exactly-once",
         commit_interval=commit_s,  # 0.1 s by default (Quix's own default is 5 s: slow to answer)
         state_dir=tempfile.mkdtemp(prefix="bench-quix-state-"), auto_create_topics=True)
-    src = app.topic(s.requests_topic, value_deserializer=AvroRequest())
+    src = app.topic(s.tier_topic("normal"), value_deserializer=AvroRequest())
     dst = app.topic(s.results_topic, value_serializer="json")
     sdf = app.dataframe(src)
     # The model runs on a thread of its own, as in the other contenders: from the main thread
@@ -114,6 +115,8 @@ def main() -> int:
     args = ap.parse_args()
     s = load_settings(**json.loads(args.settings))
     runner = model(args.echo, args.sleep_ms, args.shared_device)
+    if s.model_name:  # served under this name, as build_runner names it: results and the registry carry it
+        runner.info = dataclasses.replace(runner.info, name=s.model_name)
     return run_inferlog(s, runner) if args.kind == "inferlog" else run_quix(s, runner, args.batch, args.commit_interval)
 
 

@@ -252,7 +252,9 @@ def wait_group(settings, group: str, members: int, timeout: float = 90) -> None:
 
 CHILD_FIELDS = ("bootstrap_servers", "requests_topic", "results_topic", "high_priority_topic", "deadletter_topic",
                 "group_id", "max_batch_size", "max_wait_ms", "delivery", "partitions", "commit_interval_ms",
-                "max_in_flight", "pipeline_depth", "cpu_workers")
+                "max_in_flight", "pipeline_depth", "cpu_workers",
+                # the served name picks the model's request topics and group (topic_layout per-model)
+                "model_name", "topic_layout")
 
 
 def spawn(kind: str, settings, *extra: str, env: dict | None = None) -> subprocess.Popen:

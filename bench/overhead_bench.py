@@ -68,7 +68,7 @@ def bench_raw(base, texts: list[str], codec: Codec | None = None) -> dict:
 
     c = Consumer(confluent_config(s, **{"group.id": s.group_id, "auto.offset.reset": "earliest",
                                         "enable.auto.commit": True, "auto.commit.interval.ms": 100}))
-    c.subscribe([s.requests_topic], on_assign=on_assign)
+    c.subscribe([s.tier_topic("normal")], on_assign=on_assign)
     n, done, deadline, first = len(texts), 0, time.monotonic() + 300, 0.0
     try:
         while done < n:

@@ -118,7 +118,7 @@ def bench_naive(base, runner, codec, texts: list[str]) -> dict:
 
     c = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False,
                                         "auto.offset.reset": "earliest", "isolation.level": "read_committed"}))
-    c.subscribe([s.requests_topic], on_assign=on_assign)
+    c.subscribe([s.tier_topic("normal")], on_assign=on_assign)
     n, done, deadline = len(texts), 0, time.monotonic() + max(300.0, len(texts) / 2)
     try:
         while done < n:
@@ -158,9 +158,9 @@ def bench_replay(base, runner, texts: list[str], batch_size: int, wait_ms: float
     with tempfile.TemporaryDirectory(prefix="inferlog-replay-bench-") as tmp:  # checkpoints, parts, the file
         state = Path(tmp)
         t0, c0 = time.perf_counter(), time.process_time()
-        window = resolve_window(s, s.requests_topic)
+        window = resolve_window(s, s.tier_topic("normal"))
         out = (rr.output_spec(str(state / "out.parquet"), None, None) if kind == "file"
-               else rr.output_spec(None, f"{s.requests_topic}.replay", None))
+               else rr.output_spec(None, f"{s.requests_topic}-replay", None))
         summary = rr.start(s, window, out, runner=runner, state_dir=state)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if summary.status != "done" or summary.results != len(texts):

@@ -93,7 +93,7 @@ def run_members(base, s, n: int, sleep_ms: float, tmp: Path) -> dict:
     from inferlog.replay.window import resolve_window
 
     window = resolve_window(s, list(s.request_topics))
-    out = f"{s.requests_topic}.replay{n}"
+    out = f"{s.requests_topic}-replay{n}"
     output = rr.output_spec(None, out, None)
     run = rr.start(s, window, output, runner=SleepRunner(sleep_ms), state_dir=tmp / f"define{n}", shared=True,
                    join=False).run_id
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             report = {"machine": machine_facts(sys.argv), "records": args.records, "write_s": wrote,
                       "sleep_ms": args.sleep_ms, "max_batch_size": s.max_batch_size,
                       "ceiling": s.max_batch_size * 1000 / args.sleep_ms, "partitions": args.partitions,
-                      "high_topic": s.high_priority_topic, "normal_topic": s.requests_topic, "runs": []}
+                      "high_topic": s.tier_topic("high"), "normal_topic": s.tier_topic("normal"), "runs": []}
             for n in map(int, args.members.split(",")):
                 print(f"{n} member(s) ...", flush=True)
                 report["runs"].append(run_members(base, s, n, args.sleep_ms, tmp))

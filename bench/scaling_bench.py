@@ -110,7 +110,7 @@ def balanced(admin, s, members: int) -> dict | None:
     """{worker id: {tier: [partitions]}} once the group is Stable with `members` members that hold
     every partition, each tier spread evenly (max - min <= 1) as the broker reports it; else None."""
     try:
-        d = admin.describe_consumer_groups([s.group_id])[s.group_id].result(10)
+        d = admin.describe_consumer_groups([s.worker_group])[s.worker_group].result(10)
     except Exception:  # the group does not exist until its first member joins
         return None
     if len(d.members) != members or not str(d.state).upper().endswith("STABLE"):
@@ -133,7 +133,7 @@ def wait_balanced(admin, s, members: int, timeout: float = 120) -> dict:
         if (held := balanced(admin, s, members)) is not None:
             return held
         time.sleep(0.2)
-    raise TimeoutError(f"group {s.group_id} not balanced over {members} members in {timeout}s")
+    raise TimeoutError(f"group {s.worker_group} not balanced over {members} members in {timeout}s")
 
 
 def moves(before: dict, after: dict) -> tuple[int, int]:

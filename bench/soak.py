@@ -99,7 +99,7 @@ class ResultReader(threading.Thread):
 
 
 def lag(s, probe: Consumer) -> int:
-    tps = [TopicPartition(s.requests_topic, p) for p in range(s.partitions)]
+    tps = [TopicPartition(s.tier_topic("normal"), p) for p in range(s.partitions)]
     committed = {tp.partition: tp.offset for tp in probe.committed(tps, timeout=10)}
     total = 0
     for tp in tps:
@@ -159,7 +159,7 @@ def saturation(s, reader: ResultReader, texts: list[str], n: int) -> dict:
 
 
 def soak(s, reader: ResultReader, worker: subprocess.Popen, texts: list[str], rate: float, duration: float) -> dict:
-    probe = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False}))
+    probe = Consumer(confluent_config(s, **{"group.id": s.worker_group, "enable.auto.commit": False}))
     sent = [0]
     stop = threading.Event()
 

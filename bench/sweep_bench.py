@@ -41,8 +41,8 @@ def main() -> None:
     with broker(a.bootstrap_servers) as base:
         for parts in a.partitions:
             s = fresh_settings(base, f"sweep{parts}", partitions=parts, worker_id="w0")
-            consumer = Consumer(confluent_config(s, **{"group.id": s.group_id, "enable.auto.commit": False}))
-            txn = {"transactional.id": f"inferlog-{s.group_id}-{s.worker_id}"}
+            consumer = Consumer(confluent_config(s, **{"group.id": s.worker_group, "enable.auto.commit": False}))
+            txn = {"transactional.id": f"inferlog-{s.worker_group}-{s.worker_id}"}
             init_only = timed(lambda: Producer(confluent_config(s, **txn)).init_transactions(30), a.repeat)
             with_sweep = timed(lambda: TransactionalEmitter(s, consumer), a.repeat)
             consumer.close()
