@@ -115,6 +115,11 @@ class Accounting:
                 seen[(src["topic"], src["partition"], src["offset"])].append((kind, r))
         return seen
 
+    @property
+    def missing(self) -> set[tuple[str, int, int]]:
+        """Request positions with no output (yet)."""
+        return {(r.topic, r.partition, r.offset) for r in self.requests} - set(self.by_source)
+
     def assert_exactly_once(self) -> None:
         """Every request offset (both tiers) has exactly one output, and no output points elsewhere."""
         by = self.by_source

@@ -17,6 +17,7 @@ from inferlog.codec import REQUEST, Codec
 from inferlog.consumer.runners import load_runner
 from inferlog.producer.cli import produce
 from inferlog.producer.gateway import serve_in_thread
+from inferlog.replay.audit import load_window
 from inferlog.settings import DEFAULT_NAME, default_model_path
 from inferlog.topics import partition_counts, request_topics
 from support import account, read_all, running_worker, wait_until
@@ -113,6 +114,19 @@ def test_inferlog_produce_routes_each_line_by_its_model(two_models, tmp_path):
     after = {t: len(read_all(s, t)) - n for t, n in before.items()}
     assert after == {s.tier_topic("high"): 0, s.tier_topic("normal"): 2, chat.tier_topic("high"): 1,
                      chat.tier_topic("normal"): 1}, res.output
+
+
+def test_audit_reads_every_models_topics_or_one_models(two_models):
+    s, chat, *_ = two_models
+    wait_until(lambda: not account(s, models=[DEFAULT_NAME, CHAT]).missing, timeout=90, what="every request answered")
+    every = load_window(s, None, None)
+    one = load_window(s, None, None, models=(CHAT,))
+    assert set(every["results"]["model_name"].to_pylist()) == {DEFAULT_NAME, CHAT}
+    assert set(one["results"]["model_name"].to_pylist()) == {CHAT}
+    assert set(one["results"]["source_topic"].to_pylist()) <= set(chat.request_topics)
+    on_chat = sum(len(read_all(s, t)) for t in chat.request_topics)
+    assert one["requests"].num_rows == on_chat < every["requests"].num_rows
+    assert one["results"].num_rows + one["dead_letters"].num_rows == on_chat
 
 
 def test_a_worker_joining_one_model_leaves_the_other_models_group_alone(two_models):
