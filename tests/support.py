@@ -239,3 +239,21 @@ def limit_results_topic(settings, max_bytes: int) -> None:
     admin = AdminClient(confluent_config(settings))  # held until the futures are done
     for f in admin.incremental_alter_configs([res]).values():
         f.result(30)
+
+
+@contextlib.contextmanager
+def announced(settings, name: str | None = None, task: str = "embed"):
+    """A worker's registry record for model `name` (default: the settings' own) on its topics,
+    with no worker behind it: what the publishers check a request's model against."""
+    from inferlog.registry import Announcer, Member
+
+    name = name or settings.served_name
+    now = int(time.time() * 1000)
+    a = Announcer(settings, Member(
+        name=name, worker_id=f"{settings.worker_id}-announced", task=task, revision=None, digest=None, limits={},
+        chat_template=None, model=settings.model, topics=list(settings.model_topics(name)),
+        group=settings.worker_group, host="test", started_at=now, heartbeat_at=now, announce_interval_s=30.0)).start()
+    try:
+        yield a
+    finally:
+        a.stop()

@@ -26,7 +26,7 @@ from inferlog.producer.gateway import create_app, serve_in_thread
 from inferlog.producer.sync import Producer
 from inferlog.settings import Settings, default_model_path, load_settings
 from inferlog.topics import ensure_topics
-from support import decode_request, read_all, running_worker, wait_until
+from support import announced, decode_request, read_all, running_worker, wait_until
 
 KEYS = "key-a:tenant-a,key-b:tenant-b"
 A, B = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
@@ -100,11 +100,17 @@ def test_wait_mode_answers_with_the_result(client):
 
 
 def test_a_dead_letter_is_reported_as_failed(client):
-    # no model named, so the gateway cannot know the task is not the worker's: the worker says so
-    r = client.post("/v1/requests", params={"wait": 10}, json={**EMBED, "task": "generate"}, headers=A)
+    # the gateway counts no tokens: the worker finds the text too long for its model, and says so
+    r = client.post("/v1/requests", params={"wait": 10}, json={**EMBED, "inputs": "word " * 700}, headers=A)
     assert r.status_code == 200, r.text
-    assert r.json()["status"] == "failed" and r.json()["reason"] == "UNSUPPORTED_TASK"
-    assert poll(client, r.json()["request_id"], A)["reason"] == "UNSUPPORTED_TASK"
+    assert r.json()["status"] == "failed" and r.json()["reason"] == "INPUT_TOO_LARGE"
+    assert poll(client, r.json()["request_id"], A)["reason"] == "INPUT_TOO_LARGE"
+
+
+def test_a_request_naming_no_model_is_checked_as_the_gateways_own(client):
+    # it goes to the gateway's model's topics, so the gateway knows that model does not generate
+    r = client.post("/v1/requests", params={"wait": 10}, json={**EMBED, "task": "generate"}, headers=A)
+    assert r.status_code == 400 and r.json()["detail"]["reason"] == "UNSUPPORTED_TASK", r.text
 
 
 def test_a_model_no_worker_announces_is_404_before_anything_is_published(client, stack):
@@ -282,9 +288,9 @@ def test_docs_pages_load_their_assets_from_the_gateway(client, page):
     ({"tenant_rate": 0, "tenant_max_in_flight": 2}, "in flight"),
 ])
 def test_quotas_answer_429_with_retry_after(kafka, limits, what):
-    # no worker: what is submitted stays in flight
+    # the model announced, no worker behind it: what is submitted stays in flight
     s = fresh_settings(kafka.bootstrap, api_keys=KEYS, **limits)
-    with serve_in_thread(s) as url, httpx.Client(base_url=url, timeout=30) as c:
+    with announced(s), serve_in_thread(s) as url, httpx.Client(base_url=url, timeout=30) as c:
         codes = [c.post("/v1/requests", json=EMBED, headers=A).status_code for _ in range(3)]
         assert codes == [202, 202, 429]
         r = c.post("/v1/requests", json=EMBED, headers=A)
