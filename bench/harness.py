@@ -150,12 +150,16 @@ class ResultMeter:
     (value -> epoch ms) it also records end-to-end latency. Contender-agnostic: the same meter
     times inferlog and its peers."""
 
-    def __init__(self, settings, topic: str, created_at=None, keep: bool = False, fetch_wait_ms: int = 10):
+    def __init__(self, settings, topic: str, created_at=None, keep: bool = False, fetch_wait_ms: int = 10,
+                 keep_keys: bool = False):
         self.created_at = created_at
         self.arrivals: list[float] = []
         # keep=True: each record's value too (values[i] arrived at arrivals[i]), to decode after
         # the run rather than spend the shared cores on it while the contenders are timed
         self.values: list[bytes] | None = [] if keep else None
+        # keep_keys=True: each record's key too (keys[i] arrived at arrivals[i]), appended last, so
+        # keys[:n] always has its arrivals and values
+        self.keys: list[bytes] | None = [] if keep_keys else None
         self.latencies: list[float] = []
         self._stop = threading.Event()
         self.c = Consumer(confluent_config(settings, **{
@@ -183,6 +187,8 @@ class ResultMeter:
                     self.arrivals.append(now)
                     if self.values is not None:
                         self.values.append(m.value())
+                    if self.keys is not None:
+                        self.keys.append(m.key())
                     if self.created_at is not None:
                         self.latencies.append(now - self.created_at(m.value()))
 

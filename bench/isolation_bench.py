@@ -70,21 +70,7 @@ class KeyedMeter(ResultMeter):
     known as model-a's or model-b's while the run goes on, without decoding it."""
 
     def __init__(self, settings, topic: str, **kw):
-        self.keys: list[bytes] = []  # before the reader thread starts
-        super().__init__(settings, topic, keep=True, **kw)
-
-    def _run(self):
-        while not self._stop.is_set():
-            first = self.c.poll(0.05)
-            if first is None:
-                continue
-            msgs = [first, *self.c.consume(1000, 0)]
-            now = time.time() * 1000
-            for m in msgs:
-                if m.error() is None:
-                    self.arrivals.append(now)
-                    self.values.append(m.value())
-                    self.keys.append(m.key())  # last: keys[:n] always has its arrivals and values
+        super().__init__(settings, topic, keep=True, keep_keys=True, **kw)
 
     def wait_ids(self, ids: set[bytes], since: int, timeout: float) -> bool:
         """Until a result for every id in `ids` arrived after index `since`."""

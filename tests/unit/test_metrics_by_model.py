@@ -14,18 +14,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferlog.consumer.metrics import HealthServer, Metrics
-from inferlog.producer.aio import AsyncProducer
 from inferlog.producer.gateway import UNKNOWN_MODEL, GatewayMetrics, create_app
-from inferlog.producer.replies import Replies
-from inferlog.producer.sync import ProduceError
 from inferlog.registry import EXPIRY_INTERVALS, Member, request_directory
 from inferlog.settings import Settings, load_settings
+from test_gateway_offline import fake_kafka  # noqa: F401  (fixture: publishes refused)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "inferlog.json"
@@ -189,22 +186,7 @@ def test_the_gateway_metric_families_carry_model():
     assert g.latency._labelnames == ("tier", "model")
 
 
-@pytest.fixture
-def refusing_kafka(monkeypatch):
-    """The app's Kafka clients faked: a publish is refused (503), after the count's labels are known."""
-    async def nothing(self, *a, **kw):
-        return None
-
-    async def refused(self, *a, **kw):
-        raise ProduceError("no broker in a unit test", "UNAVAILABLE")
-
-    for cls in (Replies, AsyncProducer):
-        monkeypatch.setattr(cls, "start", nothing)
-        monkeypatch.setattr(cls, "stop", nothing)
-    monkeypatch.setattr(AsyncProducer, "submit", refused)
-
-
-def test_submissions_are_counted_under_the_model_they_reach(refusing_kafka):
+def test_submissions_are_counted_under_the_model_they_reach(fake_kafka):
     app = create_app(load_settings(api_keys="key-a:tenant-a", model_name="gw-default"))
     gw = app.state.gateway
     m = member("minilm", gw.s.model_topics("minilm"), at=int(time.time() * 1000))
