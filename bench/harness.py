@@ -123,7 +123,11 @@ def avro_created_at(codec: Codec):
 
 def read_results(settings, codec: Codec, timeout: float = 60) -> list[dict]:
     """Every committed result (read_committed), to check the count the timing relied on."""
-    topic = settings.results_topic
+    return read_committed(settings, settings.results_topic, lambda v: codec.decode(v, expect=RESULT), timeout)
+
+
+def read_committed(settings, topic: str, decode, timeout: float = 60) -> list:
+    """decode(value) of every committed record of `topic` (read_committed, to its end now)."""
     c = Consumer(confluent_config(settings, **{"group.id": f"{topic}.reader", "isolation.level": "read_committed",
                                                "enable.auto.commit": False}))
     try:
@@ -138,7 +142,7 @@ def read_results(settings, codec: Codec, timeout: float = 60) -> list[dict]:
         while any(c.position([TopicPartition(topic, p)])[0].offset < e for p, e in ends.items()):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} took over {timeout}s")
-            out += [codec.decode(m.value(), expect=RESULT) for m in c.consume(1000, 0.2) if m.error() is None]
+            out += [decode(m.value()) for m in c.consume(1000, 0.2) if m.error() is None]
         return out
     finally:
         c.close()

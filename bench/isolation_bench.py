@@ -48,14 +48,12 @@ import os
 import random
 import sys
 import time
-
-from confluent_kafka import Consumer, TopicPartition
+from collections import Counter
 
 from harness import (RESULTS, ResultMeter, _epoch_ms, broker, fresh_settings, machine_facts, percentile, plot_bars,
-                     save, send_all, spawn, stop, wait_group)
+                     read_committed, save, send_all, spawn, stop, wait_group)
 from scaling_bench import cpu_s, listener_pid, machine_busy_s
 
-from inferlog.clients import confluent_config
 from inferlog.codec import DEADLETTER, RESULT, Codec
 from inferlog.consumer.demo import sample_texts
 from inferlog.producer.sync import Producer, RequestEncoder
@@ -190,30 +188,11 @@ def phase(kind: str, n: int, ctx: dict, args) -> dict:
 def deadletters(s, codec: Codec, timeout: float = 30) -> dict[str, int]:
     """The dead letters (read_committed: the end offsets also count transaction markers), by
     reason and source topic: none is expected."""
-    topic = s.deadletter_topic
-    c = Consumer(confluent_config(s, **{"group.id": f"{topic}.count", "isolation.level": "read_committed",
-                                        "enable.auto.commit": False}))
     try:
-        ends = {}
-        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-        c.assign([TopicPartition(topic, p, 0) for p in ends])
-        out: dict[str, int] = {}
-        deadline = time.monotonic() + timeout
-        while any(c.position([TopicPartition(topic, p)])[0].offset < e for p, e in ends.items()):
-            if time.monotonic() > deadline:
-                out["(not read to the end)"] = 1
-                break
-            for m in c.consume(1000, 0.2):
-                if m.error() is None:
-                    d = codec.decode(m.value(), expect=DEADLETTER)
-                    k = f"{d['reason']} from {d['source']['topic']}"
-                    out[k] = out.get(k, 0) + 1
-        return out
-    finally:
-        c.close()
+        dead = read_committed(s, s.deadletter_topic, lambda v: codec.decode(v, expect=DEADLETTER), timeout)
+    except TimeoutError:
+        return {"(not read to the end)": 1}
+    return dict(Counter(f"{d['reason']} from {d['source']['topic']}" for d in dead))
 
 
 def ratios(phases: list[dict]) -> list[dict]:
