@@ -124,6 +124,15 @@ class Committer:
         if bad:
             raise CommitAborted(f"offset commit failed for {bad}")
 
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until the commit in flight (if any) has ended, without accounting for it (the next
+        step does). Before this process reads where a partition starts, or gives one up without
+        committing: a commit still running could otherwise make its offsets the group's after the
+        next owner (this process again, after a lost session) read the older ones, and that
+        owner would answer those records a second time."""
+        if self.in_flight is not None:
+            wait([self.in_flight.future], timeout=timeout)
+
     def rewind(self) -> None:
         """Forget all uncommitted work and fetch again from the committed offsets.
 

@@ -14,6 +14,8 @@ def let_go(consumer, partitions, engine, committer, *, commit_first: bool, closi
     if ours and commit_first and not closing:
         engine.collect()
         committer.step(force=True, only=ours)
+    else:  # lost, or closing: nothing new is committed, but what is in flight ends first
+        committer.settle()
     dropped = engine.revoke(ours)
     # librdkafka keeps a partition's pause across revocation (librdkafka#1849): one given up
     # while paused came back paused when it was assigned again (after a lost session, under

@@ -236,8 +236,11 @@ class Worker:
                 log.info("assigned %s while leaving: not taken", _named(partitions))
             return
         # where each starts: the group's committed offset, read stable (a transaction the
-        # previous owner left open settles first), never librdkafka's guess (inferlog/committed.py)
+        # previous owner left open settles first), never librdkafka's guess (inferlog/committed.py);
+        # this worker's own commit in flight ends first (it may hold offsets of these partitions,
+        # when they come back after a lost session)
         t0 = time.monotonic()
+        self.committer.settle()
         starts = start_positions(committed_offsets(consumer, partitions))
         waited = time.monotonic() - t0
         for tp in partitions:

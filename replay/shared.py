@@ -128,6 +128,7 @@ class GroupReader:
     # -- rebalance callbacks (inside consume(), on the loop thread) -------------------------
     def _on_assign(self, consumer, partitions) -> None:
         inside = [tp for tp in partitions if (tp.topic, tp.partition) in self._range]
+        self.committer.settle()  # this member's own commit in flight ends before its offsets are read
         # require_stable (read_committed): a transaction of the previous owner is settled first
         done = {(tp.topic, tp.partition): tp.offset for tp in committed_offsets(consumer, inside)} if inside else {}
         read, idle = [], []

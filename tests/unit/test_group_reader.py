@@ -89,6 +89,9 @@ class Committer:
     def step(self, force=False, only=None) -> None:
         pass
 
+    def settle(self) -> None:
+        pass
+
 
 def member(*ranges: PartitionRange):
     consumer, engine = Consumer(), Engine()
