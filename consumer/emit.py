@@ -226,7 +226,6 @@ class TransactionalEmitter:
         self.anchor = TopicPartition(settings.results_topic, 0, 0)
         self.settings = settings
         self.codec = None  # made when a sweep finds open records to decode
-        self.admin = None  # likewise, to read the group's committed offsets
         self.open_ends: dict = {}
         self.unsure = True
         self._sweep()
@@ -302,16 +301,15 @@ class TransactionalEmitter:
 
     def _restore(self, candidates: list) -> None:
         """Step 3 of the sweep: the records it aborted whose requests are nevertheless done."""
-        from confluent_kafka.admin import AdminClient
-
-        from inferlog.committed import last_committed
+        from inferlog.committed import group_reader, last_committed
 
         sources = sorted({c.source[:2] for c in candidates})
-        if self.admin is None:  # kept: a client freed with a request outstanding (a read that timed out) crashes
-            self.admin = AdminClient(confluent_config(self.settings))
-        done = {(tp.topic, tp.partition): tp.offset
-                for tp in last_committed(self.admin, self.settings.worker_group,
-                                         [TopicPartition(t, p) for t, p in sources], patience=60)}
+        reader = group_reader(self.settings, self.settings.worker_group)
+        try:
+            done = {(tp.topic, tp.partition): tp.offset
+                    for tp in last_committed(reader, [TopicPartition(t, p) for t, p in sources], patience=60)}
+        finally:
+            reader.close()
         # what read_committed readers see from where the open records began, once the last
         # stable offset is past them (another worker's open transaction holds it back a while)
         spans = {tp: (lo, max(c.offset for c in candidates if (c.topic, c.partition) == tp) + 1)

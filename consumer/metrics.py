@@ -125,8 +125,10 @@ class LagSampler:
     worker series.
 
     On the loop thread it cost ~200 ms a sample here: a read_committed consumer's committed()
-    waits for its own transaction's offsets to be stable, with a 100 ms retry backoff. The admin
-    API answers at once (require_stable=False: a gauge may lag a transaction behind). Cached
+    waits for its own transaction's offsets to be stable, with a 100 ms retry backoff. A
+    read_uncommitted reader of the group answers at once (require_stable off: a gauge may lag a
+    transaction behind); not the admin API's group offsets, which kill the process when the
+    coordinator moves (inferlog/committed.py). The log ends come from the admin API. Cached
     watermarks will not do: they come with fetch responses, and a partition paused by
     back-pressure (a backlog, when lag matters most) gets none."""
 
@@ -134,9 +136,10 @@ class LagSampler:
         from confluent_kafka.admin import AdminClient
 
         from inferlog.clients import confluent_config
+        from inferlog.committed import group_reader
 
-        self.admin, self.group, self.gauge, self.timeout = AdminClient(confluent_config(settings)), \
-            settings.worker_group, gauge, timeout
+        self.admin, self.gauge, self.timeout = AdminClient(confluent_config(settings)), gauge, timeout
+        self.reader = group_reader(settings, settings.worker_group)  # used and closed on the thread
         self._want: list | None = None  # the partitions to sample next (the worker's current assignment)
         self._wake = threading.Condition()
         self._stop = False
@@ -164,6 +167,12 @@ class LagSampler:
             self._wake.notify()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.reader.close()
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while self._want is None and not self._stop:
@@ -181,13 +190,12 @@ class LagSampler:
                     self.gauge.labels(topic, str(partition)).set(n)
 
     def _measure(self, want: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        from confluent_kafka import ConsumerGroupTopicPartitions, IsolationLevel, TopicPartition
+        from confluent_kafka import IsolationLevel, TopicPartition
         from confluent_kafka.admin import OffsetSpec
 
         tps = [TopicPartition(t, p) for t, p in want]
-        group = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(self.group, tps)],
-                                                       require_stable=False)[self.group].result(self.timeout)
-        done = {(tp.topic, tp.partition): tp.offset for tp in group.topic_partitions if tp.error is None}
+        done = {(tp.topic, tp.partition): tp.offset for tp in self.reader.committed(tps, timeout=self.timeout)
+                if tp.error is None}
 
         def offsets(keys, spec) -> dict:
             # read_committed, as the worker reads: the end is the last stable offset

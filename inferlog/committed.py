@@ -9,6 +9,13 @@ starts the partition at INVALID and so from auto.offset.reset, redoing committed
 start of the partition (tests/repro/unstable_offsets.py reproduces it). So the drivers read the
 committed offsets themselves, waiting while they are unstable, and assign explicit positions;
 their consumers run with auto.offset.reset=error, so no partition ever starts from a policy.
+
+Every read here goes through a consumer of the group, never librdkafka's admin OffsetFetch
+(ListConsumerGroupOffsets): an admin client has no consumer group of its own, and librdkafka
+2.16.0 takes that null group on a coordinator error (NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE,
+what a coordinator that moves or a broker that restarts answers) to re-query the coordinator:
+the process dies of SIGSEGV or a failed assertion (librdkafka issue 5040; tests/chaos/
+test_group_reads.py kills a broker under both kinds of reader).
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import logging
 import time
 from typing import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, KafkaException, TopicPartition
 
 from .errors import OffsetsUnreadable  # raised here; a typed error of its own (errors.py)
 
@@ -37,17 +44,22 @@ def committed_offsets(consumer, tps: list, patience: float = PATIENCE_S) -> list
                         "an open transaction of the previous owner settles first")
 
 
-def last_committed(admin, group: str, tps: list, timeout: float = 10.0, patience: float = 0.0) -> list:
-    """The group's committed offsets of `tps` as of the last committed transactions, without
-    waiting for open ones (require_stable off): never ahead of what is committed, so a figure of
-    progress, never a place to start reading from."""
+def group_reader(settings, group: str) -> Consumer:
+    """A consumer of `group` that never joins it (it subscribes to nothing), for last_committed:
+    read_uncommitted, so its reads do not wait for open transactions. Close it when done."""
+    from .clients import confluent_config
 
-    def read() -> list:
-        fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
-                                                require_stable=False, request_timeout=timeout)[group]
-        return fut.result(timeout=timeout + 5).topic_partitions
+    return Consumer(confluent_config(settings, **{"group.id": group, "isolation.level": "read_uncommitted",
+                                                  "enable.auto.commit": False}))
 
-    return _asked_again(read, patience, "the coordinator is away")
+
+def last_committed(reader: Consumer, tps: list, timeout: float = 10.0, patience: float = 0.0) -> list:
+    """The committed offsets of `reader`'s group (a group_reader) as of its last committed
+    transactions, without waiting for open ones (require_stable off): never ahead of what is
+    committed, so a figure of progress, never a place to start reading from."""
+    if not tps:
+        return []
+    return _asked_again(lambda: reader.committed(tps, timeout=timeout), patience, "the coordinator is away")
 
 
 def start_positions(committed: list[TopicPartition]) -> list[TopicPartition]:
@@ -67,7 +79,7 @@ def _asked_again(read: Callable[[], list], patience: float, why_wait: str) -> li
             why = next((tp.error for tp in got if tp.error), None)
             if why is None:
                 return got
-        except (KafkaException, TimeoutError) as e:  # TimeoutError: an admin future
+        except KafkaException as e:
             why = e
         now = time.monotonic()
         if now > deadline:

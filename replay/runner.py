@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import TopicPartition
-from confluent_kafka.admin import AdminClient
 
-from inferlog.clients import confluent_config, group_protocol_config
+from inferlog.clients import group_protocol_config
 from inferlog.codec import Codec
-from inferlog.committed import committed_offsets, last_committed
+from inferlog.committed import committed_offsets, group_reader, last_committed
 from inferlog.consumer.committer import Committer
 from inferlog.consumer.engine import Engine, start_up
 from inferlog.consumer.flow import FlowControl, steer
@@ -223,7 +222,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
     if shared:  # its members start where the group committed (GroupReader), never from a policy
         conf.update(group_protocol_config(s), **{"auto.offset.reset": "error"})
     consumer = window_consumer(s, **conf)
-    engine = sink = reader = admin = None
+    engine = sink = reader = offsets_reader = None
     try:
         if o["kind"] == "topic":  # first: fencing a crashed predecessor settles the offsets read next
             tally = None
@@ -236,8 +235,8 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         # partition at once waited minutes for a third member here; where this member starts a
         # partition is read stable when it is assigned (GroupReader)
         if shared:
-            admin = AdminClient(confluent_config(s))
-        done_to = _done_offsets(consumer, ck, admin)
+            offsets_reader = group_reader(s, replay_group(ck.run_id))
+        done_to = _done_offsets(consumer, ck, offsets_reader)
         todo = window.rest(done_to)
         if ck.data["status"] == "done" or todo.total == 0:  # nothing left: no model to load
             if ck.data["status"] != "done":
@@ -267,7 +266,7 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
         committer = Committer(s, consumer, engine, sink, engine.metrics, on_rewind=flow.drop,
                               on_commit=tally.committed, interval=every, inline=True)
         if shared:  # the group assigns the partitions; each starts where the group committed
-            reader = GroupReader(window, consumer, engine, committer, flow, tally, admin, replay_group(ck.run_id))
+            reader = GroupReader(window, consumer, engine, committer, flow, tally, offsets_reader)
         else:
             reader = WindowReader(s, todo, consumer=consumer)
             for r in todo.ranges:
@@ -285,21 +284,21 @@ def execute(settings, ck: Checkpoint, runner=None, *, progress: bool = False, st
             engine.close()
         if sink is not None:
             sink.close()
-        if admin is not None:
-            admin.__exit__(None, None, None)  # its handle (threads, sockets) now, not when collected
+        if offsets_reader is not None:
+            offsets_reader.close()
         consumer.close()
     return _summary(settings, ck, status, tally.records, engine.counts, seconds, done_to, runner,
                     member=settings.worker_id if shared else "")
 
 
-def _done_offsets(consumer, ck: Checkpoint, admin=None) -> dict[tuple[str, int], int]:
+def _done_offsets(consumer, ck: Checkpoint, offsets_reader=None) -> dict[tuple[str, int], int]:
     """Where each (topic, partition) of the window is done to: the run group's committed
     offsets (topic output: they went in its transactions) or the checkpoint file's. With an
-    `admin` client, the last committed ones, not waiting for open transactions (last_committed)."""
+    `offsets_reader` (a group_reader), the last committed ones, not waiting for open transactions."""
     if ck.output["kind"] == "file":
         return ck.done_offsets()
     tps = [TopicPartition(r.topic, r.partition) for r in ck.window.ranges]
-    got = (last_committed(admin, replay_group(ck.run_id), tps, patience=120.0) if admin is not None
+    got = (last_committed(offsets_reader, tps, patience=120.0) if offsets_reader is not None
            else committed_offsets(consumer, tps))
     return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
 

@@ -112,10 +112,10 @@ class GroupReader:
 
     member = True  # keeps polling when its share is read: rebalances and heartbeats go on
 
-    def __init__(self, window: Window, consumer, engine, committer, flow, progress, admin, group: str):
+    def __init__(self, window: Window, consumer, engine, committer, flow, progress, offsets_reader):
         self.window, self.consumer, self.engine, self.committer, self.flow = window, consumer, engine, committer, flow
         self.progress = progress  # the run's Progress: where this member's share of a partition starts
-        self.admin, self.group = admin, group  # for the run's progress (finished)
+        self.offsets_reader = offsets_reader  # the run group's (a group_reader), for its progress (finished)
         self._range = {r.tp: r for r in window.ranges}
         self._end: dict[tuple[str, int], int] = {}  # ours and not yet read to the end
         self.closing = False
@@ -219,7 +219,7 @@ class GroupReader:
         self._checked = now
         tps = [TopicPartition(r.topic, r.partition) for r in self.window.ranges if r.size]
         try:  # not waiting for the other members' open transactions: never ahead of the commits
-            got = {(tp.topic, tp.partition): tp.offset for tp in last_committed(self.admin, self.group, tps, 5)}
+            got = {(tp.topic, tp.partition): tp.offset for tp in last_committed(self.offsets_reader, tps, 5)}
         except OffsetsUnreadable as e:  # coordinator away: asked again in a second
             log.debug("committed offsets: %s", e)
             return False

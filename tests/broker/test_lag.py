@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from inferlog.clients import confluent_config
@@ -42,15 +42,17 @@ def runner():
     return load_runner(default_model_path(), device="cpu")
 
 
-def outsider_lag(s, admin) -> dict[tuple[str, int], int] | None:
-    """Log end minus the group's committed offset (log start where none), by the admin API: not
-    the calls the worker makes."""
+def outsider_lag(s, admin, reader) -> dict[tuple[str, int], int] | None:
+    """Log end minus the group's committed offset (log start where none), read stable by a
+    read_committed consumer of the group and the admin API: not the calls the worker makes."""
     tps = [TopicPartition(t, p) for t in s.request_topics for p in range(s.partitions)]
-    group = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(s.worker_group, tps)],
-                                              require_stable=True)[s.worker_group].result(30)
-    if any(tp.error for tp in group.topic_partitions):  # e.g. a transaction's offsets not yet stable
+    try:
+        group = reader.committed(tps, timeout=10)
+    except KafkaException:  # e.g. a transaction's offsets not yet stable
         return None
-    done = {(tp.topic, tp.partition): tp.offset for tp in group.topic_partitions if tp.offset >= 0}
+    if any(tp.error for tp in group):
+        return None
+    done = {(tp.topic, tp.partition): tp.offset for tp in group if tp.offset >= 0}
 
     def offsets(spec):
         return {(tp.topic, tp.partition): f.result(30).offset
@@ -66,9 +68,9 @@ def gauge(w, s) -> dict[tuple[str, int], float | None]:
             for t in s.request_topics for p in range(s.partitions)}
 
 
-def agreed(w, s, admin) -> dict | None:
+def agreed(w, s, admin, reader) -> dict | None:
     """The lag both sides see, once the worker's last sample matches what the group has committed."""
-    theirs = outsider_lag(s, admin)
+    theirs = outsider_lag(s, admin, reader)
     return theirs if theirs is not None and gauge(w, s) == theirs else None
 
 
@@ -91,6 +93,7 @@ def test_lag_is_log_end_minus_committed_on_both_tiers(broker_settings, runner):
     s = broker_settings.with_overrides(max_batch_size=4, max_in_flight=16)
     gated = GatedRunner(runner)
     admin = AdminClient(confluent_config(s))
+    reader = Consumer(confluent_config(s, **{"group.id": s.worker_group, "isolation.level": "read_committed"}))
     outputs = [0]
 
     def committed(outs):  # on the worker's loop thread, after each commit
@@ -99,26 +102,27 @@ def test_lag_is_log_end_minus_committed_on_both_tiers(broker_settings, runner):
     with running_worker(s, gated, on_commit=committed) as w:
         try:
             # nothing finished, nothing committed: the lag is the whole log of each partition
-            lag = wait_until(lambda: agreed(w, s, admin), what="lag from the log start")
+            lag = wait_until(lambda: agreed(w, s, admin, reader), what="lag from the log start")
             assert by_topic(lag) == {t: 150 for t in s.request_topics}
             # both tiers paused by back-pressure: their partitions get no fetch responses, so the
             # log ends those carried would stand still; the gauge must follow the log anyway
             wait_until(lambda: all(w.paused.values()), what="both tiers paused")
             wave("second", 50)
-            lag = wait_until(lambda: agreed(w, s, admin), what="lag of paused partitions")
+            lag = wait_until(lambda: agreed(w, s, admin, reader), what="lag of paused partitions")
             assert by_topic(lag) == {t: 200 for t in s.request_topics}
             # ten batches (at most 40 requests) committed, a backlog left on both tiers
             gated.allow(10)
             wait_until(lambda: gated.ran == 10 and outputs[0] > 0, what="ten batches")
             done = outputs[0]
-            lag = wait_until(lambda: agreed(w, s, admin), what="lag from committed offsets")
+            lag = wait_until(lambda: agreed(w, s, admin, reader), what="lag from committed offsets")
             assert all(n >= 160 for n in by_topic(lag).values()), lag
             assert sum(lag.values()) <= 400 - done, (lag, done)
             # drained: nothing owed on any partition
             gated.allow(1000)
-            wait_until(lambda: agreed(w, s, admin) == dict.fromkeys(lag, 0), timeout=240, what="lag 0 everywhere")
+            wait_until(lambda: agreed(w, s, admin, reader) == dict.fromkeys(lag, 0), timeout=240, what="lag 0 everywhere")
             assert outputs[0] == 400
         finally:
             gated.allow(1000)
+            reader.close()
     # leaving the group gave every partition up: no series is left behind, under either label
     assert all(v is None for v in gauge(w, s).values())
