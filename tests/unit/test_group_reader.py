@@ -97,7 +97,7 @@ def member(*ranges: PartitionRange):
     consumer, engine = Consumer(), Engine()
     flow = FlowControl(S, lambda tier: engine.pending_in(S.tier_topic(tier)))
     window = Window(tuple(dict.fromkeys(r.topic for r in ranges)), ranges, None, None)
-    reader = GroupReader(window, consumer, engine, Committer(), flow, Progress({}), None, "run-group")
+    reader = GroupReader(window, consumer, engine, Committer(), flow, Progress({}), None)
     return reader, consumer, engine, flow
 
 

@@ -128,15 +128,23 @@ def test_the_worker_binds_its_served_name(monkeypatch):
 def test_the_lag_sampler_reads_the_models_own_group(monkeypatch):
     import confluent_kafka.admin
 
+    import inferlog.committed
     from inferlog.consumer.metrics import LagSampler
 
+    groups = []
+
+    class Reader:  # a group_reader's consumer, never asked here
+        def close(self) -> None:
+            pass
+
     monkeypatch.setattr(confluent_kafka.admin, "AdminClient", lambda conf: object())
+    monkeypatch.setattr(inferlog.committed, "group_reader", lambda settings, group: groups.append(group) or Reader())
     s = Settings(model_name="minilm")
     sampler = LagSampler(s, Metrics(model=s.served_name).lag)
     try:
-        assert sampler.group == s.worker_group
+        assert groups == [s.worker_group]
         if s.topic_layout != "shared":
-            assert sampler.group != s.group_id
+            assert s.worker_group != s.group_id
     finally:
         sampler.close()
         sampler.thread.join(5)
