@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -138,7 +139,10 @@ class LagSampler:
         from inferlog.clients import confluent_config
         from inferlog.committed import group_reader
 
-        self.admin, self.gauge, self.timeout = AdminClient(confluent_config(settings)), gauge, timeout
+        self.new_admin = lambda: AdminClient(confluent_config(settings))
+        self.admin, self.gauge, self.timeout = self.new_admin(), gauge, timeout
+        self._retired = None  # the admin client replaced last, freed one replacement later
+        self._renewed = time.monotonic()
         self.reader = group_reader(settings, settings.worker_group)  # used and closed on the thread
         self._want: list | None = None  # the partitions to sample next (the worker's current assignment)
         self._wake = threading.Condition()
@@ -184,10 +188,20 @@ class LagSampler:
                 lag = self._measure(want)
             except Exception as e:  # coordinator or leader away: no sample this time
                 log.debug("lag sample: %s", e)
+                self._renew()
                 continue
             for (topic, partition), n in lag.items():
                 if (topic, partition) in self.owned:
                     self.gauge.labels(topic, str(partition)).set(n)
+
+    def _renew(self) -> None:
+        """A new admin client after a failed sample, at most every 10 s: librdkafka's keeps
+        asking a restarted broker with the leader epoch it knew before (FENCED_LEADER_EPOCH on
+        every ListOffsets, for good), and the gauge stood still (tests/chaos/test_group_reads.py)."""
+        if time.monotonic() - self._renewed < 10.0:
+            return
+        self._renewed = time.monotonic()
+        self._retired, self.admin = self.admin, self.new_admin()
 
     def _measure(self, want: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         from confluent_kafka import IsolationLevel, TopicPartition

@@ -155,7 +155,8 @@ def test_a_revocation_mid_generation_loses_and_duplicates_nothing(broker_setting
     with Producer(broker_settings) as p:
         ids = [p.submit("generate", t, parameters={"max_new_tokens": n}, key=str(i))
                for i, (t, n) in enumerate(zip(texts, lengths))]
-    s = broker_settings.with_overrides(max_batch_size=16, max_in_flight=512)
+    # room for all of them: every partition holds work in the first's engine when the second joins
+    s = broker_settings.with_overrides(max_batch_size=16, max_in_flight=2048)
     first, second = load_runner(str(tiny_gpt2_dir), device="cpu"), load_runner(str(tiny_gpt2_dir), device="cpu")
     dropped: list[int] = []
     with running_worker(s, first) as a:
@@ -168,6 +169,9 @@ def test_a_revocation_mid_generation_loses_and_duplicates_nothing(broker_setting
         output = first.output
         first.output = lambda tokens, n: (None if dropped else time.sleep(0.05)) or output(tokens, n)
         wait_until(lambda: output_count(s) >= 20, timeout=120, what="the first results")
+        # all fetched: whichever partitions the join takes, they have work in flight here (with
+        # 512 in flight, a loaded machine once fetched unevenly and the join took idle ones)
+        wait_until(lambda: a.engine.pending + output_count(s) >= len(ids), timeout=120, what="everything fetched")
         with running_worker(s.with_overrides(worker_id=f"{s.worker_id}-b"), second):
             wait_until(lambda: output_count(s) >= len(ids), timeout=300, every=0.5, what="all generations")
         cancelled = a.engine.pipeline.cancelled
