@@ -79,7 +79,7 @@ def run_quix(s, runner, batch: int, commit_s: float) -> int:
         commit_interval=commit_s,  # 0.1 s by default (Quix's own default is 5 s: slow to answer)
         state_dir=tempfile.mkdtemp(prefix="bench-quix-state-"), auto_create_topics=True)
     src = app.topic(s.tier_topic("normal"), value_deserializer=AvroRequest())
-    dst = app.topic(s.results_topic, value_serializer="json")
+    dst = app.topic(s.model_results_topic, value_serializer="json")
     sdf = app.dataframe(src)
     # The model runs on a thread of its own, as in the other contenders: from the main thread
     # torch's OpenMP spin-waits and a loaded 2-core box measures 2-3x slower (bench/README.md).

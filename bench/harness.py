@@ -123,7 +123,7 @@ def avro_created_at(codec: Codec):
 
 def read_results(settings, codec: Codec, timeout: float = 60) -> list[dict]:
     """Every committed result (read_committed), to check the count the timing relied on."""
-    return read_committed(settings, settings.results_topic, lambda v: codec.decode(v, expect=RESULT), timeout)
+    return read_committed(settings, settings.model_results_topic, lambda v: codec.decode(v, expect=RESULT), timeout)
 
 
 def read_committed(settings, topic: str, decode, timeout: float = 60) -> list:

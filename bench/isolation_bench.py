@@ -23,8 +23,8 @@ Producer, check against the model registry included) at --rate for --duration s:
 Order: alone, then (flooded, alone) x --rounds, so drift of the machine or the broker over the
 run shows in the alone phases around each flooded one; after a warm-up of --warmup s of both.
 
-Latency: created_at (set at submit) to the moment a read_committed reader of the results topic
-sees the result. The reader stamps arrivals and keeps each record's key (the request id) and
+Latency: created_at (set at submit) to the moment a read_committed reader of the models' results
+topics sees the result. The reader stamps arrivals and keeps each record's key (the request id) and
 value; which model a result belongs to is known from its key during the run, and the values
 are decoded after each phase (no decoding on the shared cores while timing), where a result of
 model-b counts only if its model.name is "model-b" (a mismatch is reported). Per phase also
@@ -36,10 +36,10 @@ How to read it: `ratio` is a flooded phase's p99 over the mean p99 of the alone 
 before and after it; within 1.2x meets the goal. An alone p99 that moves a lot between rounds
 says the machine was disturbed (others' load): compare the flooded p99 with its neighbours.
 With 2 cores the flooded model's worker, the broker and this process take CPU that model-b's
-worker then waits for. The one thing the models still share is the results topic: a
-read_committed reader sees nothing on a partition past a transaction still open there, so
-model-a's commits can hold model-b's results back; the "visible" segment (completed -> seen)
-shows that, "process" the worker's own wait for the CPU. Saves bench/results/isolation.json and isolation.png.
+worker then waits for. Each model has its own results topic (a read_committed reader sees
+nothing on a partition past a transaction still open there, so one shared topic let model-a's
+commits hold model-b's results back): the "visible" segment (completed -> seen) shows what is
+left of that, "process" the worker's own wait for the CPU. Saves bench/results/isolation.json and isolation.png.
 """
 from __future__ import annotations
 
@@ -127,14 +127,14 @@ class Cores:
 
 
 def phase(kind: str, n: int, ctx: dict, args) -> dict:
-    meter: KeyedMeter = ctx["meter"]
+    meter_a, meter = ctx["meters"][MODELS[0]], ctx["meters"][MODELS[1]]  # each model's own reader
     a_ids: set[bytes] = set()
     blast_s = None
     if kind == "flooded":
         envs = [ctx["enc"].envelope("embed", t, model=MODELS[0], metadata={"source": "bench"})
                 for t in (ctx["texts"][i % len(ctx["texts"])] for i in range(args.backlog))]
         a_ids = {e.request_id.encode() for e in envs}
-    mark = len(meter.keys)
+    mark, mark_a = len(meter.keys), len(meter_a.keys)
     if kind == "flooded":
         blast_s = send_all(ctx["s"], envs)  # the backlog is on model-a's topics before the stream starts
     c0, t_start = ctx["cores"].snap(), time.time() * 1000
@@ -144,9 +144,9 @@ def phase(kind: str, n: int, ctx: dict, args) -> dict:
     complete = meter.wait_ids(b_set, mark, 60 + 3 * args.duration)
     drained = True
     if a_ids:  # all of it, so the next alone phase is alone
-        drained = meter.wait_ids(a_ids, mark, 120 + 3 * args.backlog * args.sleep_ms / 1000 / 32)
+        drained = meter_a.wait_ids(a_ids, mark_a, 120 + 3 * args.backlog * args.sleep_ms / 1000 / 32)
     # decode now, off the clock
-    n_keys = len(meter.keys)
+    n_keys, n_keys_a = len(meter.keys), len(meter_a.keys)
     lat, wrong, a_in_window, a_by_end, a_seen = [], {}, 0, 0, 0
     seg: dict[str, list[float]] = {"fetch": [], "process": [], "visible": []}
     codec: Codec = ctx["codec"]
@@ -163,7 +163,9 @@ def phase(kind: str, n: int, ctx: dict, args) -> dict:
             seg["fetch"].append(consumed - created)  # produced, fetched, handed to the engine
             seg["process"].append(completed - consumed)  # decode, batching, the device, the result
             seg["visible"].append(at - completed)  # the transaction, then visible to read_committed
-        elif k in a_ids:
+    for k, v, at in zip(meter_a.keys[mark_a:n_keys_a], meter_a.values[mark_a:n_keys_a],
+                        meter_a.arrivals[mark_a:n_keys_a]):
+        if k in a_ids:
             a_seen += 1
             if a_seen <= 50:  # a sample is enough to check the name
                 name = codec.decode(v, expect=RESULT)["model"]["name"]
@@ -189,7 +191,8 @@ def deadletters(s, codec: Codec, timeout: float = 30) -> dict[str, int]:
     """The dead letters (read_committed: the end offsets also count transaction markers), by
     reason and source topic: none is expected."""
     try:
-        dead = read_committed(s, s.deadletter_topic, lambda v: codec.decode(v, expect=DEADLETTER), timeout)
+        dead = [d for m in MODELS  # each model's own
+                for d in read_committed(s, s.model_outputs(m)[1], lambda v: codec.decode(v, expect=DEADLETTER), timeout)]
     except TimeoutError:
         return {"(not read to the end)": 1}
     return dict(Counter(f"{d['reason']} from {d['source']['topic']}" for d in dead))
@@ -269,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         for ms in served.values():
             ensure_topics(ms, partitions=args.partitions)
         codec = Codec.from_settings(s)
-        meter = KeyedMeter(s, s.results_topic)
+        # a reader per model, of its own results topic, as the gateway reads them: one reader of
+        # both queued model-b's results behind model-a's flood in its fetches
+        meters = {m: KeyedMeter(ms, ms.model_results_topic) for m, ms in served.items()}
         procs: dict = {}
         prod = None
         try:
@@ -282,15 +287,16 @@ def main(argv: list[str] | None = None) -> int:
             broker_pid = listener_pid(int(s.bootstrap_servers.split(",")[0].rsplit(":", 1)[1]))
             # one producer, up before the timing (its first requests connect and read the registry)
             prod = Producer(s)
-            ctx = {"s": s, "meter": meter, "codec": codec, "prod": prod, "enc": RequestEncoder(s), "texts": texts,
+            ctx = {"s": s, "meters": meters, "codec": codec, "prod": prod, "enc": RequestEncoder(s), "texts": texts,
                    "times": times, "cores": Cores(procs, broker_pid)}
             print(f"warm-up: {args.warmup:g} s of model-b's stream and a {len(texts)}-request blast on model-a ...",
                   flush=True)
-            mark = len(meter.keys)
+            marks = {m: len(mt.keys) for m, mt in meters.items()}
             warm_a = [ctx["enc"].envelope("embed", t, model=MODELS[0], metadata={"source": "bench"}) for t in texts]
             send_all(s, warm_a)
             warm_b = stream(prod, texts, poisson(args.rate, args.warmup, args.seed + 1), MODELS[1])
-            if not meter.wait_ids({e.request_id.encode() for e in warm_a} | {i.encode() for i in warm_b}, mark, 120):
+            if not (meters[MODELS[0]].wait_ids({e.request_id.encode() for e in warm_a}, marks[MODELS[0]], 120)
+                    and meters[MODELS[1]].wait_ids({i.encode() for i in warm_b}, marks[MODELS[1]], 120)):
                 raise RuntimeError("the warm-up's results did not all come back in 120 s")
             kinds = ["alone"] + ["flooded", "alone"] * args.rounds
             count: dict[str, int] = {}
@@ -312,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                 prod.close()
             for p in procs.values():
                 stop(p)
-            meter.close()
+            for mt in meters.values():
+                mt.close()
     report["ratios"] = ratios(report["phases"])
     save(report, f"{args.out}.json")
     plot_bars(RESULTS / f"{args.out}.png", "model-b's p99 while model-a is alone / flooded",

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = text or "defaults"
                 env = {k: str(v) for k, v in parse_set(text).items()}
                 s = fresh_settings(base, f"latency-ab-{i}")
-                meter = ResultMeter(s, s.results_topic, avro_created_at(codec))
+                meter = ResultMeter(s, s.model_results_topic, avro_created_at(codec))
                 proc = spawn("inferlog", s, env=env)
                 try:
                     blast(s, texts[:WARMUP])

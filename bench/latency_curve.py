@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 port = free_port() if kind == "inferlog" else None
                 if kind == "inferlog":
                     env = {**extra_env, **env, "INFERLOG_METRICS_PORT": str(port)}
-                meter = ResultMeter(s, s.results_topic, json_created_at if kind == "quix" else
+                meter = ResultMeter(s, s.model_results_topic, json_created_at if kind == "quix" else
                                     (lambda v: _epoch_ms(codec.decode(v, expect=RESULT)["timings"]["created_at"])),
                                     keep=kind == "inferlog")
                 print(f"starting {name} ...", flush=True)

@@ -80,7 +80,7 @@ def bench_raw(base, texts: list[str], codec: Codec | None = None) -> dict:
                     key, value = answer(m) if answer else (m.key(), m.value())
                     while True:
                         try:
-                            prod.produce(s.results_topic, value, key)
+                            prod.produce(s.model_results_topic, value, key)
                             break
                         except BufferError:
                             prod.poll(0.01)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 kind, extra = CONTENDERS[name]
                 s = sets[name] = fresh_settings(base, name.replace(" ", "-"))
                 print(f"starting {name} ...", flush=True)
-                meters[name] = ResultMeter(s, s.results_topic,
+                meters[name] = ResultMeter(s, s.model_results_topic,
                                            avro_created_at(codec) if kind == "inferlog" else json_created_at)
                 procs[name] = spawn(kind, s, *extra)
             for name in names:  # the first results mean the group has formed and the path is warm

@@ -182,7 +182,7 @@ def scenario(base, key: str, name: str, extra: list[str], counts: list[int], rat
     s = fresh_settings(base, f"scale-{key}", args.partitions, max_in_flight=max_in_flight, **overrides)
     # decoded after the run; counted by completion, so arrival stamps need no precision and the
     # broker is spared a fetch every 10 ms
-    meter = ResultMeter(s, s.results_topic, keep=True, fetch_wait_ms=250)
+    meter = ResultMeter(s, s.model_results_topic, keep=True, fetch_wait_ms=250)
     admin = AdminClient(confluent_config(s))
     print(f"[{name}] encoding the offer's pool ...", flush=True)
     offer = Offer(s, rate, args.high_share)

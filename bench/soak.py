@@ -84,7 +84,7 @@ class ResultReader(threading.Thread):
         c = Consumer(confluent_config(self.s, **{"group.id": f"soak-reader-{uuid.uuid4().hex[:8]}",
                                                  "isolation.level": "read_committed", "enable.auto.commit": False,
                                                  "auto.offset.reset": "earliest"}))
-        c.subscribe([self.s.results_topic])
+        c.subscribe([self.s.model_results_topic])
         try:
             while not self.stop_flag.is_set():
                 for m in c.consume(500, 0.1):

@@ -51,11 +51,11 @@ class ResultTail:
         self.c = Consumer(confluent_config(settings, **{
             "group.id": f"inferlog-demo-reader-{time.time_ns()}", "isolation.level": "read_committed",
             "enable.auto.commit": False}))
-        md = self.c.list_topics(settings.results_topic, timeout=10).topics[settings.results_topic]
+        md = self.c.list_topics(settings.model_results_topic, timeout=10).topics[settings.model_results_topic]
         tps = []
         for p in md.partitions:
-            _, high = self.c.get_watermark_offsets(TopicPartition(settings.results_topic, p), timeout=10)
-            tps.append(TopicPartition(settings.results_topic, p, high))
+            _, high = self.c.get_watermark_offsets(TopicPartition(settings.model_results_topic, p), timeout=10)
+            tps.append(TopicPartition(settings.model_results_topic, p, high))
         self.c.assign(tps)
 
     def poll(self, timeout: float = 0.2) -> list[dict]:

@@ -186,7 +186,8 @@ def offsets_of(commits: dict[tuple[str, int], int]) -> list[TopicPartition]:
 class TransactionalEmitter:
     transactional = True  # the offsets go in the transaction
 
-    def __init__(self, settings, consumer, timeout_s: float | None = None, fallback=None, sweep_also: tuple = ()):
+    def __init__(self, settings, consumer, timeout_s: float | None = None, fallback=None, sweep_also: tuple = (),
+                 outputs: tuple[str, str] | None = None):
         self.consumer = consumer
         self.broker_lost = threading.Event()
         # each call bounded well inside the transaction's own timeout: a commit that cannot end
@@ -219,11 +220,13 @@ class TransactionalEmitter:
         self._init_transactions()
         # what a sweep covers; unsure: a transaction of this id may hang (at start: its last
         # one, which init_transactions just aborted; later: one ending while a broker was away)
-        self.sweep_topics = (settings.results_topic, settings.deadletter_topic, *sweep_also)
+        # `outputs`: what it writes, (results, dead letters): the model's own, or a replay's
+        results, deadletters = outputs or settings.model_outputs()
+        self.sweep_topics = (results, deadletters, *sweep_also)
         # the sweep's offset, only so that AddOffsetsToTxn puts the group's offsets partition in:
         # on a topic the group never reads (its own results), never on a request partition, whose
         # owner commits it meanwhile (a request partition here coincided with a storm's duplicates)
-        self.anchor = TopicPartition(settings.results_topic, 0, 0)
+        self.anchor = TopicPartition(results, 0, 0)
         self.settings = settings
         self.codec = None  # made when a sweep finds open records to decode
         self.open_ends: dict = {}

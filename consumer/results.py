@@ -28,8 +28,9 @@ class ResultBuilder:
     def __init__(self, codec: Codec, settings, model_info, replay_run_id: str | None = None):
         self.codec = codec
         self.tier_of = settings.tier_of
-        self.results_topic = settings.results_topic
-        self.deadletter_topic = settings.deadletter_topic
+        # the model's own outputs; a replay's, as its settings name them (replay/runner.py run_settings)
+        self.results_topic, self.deadletter_topic = ((settings.results_topic, settings.deadletter_topic)
+                                                     if replay_run_id else settings.model_outputs())
         self.worker_id = settings.worker_id
         self.model = {"name": model_info.name, "revision": model_info.revision, "digest": model_info.digest}
         self.replay_run_id = replay_run_id

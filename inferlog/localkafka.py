@@ -618,18 +618,18 @@ def status(**flags) -> None:
 
 @kafka_cli.command()
 @click.option("--model", "models", multiple=True, metavar="NAME",
-              help="Make this served model's request topics, both tiers (repeatable; default: the default "
-                   "model's). A worker makes its own model's at start as well.")
+              help="Make this served model's topics: requests of both tiers, results and dead letters "
+                   "(repeatable; default: the default model's). A worker makes its own model's at start as well.")
 @settings_options("bootstrap_servers", "partitions", "replication_factor", "retention_ms")
 def topics(models: tuple[str, ...], **flags) -> None:
-    """Create the request topics of a model (each model has its own), and the results, deadletter
-    and model registry topics; existing ones are left as they are."""
+    """Create a model's topics (each model has its own: requests of both tiers, results, dead
+    letters) and the model registry's; existing ones are left as they are."""
     from .topics import ensure_topics, partition_counts
 
     settings = _settings(flags)
     created = ensure_topics(settings)
     for name in models:
-        created |= ensure_topics(settings, list(settings.model_topics(name)))
+        created |= ensure_topics(settings, [*settings.model_topics(name), *settings.model_outputs(name)])
     counts = partition_counts(settings, list(created))
     for name, new in created.items():
         click.echo(f"{name}: {'created' if new else 'exists'}, {counts.get(name)} partitions")

@@ -46,6 +46,16 @@ def _requests(*operations: str) -> tuple[Grant, ...]:
             *(Grant("topic", t + ".", "prefixed", operations) for t in _REQUESTS))
 
 
+_OUTPUTS = ("{results_topic}", "{deadletter_topic}")
+
+
+def _outputs(*operations: str) -> tuple[Grant, ...]:
+    """`operations` on every model's results and dead-letter topics (<base>.<model>, topic_layout
+    per-model) and on the shared ones (topic_layout shared, or an old deployment's)."""
+    return (*(Grant("topic", t, "literal", operations) for t in _OUTPUTS),
+            *(Grant("topic", t + ".", "prefixed", operations) for t in _OUTPUTS))
+
+
 
 ROLES: dict[str, tuple[Grant, ...]] = {
     # Writes requests (both priority tiers), and reads the model registry by assignment (the
@@ -57,16 +67,15 @@ ROLES: dict[str, tuple[Grant, ...]] = {
         Grant("topic", "{models_topic}", "literal", ("READ", "DESCRIBE")),
         Grant("group", "inferlog-models-", "prefixed", ("READ", "DESCRIBE")),
     ),
-    # Consumes its model's requests in its model's group (group_id.<model>; topics it may create:
-    # a new model needs no admin), writes results and dead letters in transactions whose ids
+    # Consumes its model's requests in its model's group (group_id.<model>), writes its model's
+    # results and dead letters (topics it may create: a new model needs no admin) in transactions whose ids
     # all start with inferlog-<group> (consumer/emit.py), and reads them back where its own
     # transactions were left open (the sweep, consumer/sweep.py, by assignment).
     "worker": (
         *_requests("READ", "DESCRIBE", "CREATE"),
         Grant("group", "{group_id}", "literal", ("READ", "DESCRIBE")),  # the shared layout's
         Grant("group", "{group_id}.", "prefixed", ("READ", "DESCRIBE")),  # each model's
-        *(Grant("topic", t, "literal", ("READ", "WRITE", "DESCRIBE"))
-          for t in ("{results_topic}", "{deadletter_topic}")),
+        *_outputs("READ", "WRITE", "DESCRIBE", "CREATE"),
         Grant("transactional_id", "inferlog-{group_id}-", "prefixed", ("WRITE", "DESCRIBE")),
         Grant("transactional_id", "inferlog-{group_id}.", "prefixed", ("WRITE", "DESCRIBE")),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
@@ -78,7 +87,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
     "gateway": (
         *_requests("WRITE", "DESCRIBE"),
         Grant("cluster", "kafka-cluster", "literal", ("IDEMPOTENT_WRITE",)),
-        *(Grant("topic", t, "literal", ("READ", "DESCRIBE")) for t in ("{results_topic}", "{deadletter_topic}")),
+        *_outputs("READ", "DESCRIBE"),
         Grant("group", "inferlog-replies-", "prefixed", ("READ", "DESCRIBE")),
         # the model registry, read by assignment (the group id is librdkafka's requirement)
         Grant("topic", "{models_topic}", "literal", ("READ", "DESCRIBE")),
@@ -88,7 +97,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
     # assign partitions themselves; the group grants cover their group ids.
     "auditor": (
         *_requests("READ", "DESCRIBE"),
-        *(Grant("topic", t, "literal", ("READ", "DESCRIBE")) for t in ("{results_topic}", "{deadletter_topic}")),
+        *_outputs("READ", "DESCRIBE"),
         Grant("group", "inferlog-audit", "prefixed", ("READ", "DESCRIBE")),
         Grant("group", "inferlog-window-", "prefixed", ("READ", "DESCRIBE")),
     ),

@@ -112,18 +112,21 @@ class Topics(BaseModel):
     high_priority: int = Field(1, ge=1, description="The priority from which a request goes to the high tier.")
     high_priority_weight: int = Field(
         4, ge=1, description="High-tier batches per normal-tier batch when both wait (the normal tier never starves).")
-    results_topic: str = Field("inferlog.results", description="Results, written exactly once.")
+    results_topic: str = Field("inferlog.results", description="Results, written exactly once (each model's to "
+                                                               "results_topic.<name>, topic_layout per-model).")
     deadletter_topic: str = Field("inferlog.deadletter", description="Dead letters: every record that is no result, "
-                                                                     "with its reason.")
+                                                                     "with its reason (each model's to "
+                                                                     "deadletter_topic.<name>, topic_layout per-model).")
     replays_topic: str = Field("inferlog.replays", description="Shared replay runs: each run's definition and its "
                                                                "members' totals (compacted).")
     models_topic: str = Field("inferlog.models", description="The model registry: each live worker's announcement "
                                                              "of the model it serves, keyed model/worker (compacted).")
     topic_layout: Literal["per-model", "shared"] = Field(
-        "per-model", description="per-model: each served model has its own request topics (requests_topic and "
-                                 "high_priority_topic, each followed by .<name>) and its own group (group_id.<name>); "
-                                 "shared: every model's requests in requests_topic and high_priority_topic and one "
-                                 "group_id, as before models had topics (to drain an old deployment's topics).")
+        "per-model", description="per-model: each served model has its own topics (requests_topic, "
+                                 "high_priority_topic, results_topic and deadletter_topic, each followed by .<name>) "
+                                 "and its own group (group_id.<name>); shared: every model's records in those four "
+                                 "topics and one group_id, as before models had topics (to drain an old deployment's "
+                                 "topics).")
     partitions: int = Field(6, ge=1, description="Partitions of a topic inferlog creates.")
     replication_factor: int = Field(1, ge=1, description="Replicas of a topic inferlog creates.")
     retention_ms: int = Field(7 * 24 * 3600 * 1000, ge=-1,
@@ -371,6 +374,32 @@ class Settings(*reversed(GROUPS.values()), BaseSettings):  # type: ignore[misc]
     def request_topics(self) -> tuple[str, str]:
         """This model's topics of both tiers, high first."""
         return self.model_topics()
+
+    def model_outputs(self, model: str | None = None) -> tuple[str, str]:
+        """The results and dead-letter topics of `model` (default: served_name): its own
+        (results_topic and deadletter_topic, each followed by .<name>), so that a read_committed
+        reader of one model's outcomes never waits on another model's open transactions; the
+        shared pair in the shared layout."""
+        if self.topic_layout == "shared":
+            return (self.results_topic, self.deadletter_topic)
+        seg = topic_segment(model or self.served_name)
+        return (f"{self.results_topic}.{seg}", f"{self.deadletter_topic}.{seg}")
+
+    @property
+    def model_results_topic(self) -> str:
+        """This model's results topic (model_outputs)."""
+        return self.model_outputs()[0]
+
+    @property
+    def model_deadletter_topic(self) -> str:
+        """This model's dead-letter topic (model_outputs)."""
+        return self.model_outputs()[1]
+
+    def is_output_topic(self, topic: str, kind: str) -> bool:
+        """A results (kind "results") or dead-letter topic of either layout: the shared one, or
+        some model's."""
+        b = self.results_topic if kind == "results" else self.deadletter_topic
+        return topic == b or (topic.startswith(b + ".") and "." not in topic[len(b) + 1:])
 
     @property
     def worker_group(self) -> str:

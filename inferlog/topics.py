@@ -22,17 +22,16 @@ def _admin(settings: Settings) -> AdminClient:
 def ensure_topics(settings: Settings, names: list[str] | None = None, partitions: int | None = None,
                   replication_factor: int | None = None, retention_ms: int | None = None,
                   timeout: float = 30, config: dict[str, str] | None = None) -> dict[str, bool]:
-    """Create `names` (default: the request topics of the settings' model (both tiers), the
-    results and deadletter topics, and the model registry's topic: one partition, compacted,
+    """Create `names` (default: the settings' model's own topics: requests of both tiers, results
+    and dead letters; and the model registry's topic: one partition, compacted,
     inferlog/registry.py) unless they exist. Returns {name: created?}; an existing topic is left as it is, even when its
     partition count differs (changing it would move keys to other partitions). `config`:
     more topic configs (e.g. cleanup.policy) for the topics created here."""
     if not names:
         from .registry import TOPIC_CONFIG
 
-        made = ensure_topics(settings, [*settings.request_topics, settings.results_topic,
-                                        settings.deadletter_topic], partitions, replication_factor, retention_ms,
-                             timeout, config)
+        made = ensure_topics(settings, [*settings.request_topics, *settings.model_outputs()], partitions,
+                             replication_factor, retention_ms, timeout, config)
         return made | ensure_topics(settings, [settings.models_topic], 1, replication_factor, timeout=timeout,
                                     config=TOPIC_CONFIG)
     partitions = partitions or settings.partitions
@@ -133,3 +132,14 @@ def request_topics(settings: Settings, models: list[str] | None = None) -> list[
         return [t for t in names if t in partition_counts(settings, names)]
     found = [t for t in partition_counts(settings) if settings.is_request_topic(t)]
     return sorted(found, key=lambda t: (settings.tier_of(t) != "high", t))
+
+
+def output_topics(settings: Settings, kind: str, models: list[str] | None = None) -> list[str]:
+    """The results (kind "results") or dead-letter (kind "deadletter") topics that exist: of
+    `models` (their own, in the settings' layout), else of every model and the shared one (an
+    old deployment's, or a shared-layout one's). What audit, export and drift read."""
+    i = 0 if kind == "results" else 1
+    if models:
+        names = list(dict.fromkeys(settings.model_outputs(m)[i] for m in models))
+        return [t for t in names if t in partition_counts(settings, names)]
+    return sorted(t for t in partition_counts(settings) if settings.is_output_topic(t, kind))

@@ -16,11 +16,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.codec import has_lz4
 
 from inferlog.clients import aiokafka_kwargs
-from inferlog.errors import InferlogError
+from inferlog.errors import InferlogError, UnknownModel
 from inferlog.request import spelled_out
 from inferlog.settings import Settings
 
-from .replies import Replies
+from .replies import Replies, TopicMissing
 from .sync import (SUBMIT_DEFAULTS, DeliveryLedger, Envelope, ModelCheck, ProduceError, RequestEncoder, SubmitOptions,
                    check_many, split_settings)
 
@@ -131,6 +131,11 @@ class AsyncProducer:
         env = self._encoder.envelope(task, inputs, **options)
         await self._check_model(task, options.get("model"))
         replies = await self.replies()
+        try:
+            await replies.watch(options.get("model"))  # the model's own outputs, read from now on
+        except TopicMissing as e:
+            raise UnknownModel(f"model {options.get('model') or self.settings.served_name!r}: {e}; no worker "
+                               "of it has run (a worker makes its model's topics)") from None
         fut = replies.expect(env.request_id)  # before sending: the outcome cannot be missed
         try:
             await self._send_acked(env)

@@ -48,7 +48,7 @@ from . import models_api
 from . import openai_api as oai
 from .aio import AsyncProducer
 from .auth import Authenticator, AuthError, IdSigner, QuotaExceeded, Quotas, retry_after_header
-from .replies import Outcome, Replies
+from .replies import Outcome, Replies, TopicMissing
 from .sync import ProduceError
 
 log = logging.getLogger(__name__)
@@ -203,15 +203,20 @@ class Gateway:
         self._lag_task = asyncio.create_task(self.metrics.probe_loop_lag(), name="loop-lag-probe")
         self._watch_task = asyncio.create_task(self._watch_models(), name="model-watch")
         log.info("gateway ready: requests to each model's topics %s.<model> / %s.<model> (priority >= %d), "
-                 "outcomes from %s / %s; models live: %s", self.s.requests_topic, self.s.high_priority_topic,
-                 self.s.high_priority, self.s.results_topic, self.s.deadletter_topic,
+                 "outcomes from %s.<model> / %s.<model>; models live: %s", self.s.requests_topic,
+                 self.s.high_priority_topic, self.s.high_priority, self.s.results_topic, self.s.deadletter_topic,
                  ", ".join(self.models.live()) or "none yet")
 
     async def _watch_models(self) -> None:
-        """Loads the tokenizer of every model the registry names, as soon as it names it."""
+        """Loads the tokenizer of every model the registry names, and reads its outcomes, as
+        soon as it names it: any replica answers a request id made by another."""
         while True:
             for lm in self.models.live().values():
                 self.tokenizers.see(lm.name, lm.members[0].model)
+                try:
+                    await self.replies.watch(lm.name)
+                except Exception as e:  # its topics not described yet, Kafka away: asked again next turn
+                    log.debug("outcomes of %s: %s", lm.name, e)
             await asyncio.sleep(MODEL_WATCH_S)
 
     def tokenizer_for(self, model: str) -> oai.Tokenizer:
@@ -403,6 +408,10 @@ def create_app(settings: Settings | None = None, *, tracer_provider: trace.Trace
                 d = e.detail if isinstance(e.detail, dict) else {"reason": "INVALID_REQUEST", "detail": str(e.detail)}
                 code = "400"
                 return JSONResponse(oai.failure(d["reason"], d["detail"]).body(), status_code=400)
+            if e.status_code == 404 and isinstance(e.detail, dict):  # a model no worker has served
+                err = oai.failure(e.detail["reason"], e.detail["detail"])
+                err.param = "model"
+                return JSONResponse(err.body(), status_code=err.status)
             raise
         finally:
             count(request, tier, code, gw.metrics.model_label(body.model, gw.s.served_name, gw.models))
@@ -454,6 +463,16 @@ async def _submit(gw: Gateway, body: SubmitBody, tenant: str, wait: float | None
     except QuotaExceeded as e:
         raise HTTPException(429, e.detail, headers={"Retry-After": retry_after_header(e.retry_after)}) from None
     rid = gw.ids.new(tenant)
+    model = body.model or gw.s.served_name
+    try:  # its model's outcomes read from before its request is sent: they cannot be missed
+        await gw.replies.watch(model)
+    except TopicMissing:  # no worker ever made its topics (and the registry is not read yet)
+        status, _, code = oai.REASONS["UNKNOWN_MODEL"]
+        raise HTTPException(status, {"reason": "UNKNOWN_MODEL", "code": code, "detail": (
+            f"no worker has served model {model!r}: its topics do not exist")}) from None
+    except Exception as e:  # Kafka did not answer
+        log.warning("reading the outcomes of %s: %s", model, e)
+        raise HTTPException(503, "Kafka did not answer; retry") from None
     waiter = gw.replies.expect(rid) if wait else None  # before sending: the outcome cannot be missed
     gw.quotas.track(rid, tenant, body.model or gw.s.served_name)
     try:

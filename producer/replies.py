@@ -1,9 +1,9 @@
-"""Request-reply over Kafka: read the results and dead-letter topics and hand each outcome to
-whoever waits for its request_id.
+"""Request-reply over Kafka: read the results and dead-letter topics of every model and hand
+each outcome to whoever waits for its request_id.
 
-Every reader (each gateway replica, each SDK client) assigns itself ALL partitions of both
-topics, positioned at their ends when it starts, and joins no group: any replica sees every
-outcome, so any replica can answer any id. Outcomes are kept raw (bytes) in a bounded
+Every reader (each gateway replica, each SDK client) assigns itself ALL partitions of each
+model's two output topics, positioned at their ends when it starts reading them, and joins no
+group: any replica sees every outcome, so any replica can answer any id. Outcomes are kept raw (bytes) in a bounded
 LRU/TTL cache and decoded only when someone asks. An id older than the cache is found by a
 targeted lookup: results are keyed by request_id and partitioned with murmur2, so the key
 names the one partition to read, and the id's creation time says where in it to start.
@@ -38,6 +38,10 @@ class RequestFailed(InferlogError):
     def __init__(self, request_id: str, reason: str, detail: str):
         super().__init__(f"request {request_id} failed: {reason}: {detail}")
         self.request_id, self.reason, self.detail = request_id, reason, detail
+
+
+class TopicMissing(InferlogError):
+    """A topic to read does not exist (a model's outputs: no worker of it ever started)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +94,18 @@ async def partition_counts(settings: Settings, topics: list[str]) -> dict[str, i
     for t in topics:
         d = described.get(t)
         if d is None or d["error_code"] or not d["partitions"]:
-            raise InferlogError(f"topic {t!r} does not exist on {settings.bootstrap_servers}")
+            raise TopicMissing(f"topic {t!r} does not exist on {settings.bootstrap_servers}")
         counts[t] = len(d["partitions"])
     return counts
+
+
+async def topic_names(settings: Settings) -> set[str]:
+    admin = AIOKafkaAdminClient(**aiokafka_kwargs(settings), client_id="inferlog-replies-admin")
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
 
 
 class OutcomeCache:
@@ -128,9 +141,14 @@ class OutcomeCache:
 
 
 class Replies:
-    """The asyncio reader: `await start()`, then `expect(id)` / `get(id)` / `lookup(id, since_ms)`.
+    """The asyncio reader: `await start()`, `await watch(model)` before publishing a model's
+    first request, then `expect(id)` / `get(id)` / `lookup(id, since_ms)`.
 
-    `on_outcome(request_id)` is called for every outcome read (the gateway's in-flight quota)."""
+    Each model writes its outcomes to its own results and dead-letter topics
+    (Settings.model_outputs): one reader (a consumer, assigned all their partitions from their
+    ends) per model, started for every model whose topics exist at start and for each model
+    watched later. `on_outcome(request_id)` is called for every outcome read (the gateway's
+    in-flight quota)."""
 
     def __init__(self, settings: Settings, codec: Codec | None = None, *, cache_size: int | None = None,
                  cache_ttl: float | None = None, on_outcome: Callable[[str], None] | None = None):
@@ -139,12 +157,14 @@ class Replies:
         self.cache = OutcomeCache(cache_size or settings.gateway_cache_size, cache_ttl or settings.gateway_cache_ttl_s)
         self.on_outcome = on_outcome
         self._waiters: dict[str, list[asyncio.Future]] = {}
-        self._consumer: AIOKafkaConsumer | None = None
+        self._readers: dict[str, tuple[AIOKafkaConsumer, asyncio.Task]] = {}  # by results topic
+        self._watch_lock = asyncio.Lock()
         self._lookup: AIOKafkaConsumer | None = None
         self._lookup_lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
-        self.partitions: dict[str, int] = {}
-        self.started_at = 0.0  # wall time (s): outcomes written after it are all read
+        self._started = False
+        self.partitions: dict[str, int] = {}  # of every topic read
+        self.dead_letter_topics: set[str] = set()
+        self.started_at = 0.0  # wall time (s) the newest reader started: later outcomes of every watched model are read
         self.read = 0
 
     def _new_consumer(self) -> AIOKafkaConsumer:
@@ -152,34 +172,70 @@ class Replies:
                                 isolation_level="read_committed", client_id="inferlog-replies")
 
     async def start(self) -> None:
+        """Read the outcomes of every model whose topics exist now (the shared pair of an old
+        deployment too), from their ends."""
         if not has_lz4():  # workers compress results with lz4; without it every fetch fails
             raise ConfigError("reading results needs aiokafka's lz4 support: pip install cramjam")
-        self.partitions = await partition_counts(self.s, [self.s.results_topic, self.s.deadletter_topic])
-        c = self._consumer = self._new_consumer()
+        self._started = True
+        async with self._watch_lock:
+            for results, dead in await self._existing_pairs():
+                await self._add(results, dead)
+        self.started_at = self.started_at or time.time()
+        log.info("reading outcomes of %d model(s): %s", len(self._readers), ", ".join(self._readers) or "none yet")
+
+    async def watch(self, model: str | None) -> None:
+        """Read `model`'s outcomes (default: the settings' own model) from now on, if not yet:
+        awaited before its first request is published, so its outcome cannot be missed.
+        TopicMissing when its topics do not exist (no worker of it ever started)."""
+        results, dead = self.s.model_outputs(model)
+        if results in self._readers:
+            return
+        async with self._watch_lock:
+            if results not in self._readers:
+                await self._add(results, dead)
+                log.info("reading outcomes of model %s from %s and %s", model or self.s.served_name, results, dead)
+
+    async def _existing_pairs(self) -> list[tuple[str, str | None]]:
+        names = await topic_names(self.s)
+        pairs = []
+        for t in sorted(names):
+            if self.s.is_output_topic(t, "results"):
+                dead = self.s.deadletter_topic + t[len(self.s.results_topic):]
+                pairs.append((t, dead if dead in names else None))
+        return pairs
+
+    async def _add(self, results: str, dead: str | None) -> None:
+        topics = [results] + ([dead] if dead else [])
+        counts = await partition_counts(self.s, topics)
+        c = self._new_consumer()
         await c.start()
         try:
-            tps = [TopicPartition(t, p) for t, n in self.partitions.items() for p in range(n)]
-            self.started_at = time.time()
+            tps = [TopicPartition(t, p) for t, n in counts.items() for p in range(n)]
+            started = time.time()
             c.assign(tps)
-            # explicit end offsets, not a lazy seek_to_end: an outcome of a request sent right
-            # after start() returns lies at or past them, so it cannot be skipped
+            # explicit end offsets, not a lazy seek_to_end: an outcome of a request sent after
+            # this returns lies at or past them, so it cannot be skipped
             for tp, end in (await c.end_offsets(tps)).items():
                 c.seek(tp, end)
         except BaseException:
             await c.stop()
             raise
-        self._task = asyncio.create_task(self._run(), name="inferlog-replies")
-        log.info("reading outcomes from %s and %s (all partitions)", self.s.results_topic, self.s.deadletter_topic)
+        self.partitions.update(counts)
+        if dead:
+            self.dead_letter_topics.add(dead)
+        self.started_at = max(self.started_at, started)
+        self._readers[results] = (c, asyncio.create_task(self._run(c), name=f"inferlog-replies-{results}"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for c in (self._consumer, self._lookup):
+        readers, self._readers = list(self._readers.values()), {}
+        for _, task in readers:
+            task.cancel()
+        await asyncio.gather(*(t for _, t in readers), return_exceptions=True)
+        for c in [c for c, _ in readers] + [self._lookup]:
             if c is not None:
                 await c.stop()
-        self._consumer = self._lookup = None
+        self._lookup = None
+        self._started = False
         for futs in self._waiters.values():
             for f in futs:
                 f.cancel()
@@ -193,10 +249,9 @@ class Replies:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._started and not any(task.done() for _, task in self._readers.values())
 
-    async def _run(self) -> None:
-        c = self._consumer
+    async def _run(self, c: AIOKafkaConsumer) -> None:
         while True:
             try:
                 batches = await c.getmany(timeout_ms=1000, max_records=2000)
@@ -207,7 +262,7 @@ class Replies:
                 await asyncio.sleep(1)
                 continue
             for tp, records in batches.items():
-                failed = tp.topic == self.s.deadletter_topic
+                failed = tp.topic in self.dead_letter_topics
                 for r in records:
                     o = outcome_of(failed, r.key, r.value, self.codec)
                     if o is not None:
@@ -227,7 +282,8 @@ class Replies:
         return self.cache.get(request_id)
 
     def expect(self, request_id: str) -> asyncio.Future:
-        """A future for the outcome; register it BEFORE sending the request, so it cannot be missed."""
+        """A future for the outcome; register it BEFORE sending the request (and after
+        watch(model)), so it cannot be missed."""
         f = asyncio.get_running_loop().create_future()
         if (o := self.cache.get(request_id)) is not None:
             f.set_result(o)
@@ -255,14 +311,14 @@ class Replies:
 
     def may_have_missed(self, created_ms: int) -> bool:
         """Could the outcome of a request created at `created_ms` be missing from the cache
-        though written? (Written before this reader started, or since evicted.)"""
+        though written? (Written before the newest reader started, or since evicted.)"""
         horizon = max(self.started_at, self.cache.evicted_at) * 1000
         return created_ms < horizon + CLOCK_SKEW_MS
 
     async def lookup(self, request_id: str, since_ms: int) -> Outcome | None:
-        """Scan the one results (and dead-letter) partition the id hashes to, from `since_ms`
-        to the current end, for an outcome keyed by `request_id`. Bounded by
-        gateway_lookup_max_records; one lookup at a time per reader."""
+        """Scan the one partition the id hashes to of every model's results and dead-letter
+        topics, from `since_ms` to the current end, for an outcome keyed by `request_id`.
+        Bounded by gateway_lookup_max_records; one lookup at a time per reader."""
         async with self._lookup_lock:
             if self._lookup is None:
                 self._lookup = self._new_consumer()
@@ -270,8 +326,13 @@ class Replies:
             return await self._scan(self._lookup, request_id.encode(), since_ms - CLOCK_SKEW_MS)
 
     async def _scan(self, c: AIOKafkaConsumer, key: bytes, since_ms: int) -> Outcome | None:
-        tps = [TopicPartition(t, result_partition(key.decode(), self.partitions[t]))
-               for t in (self.s.results_topic, self.s.deadletter_topic)]
+        names = await topic_names(self.s)  # every model's, those not read yet too
+        dead = {t for t in names if self.s.is_output_topic(t, "deadletter")}
+        topics = sorted(dead | {t for t in names if self.s.is_output_topic(t, "results")})
+        if not topics:
+            return None
+        counts = await partition_counts(self.s, topics)
+        tps = [TopicPartition(t, result_partition(key.decode(), n)) for t, n in counts.items()]
         c.assign(tps)
         starts = await c.offsets_for_times({tp: max(0, since_ms) for tp in tps})
         ends = await c.end_offsets(tps)
@@ -288,7 +349,7 @@ class Replies:
                 scanned += len(records)
                 for r in records:
                     if r.key == key and r.offset < todo.get(tp, -1):
-                        found = outcome_of(tp.topic == self.s.deadletter_topic, r.key, r.value, self.codec) or found
+                        found = outcome_of(tp.topic in dead, r.key, r.value, self.codec) or found
                         if found is not None:  # one outcome per request: stop at the first
                             todo.clear()
                             break

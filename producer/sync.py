@@ -11,6 +11,7 @@ Producer, started by the first call, completes each caller's future.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from opentelemetry import propagate
 
 from inferlog.clients import confluent_config
 from inferlog.codec import REQUEST, Codec
-from inferlog.errors import InferlogError, InvalidRequest, RecordError
+from inferlog.errors import InferlogError, InvalidRequest, RecordError, UnknownModel
 from inferlog.registry import ModelDirectory, refuse_unserved, request_directory
 from inferlog.request import REQUEST_DEFAULTS, Limits, RequestOptions, build_request, check_options, spelled_out
 from inferlog.settings import Settings, load_settings
@@ -324,6 +325,7 @@ class Producer:
         env = self._encoder.envelope(task, inputs, **options)
         self.models(task, options.get("model"))
         reader = self._results_reader()
+        reader.watch(options.get("model"))  # the model's own outputs, read from now on
         fut = reader.expect(env.request_id)  # before sending: the outcome cannot be missed
         try:
             self._check()
@@ -449,34 +451,59 @@ class Producer:
 
 
 class ResultsReader:
-    """One thread per Producer reading every partition of the results and dead-letter topics
-    (from their ends at start, no group) and completing the futures of waiting infer() calls.
-    Outcomes nobody waits for are skipped undecoded."""
+    """One thread per Producer reading every partition of each watched model's results and
+    dead-letter topics (from their ends when first watched, no group) and completing the futures
+    of waiting infer() calls. Outcomes nobody waits for are skipped undecoded."""
 
     def __init__(self, settings: Settings, codec: Codec):
         self.s, self.codec = settings, codec
         self._waiters: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._watched: set[str] = set()  # results topics read
+        self._dead: set[str] = set()  # dead-letter topics read
         self._consumer = Consumer(confluent_config(settings, **{
             "group.id": f"inferlog-replies-{uuid.uuid4().hex}",  # required by the client; never joined
             "enable.auto.commit": False, "isolation.level": "read_committed"}))
-        try:
-            tps = []
-            for topic in (settings.results_topic, settings.deadletter_topic):
-                md = self._consumer.list_topics(topic, timeout=10).topics[topic]
-                if md.error is not None:
-                    raise InferlogError(f"topic {topic!r}: {md.error}")
-                for p in md.partitions:
-                    # explicit end offsets: an outcome of a request sent after this lies past them
-                    _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                    tps.append(TopicPartition(topic, p, high))
-            self._consumer.assign(tps)
-        except BaseException:
-            self._consumer.close()
-            raise
+        # watch() asks, the reader's thread assigns: the client blocks a call from another thread
+        # while one polls
+        self._asked: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inferlog-results-reader", daemon=True)
         self._thread.start()
+
+    def watch(self, model: str | None, timeout: float = 30.0) -> None:
+        """Read `model`'s outcomes (default: the settings' own model) from now on, if not yet:
+        called before its first request is sent. InferlogError when its topics do not exist."""
+        if self.s.model_outputs(model)[0] in self._watched:
+            return
+        done: Future = Future()
+        self._asked.put((model, done))
+        try:
+            done.result(timeout)
+        except FutureTimeout:
+            raise InferlogError(f"the outcomes of model {model or self.s.served_name!r} could not be read "
+                                f"within {timeout:g}s") from None
+
+    def _watch(self, model: str | None) -> None:
+        """On the reader's thread: assign `model`'s outputs from their ends."""
+        results, dead = self.s.model_outputs(model)
+        if results in self._watched:
+            return
+        tps = []
+        for topic in (results, dead):
+            md = self._consumer.list_topics(topic, timeout=10).topics[topic]
+            if md.error is not None and md.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise UnknownModel(f"model {model or self.s.served_name!r} has no outcomes topic {topic!r}: "
+                                   "no worker of it has run (a worker makes its model's topics)")
+            if md.error is not None:
+                raise InferlogError(f"topic {topic!r} of model {model or self.s.served_name!r}: {md.error}")
+            for p in md.partitions:
+                # explicit end offsets: an outcome of a request sent after this lies past them
+                _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                tps.append(TopicPartition(topic, p, high))
+        self._consumer.incremental_assign(tps)
+        self._dead.add(dead)
+        self._watched.add(results)
 
     def expect(self, request_id: str) -> Future:
         f: Future = Future()
@@ -492,13 +519,20 @@ class ResultsReader:
         from .replies import outcome_of
 
         while not self._stop.is_set():
+            while not self._asked.empty():
+                model, done = self._asked.get()
+                try:
+                    self._watch(model)
+                    done.set_result(None)
+                except Exception as e:  # KafkaException, InferlogError: the caller's
+                    done.set_exception(e)
             msgs = self._consumer.consume(500, 0.2)
             if not self._waiters:
                 continue
             for m in msgs:
                 if m.error() is not None:
                     continue
-                failed = m.topic() == self.s.deadletter_topic
+                failed = m.topic() in self._dead
                 if not failed and (m.key() or b"").decode() not in self._waiters:
                     continue  # not ours: no decode
                 o = outcome_of(failed, m.key(), m.value(), self.codec)

@@ -7,7 +7,9 @@ export  the same tables of a window as Parquet files
 
 Requests are read from both tiers' topics of every model, and from the shared topics of an old
 deployment (topics.request_topics): a tier is its topic, and an audit that read one would miss
-every request of the other. --model reads one model's only.
+every request of the other. Results and dead letters are read likewise from each model's own
+topics (results_topic.<model>, deadletter_topic.<model>) and the shared ones of an old deployment
+(topics.output_topics). --model reads one model's only.
 
 The click group lives in replay/cli.py; these are its commands.
 """
@@ -33,7 +35,7 @@ from confluent_kafka import KafkaException
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.errors import DecodeError, InferlogError
 from inferlog.options import setting_option, settings_from, settings_options
-from inferlog.topics import request_topics
+from inferlog.topics import output_topics, partition_counts, request_topics
 from inferlog.timefmt import iso_ms, parse_duration as duration_ms
 
 from .tables import (DEAD_LETTERS, REQUESTS, RESULTS, SPECS, VECTORS, TableBuilder, identify,
@@ -61,6 +63,28 @@ def parse_duration(text: str) -> int:
         return duration_ms(text)
     except ValueError as e:
         raise AuditError(str(e)) from None
+
+
+def outcome_topics(settings, models=()) -> tuple[list[str], list[str]]:
+    """(results topics, dead-letter topics) that exist: each model's own and the shared pair
+    (an old deployment's, or a shared-layout one's), or with `models` those of these models,
+    and the shared pair when it exists (it holds their outcomes from before each model had its
+    own; readers filter by source topic). AuditError when there is none at all: nothing could
+    say what was answered."""
+    bases = {"results": settings.results_topic, "deadletter": settings.deadletter_topic}
+    if not models:
+        found = tuple(output_topics(settings, kind) for kind in bases)
+    else:
+        shared = partition_counts(settings, list(bases.values()))
+        found = tuple(list(dict.fromkeys([*output_topics(settings, kind, list(models)),
+                                          *([base] if base in shared else [])]))
+                      for kind, base in bases.items())
+    if not any(found):
+        of = f" of model {', '.join(models)}" if models else ""
+        raise AuditError(f"no results or dead-letter topics{of} on {settings.bootstrap_servers} (each model's "
+                         f"{settings.results_topic}.<model> and {settings.deadletter_topic}.<model>, or the shared "
+                         f"{settings.results_topic} and {settings.deadletter_topic})")
+    return found
 
 
 def replay_deadletter_topics(settings, replay_topics) -> list[str]:
@@ -122,8 +146,9 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
 
     The window bounds when the request was made. Results and dead letters come later: they
     are looked for up to `until + grace` on the live topics and without an upper bound on
-    replay topics (a replay may run any time after). Results are read from the one
-    partition their key hashes to; the request is one fetch at the source position a result
+    replay topics (a replay may run any time after). Results are read from every results
+    topic (outcome_topics: each model's, or those of `models`), from the one partition their
+    key hashes to in each; the request is one fetch at the source position a result
     names, else a scan of the window on both request topics (the partitions its id hashes
     to first, since the SDK keys by request_id); a dead letter is keyed by the request's
     key, so its partition follows too once the request is known. `read` lists every topic
@@ -133,6 +158,7 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
     out = Lookup(request_id)
     rid = request_id.encode()
     after = None if until_ms is None else until_ms + grace_ms
+    res_topics, dl_topics = outcome_topics(settings, models)  # AuditError when there is none
     c = window_consumer(settings)  # metadata and offsets_for_times only; reads use their own
 
     def window(topic, until, **kw) -> Window:
@@ -161,13 +187,15 @@ def lookup(settings, request_id: str, *, since_ms: int | None = None, until_ms: 
     try:
         # resolve every window first: an unknown topic fails before any reading
         # (window, upper time edge) per topic; replay topics are read to their end
-        results = [(_split(window(settings.results_topic, after), rid)[0], after)]
+        # each topic may have its own partition count: the id's partition is computed per topic
+        results = [(_split(window(t, after), rid)[0], after) for t in res_topics if t not in replay_topics]
         results += [(_split(window(t, None), rid)[0], None) for t in replay_topics]
         # the tier is not known yet: the id's partition of each request topic, then the rest
         splits = [_split(window(t, until_ms), rid) for t in request_topics(settings, list(models))]
         requests = [mine for mine, _ in splits] + [rest for _, rest in splits]
-        dead = [(window(settings.deadletter_topic, after), after)]
-        dead += [(window(t, None), None) for t in replay_deadletter_topics(settings, replay_topics)]
+        replay_dead = replay_deadletter_topics(settings, replay_topics)
+        dead = [(window(t, after), after) for t in dl_topics if t not in replay_dead]
+        dead += [(window(t, None), None) for t in replay_dead]
         for w, until in results:
             out.results += scan(w, RESULT, since_ms, until)
         if out.results:
@@ -335,14 +363,17 @@ def _empty(drop: tuple[str, ...]) -> dict[str, pa.Table]:
 
 def load_window(settings, since_ms, until_ms, replay_topics=(), vectors=False, progress=None, models=()):
     """The tables of the window. Requests come from every model's request topics (and the shared
-    ones of an old deployment), or from those of `models` only; with `models`, results and dead
-    letters are those of these models' requests too (by their source topic)."""
+    ones of an old deployment), or from those of `models` only; results and dead letters from
+    every model's results and dead-letter topics (outcome_topics) and the replay topics. With
+    `models`, results and dead letters are those of these models' requests only (by their
+    source topic)."""
     drop = () if vectors else VECTORS
     asked = request_topics(settings, list(models))
     if models and not asked:
         raise AuditError(f"no request topics of model {', '.join(models)} on {settings.bootstrap_servers}")
-    sources = [(REQUESTS, asked), (RESULTS, [settings.results_topic, *replay_topics]),
-               (DEAD_LETTERS, [settings.deadletter_topic, *replay_deadletter_topics(settings, replay_topics)])]
+    res_topics, dl_topics = outcome_topics(settings, models)
+    sources = [(REQUESTS, asked), (RESULTS, list(dict.fromkeys([*res_topics, *replay_topics]))),
+               (DEAD_LETTERS, list(dict.fromkeys([*dl_topics, *replay_deadletter_topics(settings, replay_topics)])))]
     built = load_tables(settings, sources, since_ms, until_ms, codec=Codec.from_settings(settings),
                         drop=drop, progress=progress)
     if not any(b.rows for b in built.values()):
@@ -500,7 +531,8 @@ def _export_openai_batch(since, until, tz, out: Path, grace, progress, replay_to
         _out_path(out, (".jsonl",))
         settings, since_ms, until_ms = _setup(since, until, tz, **topics)
         ex = export_openai_batch(settings, out, since_ms, until_ms, parse_duration(grace),
-                                 Tokenizer(settings.model), progress, models)
+                                 Tokenizer(settings.model), progress, models,
+                                 outputs=outcome_topics(settings, models))  # AuditError when there is none
     click.echo(f"{out}: {ex.written} of {ex.requests} batch requests ({ex.failed} errors)", err=True)
     if not ex.requests:
         raise click.ClickException(f"no batch requests (with a custom_id) {_between(since_ms, until_ms)}")

@@ -22,7 +22,9 @@ replay_options = settings_options(
     *REPLAY_SETTINGS, "requests_topic", "high_priority_topic", "topic_layout",
     hidden=("requests_topic", "high_priority_topic", "topic_layout"),
     flags={"replay_dir": ("--state-dir", "--replay-dir")},
-    helps={"results_topic": "Where the original results are, for --compare.", "model": "Model to replay with.",
+    helps={"results_topic": "Base name of the results topics, for --compare: each model's original results are "
+                            "in <base>.<model> (those of the replayed window's model are compared).",
+           "model": "Model to replay with.",
            "model_name": "Name the replayed results carry."})
 
 
@@ -216,7 +218,9 @@ def _warn_other_model(settings, window, name: str) -> None:
 @replay.command("compare")
 @click.option("--run-id", required=True, help="The replay run to compare with the original results.")
 @report_options
-@settings_options("connection", "results_topic", "replay_dir", flags={"replay_dir": ("--state-dir", "--replay-dir")})
+@settings_options("connection", "results_topic", "replay_dir", flags={"replay_dir": ("--state-dir", "--replay-dir")},
+                  helps={"results_topic": "Base name of the results topics: each model's original results are in "
+                                          "<base>.<model>."})
 def compare_cmd(run_id, fmt, json_path, top, margin, **flags):
     """Drift report of a finished (or partly finished) run against the original results."""
     from .drift import compare_run

@@ -2,8 +2,9 @@
 
 The originals are the live results (replay_run_id null) whose source position (topic,
 partition, offset: on either tier's request topic) lies in the replayed window, read from
-the results topic over the window's time span plus a margin (a result is written after
-its request, later when the workers lagged). The two sides
+the results topic of the window's model (results_topic.<model>: the model whose request
+topics were replayed, results_topics) over the window's time span plus a margin (a result is
+written after its request, later when the workers lagged). The two sides
 are joined by request_id and compared per task: embeddings by cosine similarity,
 classifications by label, generations by text.
 """
@@ -12,13 +13,15 @@ from __future__ import annotations
 import difflib
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from inferlog.codec import DEADLETTER, RESULT, Codec
 from inferlog.request import now_ms
+from inferlog.topics import output_topics, partition_counts
 
 from .sinks import read_rows, row_result
-from .window import Window, WindowReader, read_window, resolve_window, settle
+from .window import Window, WindowError, WindowReader, read_window, resolve_window, settle
 
 CLOSE = 1e-4  # largest absolute difference of an embedding component still called "close"
 ONE = 1e-6  # cosine within this of 1 counts as "== 1" (float32 vectors never sum exactly)
@@ -29,8 +32,9 @@ def _in_window(window: Window, src: dict) -> bool:
     return window.contains(src["topic"], src["partition"], src["offset"])
 
 
-def read_results(settings, topic: str, *, since_ms: int | None = None, until_ms: int | None = None) -> list[dict]:
-    """Decoded results of a results topic (read_committed), optionally narrowed by time."""
+def read_results(settings, topic: str | Sequence[str], *, since_ms: int | None = None,
+                 until_ms: int | None = None) -> list[dict]:
+    """Decoded results of a results topic, or of several (read_committed), optionally narrowed by time."""
     w = resolve_window(settings, topic, since=since_ms, until=until_ms)
     codec = Codec.from_settings(settings)
     out = []
@@ -55,11 +59,47 @@ def time_span(window: Window, replayed: list[dict], margin_ms: int) -> tuple[int
     return (None if since is None else since - margin_ms, None if until is None else until + margin_ms)
 
 
+def _request_model_outputs(settings, topic: str) -> str | None:
+    """The results topic that holds the answers to the requests of `topic`: a model's request
+    topic (<requests_topic or high_priority_topic>.<model>) -> results_topic.<model>; a shared
+    request topic -> the shared results_topic; None for a topic that is neither (a --topic
+    of another name)."""
+    bases = (settings.high_priority_topic, settings.requests_topic)
+    if topic in bases:
+        return settings.results_topic
+    for b in bases:
+        seg = topic[len(b) + 1:]
+        if topic.startswith(b + ".") and seg and "." not in seg:
+            return f"{settings.results_topic}.{seg}"
+    return None
+
+
+def results_topics(settings, window: Window) -> list[str]:
+    """The existing results topics that hold the originals of `window`: the results topic of
+    each model whose request topics it covers (the replayed model's: --source-model's, or the
+    one replayed with), and the shared results_topic when it exists (results written before
+    each model had its own); every results topic when the window covers a topic that is no
+    request topic. Results are matched by source position afterwards, so a topic too many
+    costs reading only. WindowError when none exists."""
+    mapped = [_request_model_outputs(settings, t) for t in window.topics]
+    if None in mapped:
+        found = output_topics(settings, "results")
+    else:
+        names = list(dict.fromkeys([*mapped, settings.results_topic]))
+        have = partition_counts(settings, names)
+        found = [t for t in names if t in have]
+    if not found:
+        want = ", ".join(dict.fromkeys(t for t in mapped if t)) or f"{settings.results_topic}.<model>"
+        raise WindowError(f"no results topic of the window of {', '.join(window.topics)} on "
+                          f"{settings.bootstrap_servers} ({want}): no original results to compare with")
+    return found
+
+
 def originals(settings, window: Window, replayed: list[dict], margin_ms: int = 15 * 60_000) -> list[dict]:
     since, until = time_span(window, replayed, margin_ms)
     if until is not None and until > _now():
         until = None  # up to the end snapshot
-    return [r for r in read_results(settings, settings.results_topic, since_ms=since, until_ms=until)
+    return [r for r in read_results(settings, results_topics(settings, window), since_ms=since, until_ms=until)
             if r["replay_run_id"] is None and _in_window(window, r["source"])]
 
 
@@ -73,7 +113,7 @@ def original_models(settings, window: Window, sample: int = 200) -> Counter:
 
     names: Counter = Counter()
     try:
-        w = resolve_window(settings, settings.results_topic, since=window.since_ms)
+        w = resolve_window(settings, results_topics(settings, window), since=window.since_ms)
     except Exception:  # no results topic: nothing to warn about
         return names
     codec = Codec.from_settings(settings)

@@ -2,7 +2,8 @@
 that `inferlog produce --format openai-batch` put on the log.
 
 The requests of the window (both tiers) that carry a batch line's custom_id are matched with
-their original results (not replays) and dead letters, read up to `until + grace`; each
+their original results (not replays) and dead letters, read up to `until + grace` from every
+model's results and dead-letter topics (or those of the models asked); each
 becomes one output line in the order the requests were logged: its endpoint's response body
 (producer/openai_api.py, the same as the gateway answers) with status 200, or the error its
 dead letter maps to. Requests not answered yet are counted, not written.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from inferlog.codec import DEADLETTER, REQUEST, RESULT, Codec
 from inferlog.producer import openai_api as oai
-from inferlog.topics import request_topics
+from inferlog.topics import output_topics, request_topics
 
 from .tables import decoded
 from .window import resolve_window, window_consumer
@@ -31,15 +32,20 @@ class Export:
 
 def export_openai_batch(settings, out: Path, since_ms: int | None, until_ms: int | None, grace_ms: int,
                         tokenizer: oai.Tokenizer | None = None, progress: bool | None = None,
-                        models: tuple[str, ...] = ()) -> Export:
+                        models: tuple[str, ...] = (),
+                        outputs: tuple[list[str], list[str]] | None = None) -> Export:
+    """`outputs`: the (results, dead-letter) topics to read (audit.outcome_topics); default
+    topics.output_topics: every model's, or those of `models`."""
     codec = Codec.from_settings(settings)
     after = None if until_ms is None else until_ms + grace_ms
+    res_topics, dl_topics = outputs or tuple(output_topics(settings, kind, list(models) or None)
+                                             for kind in ("results", "deadletter"))
     c = window_consumer(settings)
     try:  # every window first: an unknown topic fails before any reading
         req_ws = [resolve_window(settings, t, since=since_ms, until=until_ms, consumer=c)
                   for t in request_topics(settings, list(models))]
-        res_w = resolve_window(settings, settings.results_topic, since=since_ms, until=after, consumer=c)
-        dl_w = resolve_window(settings, settings.deadletter_topic, since=since_ms, until=after, consumer=c)
+        res_ws = [resolve_window(settings, t, since=since_ms, until=after, consumer=c) for t in res_topics]
+        dl_ws = [resolve_window(settings, t, since=since_ms, until=after, consumer=c) for t in dl_topics]
     finally:
         c.close()
 
@@ -53,13 +59,15 @@ def export_openai_batch(settings, out: Path, since_ms: int | None, until_ms: int
             if oai.META_CUSTOM_ID in meta:
                 wanted[rec["request_id"]] = (meta[oai.META_CUSTOM_ID], meta, rec["inputs"])
     results: dict[str, dict] = {}
-    for rec in read(res_w, RESULT, after):
-        if rec["request_id"] in wanted and rec.get("replay_run_id") is None:
-            results.setdefault(rec["request_id"], rec)
+    for w in res_ws:
+        for rec in read(w, RESULT, after):
+            if rec["request_id"] in wanted and rec.get("replay_run_id") is None:
+                results.setdefault(rec["request_id"], rec)
     dead: dict[str, dict] = {}
-    for rec in read(dl_w, DEADLETTER, after):
-        if rec.get("request_id") in wanted and rec.get("replay_run_id") is None:
-            dead.setdefault(rec["request_id"], rec)
+    for w in dl_ws:
+        for rec in read(w, DEADLETTER, after):
+            if rec.get("request_id") in wanted and rec.get("replay_run_id") is None:
+                dead.setdefault(rec["request_id"], rec)
 
     ex = Export(requests=len(wanted))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,8 @@ class TopicSink:
         # init_transactions fences a crashed run's producer and aborts its open transaction,
         # so the committed offsets read next are final
         self.emitter = TransactionalEmitter(settings, consumer, fallback=fallback,
-                                            sweep_also=(settings.replays_topic,) if tally is not None else ())
+                                            sweep_also=(settings.replays_topic,) if tally is not None else (),
+                                            outputs=(ck.output["topic"], ck.output["deadletter_topic"]))
 
     def commit(self, outputs, commits: dict, group_metadata=None) -> None:
         dead = sum(o.dead for o in outputs)

@@ -137,12 +137,13 @@ class Accounting:
 
 def account(settings, codec: Codec | None = None, models: list[str] | None = None) -> Accounting:
     """The requests of the settings' model (or of each of `models`, both tiers) and every output
-    on the shared results and dead-letter topics."""
+    on its (their) results and dead-letter topics."""
     codec = codec or Codec.from_settings(settings)
+    outputs = [settings.model_outputs(m) for m in (models or [None])]
     return Accounting(
         [r for m in (models or [None]) for t in settings.model_topics(m) for r in read_all(settings, t)],
-        [codec.decode(r.value, expect=RESULT) for r in read_all(settings, settings.results_topic)],
-        [codec.decode(r.value, expect=DEADLETTER) for r in read_all(settings, settings.deadletter_topic)],
+        [codec.decode(r.value, expect=RESULT) for res, _ in outputs for r in read_all(settings, res)],
+        [codec.decode(r.value, expect=DEADLETTER) for _, dead in outputs for r in read_all(settings, dead)],
     )
 
 
@@ -158,17 +159,17 @@ def wait_until(pred, timeout: float = 60.0, every: float = 0.2, what: str = "con
 
 def output_count(settings) -> int:
     """Committed results + dead letters, from the end offsets (cheap; counts markers too)."""
-    return len(read_all(settings, settings.results_topic)) + len(read_all(settings, settings.deadletter_topic))
+    return len(read_all(settings, settings.model_results_topic)) + len(read_all(settings, settings.model_deadletter_topic))
 
 
 @contextlib.contextmanager
 def running_worker(settings, runner, **kw):
     """A Worker on a thread: ready (assigned) on entry, stopped and drained on exit. Its model's
-    request topics are made first, as `inferlog worker` makes them."""
+    topics (requests of both tiers, results, dead letters) are made first, as `inferlog worker` makes them."""
     from inferlog.consumer.worker import Worker
     from inferlog.topics import ensure_topics
 
-    ensure_topics(settings, list(settings.request_topics))
+    ensure_topics(settings, [*settings.request_topics, *settings.model_outputs()])
     w = Worker(settings, runner, **kw)
     code: list[int] = []
     t = threading.Thread(target=lambda: code.append(w.run()), daemon=True)
@@ -233,7 +234,7 @@ def limit_results_topic(settings, max_bytes: int) -> None:
     topic may: outputs too large for it must become their small dead letters."""
     from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
-    res = ConfigResource(ConfigResource.Type.TOPIC, settings.results_topic,
+    res = ConfigResource(ConfigResource.Type.TOPIC, settings.model_results_topic,
                          incremental_configs=[ConfigEntry("max.message.bytes", str(max_bytes),
                                                           incremental_operation=AlterConfigOpType.SET)])
     admin = AdminClient(confluent_config(settings))  # held until the futures are done

@@ -106,10 +106,10 @@ def world(kafka) -> World:
     for r in read_all(s, s.tier_topic("normal")) + read_all(s, s.tier_topic("high")):
         rec = codec.decode(r.value, expect=REQUEST)
         requests[rec["request_id"]] = (r.topic, r.partition, r.offset, rec)
-    results = {d["request_id"]: d for d in (codec.decode(r.value, expect=RESULT) for r in read_all(s, s.results_topic))}
+    results = {d["request_id"]: d for d in (codec.decode(r.value, expect=RESULT) for r in read_all(s, s.model_results_topic))}
     at = {(t, p, o): rid for rid, (t, p, o, _) in requests.items()}
     dead = {at[d["source"]["topic"], d["source"]["partition"], d["source"]["offset"]]: d
-            for d in (codec.decode(r.value, expect=DEADLETTER) for r in read_all(s, s.deadletter_topic))}
+            for d in (codec.decode(r.value, expect=DEADLETTER) for r in read_all(s, s.model_deadletter_topic))}
     assert len(results) + len(dead) == len(requests) == n
     high = {rid for rid, (t, *_) in requests.items() if t == s.tier_topic("high")}
     assert high and high <= set(results), "the worker answers the high tier too"
@@ -220,7 +220,7 @@ def test_replays_on_other_topics_are_found_with_the_original(world):
                                        "--replay-topic", world.replay))
     assert res.exit_code == 0, res.output
     dead = json.loads(res.stdout)["dead_letters"]
-    assert sorted(d["topic"] for d in dead) == [world.settings.deadletter_topic, f"{world.replay}.deadletter"]
+    assert sorted(d["topic"] for d in dead) == [world.settings.model_deadletter_topic, f"{world.replay}.deadletter"]
     q = ("SELECT coalesce(replay_run_id, 'original') AS run, count(*) AS n FROM results GROUP BY 1 ORDER BY 1")
     res = invoke(audit_sql, world.args(q, "--since", world.t1, "--replay-topic", world.replay))
     assert res.exit_code == 0, res.output
@@ -294,7 +294,7 @@ def test_both_tiers_are_in_every_table_joined_and_named_on_stderr(world, tmp_pat
     # which topics the window covered, on stderr: stdout is the answer alone
     assert f"requests: {len(world.requests)} rows from {s.tier_topic('high')} {high}, {s.tier_topic('normal')} {normal} " \
         in res.stderr, res.stderr
-    assert f"results: {len(world.results)} rows from {s.results_topic} {len(world.results)} " in res.stderr
+    assert f"results: {len(world.results)} rows from {s.model_results_topic} {len(world.results)} " in res.stderr
     assert s.tier_topic("high") not in res.stdout.splitlines()[0]
     out = tmp_path / "lake"
     res = invoke(audit_export, world.args("--since", world.t0, "--until", world.t3, "--out", out))
@@ -344,6 +344,21 @@ def test_export_writes_three_parquet_files(world, tmp_path):
 
 
 # -- bad input -----------------------------------------------------------------------------------
+def test_no_results_or_dead_letter_topic_at_all_is_one_clear_line(world, tmp_path):
+    # the request topics are there, but no model's results or dead-letter topics (nor the shared ones)
+    s = world.settings.with_overrides(results_topic=f"{world.settings.results_topic}-none",
+                                      deadletter_topic=f"{world.settings.deadletter_topic}-none")
+    rid = sorted(world.phase_b)[0]
+    for cmd, args in ((audit_get, [rid]), (audit_sql, ["SELECT count(*) FROM requests", "--since", world.t0]),
+                      (audit_export, ["--since", world.t0, "--out", tmp_path / "lake"]),
+                      (audit_export, ["--since", world.t0, "--format", "openai-batch", "--out", tmp_path / "b.jsonl"])):
+        res = invoke(cmd, [*args, *topic_args(s)])
+        assert res.exit_code == 2, res.output
+        assert "no results or dead-letter topics on" in res.output and s.results_topic in res.output, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("case", ["unknown topic", "empty window", "future window", "since after until",
                                   "malformed sql", "unknown column", "bad out suffix"])
 def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(world, tmp_path, case):

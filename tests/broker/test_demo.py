@@ -23,7 +23,7 @@ def test_the_demo_answers_every_sample_request(broker_settings):
     assert "starting a local Kafka" not in res.output  # the broker that answered was used
     assert f"{N} results for {N} requests (0 dead letters" in res.output, res.output
     codec = Codec.from_settings(s)
-    results = [codec.decode(r.value, expect=RESULT) for r in read_all(s, s.results_topic)]
+    results = [codec.decode(r.value, expect=RESULT) for r in read_all(s, s.model_results_topic)]
     assert len(results) == N and {r["status"] for r in results} == {"OK"}
     assert {len(r["outputs"][0]["vector"]) for r in results} == {384}  # all-MiniLM-L6-v2
-    assert not read_all(s, s.deadletter_topic)
+    assert not read_all(s, s.model_deadletter_topic)

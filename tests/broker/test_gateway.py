@@ -256,7 +256,7 @@ def test_a_callers_traceparent_runs_through_kafka_to_the_result(stack):
     requests = {decode_request(codec, r)["request_id"]: r for r in read_all(s, s.tier_topic("normal"))}
     # the record names the publish span, in the caller's trace
     assert trace_ids(requests[rid].headers) == (CALLER_TRACE, format(publish[rid].context.span_id, "016x"))
-    results = {codec.decode(r.value, expect=RESULT)["request_id"]: r for r in read_all(s, s.results_topic)}
+    results = {codec.decode(r.value, expect=RESULT)["request_id"]: r for r in read_all(s, s.model_results_topic)}
     assert trace_ids(results[rid].headers)[0] == CALLER_TRACE  # the worker carried it on
 
     # the garbled one: a fresh root trace of the gateway's own, still on the record
@@ -312,7 +312,7 @@ def test_high_priority_overtakes_a_flood_of_normal_requests(kafka, runner):
                                  range(5)))
         time.sleep(1)  # let commits of anything completed alongside settle
         codec = Codec.from_settings(s)
-        done = [codec.decode(r.value, expect=RESULT) for r in read_all(s, s.results_topic)]
+        done = [codec.decode(r.value, expect=RESULT) for r in read_all(s, s.model_results_topic)]
     high_ids = {h["request_id"] for h in high}
     last_high = max(h["timings"]["completed_at"] for h in high)
     before = sum(1 for r in done if r["request_id"] not in high_ids and r["timings"]["completed_at"] <= last_high)

@@ -287,7 +287,7 @@ def test_copied_headers_and_ids_are_validated_and_bounded(broker_settings, runne
     acc.assert_exactly_once()
     assert len({r.partition for r in acc.requests}) == 1
     headers_at = {}  # the output's Kafka headers by the source offset it answers
-    for topic, dtype in ((broker_settings.results_topic, RESULT), (broker_settings.deadletter_topic, DEADLETTER)):
+    for topic, dtype in ((broker_settings.model_results_topic, RESULT), (broker_settings.model_deadletter_topic, DEADLETTER)):
         for r in read_all(broker_settings, topic):
             rec = CODEC.decode(r.value, expect=dtype)
             headers_at[rec["source"]["offset"]] = [(k, v) for k, v in r.headers if k in ("traceparent", "tracestate")]

@@ -46,7 +46,7 @@ def test_topics_are_created_idempotently(kafka):
     s = load_settings(bootstrap_servers=kafka.bootstrap, requests_topic=f"{tag}.req",
                       high_priority_topic=f"{tag}.req.high", results_topic=f"{tag}.res", deadletter_topic=f"{tag}.dl",
                       models_topic=f"{tag}.models")
-    names = [s.tier_topic("normal"), s.tier_topic("high"), s.results_topic, s.deadletter_topic]
+    names = [s.tier_topic("normal"), s.tier_topic("high"), s.model_results_topic, s.model_deadletter_topic]
     every = [*names, s.models_topic]
 
     assert ensure_topics(s, partitions=4) == dict.fromkeys(every, True)
@@ -62,7 +62,7 @@ def test_topics_are_created_idempotently(kafka):
 
 def test_broker_settings_fixture_topics_exist(broker_settings):
     s = broker_settings
-    counts = partition_counts(s, [s.tier_topic("normal"), s.results_topic, s.deadletter_topic])
+    counts = partition_counts(s, [s.tier_topic("normal"), s.model_results_topic, s.model_deadletter_topic])
     assert list(counts.values()) == [6, 6, 6]
 
 

@@ -9,17 +9,20 @@ import threading
 import openai
 import pytest
 from click.testing import CliRunner
+from confluent_kafka import Producer as KafkaProducer
 from confluent_kafka.admin import AdminClient
 from transformers import AutoTokenizer
 
 from inferlog.clients import confluent_config
-from inferlog.codec import REQUEST, Codec
+from inferlog.codec import REQUEST, RESULT, Codec
 from inferlog.consumer.runners import load_runner
 from inferlog.producer.cli import produce
 from inferlog.producer.gateway import serve_in_thread
+from inferlog.producer.sync import Producer as SdkProducer
 from inferlog.replay.audit import load_window
 from inferlog.settings import DEFAULT_NAME, default_model_path
 from inferlog.topics import partition_counts, request_topics
+from conftest import unique
 from support import account, read_all, running_worker, wait_until
 from test_gateway import KEYS, fresh_settings
 from test_openai import chat_model, client  # noqa: F401  (fixture)
@@ -56,6 +59,11 @@ def test_each_model_has_its_own_topics_and_group(two_models):
     assert (s.worker_group, chat.worker_group) == (f"{s.group_id}.{DEFAULT_NAME}", f"{s.group_id}.{CHAT}")
     assert {t for t, _ in embedder.engine.partitions} == set(s.request_topics)
     assert {t for t, _ in chatter.engine.partitions} == set(chat.request_topics)
+    # and its own outputs: a reader of one model's results never waits on the other's transactions
+    assert chat.model_outputs() == (f"{s.results_topic}.{CHAT}", f"{s.deadletter_topic}.{CHAT}")
+    assert s.model_outputs() == (f"{s.results_topic}.{DEFAULT_NAME}", f"{s.deadletter_topic}.{DEFAULT_NAME}")
+    assert set(partition_counts(s, [*s.model_outputs(), *chat.model_outputs()])) == {*s.model_outputs(),
+                                                                                      *chat.model_outputs()}
     # what audit and replay read: every model's topics, high tiers first
     assert request_topics(s) == [*sorted((s.request_topics[0], chat.request_topics[0])),
                                  *sorted((s.request_topics[1], chat.request_topics[1]))]
@@ -122,6 +130,11 @@ def test_audit_reads_every_models_topics_or_one_models(two_models):
     every = load_window(s, None, None)
     one = load_window(s, None, None, models=(CHAT,))
     assert set(every["results"]["model_name"].to_pylist()) == {DEFAULT_NAME, CHAT}
+    # each model's results are read from its own results topic (audit reads every model's)
+    assert s.model_results_topic != chat.model_results_topic
+    assert set(zip(every["results"]["model_name"].to_pylist(), every["results"]["topic"].to_pylist())) == \
+        {(DEFAULT_NAME, s.model_results_topic), (CHAT, chat.model_results_topic)}
+    assert set(one["results"]["topic"].to_pylist()) == {chat.model_results_topic}
     assert set(one["results"]["model_name"].to_pylist()) == {CHAT}
     assert set(one["results"]["source_topic"].to_pylist()) <= set(chat.request_topics)
     on_chat = sum(len(read_all(s, t)) for t in chat.request_topics)
@@ -177,3 +190,28 @@ def test_every_offset_of_every_models_topics_ends_exactly_once(two_models):
     acc = account(s, models=models)
     acc.assert_exactly_once()
     assert {r["model"]["name"] for r in acc.results} == {DEFAULT_NAME, CHAT}
+    codec = Codec.from_settings(s)
+    for m in models:  # each model's results topic holds its own model's results only
+        assert {codec.decode(r.value, expect=RESULT)["model"]["name"] for r in read_all(s, s.model_outputs(m)[0])} == {m}
+
+
+def test_an_open_transaction_of_one_model_never_holds_back_anothers_answers(two_models):
+    """A read_committed reader sees nothing on a partition past a transaction still open there.
+    Each model has its own results topics, so a transaction of one model's that stays open (a
+    worker stalled mid-commit, up to transaction.timeout.ms) holds back that model's answers
+    only: the other's still come, through the gateway and through the SDK."""
+    s, chat, url, *_ = two_models
+    stalled = KafkaProducer(confluent_config(chat, **{"transactional.id": unique("stalled"),
+                                                      "transaction.timeout.ms": 300_000}))
+    stalled.init_transactions(30)
+    stalled.begin_transaction()
+    for p in range(s.partitions):  # open on every partition of the chat model's results
+        stalled.produce(chat.model_results_topic, b"never committed", partition=p)
+    assert stalled.flush(30) == 0
+    try:
+        res = client(url).with_options(timeout=30, max_retries=0).embeddings.create(model=DEFAULT_NAME, input=["answered"])
+        assert len(res.data[0].embedding) == 384
+        with SdkProducer(s) as p:
+            assert p.infer("embed", "answered too", timeout=30)["status"] == "OK"
+    finally:
+        stalled.abort_transaction(30)

@@ -106,7 +106,7 @@ def test_trace_context_links_batches_and_reaches_the_results(broker_settings, ru
     assert set(ids.values()) <= linked
     stages = {sp.name for sp in SPANS.get_finished_spans()}
     assert {"inferlog.prepare", "inferlog.infer", "inferlog.finish"} <= stages
-    results = read_all(broker_settings, broker_settings.results_topic)
+    results = read_all(broker_settings, broker_settings.model_results_topic)
     codec = Codec.from_settings(broker_settings)
     for r in results:
         rid = codec.decode(r.value)["request_id"]

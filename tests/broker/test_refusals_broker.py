@@ -29,7 +29,7 @@ def test_an_output_over_the_topics_limit_becomes_a_dead_letter_and_the_rest_comm
     req_topic = broker_settings.tier_topic("normal")
 
     def result(offset: int, size: int) -> Out:  # random bytes: lz4 cannot shrink them under the limit
-        return Out(broker_settings.results_topic, b"one-key", os.urandom(size), [], "OK", source=(req_topic, 0, offset))
+        return Out(broker_settings.model_results_topic, b"one-key", os.urandom(size), [], "OK", source=(req_topic, 0, offset))
 
     outputs = [result(0, 100), result(1, 100), result(2, 4000), result(3, 100), result(4, 100), result(5, 100)]
     small = [o.value for i, o in enumerate(outputs) if i != 2]
@@ -42,10 +42,10 @@ def test_an_output_over_the_topics_limit_becomes_a_dead_letter_and_the_rest_comm
     finally:
         emitter.close()
         consumer.close()
-    results = read_all(broker_settings, broker_settings.results_topic)
+    results = read_all(broker_settings, broker_settings.model_results_topic)
     assert sorted(r.value for r in results) == sorted(small)  # each once: aborted attempts are invisible
     dead = [codec.decode(r.value, expect=DEADLETTER)
-            for r in read_all(broker_settings, broker_settings.deadletter_topic)]
+            for r in read_all(broker_settings, broker_settings.model_deadletter_topic)]
     assert len(dead) == 1
     d = dead[0]
     assert d["reason"] == "OUTPUT_UNWRITABLE" and d["source"] == {"topic": req_topic, "partition": 0, "offset": 2}

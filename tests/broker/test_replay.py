@@ -103,7 +103,7 @@ def log(kafka, embed_runner) -> Log:
     total = sum(map(len, groups))
     with running_worker(s, embed_runner):
         wait_until(lambda: output_count(s) >= total, what="live results")
-    originals = {r["request_id"]: r for r in results_of(s, s.results_topic)}
+    originals = {r["request_id"]: r for r in results_of(s, s.model_results_topic)}
     assert len(originals) == total
     high = {rid for g in groups for i, rid in enumerate(g) if i % 3 == 1}
     assert {rid for rid, r in originals.items() if r["source"]["topic"] == s.tier_topic("high")} == high

@@ -83,7 +83,7 @@ def balanced(s, members: list[Member]) -> bool:
 
 def normal_answers(s, codec) -> Counter:
     """Results of the normal tier, by the worker id that answered them."""
-    return Counter(r["worker_id"] for r in (codec.decode(x.value, expect=RESULT) for x in read_all(s, s.results_topic))
+    return Counter(r["worker_id"] for r in (codec.decode(x.value, expect=RESULT) for x in read_all(s, s.model_results_topic))
                    if r["source"]["topic"] == s.tier_topic("normal"))
 
 

@@ -10,7 +10,8 @@ from inferlog.consumer.runners import load_runner
 from inferlog.errors import UnknownModel
 from inferlog.producer.aio import AsyncProducer
 from inferlog.producer.replies import RequestFailed, result_partition
-from inferlog.producer.sync import ProduceError, Producer
+from inferlog.producer.sync import Producer
+from inferlog.topics import partition_counts
 from inferlog.settings import default_model_path
 from support import read_all, running_worker
 from test_gateway import fresh_settings
@@ -36,12 +37,11 @@ def test_sync_infer_returns_results_and_raises_on_dead_letters(stack):
         with pytest.raises(UnknownModel) as e:  # the SDK's own check: nobody announces it, nothing is sent
             p.infer("embed", "x", model="no-such-model", key="my-affinity-key", timeout=60)
         assert e.value.reason == "UNKNOWN_MODEL" and "no-such-model" in e.value.detail
-    # unchecked, it goes to that model's topics, which nobody made: the delivery fails, and infer()
-    # says so (librdkafka gives up on a topic it cannot find after topic.metadata.propagation.max.ms)
-    with pytest.raises(ProduceError) as e, \
-            Producer(s, check_models=False, **{"topic.metadata.propagation.max.ms": 2000}) as p:
+    # unchecked: infer() reads that model's outcomes topics before it sends, and nobody made them
+    with pytest.raises(UnknownModel) as e, Producer(s, check_models=False) as p:
         p.infer("embed", "x", model="no-such-model", key="my-affinity-key", timeout=60)
-    assert "UNKNOWN_TOPIC" in e.value.reason, e.value
+    assert "no-such-model" in e.value.detail and "no worker of it has run" in e.value.detail
+    assert partition_counts(s, [s.tier_topic("normal", "no-such-model")]) == {}  # nothing was published
     with Producer(s, check_models=False) as p:
         with pytest.raises(TimeoutError):
             p.infer("embed", "too quick to answer", timeout=0.01)
@@ -67,5 +67,5 @@ def test_async_infer_returns_results_and_raises_on_dead_letters(stack):
 
 def test_results_lie_where_their_request_id_hashes(stack):
     # what the gateway's lookup relies on: the worker partitions results with Java's murmur2
-    recs = read_all(stack, stack.results_topic)
+    recs = read_all(stack, stack.model_results_topic)
     assert recs and all(r.partition == result_partition(r.key.decode(), stack.partitions) for r in recs)

@@ -205,11 +205,11 @@ def test_producer_principal_submits_but_cannot_read_or_write_results(secure):
     assert len(set(ids)) == 6
 
     # it may not even see the results topic, nor read the requests it wrote
-    assert describe_error(prod, prod.results_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
-    assert read_errors(prod, prod.results_topic) & AUTHZ
+    assert describe_error(prod, prod.model_results_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    assert read_errors(prod, prod.model_results_topic) & AUTHZ
     assert read_errors(prod, prod.tier_topic("normal")) & AUTHZ
-    assert produce_error(prod, prod.results_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
-    assert produce_error(prod, prod.deadletter_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    assert produce_error(prod, prod.model_results_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    assert produce_error(prod, prod.model_deadletter_topic).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
 
 
 # -- the worker role ---------------------------------------------------------------------------
@@ -251,8 +251,8 @@ def test_worker_principal_answers_exactly_once_and_nothing_more(secure, embed_ru
 
     assert produce_error(worker, worker.tier_topic("normal")).code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     # it sees the results topic and reads it back by assignment (its sweep), in its own group
-    assert describe_error(worker, worker.results_topic) is None
-    assert first_record(worker, worker.results_topic, worker.worker_group) is not None
+    assert describe_error(worker, worker.model_results_topic) is None
+    assert first_record(worker, worker.model_results_topic, worker.worker_group) is not None
     # its own group only: another group id cannot join
     c = Consumer(confluent_config(worker, **{"group.id": unique("other"), "auto.offset.reset": "earliest"}))
     try:
@@ -315,18 +315,20 @@ def test_roles_follow_settings_and_never_grant_cross_writes():
     reads = {role: {a.name for a in acl if a.operation == "READ" and a.resource == "topic"} for role, acl in acls.items()}
     # request topics: every model's (q.<model>, qh.<model>: prefixed) and the shared layout's (literal)
     requests = {"q", "qh", "q.", "qh."}
-    assert writes == {"producer": requests, "gateway": requests,
-                      "worker": {"r", s.deadletter_topic, s.models_topic}, "auditor": set()}
+    # outputs likewise: every model's (r.<model>, its dead letters': prefixed) and the shared ones
+    outputs = {"r", "r.", s.deadletter_topic, s.deadletter_topic + "."}
+    assert writes == {"producer": requests, "gateway": requests, "worker": outputs | {s.models_topic}, "auditor": set()}
     assert {(a.name, a.pattern) for a in acls["producer"] if a.operation == "WRITE"} == {
         ("q", "literal"), ("qh", "literal"), ("q.", "prefixed"), ("qh.", "prefixed")}
     assert reads["producer"] == {s.models_topic}  # the registry: the model check
-    assert reads["worker"] == requests | {"r", s.deadletter_topic}  # its outputs: the sweep reads them back
-    assert reads["gateway"] == {"r", s.deadletter_topic, s.models_topic}  # the model registry, by assignment
+    assert reads["worker"] == requests | outputs  # its outputs: the sweep reads them back
+    assert reads["gateway"] == outputs | {s.models_topic}  # the model registry, by assignment
+    assert reads["auditor"] == requests | outputs
     granted = {(a.resource, a.name, a.pattern, a.operation) for a in acls["worker"]}
     # each model's group (g1.<model>) and transactional ids (inferlog-g1.<model>-<worker>)
     assert {("group", "g1.", "prefixed", "READ"), ("transactional_id", "inferlog-g1.", "prefixed", "WRITE")} <= granted
     assert {("group", "g1", "literal", "READ"), ("transactional_id", "inferlog-g1-", "prefixed", "WRITE")} <= granted
-    assert ("topic", "q.", "prefixed", "CREATE") in granted  # a new model's worker makes its topics
+    assert {("topic", "q.", "prefixed", "CREATE"), ("topic", "r.", "prefixed", "CREATE")} <= granted  # a new model's worker makes its topics
     assert not [a for a in acls["producer"] + acls["gateway"] if a.operation == "CREATE"]
 
 

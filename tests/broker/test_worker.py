@@ -352,7 +352,7 @@ def read_all_results(s) -> list[dict]:
     """The committed results so far; none while a transaction holds the reader back."""
     codec = Codec.from_settings(s)
     try:
-        return [codec.decode(r.value, expect=RESULT) for r in read_all(s, s.results_topic, timeout=5)]
+        return [codec.decode(r.value, expect=RESULT) for r in read_all(s, s.model_results_topic, timeout=5)]
     except TimeoutError:
         return []
 

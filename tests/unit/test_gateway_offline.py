@@ -114,6 +114,7 @@ def fake_kafka(monkeypatch):
     for cls in (Replies, AsyncProducer):
         monkeypatch.setattr(cls, "start", nothing)
         monkeypatch.setattr(cls, "stop", nothing)
+    monkeypatch.setattr(Replies, "watch", nothing)
     monkeypatch.setattr(Replies, "running", property(lambda self: True))
     monkeypatch.setattr(AsyncProducer, "started", property(lambda self: True))
     monkeypatch.setattr(AsyncProducer, "submit", refused)

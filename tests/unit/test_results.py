@@ -27,14 +27,14 @@ def pending(key=b"k", value=b"v", inputs=("a",)):
 def test_a_result_too_large_for_a_record_becomes_a_small_dead_letter():
     p = pending(inputs=["x"] * 300)
     out = BUILDER.result(p, "OK", [{"vector": [0.5] * 1024}] * 300, BatchInfo.new(1, 1))
-    assert out.dead and out.label == "OUTPUT_TOO_LARGE" and out.topic == S.deadletter_topic
+    assert out.dead and out.label == "OUTPUT_TOO_LARGE" and out.topic == S.model_deadletter_topic
     assert len(out.value) < MAX_OUTPUT_BYTES
     assert CODEC.decode(out.value, expect=DEADLETTER)["request_id"] == p.request.request_id
 
 
 def test_a_normal_result_is_a_result():
     out = BUILDER.result(pending(), "OK", [{"vector": [0.1] * 384}], BatchInfo.new(1, 1))
-    assert not out.dead and out.topic == S.results_topic and out.label == "OK"
+    assert not out.dead and out.topic == S.model_results_topic and out.label == "OK"
 
 
 @pytest.mark.parametrize("task, outputs", [
