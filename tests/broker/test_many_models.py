@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 
+import httpx
 import openai
 import pytest
 from click.testing import CliRunner
@@ -215,3 +216,30 @@ def test_an_open_transaction_of_one_model_never_holds_back_anothers_answers(two_
             assert p.infer("embed", "answered too", timeout=30)["status"] == "OK"
     finally:
         stalled.abort_transaction(30)
+
+
+# the worst a client can put in `model`: paths, control characters, near-misses of a served
+# name, a tier's name, dots (a topic separator), other scripts, a name of 5,000 characters
+HOSTILE_MODELS = ["../../etc/passwd", "tiny-chat\n", "tiny-chat ", "TINY-CHAT", "tiny-chat\x00", "high",
+                  "a.b.c", "модель", "%2e%2e", "x" * 5000]
+
+
+def test_a_hostile_model_name_is_refused_everywhere_and_publishes_nothing(two_models):
+    s, chat, url, *_ = two_models
+    before = {t: len(read_all(s, t)) for t in request_topics(s)}
+    topics = set(partition_counts(s))
+    headers = {"Authorization": "Bearer key-a"}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for name in HOSTILE_MODELS:
+            r = http.post("/v1/requests", json={"task": "embed", "inputs": "x", "model": name}, headers=headers)
+            assert r.status_code == 404 and r.json()["detail"]["reason"] == "UNKNOWN_MODEL", (name[:40], r.text[:300])
+            r = http.post("/v1/embeddings", json={"model": name, "input": "x"}, headers=headers)
+            # OpenAI's shape: 404 model_not_found, or 400 for a name longer than its 256 characters
+            assert r.status_code in (400, 404) and r.json()["error"]["param"] == "model", (name[:40], r.text[:300])
+        metrics = http.get("/metrics").text
+    assert {t: len(read_all(s, t)) for t in request_topics(s)} == before
+    assert set(partition_counts(s)) == topics  # no topic made for any of them
+    # the metrics' model label holds served names only: a client cannot grow its series
+    labels = {line.split('model="')[1].split('"')[0] for line in metrics.splitlines()
+              if line.startswith("inferlog_gateway_requests_total{") and 'model="' in line}
+    assert labels <= {DEFAULT_NAME, CHAT, "unknown"}, labels
